@@ -1,0 +1,172 @@
+"""The ``prefopt`` command: ``train``, ``losses``, ``tiny-model``, ``demo``, ``diagnose``.
+
+Bad input (recipe keys, data rows, paths) ends with one message on stderr and exit status 2, never a traceback.
+``prefopt train`` runs the same under ``accelerate launch -m prefopt train ...`` and ``torchrun -m prefopt train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from prefopt.errors import UserInputError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_recipe(name: str) -> Path:
+    """A recipe path as given, or relative to the repository (so ``prefopt demo`` works from any directory)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    candidate = REPO_ROOT / name
+    return candidate if candidate.is_file() else path
+
+
+# ----------------------------------------------------------------------------------------------------- commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from prefopt.config import load_config
+    from prefopt.trainer import TrainingDiverged, train
+
+    config = load_config(find_recipe(args.recipe), args.overrides)
+    try:
+        result = train(config)
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    _print_summary(result)
+    return 0
+
+
+def _print_summary(result) -> None:
+    from rich.console import Console
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    metrics = {**result.last_metrics, **result.eval_metrics}
+    console = Console()
+    console.print(f"[bold green]done[/]: {result.global_step} optimizer steps; outputs in {result.output_dir}")
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "eval/loss", "eval/rewards/accuracies",
+                "eval/rewards/margins", "online/kl", "ppo/policy_loss", "rto/rm_score"):
+        if key in metrics:
+            console.print(f"  {key:<26} {metrics[key]:.4f}")
+    if result.final_dir is not None:
+        console.print(f"  final model: {result.final_dir}")
+
+
+def cmd_losses(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from prefopt.losses import available_losses, loss_class, loss_parameters
+
+    table = Table(title="prefopt losses (loss.name=... in a recipe)")
+    for column in ("name", "what it is", "parameters (defaults)", "needs", "step"):
+        table.add_column(column)
+    for name in available_losses():
+        cls = loss_class(name)
+        params = ", ".join(f"{k}={v!r}" for k, v in loss_parameters(name).items())
+        table.add_row(name, cls.summary, params, ", ".join(sorted(cls.needs)) or "policy only", cls.step)
+    Console(width=args.width).print(table)
+    return 0
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from prefopt.models.tiny import build_tiny_model
+
+    path = build_tiny_model(args.out, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
+                            num_layers=args.layers, seed=args.seed)
+    print(f"tiny model and tokenizer saved to {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from prefopt.demo import run_demo
+
+    return run_demo(Path(args.out), steps=args.max_steps)
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from prefopt.diagnostics.cli import run_diagnose
+
+    return run_diagnose(args)
+
+
+# ------------------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefopt", description="Preference optimization for language models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train from a recipe", description=(
+        "Train from a YAML recipe. Override any key with dotted KEY=VALUE, e.g. "
+        "`prefopt train recipes/tiny/dpo.yaml loss.name=simpo loss.beta=2.0`. Multi-process: "
+        "`accelerate launch -m prefopt train ...` or `torchrun --nproc_per_node N -m prefopt train ...`."))
+    train.add_argument("recipe", help="recipe YAML file")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
+    train.set_defaults(func=cmd_train)
+
+    losses = sub.add_parser("losses", help="list every loss, its parameters, defaults and needs")
+    losses.add_argument("--width", type=int, default=None, help="table width (default: terminal)")
+    losses.set_defaults(func=cmd_losses)
+
+    tiny = sub.add_parser("tiny-model", help="build the offline tiny Llama + BPE tokenizer with a chat template")
+    tiny.add_argument("out", help="output directory")
+    tiny.add_argument("--vocab-size", type=int, default=1024)
+    tiny.add_argument("--hidden-size", type=int, default=64)
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_tiny_model)
+
+    demo = sub.add_parser("demo", help="build the tiny model and the synthetic task, train DPO, print a summary")
+    demo.add_argument("--out", default="runs/demo", help="where everything goes (default: runs/demo)")
+    demo.add_argument("--max-steps", type=int, default=None, help="cap the DPO run (default: the recipe's)")
+    demo.set_defaults(func=cmd_demo)
+
+    try:
+        from prefopt.diagnostics.cli import add_diagnose_parser
+    except ImportError:  # diagnostics are optional at import time of the CLI
+        add_diagnose_parser = None
+    if add_diagnose_parser is not None:
+        add_diagnose_parser(sub, cmd_diagnose)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - best effort at exit
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

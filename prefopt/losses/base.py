@@ -1,0 +1,114 @@
+"""The loss-module contract every method in ``prefopt.losses`` implements.
+
+A loss is a pure function of tensors: it never sees a model, a tokenizer or a file. The trainer fills a
+:class:`LossInputs` with what the loss says it ``needs`` and which kind of ``step`` it runs in, calls the loss, and
+back-propagates ``LossOutput.loss``. That is what lets ``loss.name=...`` swap methods without touching the trainer.
+
+Step kinds (``PreferenceLoss.step``) tell the trainer which batch to build:
+
+``"pairs"``          offline preference pairs: policy (and reference) logps of chosen and rejected.
+``"pairs+samples"``  offline pairs plus ``samples_per_prompt`` unlabelled policy samples per prompt (HyPO).
+``"online_pairs"``   prompt-only data; one policy and one reference sample per prompt, ordered by the reward layer (XPO).
+``"ppo"``            rollouts, token-level rewards, a critic (RTO / PPO).
+``"sft"``            supervised warm-up on prompt/completion rows (only ``policy_chosen_logps`` / ``chosen_lengths``).
+``"reward_pairs"``   reward-model training: scalar scores of chosen and rejected from a sequence classifier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar, FrozenSet, Optional
+
+import torch
+
+STEP_KINDS = ("pairs", "pairs+samples", "online_pairs", "ppo", "sft", "reward_pairs")
+NEEDS = ("reference", "online", "reward")
+
+
+@dataclass
+class LossInputs:
+    """Everything a loss may read. Shapes: ``[B]`` per pair, ``[M]`` per online sample, ``[N, T]`` per token.
+
+    Sequence log-probabilities are **sums** over completion tokens (EOS included), computed in fp32
+    (LOSSES.md section 0). Reference quantities carry no gradient.
+    """
+
+    # Offline / online pairs ---------------------------------------------------------------------------------
+    policy_chosen_logps: Optional[torch.Tensor] = None  # [B], with grad
+    policy_rejected_logps: Optional[torch.Tensor] = None  # [B], with grad
+    reference_chosen_logps: Optional[torch.Tensor] = None  # [B] or None for reference-free losses
+    reference_rejected_logps: Optional[torch.Tensor] = None  # [B]
+    chosen_lengths: Optional[torch.Tensor] = None  # [B] completion token counts
+    rejected_lengths: Optional[torch.Tensor] = None  # [B]
+
+    # HyPO: unlabelled samples y_j ~ pi for the batch's prompts -------------------------------------------------
+    sample_policy_logps: Optional[torch.Tensor] = None  # [M], with grad
+    sample_reference_logps: Optional[torch.Tensor] = None  # [M]
+    sample_prompt_index: Optional[torch.Tensor] = None  # [M] long: which prompt of the batch each sample answers
+
+    # XPO: policy logp of the reference sample, and the scores that ordered each pair ---------------------------
+    reference_sample_policy_logps: Optional[torch.Tensor] = None  # [B], with grad
+    policy_sample_scores: Optional[torch.Tensor] = None  # [B] reward of the policy sample (logged only)
+    reference_sample_scores: Optional[torch.Tensor] = None  # [B] reward of the reference sample (logged only)
+
+    # Reward-model training ----------------------------------------------------------------------------------
+    chosen_scores: Optional[torch.Tensor] = None  # [B], with grad
+    rejected_scores: Optional[torch.Tensor] = None  # [B], with grad
+
+    # PPO (RTO): per-token tensors of one minibatch, already aligned to response tokens -------------------------
+    response_mask: Optional[torch.Tensor] = None  # [N, T] 1 on response tokens
+    policy_token_logps: Optional[torch.Tensor] = None  # [N, T] current policy, with grad
+    old_token_logps: Optional[torch.Tensor] = None  # [N, T] rollout-time policy
+    advantages: Optional[torch.Tensor] = None  # [N, T]
+    returns: Optional[torch.Tensor] = None  # [N, T]
+    values: Optional[torch.Tensor] = None  # [N, T] current critic, with grad
+    old_values: Optional[torch.Tensor] = None  # [N, T] critic at rollout time
+
+    def require(self, *names: str) -> None:
+        """Raise a ValueError naming every field a loss needs that the caller left as None."""
+        missing = [name for name in names if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"LossInputs is missing required field(s): {', '.join(missing)}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+@dataclass
+class LossOutput:
+    """``loss``: scalar to minimise (may be a surrogate). ``metrics``: floats to log, names as in LOSSES.md.
+
+    ``reported_loss`` is the value to log as ``loss`` when it differs from the optimised surrogate (HyPO).
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+    reported_loss: Optional[float] = None
+
+
+class PreferenceLoss:
+    """Base class of every loss module.
+
+    Subclasses set ``name``, ``needs``, ``step`` and ``summary``, take their hyperparameters as keyword
+    arguments of ``__init__`` (with the defaults of LOSSES.md; the registry reads the signature to list them),
+    and implement :meth:`forward`.
+    """
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[FrozenSet[str]] = frozenset()
+    step: ClassVar[str] = "pairs"
+    summary: ClassVar[str] = ""  # one line for `prefopt losses`
+
+    def forward(self, inputs: LossInputs) -> LossOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, inputs: LossInputs) -> LossOutput:
+        return self.forward(inputs)
+
+    def hyperparameters(self) -> dict[str, object]:
+        """The parameters this instance was built with (for logs and config.yaml)."""
+        from prefopt.losses.registry import loss_parameters
+
+        return {key: getattr(self, key) for key in loss_parameters(self.name)}

@@ -1,0 +1,76 @@
+"""Atomic, resumable checkpoints.
+
+A checkpoint is written into ``checkpoint-<step>.partial`` (model, optimizer, scheduler and every rank's RNG via
+``accelerator.save_state``, then ``trainer_state.json`` with the data position) and renamed to ``checkpoint-<step>``
+only when complete. A save killed half-way leaves a ``.partial`` directory that ``latest`` never picks.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from prefopt.errors import ConfigError
+
+STATE_FILE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    global_step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches this rank consumed in the current epoch
+    skipped_steps: int = 0
+    consecutive_skipped: int = 0
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    found = []
+    for path in output_dir.glob("checkpoint-*"):
+        match = _CHECKPOINT.match(path.name)
+        if match and (path / STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_resume(resume_from: Optional[str], output_dir: Path) -> Optional[Path]:
+    if not resume_from:
+        return None
+    if resume_from == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None  # nothing saved yet: start fresh
+    path = Path(resume_from)
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(f"train.resume_from: '{resume_from}' is not a complete prefopt checkpoint "
+                          f"(no {STATE_FILE}); use 'latest' or a checkpoint-<step> directory")
+    return path
+
+
+def save_checkpoint(accelerator, output_dir: Path, state: TrainerState, save_total_limit: Optional[int]) -> Path:
+    final = output_dir / f"checkpoint-{state.global_step}"
+    partial = output_dir / f"checkpoint-{state.global_step}.partial"
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        if save_total_limit:
+            for old in list_checkpoints(output_dir)[:-save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: Path) -> TrainerState:
+    accelerator.load_state(str(path))
+    return TrainerState(**json.loads((path / STATE_FILE).read_text()))

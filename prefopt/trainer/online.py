@@ -1,0 +1,160 @@
+"""Online step kinds: the policy samples while it trains.
+
+``pairs+samples`` (HyPO): an offline pair batch plus ``samples_per_prompt`` unlabelled policy samples for its
+prompts. ``online_pairs`` (XPO, online DPO): per prompt one policy sample and one reference sample, ordered by the
+reward layer. In both, every sequence of the step goes through ONE policy forward: DDP expects one forward per
+backward, and one padded batch is faster than two.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prefopt.data import PairCollator, SFTCollator
+from prefopt.generation import SamplingParams
+from prefopt.losses import LossInputs
+from prefopt.trainer.steps import PairStep, StepContext, StepResult, _move, sequence_totals
+
+
+def sampling_params(ctx: StepContext, n: int) -> SamplingParams:
+    gen = ctx.config.generation
+    return SamplingParams(n=n, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
+                          max_new_tokens=gen.max_new_tokens)
+
+
+def completion_tokens(rollouts) -> list[list[int]]:
+    """The generated ids of each rollout up to and including its first EOS."""
+    return [row[mask.bool()].tolist() for row, mask in zip(rollouts.completion_ids, rollouts.completion_mask)]
+
+
+def stack_padded(batches: list[dict], pad_token_id: int) -> dict:
+    """Concatenate right-padded batches along rows, padding them to a common length."""
+    length = max(b["input_ids"].shape[1] for b in batches)
+    out = {}
+    for key, fill in (("input_ids", pad_token_id), ("attention_mask", 0), ("completion_mask", 0)):
+        parts = [torch.nn.functional.pad(b[key], (0, length - b[key].shape[1]), value=fill) for b in batches]
+        out[key] = torch.cat(parts)
+    return out
+
+
+class HyPOStep(PairStep):
+    """DPO on the offline pair plus a reverse-KL penalty estimated on fresh policy samples (LOSSES.md section 5)."""
+
+    def __call__(self, batch: dict) -> StepResult:
+        ctx = self.ctx
+        n = int(getattr(ctx.loss, "samples_per_prompt", 1))
+        rollouts = ctx.generator.generate(batch["prompt_input_ids"], sampling_params(ctx, n))
+        samples = SFTCollator(ctx.tokenizer.pad_token_id)([
+            {"index": int(i), "prompt_input_ids": p, "completion_input_ids": c}
+            for i, p, c in zip(rollouts.prompt_index, rollouts.prompt_ids, completion_tokens(rollouts))
+        ])
+        pairs = _move(batch, ctx.accelerator.device)
+        samples = _move(samples, ctx.accelerator.device)
+        joint = _move(stack_padded([pairs, samples], ctx.tokenizer.pad_token_id), ctx.accelerator.device)
+        logps = ctx.policy(joint["input_ids"], joint["attention_mask"], joint["completion_mask"])
+        sums, lengths = sequence_totals(logps, joint)
+        pair_rows = pairs["input_ids"].shape[0]
+        half = pair_rows // 2
+        inputs = LossInputs(
+            policy_chosen_logps=sums[:half], policy_rejected_logps=sums[half:pair_rows],
+            chosen_lengths=lengths[:half], rejected_lengths=lengths[half:pair_rows],
+            sample_policy_logps=sums[pair_rows:],
+            sample_prompt_index=rollouts.prompt_index.to(sums.device),
+        )
+        inputs.reference_chosen_logps, inputs.reference_rejected_logps = ctx.reference.pair_logps(pairs)
+        inputs.sample_reference_logps = ctx.reference.token_logps(
+            samples["input_ids"], samples["attention_mask"], samples["completion_mask"]).sums
+        output = ctx.loss(inputs)
+        logged = [{"prompt": batch["prompt_text"][int(i)], "completion": text}
+                  for i, text in zip(rollouts.prompt_index, rollouts.texts)]
+        output.metrics.setdefault("online/response_length", float(samples["completion_mask"].sum(-1).float().mean()))
+        output.metrics.setdefault("online/eos_rate", float(rollouts.finished.float().mean()))
+        tokens = float(joint["attention_mask"].sum())
+        return StepResult(output, tokens=tokens, samples=logged)
+
+
+class OnlinePairStep:
+    """Online DPO / XPO: a policy sample and a reference sample per prompt, ordered by the reward layer."""
+
+    data_kind = "prompts"
+
+    def __init__(self, ctx: StepContext):
+        self.ctx = ctx
+
+    def __call__(self, batch: dict) -> StepResult:
+        ctx = self.ctx
+        prompts = batch["prompt_input_ids"]
+        params = sampling_params(ctx, 1)
+        policy_rollouts = ctx.generator.generate(prompts, params)
+        reference_rollouts = ctx.reference_generator.generate(prompts, params)
+        policy_scores = self._score(batch, policy_rollouts)
+        reference_scores = self._score(batch, reference_rollouts)
+        # Ties go to the policy sample (LOSSES.md section 6).
+        policy_wins = policy_scores >= reference_scores
+        policy_tokens, reference_tokens = completion_tokens(policy_rollouts), completion_tokens(reference_rollouts)
+        features = []
+        for i, prompt in enumerate(prompts):
+            chosen, rejected = (policy_tokens[i], reference_tokens[i]) if policy_wins[i] else (
+                reference_tokens[i], policy_tokens[i])
+            features.append({"index": int(batch["index"][i]), "prompt_input_ids": prompt,
+                             "chosen_input_ids": chosen, "rejected_input_ids": rejected,
+                             "prompt_text": batch["prompt_text"][i], "prompt_messages": batch["prompt_messages"][i],
+                             "chosen_text": "", "rejected_text": ""})
+        pairs = _move(PairCollator(ctx.tokenizer.pad_token_id)(features), ctx.accelerator.device)
+        logps = ctx.policy(pairs["input_ids"], pairs["attention_mask"], pairs["completion_mask"])
+        sums, lengths = sequence_totals(logps, pairs)
+        half = sums.shape[0] // 2
+        wins = policy_wins.to(sums.device)
+        inputs = LossInputs(
+            policy_chosen_logps=sums[:half], policy_rejected_logps=sums[half:],
+            chosen_lengths=lengths[:half], rejected_lengths=lengths[half:],
+            # The reference sample is whichever side the policy sample is not.
+            reference_sample_policy_logps=torch.where(wins, sums[half:], sums[:half]),
+            policy_sample_scores=policy_scores.to(sums.device), reference_sample_scores=reference_scores.to(sums.device),
+        )
+        inputs.reference_chosen_logps, inputs.reference_rejected_logps = ctx.reference.pair_logps(pairs)
+        output = ctx.loss(inputs)
+        output.metrics.setdefault("online/policy_win_rate", float(policy_wins.float().mean()))
+        output.metrics.setdefault("online/response_length",
+                                  float(policy_rollouts.completion_mask.sum(-1).float().mean()))
+        output.metrics.setdefault("online/eos_rate", float(policy_rollouts.finished.float().mean()))
+        logged = [{"prompt": batch["prompt_text"][i], "completion": policy_rollouts.texts[i],
+                   "score": float(policy_scores[i]), "reference_completion": reference_rollouts.texts[i],
+                   "reference_score": float(reference_scores[i])} for i in range(len(prompts))]
+        return StepResult(output, tokens=float(pairs["attention_mask"].sum()), samples=logged)
+
+    def _score(self, batch: dict, rollouts) -> torch.Tensor:
+        prompts = [batch["prompt_text"][int(i)] for i in rollouts.prompt_index]
+        messages = [batch["prompt_messages"][int(i)] for i in rollouts.prompt_index]
+        return self.ctx.reward.score(prompts, rollouts.texts, prompt_messages=messages,
+                                     finished=rollouts.finished).float().cpu()
+
+
+class _AdapterDisabledGenerator:
+    """Samples from the reference when the reference is the LoRA policy with its adapters switched off."""
+
+    def __init__(self, generator, peft_model_getter):
+        self.generator = generator
+        self.peft_model_getter = peft_model_getter
+
+    def generate(self, prompt_ids, sampling):
+        with self.peft_model_getter().disable_adapter():
+            return self.generator.generate(prompt_ids, sampling)
+
+    def load_weights(self, model) -> None:
+        pass
+
+
+def build_reference_generator(ctx: StepContext):
+    """Reference samples always come from Hugging Face ``generate`` (the vLLM engine holds the policy)."""
+    from prefopt.generation import build_generator
+
+    hf_config = ctx.config.generation.model_copy(update={"backend": "hf"})
+    reference = ctx.reference
+    if getattr(reference, "mode", None) == "adapter":
+        peft_getter = lambda: ctx.accelerator.unwrap_model(ctx.policy).model  # noqa: E731
+        return _AdapterDisabledGenerator(build_generator(hf_config, peft_getter(), ctx.tokenizer, ctx.accelerator),
+                                         peft_getter)
+    if getattr(reference, "model", None) is None:
+        raise ValueError("online pair methods need a live reference model (reference.mode=model or adapter)")
+    return build_generator(hf_config, reference.model, ctx.tokenizer, ctx.accelerator)

@@ -1,0 +1,150 @@
+"""Builds what a run needs from a Config: accelerator, policy, reference, data, generator, reward, optimizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prefopt.config import Config
+from prefopt.losses import get_loss
+from prefopt.models.loading import (load_frozen_causal_lm, load_policy, load_tokenizer, model_identity,
+                                    resolve_dtype)
+from prefopt.models.logps import CompletionLogpModel
+from prefopt.models.reference import (AdapterReference, ModelReference, NoReference, PrecomputedReference,
+                                      cache_key, precompute_table)
+
+logger = logging.getLogger(__name__)
+
+
+def make_accelerator(config: Config):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+    precision = config.train.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    trackers = [name for name in config.logging.report_to if importlib.util.find_spec(
+        {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}[name]) is not None]
+    for missing in set(config.logging.report_to) - set(trackers):
+        logger.warning("logging.report_to: %s is not installed; not logging to it", missing)
+    accelerator = Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+        # The loop steps the scheduler once per optimizer step itself; accelerate's default would step it once per
+        # process and change the schedule with the number of devices.
+        step_scheduler_with_optimizer=False,
+        log_with=trackers or None,
+        project_dir=config.output_dir,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+    set_seed(config.seed, device_specific=False)
+    return accelerator, trackers
+
+
+def load_sequence_classifier(config: Config):
+    from transformers import AutoModelForSequenceClassification
+
+    from prefopt.models.loading import _check_exists, disable_dropout
+
+    _check_exists(config.model.name_or_path, "model.name_or_path")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        config.model.name_or_path, num_labels=1, dtype=resolve_dtype(config.model.dtype), use_safetensors=True,
+        trust_remote_code=config.model.trust_remote_code, revision=config.model.revision)
+    disable_dropout(model)
+    return model
+
+
+def build_policy(config: Config, model_kind: str, tokenizer) -> torch.nn.Module:
+    if model_kind == "sequence_classifier":
+        model = load_sequence_classifier(config)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+    return CompletionLogpModel(load_policy(config.model), chunk_size=config.train.logps_chunk_size)
+
+
+def build_reference(config: Config, policy_getter) -> Any:
+    mode = config.resolved_reference_mode()
+    chunk = config.train.logps_chunk_size
+    if mode == "none":
+        return NoReference()
+    if mode == "adapter":
+        return AdapterReference(policy_getter, chunk)
+    path = config.reference.name_or_path or config.model.name_or_path
+    model = load_frozen_causal_lm(path, config.model, key="reference.name_or_path")
+    return ModelReference(model, chunk)
+
+
+def precompute_reference(config: Config, accelerator, live_reference, bundle, collator) -> PrecomputedReference:
+    """Fill the on-disk cache of reference logps (train and eval splits), then drop the live model."""
+    path = config.reference.name_or_path or config.model.name_or_path
+    identity = model_identity(path)
+    cache_dir = Path(config.reference.cache_dir or Path(config.output_dir).parent / ".prefopt_cache")
+    tables = {}
+    for split, dataset in (("train", bundle.train), ("eval", bundle.eval)):
+        if dataset is None:
+            continue
+        key = cache_key(identity, f"{bundle.fingerprint}:{split}", config.model.dtype, config.train.logps_chunk_size)
+        cache_file = cache_dir / f"reference-{key}.safetensors"
+        tables[split] = precompute_table(live_reference, dataset, collator, cache_file=cache_file,
+                                         accelerator=accelerator, batch_size=config.reference.batch_size)
+        if accelerator.is_main_process:
+            logger.info("reference logps for %s split: %s", split, cache_file)
+    return PrecomputedReference(tables)
+
+
+def build_optimizer(config: Config, model: torch.nn.Module, total_steps: int):
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.train.learning_rate,
+                                  betas=(config.train.adam_beta1, config.train.adam_beta2), eps=config.train.adam_epsilon)
+    warmup = config.train.warmup_steps
+    if warmup is None:
+        warmup = math.ceil(config.train.warmup_ratio * total_steps)
+    scheduler = get_scheduler(config.train.lr_scheduler, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+def total_optimizer_steps(config: Config, batches_per_epoch: int) -> int:
+    steps_per_epoch = max(batches_per_epoch // config.train.gradient_accumulation_steps, 1)
+    if config.train.max_steps:
+        return config.train.max_steps
+    return max(math.ceil(config.train.num_epochs * steps_per_epoch), 1)
+
+
+def prepare_output_dir(config: Config, accelerator, resuming: bool) -> Path:
+    from prefopt.errors import ConfigError
+
+    out = Path(config.output_dir)
+    if accelerator.is_main_process:
+        if out.exists() and not resuming and not config.overwrite_output_dir:
+            leftovers = [p.name for p in out.iterdir() if p.name in ("metrics.jsonl", "final") or
+                         p.name.startswith("checkpoint-")]
+            if leftovers:
+                raise ConfigError(f"output_dir: '{out}' already holds a run ({', '.join(sorted(leftovers))}); "
+                                  "set train.resume_from=latest to continue it, overwrite_output_dir=true to replace "
+                                  "it, or choose another output_dir")
+        out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    os.makedirs(out, exist_ok=True)
+    return out
+
+
+def loss_from_config(config: Config):
+    return get_loss(config.loss.name, **config.loss.params())
+
+
+def load_run_tokenizer(config: Config):
+    return load_tokenizer(config.model.name_or_path, revision=config.model.revision,
+                          trust_remote_code=config.model.trust_remote_code)

@@ -146,6 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_libraries()
     try:
         return args.func(args)
     except UserInputError as error:
@@ -156,6 +157,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     finally:
         _destroy_process_group()
+
+
+def _quiet_libraries() -> None:
+    """Weight-loading and shard-writing bars from transformers drown the training log."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_warning()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def _destroy_process_group() -> None:

@@ -131,6 +131,8 @@ class RewardConfig(_Section):
     normalize: Literal["none", "batch", "running"] = "none"
     batch_size: int = 32
     max_length: int = 1024
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # reward / implicit-reward models
+    trust_remote_code: bool = False
 
 
 class PPOConfig(_Section):

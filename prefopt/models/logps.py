@@ -100,6 +100,25 @@ def completion_token_logps(
     return TokenLogps(token_logps, mask)
 
 
+def sequence_totals(logps: TokenLogps, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence logp sums and completion lengths of a padded or packed batch.
+
+    A padded batch has one sequence per row. A packed batch (``data.packing``) holds several sequences per row and
+    carries ``sequence_ids`` (``[rows, L]``, -1 on padding) and ``num_sequences``; sums are scattered by id.
+    """
+    sequence_ids = batch.get("sequence_ids")
+    if sequence_ids is None:
+        return logps.sums, logps.lengths
+    ids = sequence_ids[:, 1:].reshape(-1)  # shifted like the labels
+    count = int(batch["num_sequences"])
+    valid = ids >= 0
+    values = (logps.token_logps * logps.mask).reshape(-1)[valid]
+    weights = logps.mask.reshape(-1)[valid]
+    sums = torch.zeros(count, dtype=values.dtype, device=values.device).index_add(0, ids[valid], values)
+    lengths = torch.zeros(count, dtype=weights.dtype, device=weights.device).index_add(0, ids[valid], weights)
+    return sums, lengths
+
+
 class CompletionLogpModel(torch.nn.Module):
     """``forward(batch-like kwargs) -> TokenLogps``; the module accelerate prepares for training."""
 

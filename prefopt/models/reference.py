@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from prefopt.models.logps import TokenLogps, completion_token_logps
+from prefopt.models.logps import TokenLogps, completion_token_logps, sequence_totals
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +32,9 @@ class Reference:
     supports_online = False
 
     def pair_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        sums = self.token_logps(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                                position_ids=batch.get("position_ids"),
-                                attention_bias=batch.get("attention_bias")).sums
+        logps = self.token_logps(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                 position_ids=batch.get("position_ids"), attention_bias=batch.get("attention_bias"))
+        sums, _ = sequence_totals(logps, batch)
         half = sums.shape[0] // 2
         return sums[:half], sums[half:]
 

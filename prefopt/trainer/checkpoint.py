@@ -74,3 +74,31 @@ def save_checkpoint(accelerator, output_dir: Path, state: TrainerState, save_tot
 def load_checkpoint(accelerator, path: Path) -> TrainerState:
     accelerator.load_state(str(path))
     return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+
+
+def save_final_model(accelerator, prepared_policy, tokenizer, output_dir: Path) -> Path:
+    """``final/`` with ``save_pretrained`` (safetensors; the adapter alone for LoRA), written then renamed.
+
+    ``get_state_dict`` gathers ZeRO-3 / FSDP shards; the causal LM sits inside the ``CompletionLogpModel`` wrapper
+    (``model.`` prefix), a reward model is saved as it is.
+    """
+    final, partial = output_dir / "final", output_dir / "final.partial"
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(prepared_policy)
+    wrapped_lm = hasattr(unwrapped, "chunk_size") and hasattr(unwrapped, "model")
+    model = unwrapped.model if wrapped_lm else unwrapped
+    is_peft = hasattr(model, "peft_config")
+    state_dict = None if is_peft else accelerator.get_state_dict(prepared_policy)
+    if state_dict is not None and wrapped_lm:
+        state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        if is_peft:
+            model.save_pretrained(partial, safe_serialization=True)
+        else:
+            model.save_pretrained(partial, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+    accelerator.wait_for_everyone()
+    return final

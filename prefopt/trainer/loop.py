@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -39,7 +38,11 @@ class TrainResult:
     eval_metrics: dict = field(default_factory=dict)
 
 
-def collator_for(data_kind: str, pad_token_id: int):
+def collator_for(data_kind: str, pad_token_id: int, packing: bool = False):
+    if packing and data_kind == "pairs":
+        from prefopt.data.packing import PackedPairCollator
+
+        return PackedPairCollator(pad_token_id)
     return {"pairs": PairCollator(pad_token_id), "sft": SFTCollator(pad_token_id), "prompts": PromptCollator()}[data_kind]
 
 
@@ -70,7 +73,7 @@ class Trainer:
             self.bundle.write_report(self.output_dir)
             for line in self.bundle.report.summary_lines():
                 logger.info(line)
-        self.collator = collator_for(step_cls.data_kind, self.tokenizer.pad_token_id)
+        self.collator = collator_for(step_cls.data_kind, self.tokenizer.pad_token_id, config.data.packing)
         model_kind = getattr(step_cls, "model_kind", "causal_lm")
         policy = build_policy(config, model_kind, self.tokenizer)
         reference = build_reference(config, lambda: self.accelerator.unwrap_model(self.policy).model)
@@ -235,22 +238,4 @@ class Trainer:
         return metrics
 
     def save_final(self) -> Path:
-        acc = self.accelerator
-        final, partial = self.output_dir / "final", self.output_dir / "final.partial"
-        acc.wait_for_everyone()
-        unwrapped = acc.unwrap_model(self.policy)
-        model = getattr(unwrapped, "model", unwrapped) if not hasattr(unwrapped, "score") else unwrapped
-        state_dict = acc.get_state_dict(self.policy)
-        if model is not unwrapped:
-            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
-        if acc.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-            if hasattr(model, "peft_config"):
-                model.save_pretrained(partial, safe_serialization=True)  # the adapter only
-            else:
-                model.save_pretrained(partial, state_dict=state_dict, safe_serialization=True)
-            self.tokenizer.save_pretrained(partial)
-            shutil.rmtree(final, ignore_errors=True)
-            partial.rename(final)
-        acc.wait_for_everyone()
-        return final
+        return ckpt.save_final_model(self.accelerator, self.policy, self.tokenizer, self.output_dir)

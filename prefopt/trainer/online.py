@@ -13,7 +13,8 @@ import torch
 from prefopt.data import PairCollator, SFTCollator
 from prefopt.generation import SamplingParams
 from prefopt.losses import LossInputs
-from prefopt.trainer.steps import PairStep, StepContext, StepResult, _move, sequence_totals
+from prefopt.models.logps import sequence_totals
+from prefopt.trainer.steps import PairStep, StepContext, StepResult, _move
 
 
 def sampling_params(ctx: StepContext, n: int) -> SamplingParams:

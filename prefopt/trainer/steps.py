@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from prefopt.losses import LossInputs, LossOutput, PreferenceLoss
+from prefopt.models.logps import sequence_totals
 from prefopt.models.reference import Reference
 
 
@@ -48,21 +49,6 @@ def pair_logps(ctx: StepContext, batch: dict) -> tuple[torch.Tensor, torch.Tenso
     sums, lengths = sequence_totals(logps, batch)
     half = sums.shape[0] // 2
     return sums[:half], sums[half:], lengths[:half], lengths[half:]
-
-
-def sequence_totals(logps, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence logp sums and completion lengths; packed batches carry ``sequence_ids`` (-1 on padding)."""
-    sequence_ids = batch.get("sequence_ids")
-    if sequence_ids is None:
-        return logps.sums, logps.lengths
-    ids = sequence_ids[:, 1:].reshape(-1)  # shifted like the labels
-    count = int(batch["num_sequences"])
-    valid = ids >= 0
-    values = (logps.token_logps * logps.mask).reshape(-1)[valid]
-    weights = logps.mask.reshape(-1)[valid]
-    sums = torch.zeros(count, dtype=values.dtype, device=values.device).index_add(0, ids[valid], values)
-    lengths = torch.zeros(count, dtype=weights.dtype, device=weights.device).index_add(0, ids[valid], weights)
-    return sums, lengths
 
 
 class PairStep:

@@ -1,0 +1,73 @@
+"""Name -> loss class mapping, and construction with checked parameters.
+
+A loss's parameters are exactly the keyword arguments of its ``__init__`` (with their defaults); the registry
+reads them from the signature, so there is no second list to keep in sync.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any
+
+from prefopt.losses.base import PreferenceLoss
+from prefopt.losses.dpo import DPOLoss
+from prefopt.losses.fdpo import FDPOLoss
+from prefopt.losses.hypo import HyPOLoss
+from prefopt.losses.reward_model import RewardModelLoss
+from prefopt.losses.rpo import RPOLoss
+from prefopt.losses.rto import RTOLoss
+from prefopt.losses.sft import SFTLoss
+from prefopt.losses.simpo import SimPOLoss
+from prefopt.losses.xpo import XPOLoss
+
+_LOSSES: dict[str, type[PreferenceLoss]] = {
+    cls.name: cls
+    for cls in (DPOLoss, SimPOLoss, FDPOLoss, RPOLoss, HyPOLoss, XPOLoss, RTOLoss, SFTLoss, RewardModelLoss)
+}
+
+
+def _did_you_mean(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def available_losses() -> list[str]:
+    """Names accepted by :func:`get_loss`, sorted."""
+    return sorted(_LOSSES)
+
+
+def loss_class(name: str) -> type[PreferenceLoss]:
+    """The class registered under ``name``; unknown names raise a ValueError listing the valid ones."""
+    try:
+        return _LOSSES[name]
+    except (KeyError, TypeError):
+        valid = available_losses()
+        hint = _did_you_mean(name, valid) if isinstance(name, str) else ""
+        raise ValueError(f"unknown loss {name!r}{hint}; available losses: {', '.join(valid)}") from None
+
+
+def loss_parameters(name: str) -> dict[str, Any]:
+    """``{parameter: default}`` of the loss ``name``, read from its ``__init__`` signature, in order."""
+    signature = inspect.signature(loss_class(name).__init__)
+    return {
+        param.name: param.default
+        for param in signature.parameters.values()
+        if param.name != "self" and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+    }
+
+
+def get_loss(name: str, **params: Any) -> PreferenceLoss:
+    """Build the loss ``name`` with ``params`` (the rest keep their defaults).
+
+    Raises ValueError for an unknown loss name (listing the valid names), an unknown parameter (naming it and
+    listing the loss's valid parameters) or a bad value (the loss's own check, e.g. an unknown divergence).
+    """
+    cls = loss_class(name)
+    valid = loss_parameters(name)
+    unknown = [key for key in params if key not in valid]
+    if unknown:
+        listed = ", ".join(f"{key}={default!r}" for key, default in valid.items()) or "(none)"
+        details = "; ".join(f"{key!r}{_did_you_mean(key, list(valid))}" for key in unknown)
+        raise ValueError(f"unknown parameter(s) for loss {name!r}: {details}. Valid parameters: {listed}")
+    return cls(**params)

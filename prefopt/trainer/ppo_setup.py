@@ -1,0 +1,112 @@
+"""What RTO's PPO stage needs beyond a policy: the critic, the frozen DPO policy, and the lineage checks."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+from prefopt.config import Config
+from prefopt.errors import ConfigError
+from prefopt.models.loading import load_frozen_causal_lm, load_tokenizer
+from prefopt.models.logps import completion_token_logps
+
+logger = logging.getLogger(__name__)
+
+
+def critic_source(config: Config):
+    """``ppo.critic``, else the reward model (RTO initialises the critic from it), else None (policy backbone)."""
+    if config.ppo.critic:
+        return config.ppo.critic
+    if config.reward.kind == "model":
+        return config.reward.name_or_path
+    return None
+
+
+def build_critic(config: Config) -> torch.nn.Module:
+    from prefopt.models.loading import resolve_dtype
+    from prefopt.models.value_head import load_critic
+
+    return load_critic(critic_source(config), policy_path=config.model.name_or_path,
+                       dtype=resolve_dtype(config.model.dtype))
+
+
+def _run_config(model_path: str) -> dict | None:
+    """The prefopt config.yaml of the run that produced ``model_path`` (``<run>/final``), if there is one."""
+    path = Path(model_path)
+    for candidate in (path / "config.yaml", path.parent / "config.yaml"):
+        if candidate.is_file():
+            try:
+                return yaml.safe_load(candidate.read_text())
+            except yaml.YAMLError:
+                return None
+    return None
+
+
+def check_rto_lineage(config: Config, tokenizer, loss) -> None:
+    """The DPO policy, the reference and the policy must share a tokenizer (error otherwise); the DPO policy
+    should be trained from the same SFT model that is the PPO reference (warning when it is not, or unknown)."""
+    dpo_path = config.ppo.dpo_policy or config.ppo.dpo_adapter
+    if dpo_path is None:
+        return
+    reference_path = config.reference.name_or_path or config.model.name_or_path
+    vocab = tokenizer.get_vocab()
+    for key, path in (("ppo.dpo_policy", config.ppo.dpo_policy), ("reference.name_or_path", reference_path)):
+        if path is None:
+            continue
+        other = load_tokenizer(path, key=key)
+        if other.get_vocab() != vocab or other.eos_token_id != tokenizer.eos_token_id:
+            raise ConfigError(f"{key}: '{path}' has a different tokenizer from the policy "
+                              f"'{config.model.name_or_path}'; RTO's token rewards need one shared tokenizer")
+    run = _run_config(dpo_path)
+    if run is None:
+        logger.warning("RTO: cannot verify that the DPO policy '%s' was trained from the reference '%s' "
+                       "(no prefopt config.yaml beside it); the token reward assumes it was", dpo_path, reference_path)
+        return
+    dpo_base = (run.get("model") or {}).get("name_or_path")
+    if dpo_base is None or Path(str(dpo_base)).resolve() != Path(reference_path).resolve():
+        logger.warning("RTO: the DPO policy '%s' was trained from '%s', but the PPO reference is '%s'; the token "
+                       "reward log(pi_dpo/pi_ref) is only meaningful when they are the same SFT model",
+                       dpo_path, dpo_base, reference_path)
+
+
+def dpo_scorer(config: Config, policy_module, accelerator, loss) -> Callable:
+    """A no-grad function returning the DPO policy's per-token logps ``[N, L-1]`` for RTO's token reward."""
+    chunk = config.train.logps_chunk_size
+    if config.ppo.dpo_adapter:
+        peft_model = policy_module.model
+        if not hasattr(peft_model, "load_adapter"):
+            raise ConfigError("ppo.dpo_adapter needs a LoRA policy (model.peft) to host the second adapter")
+        peft_model.load_adapter(config.ppo.dpo_adapter, adapter_name="dpo", is_trainable=False)
+
+        @torch.no_grad()
+        def adapter_logps(input_ids, attention_mask, completion_mask):
+            live = accelerator.unwrap_model(policy_module).model if hasattr(policy_module, "model") else peft_model
+            live.set_adapter("dpo")
+            try:
+                return completion_token_logps(live, input_ids, attention_mask, completion_mask,
+                                              chunk_size=chunk).token_logps
+            finally:
+                live.set_adapter("default")  # also restores requires_grad on the trained adapter
+
+        return adapter_logps
+    if config.ppo.dpo_policy:
+        model = load_frozen_causal_lm(config.ppo.dpo_policy, config.model, key="ppo.dpo_policy").to(accelerator.device)
+
+        @torch.no_grad()
+        def model_logps(input_ids, attention_mask, completion_mask):
+            return completion_token_logps(model, input_ids, attention_mask, completion_mask,
+                                          chunk_size=chunk).token_logps
+
+        return model_logps
+    if getattr(loss, "dpo_reward_scale", 0.0) != 0.0:
+        raise ConfigError("loss rto: set ppo.dpo_policy to the stage-1 DPO model (or ppo.dpo_adapter with LoRA); "
+                          "loss.dpo_reward_scale=0 runs plain PPO with the sparse reward instead")
+
+    def zero_logps(input_ids, attention_mask, completion_mask):
+        return torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, device=input_ids.device)
+
+    return zero_logps

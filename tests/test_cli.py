@@ -1,0 +1,75 @@
+"""The prefopt command: help on every subcommand, exit status 2 with a one-line message on bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from prefopt.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prefopt", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("command", ["train", "losses", "tiny-model", "demo", "diagnose"])
+def test_help_on_each_subcommand(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    assert "usage: prefopt " + command in capsys.readouterr().out
+
+
+def test_losses_table_lists_every_loss(capsys):
+    from prefopt.losses import available_losses
+
+    assert main(["losses", "--width", "250"]) == 0
+    out = capsys.readouterr().out
+    for name in available_losses():
+        assert name in out
+    assert "label_smoothing" in out and "divergence" in out and "gamma_beta_ratio" in out
+
+
+def test_bad_key_exits_2_without_traceback():
+    result = run_cli("train", "recipes/tiny/dpo.yaml", "train.learning_rte=1")
+    assert result.returncode == 2
+    assert "train.learning_rte: unknown key" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_loss_exits_2_listing_choices():
+    result = run_cli("train", "recipes/tiny/dpo.yaml", "loss.name=nope")
+    assert result.returncode == 2
+    assert "unknown loss 'nope'" in result.stderr and "simpo" in result.stderr and "fdpo" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_recipe_and_missing_model_exit_2(tmp_path):
+    result = run_cli("train", str(tmp_path / "missing.yaml"))
+    assert result.returncode == 2 and "recipe file not found" in result.stderr
+    result = run_cli("train", "recipes/tiny/dpo.yaml", f"model.name_or_path={tmp_path}/no-model",
+                     f"output_dir={tmp_path}/out", "data.train=recipes/tiny/dpo.yaml")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_bad_arguments_exit_2():
+    assert run_cli("train").returncode == 2
+    assert run_cli("no-such-command").returncode == 2
+
+
+def test_tiny_model_builds_and_loads_offline(tmp_path):
+    import os
+
+    result = run_cli("tiny-model", str(tmp_path / "tiny"))
+    assert result.returncode == 0, result.stderr
+    code = ("import os; os.environ['HF_HUB_OFFLINE']='1';"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer;"
+            f"m=AutoModelForCausalLM.from_pretrained(r'{tmp_path}/tiny'); t=AutoTokenizer.from_pretrained(r'{tmp_path}/tiny');"
+            "assert m.config.model_type=='llama' and t.chat_template and t.eos_token=='<|im_end|>';"
+            "print(t.apply_chat_template([{'role':'user','content':'hi'}], tokenize=False, add_generation_prompt=True))")
+    check = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert check.returncode == 0, check.stderr
+    assert "<|im_start|>assistant" in check.stdout

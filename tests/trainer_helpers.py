@@ -1,0 +1,51 @@
+"""Shared helpers for the end-to-end trainer tests: a tiny model, a small pair file, a quiet recipe runner."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from prefopt.config import load_config
+from prefopt.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD = "wonderful brilliant delightful charming superb beautiful excellent moving".split()
+BAD = "boring weak dull terrible awful poor rushed bland".split()
+
+
+def write_pairs(path: Path, rows: int = 128, seed: int = 0) -> Path:
+    """Pairs whose chosen side uses positive words and rejected side negative ones: learnable in a few steps."""
+    rng = random.Random(seed)
+    with path.open("w") as handle:
+        for i in range(rows):
+            chosen = " ".join(rng.choices(GOOD, k=rng.randint(3, 8)))
+            rejected = " ".join(rng.choices(BAD, k=rng.randint(3, 8)))
+            handle.write(json.dumps({"prompt": f"Review {i} of the film:", "chosen": " " + chosen,
+                                     "rejected": " " + rejected}) + "\n")
+    return path
+
+
+def write_sft(path: Path, rows: int = 128, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with path.open("w") as handle:
+        for i in range(rows):
+            handle.write(json.dumps({"prompt": f"Review {i} of the film:",
+                                     "completion": " " + " ".join(rng.choices(GOOD, k=rng.randint(3, 8)))}) + "\n")
+    return path
+
+
+def run(model_dir: Path, data: Path, out: Path, *overrides: str, recipe: str = "recipes/tiny/dpo.yaml"):
+    config = load_config(REPO / recipe, [
+        f"model.name_or_path={model_dir}", f"data.train={data}", "data.eval=null", f"output_dir={out}",
+        "overwrite_output_dir=true", "logging.progress=false", "logging.logging_steps=1", "train.warmup_ratio=0",
+        "train.learning_rate=1e-3", "train.per_device_batch_size=8", *overrides])
+    return train(config)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def losses(out: Path) -> list[float]:
+    return [m["loss"] for m in metrics(out) if "loss" in m]

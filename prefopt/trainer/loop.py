@@ -18,7 +18,7 @@ from prefopt.trainer import checkpoint as ckpt
 from prefopt.trainer.metrics import MetricAverager, RunLogger, Throughput
 from prefopt.trainer.setup import (build_optimizer, build_policy, build_reference, load_run_tokenizer,
                                    loss_from_config, make_accelerator, precompute_reference, prepare_output_dir,
-                                   total_optimizer_steps)
+                                   total_optimizer_steps, write_run_info)
 from prefopt.models.reference import ModelReference
 from prefopt.trainer.steps import StepContext, step_registry
 
@@ -70,6 +70,7 @@ class Trainer:
                                      cache_dir=str(out_dir.parent / ".prefopt_cache" / "data"))
         if acc.is_main_process:
             save_config(config, self.output_dir / "config.yaml")
+            write_run_info(acc, self.output_dir, config)
             self.bundle.write_report(self.output_dir)
             for line in self.bundle.report.summary_lines():
                 logger.info(line)

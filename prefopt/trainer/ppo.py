@@ -28,7 +28,7 @@ from prefopt.trainer.metrics import MetricAverager, RunLogger, Throughput
 from prefopt.trainer.online import sampling_params
 from prefopt.trainer.ppo_setup import build_critic, check_rto_lineage, dpo_scorer
 from prefopt.trainer.setup import (build_optimizer, build_policy, build_reference, load_run_tokenizer,
-                                   make_accelerator, prepare_output_dir)
+                                   make_accelerator, prepare_output_dir, write_run_info)
 from prefopt.trainer.steps import StepContext
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class PPOTrainer:
         self.bundle = build_datasets(config.data, self.tokenizer, "prompts", seed=config.seed)
         if acc.is_main_process:
             save_config(config, self.output_dir / "config.yaml")
+            write_run_info(acc, self.output_dir, config)
             self.bundle.write_report(self.output_dir)
         check_rto_lineage(config, self.tokenizer, loss)
 

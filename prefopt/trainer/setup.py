@@ -148,3 +148,26 @@ def loss_from_config(config: Config):
 def load_run_tokenizer(config: Config):
     return load_tokenizer(config.model.name_or_path, revision=config.model.revision,
                           trust_remote_code=config.model.trust_remote_code)
+
+
+def write_run_info(accelerator, output_dir: Path, config: Config) -> None:
+    """``run_info.json``: how the run was launched (world size, precision, device, versions) for reproducibility."""
+    import json
+    import platform
+
+    import accelerate
+    import transformers
+
+    if not accelerator.is_main_process:
+        return
+    info = {
+        "world_size": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type),
+        "mixed_precision": accelerator.mixed_precision,
+        "device": str(accelerator.device),
+        "loss": config.loss.name,
+        "reference_mode": config.resolved_reference_mode(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "accelerate": accelerate.__version__, "python": platform.python_version()},
+    }
+    (output_dir / "run_info.json").write_text(json.dumps(info, indent=2))

@@ -1,0 +1,113 @@
+"""Sample a policy on held-out prompts and measure what training did: explicit (e.g. gold) reward, KL to a
+reference estimated from the samples, response length, EOS rate.
+
+Used by ``prefopt demo``, the online methods' end-to-end tests and ``scripts/gold_benchmark.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from prefopt.config import DataConfig, ModelConfig
+from prefopt.generation import HFGenerator, SamplingParams
+from prefopt.models.loading import load_frozen_causal_lm, load_tokenizer
+from prefopt.models.logps import completion_token_logps
+
+
+@dataclass
+class PolicySamples:
+    prompts: list[str]
+    completions: list[str]
+    prompt_index: list[int]  # which prompt each sample answers (prompt-major, n per prompt)
+    rewards: list[float]
+    lengths: list[int]
+    finished: list[bool]
+    kl_per_sample: list[float] = field(default_factory=list)  # sum_t log pi/ref on the policy's own samples
+
+    @property
+    def mean_reward(self) -> float:
+        return sum(self.rewards) / max(len(self.rewards), 1)
+
+    @property
+    def mean_length(self) -> float:
+        return sum(self.lengths) / max(len(self.lengths), 1)
+
+    @property
+    def eos_rate(self) -> float:
+        return sum(self.finished) / max(len(self.finished), 1)
+
+    @property
+    def kl(self) -> Optional[float]:
+        return sum(self.kl_per_sample) / len(self.kl_per_sample) if self.kl_per_sample else None
+
+    def summary(self) -> dict:
+        return {"mean_reward": self.mean_reward, "mean_length": self.mean_length, "eos_rate": self.eos_rate,
+                "kl": self.kl, "samples": len(self.rewards)}
+
+
+def load_prompts(path: str, tokenizer, *, max_prompts: Optional[int] = None, max_prompt_length: int = 64):
+    """Prompt ids/texts of a prefopt-readable file, tokenized exactly as training tokenizes them."""
+    from prefopt.data import build_datasets
+
+    config = DataConfig(train=path, shuffle=False, max_samples=max_prompts, max_prompt_length=max_prompt_length,
+                        max_length=max_prompt_length + 1)
+    bundle = build_datasets(config, tokenizer, "prompts", seed=0)
+    return list(bundle.train["prompt_input_ids"]), list(bundle.train["prompt_text"])
+
+
+def _load(model_or_path, dtype: str = "float32"):
+    if isinstance(model_or_path, torch.nn.Module):
+        return model_or_path
+    return load_frozen_causal_lm(str(model_or_path), ModelConfig(name_or_path=str(model_or_path), dtype=dtype),
+                                 key="model")
+
+
+@torch.no_grad()
+def sample_policy(
+    policy,
+    prompts_path: str,
+    reward_fn: Callable[[str, str], float],
+    *,
+    reference=None,
+    samples_per_prompt: int = 2,
+    max_prompts: Optional[int] = None,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> PolicySamples:
+    """Draw ``samples_per_prompt`` samples per prompt, score each with ``reward_fn(prompt, completion)``, and
+    (with ``reference``) estimate KL(policy || reference) as the mean over samples of ``log pi(y) - log ref(y)``."""
+    tokenizer = load_tokenizer(str(policy)) if not isinstance(policy, torch.nn.Module) else None
+    model = _load(policy)
+    if tokenizer is None:
+        raise ValueError("pass the policy as a path so its tokenizer can be loaded")
+    prompt_ids, prompt_texts = load_prompts(prompts_path, tokenizer, max_prompts=max_prompts)
+    generator = HFGenerator(model, tokenizer, batch_size=batch_size)
+    rollouts = generator.generate(prompt_ids, SamplingParams(n=samples_per_prompt, temperature=temperature,
+                                                             max_new_tokens=max_new_tokens, seed=seed))
+    index = [int(i) for i in rollouts.prompt_index]
+    prompts = [prompt_texts[i] for i in index]
+    samples = PolicySamples(
+        prompts=prompts, completions=list(rollouts.texts), prompt_index=index,
+        rewards=[float(reward_fn(p, c)) for p, c in zip(prompts, rollouts.texts)],
+        lengths=[int(n) for n in rollouts.completion_mask.sum(-1)], finished=[bool(f) for f in rollouts.finished])
+    if reference is not None:
+        ref_model = _load(reference)
+        seqs = rollouts.to_sequences(tokenizer.pad_token_id)
+        for start in range(0, len(index), batch_size):
+            rows = slice(start, start + batch_size)
+            args = (seqs["input_ids"][rows], seqs["attention_mask"][rows], seqs["completion_mask"][rows])
+            policy_logps = completion_token_logps(model, *args).sums
+            reference_logps = completion_token_logps(ref_model, *args).sums
+            samples.kl_per_sample.extend((policy_logps - reference_logps).tolist())
+    return samples
+
+
+def win_rate(candidate: PolicySamples, baseline: PolicySamples) -> float:
+    """Share of (prompt, sample) slots where the candidate's reward beats the baseline's; ties count half."""
+    pairs = list(zip(candidate.rewards, baseline.rewards))
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / max(len(pairs), 1)

@@ -1,0 +1,168 @@
+"""Generation with Hugging Face ``model.generate`` on the live training model (always available).
+
+Prompts arrive as token ids; the generator left-pads them itself (the tokenizer's padding side, which training
+relies on, is never touched), samples in sub-batches of ``generation.batch_size`` prompts with the KV cache on,
+and hands the raw tokens to :func:`~prefopt.generation.base.build_rollouts`. The model is put in eval mode (no
+dropout) for the call and every module's previous mode is restored afterwards. Each data-parallel rank generates
+for the prompts it is given; nothing is gathered across ranks here.
+
+Sampling is exactly what :class:`SamplingParams` says: a fresh ``GenerationConfig`` sets every filter explicitly,
+because ``generate`` otherwise fills unset values from the checkpoint's ``generation_config.json`` and from
+library defaults (``top_k=50``), which would silently make the samples off-policy for the log-prob computation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from prefopt.generation.base import Rollouts, SamplingParams, build_rollouts, eos_token_ids, pad_token_id
+
+
+def unwrap_model(model, accelerator=None):
+    """The plain model under accelerate/DDP/DeepSpeed wrappers (a PEFT model stays a PEFT model)."""
+    if accelerator is not None:
+        return accelerator.unwrap_model(model)
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+@contextlib.contextmanager
+def gathered_parameters(model, accelerator=None) -> Iterator[None]:
+    """Under DeepSpeed ZeRO-3, gather the full parameters for the duration of generation so that each forward
+    step does not all-gather (and ranks with different completion lengths cannot deadlock). Elsewhere a no-op.
+
+    DeepSpeed's own ZeRO-3 forward hooks stay installed; with the parameters already gathered they have nothing
+    to fetch. Not exercised in the test suite (no DeepSpeed here)."""
+    if not _zero3_enabled(accelerator):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        yield
+
+
+def _zero3_enabled(accelerator) -> bool:
+    if accelerator is None:
+        return False
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    return plugin is not None and getattr(plugin, "zero_stage", 0) == 3
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode for the block; afterwards every submodule gets back its own previous mode."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _device_of(model, accelerator=None) -> torch.device:
+    if accelerator is not None:
+        return accelerator.device
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``input_ids`` and ``attention_mask`` for a batch of unpadded prompts."""
+    width = max(len(prompt) for prompt in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, prompt in enumerate(prompt_ids):
+        if not prompt:
+            raise ValueError(f"prompt {i} is empty: generation needs at least one prompt token")
+        input_ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[i, width - len(prompt) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+class HFGenerator:
+    """``Generator`` backed by ``model.generate`` on the (unwrapped) live policy, PEFT adapters active."""
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 32, accelerator=None):
+        if batch_size < 1:
+            raise ValueError(f"generation.batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.accelerator = accelerator
+
+    def load_weights(self, model) -> None:
+        """Generation uses the live model; follow ``model`` if the trainer hands over a different object."""
+        self.model = model
+
+    def _generation_config(self, sampling: SamplingParams, eos_ids: list[int], pad_id: int, n: int):
+        from transformers import GenerationConfig
+
+        common = dict(
+            max_new_tokens=sampling.max_new_tokens,
+            min_new_tokens=0,
+            num_beams=1,
+            num_return_sequences=n,
+            eos_token_id=eos_ids,
+            pad_token_id=pad_id,
+            use_cache=True,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            typical_p=1.0,
+        )
+        if sampling.greedy:
+            return GenerationConfig(
+                do_sample=False, **common
+            )  # sampling filters are ignored by greedy search
+        return GenerationConfig(
+            do_sample=True,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,  # 0 must be explicit: an unset top_k falls back to the library default of 50
+            **common,
+        )
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> Rollouts:
+        model = unwrap_model(self.model, self.accelerator)
+        device = _device_of(model, self.accelerator)
+        eos_ids = eos_token_ids(self.tokenizer, model)
+        pad_id = pad_token_id(self.tokenizer, model)
+        # Greedy decoding gives n identical samples; generate once and repeat (generate refuses
+        # num_return_sequences > 1 without sampling).
+        per_call_n = 1 if sampling.greedy else sampling.n
+        config = self._generation_config(sampling, eos_ids, pad_id, per_call_n)
+
+        completions: list[list[int]] = []
+        with contextlib.ExitStack() as stack:
+            if sampling.seed is not None:
+                devices = [device] if device.type == "cuda" else []
+                stack.enter_context(torch.random.fork_rng(devices=devices))
+                torch.manual_seed(sampling.seed)
+            stack.enter_context(eval_mode(model))
+            stack.enter_context(gathered_parameters(model, self.accelerator))
+            for start in range(0, len(prompt_ids), self.batch_size):
+                chunk = prompt_ids[start : start + self.batch_size]
+                input_ids, attention_mask = left_pad(chunk, pad_id, device)
+                output = model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+                )
+                generated = output[:, input_ids.shape[1] :].tolist()
+                if per_call_n != sampling.n:
+                    generated = [tokens for tokens in generated for _ in range(sampling.n)]
+                completions.extend(generated)
+        return build_rollouts(
+            prompt_ids,
+            completions,
+            sampling.n,
+            eos_ids=eos_ids,
+            pad_id=pad_id,
+            tokenizer=self.tokenizer,
+            device=device,
+        )

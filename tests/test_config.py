@@ -24,6 +24,7 @@ def test_every_recipe_validates():
 def test_dotted_overrides_parse_yaml_scalars():
     assert parse_override("loss.beta=0.5") == (["loss", "beta"], 0.5)
     assert parse_override("train.max_steps=10") == (["train", "max_steps"], 10)
+    assert parse_override("loss.alpha=1e-5") == (["loss", "alpha"], 1e-5)  # YAML 1.1 would say "1e-5"
     assert parse_override("train.resume_from=latest") == (["train", "resume_from"], "latest")
     assert parse_override("reference.name_or_path=null") == (["reference", "name_or_path"], None)
     assert parse_override("logging.report_to=[tensorboard]") == (["logging", "report_to"], ["tensorboard"])

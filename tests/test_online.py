@@ -1,0 +1,112 @@
+"""Online methods end to end on the tiny model: HyPO logs a finite online KL, XPO orders samples with the reward
+layer, RTO's PPO stage runs with its token rewards and lineage checks. The slow tests check that XPO and RTO raise
+the gold reward on held-out prompts over the SFT model they start from."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+
+from prefopt.config import load_config
+from prefopt.errors import ConfigError
+from prefopt.trainer import train
+from tests.trainer_helpers import REPO, metrics
+
+
+def _run(recipe: str, model, out, *overrides):
+    return train(load_config(REPO / recipe, [
+        f"model.name_or_path={model}", f"output_dir={out}", "overwrite_output_dir=true", "logging.progress=false",
+        "logging.logging_steps=1", "logging.sample_steps=1", "generation.max_new_tokens=24", *overrides]))
+
+
+@pytest.fixture(scope="module")
+def quick_sft(tiny_model_dir, gold_task_dir, tmp_path_factory):
+    """A few SFT steps: enough for the tiny model to emit the task's words and EOS."""
+    out = tmp_path_factory.mktemp("sft")
+    _run("recipes/tiny/sft.yaml", tiny_model_dir, out, f"data.train={gold_task_dir / 'sft.jsonl'}",
+         "train.max_steps=20", "train.per_device_batch_size=16")
+    return out / "final"
+
+
+def test_hypo_logs_finite_online_kl(quick_sft, gold_task_dir, tmp_path):
+    _run("recipes/tiny/hypo.yaml", quick_sft, tmp_path, f"data.train={gold_task_dir / 'pairs_train.jsonl'}",
+         "data.eval=null", "train.max_steps=3", "train.per_device_batch_size=4")
+    records = metrics(tmp_path)
+    assert len(records) == 3
+    for record in records:
+        assert math.isfinite(record["online/kl"]) and math.isfinite(record["loss"])
+    assert records[0]["online/kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference before the first update
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"step", "prompt", "completion"} <= set(samples[0])
+
+
+def test_xpo_orders_pairs_by_the_reward(quick_sft, gold_task_dir, tmp_path):
+    _run("recipes/tiny/xpo.yaml", quick_sft, tmp_path, f"data.train={gold_task_dir / 'prompts_train.jsonl'}",
+         "train.max_steps=2", "train.per_device_batch_size=4")
+    records = metrics(tmp_path)
+    for key in ("xpo/bonus", "online/model_scores", "online/ref_scores", "online/policy_win_rate"):
+        assert key in records[-1]
+    from data_tools.synth import score
+
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    for sample in samples:  # the logged scores are the gold reward of the logged texts
+        assert sample["score"] == pytest.approx(score(sample["prompt"], sample["completion"]), abs=1e-5)
+
+
+def test_rto_ppo_stage_runs_with_token_rewards(quick_sft, gold_task_dir, tmp_path, caplog):
+    dpo = tmp_path / "dpo"
+    _run("recipes/tiny/dpo.yaml", quick_sft, dpo, f"data.train={gold_task_dir / 'pairs_train.jsonl'}",
+         "data.eval=null", "train.max_steps=3", "train.per_device_batch_size=4")
+    with caplog.at_level(logging.WARNING):
+        _run("recipes/tiny/rto.yaml", quick_sft, tmp_path / "rto", f"data.train={gold_task_dir / 'prompts_train.jsonl'}",
+             f"ppo.dpo_policy={dpo / 'final'}", "train.max_steps=2", "ppo.rollout_batch_size=4",
+             "ppo.minibatch_size=2")
+    assert "was trained from" not in caplog.text  # same SFT model: no lineage warning
+    last = metrics(tmp_path / "rto")[-1]
+    for key in ("rto/dpo_reward", "rto/kl", "rto/rm_score", "ppo/policy_loss", "ppo/value_loss", "ppo/clip_fraction",
+                "ppo/approx_kl", "ppo/returns", "online/response_length", "online/eos_rate"):
+        assert math.isfinite(last[key]), key
+    assert abs(last["rto/dpo_reward"]) > 0  # the DPO token reward is wired in
+    assert (tmp_path / "rto" / "final" / "model.safetensors").is_file()
+
+
+def test_rto_lineage_and_plain_ppo(quick_sft, tiny_model_dir, gold_task_dir, tmp_path, caplog):
+    prompts = f"data.train={gold_task_dir / 'prompts_train.jsonl'}"
+    small = ["train.max_steps=1", "ppo.rollout_batch_size=4", "ppo.minibatch_size=4", "ppo.dpo_policy=null"]
+    with pytest.raises(ConfigError, match="dpo_reward_scale=0"):
+        _run("recipes/tiny/rto.yaml", quick_sft, tmp_path / "a", prompts, *small)
+    _run("recipes/tiny/rto.yaml", quick_sft, tmp_path / "ppo", prompts, *small, "loss.dpo_reward_scale=0")
+    assert metrics(tmp_path / "ppo")[-1]["rto/dpo_reward"] == 0.0  # plain PPO: sparse reward only
+    # A "DPO policy" that did not come from the reference SFT model is flagged.
+    with caplog.at_level(logging.WARNING):
+        _run("recipes/tiny/rto.yaml", quick_sft, tmp_path / "b", prompts, *small[:-1],
+             f"ppo.dpo_policy={quick_sft}")
+    assert "RTO:" in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["xpo", "rto"])
+def test_online_methods_raise_the_gold_reward(method, tmp_path):
+    """Full-size gold task and SFT (minutes on 2 cores): the method beats its starting SFT model on held-out prompts."""
+    from data_tools.synth import score, write_task
+    from prefopt.evaluate import sample_policy
+    from prefopt.models.tiny import build_tiny_model
+
+    task = tmp_path / "task"
+    write_task(task, seed=0)
+    model = build_tiny_model(tmp_path / "tiny")
+    _run("recipes/tiny/sft.yaml", model, tmp_path / "sft", f"data.train={task / 'sft.jsonl'}")
+    sft = tmp_path / "sft" / "final"
+    overrides = [f"data.train={task / 'prompts_train.jsonl'}", "generation.max_new_tokens=48"]
+    if method == "rto":
+        _run("recipes/tiny/dpo.yaml", sft, tmp_path / "dpo", f"data.train={task / 'pairs_train.jsonl'}",
+             "data.eval=null")
+        overrides.append(f"ppo.dpo_policy={tmp_path / 'dpo' / 'final'}")
+    _run(f"recipes/tiny/{method}.yaml", sft, tmp_path / method, *overrides, "logging.sample_steps=null")
+    heldout = str(task / "prompts_heldout.jsonl")
+    before = sample_policy(sft, heldout, score, max_prompts=100, samples_per_prompt=2)
+    after = sample_policy(tmp_path / method / "final", heldout, score, max_prompts=100, samples_per_prompt=2)
+    assert after.mean_reward > before.mean_reward + 0.03, (before.summary(), after.summary())

@@ -121,6 +121,9 @@ class TrainConfig(_Section):
     max_skipped_steps: int = 5
     logps_chunk_size: Optional[int] = 1024  # positions per lm-head/log-softmax chunk; None = one pass
     dataloader_num_workers: int = 0
+    # A DeepSpeed JSON config (ZeRO stage, offload...). Lets `torchrun -m prefopt train` use DeepSpeed without an
+    # accelerate config; under `accelerate launch` with a DeepSpeed config, leave it unset.
+    deepspeed: Optional[str] = None
 
 
 class GenerationConfig(_Section):

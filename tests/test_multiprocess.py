@@ -40,3 +40,15 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path, launcher):
     assert losses(tmp_path / "multi") == pytest.approx(losses(tmp_path / "single"), abs=2e-5)
     assert (tmp_path / "multi" / "final" / "model.safetensors").is_file()
     assert (tmp_path / "multi" / "checkpoint-4" / "trainer_state.json").is_file()
+
+
+def test_deepspeed_on_cpu_refuses_instead_of_training_copies(tiny_model_dir, tmp_path):
+    """accelerate sets up a one-process DeepSpeed state per rank on CPU; prefopt must stop, not race."""
+    pytest.importorskip("deepspeed")
+    data = write_pairs(tmp_path / "pairs.jsonl", rows=32)
+    result = _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535"],
+                     tiny_model_dir, data, tmp_path / "ds", "train.max_steps=2",
+                     f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero2_cpu.json'}")
+    assert result.returncode != 0
+    assert "the launcher started 2 processes but accelerate set up 1" in result.stderr
+    assert not (tmp_path / "ds" / "metrics.jsonl").exists()

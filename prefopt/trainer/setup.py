@@ -33,7 +33,19 @@ def make_accelerator(config: Config):
         {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}[name]) is not None]
     for missing in set(config.logging.report_to) - set(trackers):
         logger.warning("logging.report_to: %s is not installed; not logging to it", missing)
+    plugin = None
+    if config.train.deepspeed:
+        from accelerate.utils import DeepSpeedPlugin
+
+        from prefopt.errors import ConfigError
+
+        if not Path(config.train.deepspeed).is_file():
+            raise ConfigError(f"train.deepspeed: DeepSpeed config '{config.train.deepspeed}' not found")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("train.deepspeed: DeepSpeed is not installed; pip install 'prefopt[deepspeed]'")
+        plugin = DeepSpeedPlugin(hf_ds_config=config.train.deepspeed)
     accelerator = Accelerator(
+        deepspeed_plugin=plugin,
         mixed_precision=precision,
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         # The loop steps the scheduler once per optimizer step itself; accelerate's default would step it once per
@@ -43,8 +55,31 @@ def make_accelerator(config: Config):
         project_dir=config.output_dir,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        # Seen with DeepSpeed on CPU under torchrun: every rank believes it is alone and they overwrite each other.
+        from prefopt.errors import ConfigError
+
+        raise ConfigError(f"the launcher started {launched} processes but accelerate set up "
+                          f"{accelerator.num_processes} ({accelerator.distributed_type}); refusing to train N copies "
+                          "side by side. DeepSpeed and FSDP need GPUs here; use DDP on CPU.")
+    _fill_deepspeed_autos(accelerator, config)
     set_seed(config.seed, device_specific=False)
     return accelerator, trackers
+
+
+def _fill_deepspeed_autos(accelerator, config: Config) -> None:
+    """DeepSpeed needs the micro-batch size (and clipping) before ``prepare``; the recipe knows them."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    for key, value in (("train_micro_batch_size_per_gpu", config.train.per_device_batch_size),
+                       ("gradient_accumulation_steps", config.train.gradient_accumulation_steps),
+                       ("gradient_clipping", config.train.max_grad_norm or 0.0)):
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    ds.pop("train_batch_size", None) if ds.get("train_batch_size") == "auto" else None
 
 
 def load_sequence_classifier(config: Config):

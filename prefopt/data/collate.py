@@ -1,0 +1,100 @@
+"""Padded collators: lists of tokenized rows -> right-padded tensors with an explicit completion mask.
+
+``completion_mask`` is 1 exactly on the positions that hold completion tokens (EOS included) and 0 on the prompt and
+on padding. It is built from the known prompt and completion lengths, never from ``ids != pad`` (the pad token is
+often EOS). It is not shifted: position t is 1 when ``input_ids[t]`` is a completion token; the loss code shifts it
+with the labels.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+
+
+def pad_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_token_id: int,
+                  pad_to_multiple_of: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """Concatenate each prompt with its completion and right-pad all rows to the longest one."""
+    if pad_token_id is None:
+        raise ValueError("pad_token_id is None: the tokenizer needs a pad token (any id works; it is masked out)")
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    width = max(lengths, default=0)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    rows = len(lengths)
+    input_ids = torch.full((rows, width), int(pad_token_id), dtype=torch.long)
+    attention_mask = torch.zeros((rows, width), dtype=torch.long)
+    completion_mask = torch.zeros((rows, width), dtype=torch.long)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        start, end = len(prompt), len(prompt) + len(completion)
+        if end:
+            input_ids[row, :end] = torch.tensor(list(prompt) + list(completion), dtype=torch.long)
+        attention_mask[row, :end] = 1
+        completion_mask[row, start:end] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+def _index(rows: Sequence[dict[str, Any]]) -> torch.Tensor:
+    return torch.tensor([int(row["index"]) for row in rows], dtype=torch.long)
+
+
+def _check(rows: Sequence[dict[str, Any]]) -> None:
+    if not rows:
+        raise ValueError("cannot collate an empty batch")
+
+
+class PairCollator:
+    """Preference pairs -> one ``[2B, L]`` batch: rows ``0..B-1`` are prompt+chosen, rows ``B..2B-1`` prompt+rejected.
+
+    Also returns ``index`` ``[B]`` and, as plain lists, ``prompt_input_ids``, ``prompt_text``, ``prompt_messages``,
+    ``chosen_text`` and ``rejected_text`` (text fields default to "" when a row lacks them, e.g. online pairs).
+    """
+
+    passthrough = ("prompt_text", "prompt_messages", "chosen_text", "rejected_text")
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        _check(rows)
+        prompts = [row["prompt_input_ids"] for row in rows]
+        completions = [row["chosen_input_ids"] for row in rows] + [row["rejected_input_ids"] for row in rows]
+        batch: dict[str, Any] = pad_sequences(prompts + prompts, completions, self.pad_token_id,
+                                              self.pad_to_multiple_of)
+        batch["index"] = _index(rows)
+        batch["prompt_input_ids"] = [list(p) for p in prompts]
+        for key in self.passthrough:
+            batch[key] = [row.get(key, "") for row in rows]
+        return batch
+
+
+class SFTCollator:
+    """Prompt/completion rows -> ``input_ids``, ``attention_mask``, ``completion_mask`` ``[B, L]`` and ``index``."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        _check(rows)
+        batch: dict[str, Any] = pad_sequences([row["prompt_input_ids"] for row in rows],
+                                              [row["completion_input_ids"] for row in rows], self.pad_token_id,
+                                              self.pad_to_multiple_of)
+        batch["index"] = _index(rows)
+        return batch
+
+
+class PromptCollator:
+    """Prompt-only rows -> ``index`` ``[B]`` and the lists ``prompt_input_ids``, ``prompt_text``, ``prompt_messages``
+    (generation pads prompts itself, on whichever side its backend needs)."""
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        _check(rows)
+        return {
+            "index": _index(rows),
+            "prompt_input_ids": [list(row["prompt_input_ids"]) for row in rows],
+            "prompt_text": [row.get("prompt_text", "") for row in rows],
+            "prompt_messages": [row.get("prompt_messages", "") for row in rows],
+        }

@@ -14,8 +14,10 @@ from tests.trainer_helpers import REPO, losses, run, write_pairs
 pytestmark = pytest.mark.multiproc
 
 
-def _launch(launcher: list[str], model_dir, data, out, *overrides) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+def _launch(launcher: list[str], model_dir, data, out, *overrides, use_cpu_flag: bool = True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if use_cpu_flag:
+        env["ACCELERATE_USE_CPU"] = "1"
     args = [*launcher, "-m", "prefopt", "train", str(REPO / "recipes/tiny/dpo.yaml"),
             f"model.name_or_path={model_dir}", f"data.train={data}", "data.eval=null", f"output_dir={out}",
             "overwrite_output_dir=true", "logging.progress=false", "logging.logging_steps=1", "train.warmup_ratio=0",
@@ -48,7 +50,7 @@ def test_deepspeed_on_cpu_refuses_instead_of_training_copies(tiny_model_dir, tmp
     data = write_pairs(tmp_path / "pairs.jsonl", rows=32)
     result = _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535"],
                      tiny_model_dir, data, tmp_path / "ds", "train.max_steps=2",
-                     f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero2_cpu.json'}")
+                     f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero2_cpu.json'}", use_cpu_flag=False)
     assert result.returncode != 0
     assert "the launcher started 2 processes but accelerate set up 1" in result.stderr
     assert not (tmp_path / "ds" / "metrics.jsonl").exists()

@@ -63,6 +63,9 @@ def make_accelerator(config: Config):
         raise ConfigError(f"the launcher started {launched} processes but accelerate set up "
                           f"{accelerator.num_processes} ({accelerator.distributed_type}); refusing to train N copies "
                           "side by side. DeepSpeed and FSDP need GPUs here; use DDP on CPU.")
+    if plugin is not None and accelerator.state.deepspeed_plugin is None:
+        logger.warning("train.deepspeed is set but accelerate runs %s without DeepSpeed (e.g. ACCELERATE_USE_CPU=1): "
+                       "training proceeds without ZeRO", accelerator.distributed_type)
     _fill_deepspeed_autos(accelerator, config)
     set_seed(config.seed, device_specific=False)
     return accelerator, trackers

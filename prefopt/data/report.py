@@ -52,10 +52,11 @@ class SplitReport:
         if self.rated_rows:
             lines.append(f"  {self.pairs_from_rated} pairs from {self.rated_rows} rated rows "
                          f"({self.rated_rows_without_pairs} rows gave no pair: tied or below data.rated_min_gap)")
-        truncated = ", ".join(f"{n} {k}" for k, n in self.truncated_completions.items())
-        lines.append(f"  truncated: {self.truncated_prompts} prompts" + (f", completions: {truncated}" if truncated
-                                                                          else "")
-                     + f"; dropped (completion cut to nothing): {self.dropped_rows}")
+        counts = self.truncated_completions
+        completions = (f", {counts['completion']} completions" if list(counts) == ["completion"] else
+                       "".join(f", {n} {k} completions" for k, n in counts.items()))
+        lines.append(f"  truncated: {self.truncated_prompts} prompts{completions}; dropped (completion cut to "
+                     f"nothing): {self.dropped_rows}")
         lines.extend(f"  invalid: {reason}" for reason in self.invalid_reasons[:3])
         if self.invalid_rows > 3:
             lines.append(f"  ... {self.invalid_rows - 3} more invalid rows (see data_invalid_rows.txt)")

@@ -89,7 +89,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from prefopt.demo import run_demo
 
-    return run_demo(Path(args.out), steps=args.max_steps)
+    return run_demo(Path(args.out), steps=args.max_steps, eval_prompts=args.eval_prompts)
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="build the tiny model and the synthetic task, train DPO, print a summary")
     demo.add_argument("--out", default="runs/demo", help="where everything goes (default: runs/demo)")
-    demo.add_argument("--max-steps", type=int, default=None, help="cap the DPO run (default: the recipe's)")
+    demo.add_argument("--max-steps", type=int, default=None, help="cap the SFT and DPO runs (default: the recipes')")
+    demo.add_argument("--eval-prompts", type=int, default=100, help="held-out prompts for the gold evaluation")
     demo.set_defaults(func=cmd_demo)
 
     try:

@@ -18,7 +18,7 @@ from rich.table import Table
 logger = logging.getLogger(__name__)
 
 
-def run_demo(out: Path, steps: Optional[int] = None) -> int:
+def run_demo(out: Path, steps: Optional[int] = None, eval_prompts: int = 100) -> int:
     from data_tools.synth import score, write_task
     from prefopt.cli import find_recipe
     from prefopt.config import load_config
@@ -43,10 +43,10 @@ def run_demo(out: Path, steps: Optional[int] = None) -> int:
     dpo = train(load_config(find_recipe("recipes/tiny/dpo.yaml"), [
         f"model.name_or_path={out / 'sft' / 'final'}", f"data.train={task / 'pairs_train.jsonl'}",
         f"data.eval={task / 'pairs_eval.jsonl'}", f"output_dir={out / 'dpo'}", *common]))
-    console.print("5/5 gold reward of samples on held-out prompts (2 per prompt)")
+    console.print(f"5/5 gold reward of samples on {eval_prompts} held-out prompts (2 per prompt)")
     heldout = str(task / "prompts_heldout.jsonl")
-    sft_samples = sample_policy(out / "sft" / "final", heldout, score, max_prompts=100)
-    dpo_samples = sample_policy(out / "dpo" / "final", heldout, score, max_prompts=100,
+    sft_samples = sample_policy(out / "sft" / "final", heldout, score, max_prompts=eval_prompts)
+    dpo_samples = sample_policy(out / "dpo" / "final", heldout, score, max_prompts=eval_prompts,
                                 reference=out / "sft" / "final")
 
     metrics = {**dpo.last_metrics, **dpo.eval_metrics}

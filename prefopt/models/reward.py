@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 
+from prefopt.models.logps import completion_token_logps
 from prefopt.errors import ConfigError, DataError
 from prefopt.models.loading import _check_exists, load_tokenizer, resolve_dtype
 
@@ -109,15 +109,11 @@ def _right_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor
     return input_ids.to(device), attention_mask.to(device)
 
 
-def _completion_token_logps(
-    model, input_ids, attention_mask, completion_mask
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs ``[N, L-1]`` (label-aligned, LOSSES.md section 0) and their mask. The one place the implicit
-    reward computes logps; to be replaced by ``prefopt.models.logps``."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-    token_logps = torch.gather(F.log_softmax(logits.float(), dim=-1), 2, input_ids[:, 1:, None]).squeeze(2)
-    mask = completion_mask[:, 1:].to(token_logps.dtype)
-    return token_logps * mask, mask
+def _completion_token_logps(model, input_ids, attention_mask, completion_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs ``[N, L-1]`` (label-aligned, LOSSES.md section 0) and their mask, via the shared
+    chunked implementation the trainer uses."""
+    logps = completion_token_logps(model, input_ids, attention_mask, completion_mask)
+    return logps.token_logps, logps.mask
 
 
 class RunningMeanStd:

@@ -144,3 +144,13 @@ def test_sft_and_reward_model_objectives_learn(tiny_model_dir, pairs, tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "final")
     assert model.config.num_labels == 1
     assert torch.isfinite(next(model.parameters())).all()
+
+
+def test_eval_split_logs_the_same_metrics_prefixed(tiny_model_dir, pairs, tmp_path):
+    result = run(tiny_model_dir, pairs, tmp_path / "run", "train.max_steps=4", "train.eval_steps=2",
+                 f"data.eval={pairs}", "data.max_samples=64")
+    evals = [m for m in metrics(tmp_path / "run") if "eval/loss" in m]
+    assert [m["step"] for m in evals] == [2, 4]  # every eval_steps; the last step is not evaluated twice
+    train_keys = {k for k in metrics(tmp_path / "run")[0] if k.startswith(("rewards/", "logps/"))}
+    assert {f"eval/{k}" for k in train_keys} <= set(evals[-1])
+    assert result.eval_metrics["eval/rewards/accuracies"] == evals[-1]["eval/rewards/accuracies"]

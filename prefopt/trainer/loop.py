@@ -173,7 +173,8 @@ class Trainer:
                 else:
                     state.epoch += 1
                     state.batches_in_epoch = 0
-            if self.bundle.eval is not None:
+            evaluated_last_step = bool(config.train.eval_steps) and state.global_step % config.train.eval_steps == 0
+            if self.bundle.eval is not None and not evaluated_last_step:
                 eval_metrics = self.evaluate()
             final_dir = self.save_final()
         finally:

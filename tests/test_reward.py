@@ -18,8 +18,8 @@ from prefopt.models.reward import (
     ScorerJudge,
     ScoreTransform,
     build_reward,
-    build_tiny_reward_model,
 )
+from prefopt.models.tiny import build_tiny_reward_model
 
 # A different chat template than the policy's ChatML, so re-rendering is visible in the token ids.
 RM_TEMPLATE = "{% for m in messages %}{{ '### ' + m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"

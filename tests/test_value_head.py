@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from prefopt.errors import ConfigError
-from prefopt.models.reward import ModelReward, build_tiny_reward_model
+from prefopt.models.reward import ModelReward
+from prefopt.models.tiny import build_tiny_reward_model
 from prefopt.models.value_head import ValueModel, load_critic
 
 

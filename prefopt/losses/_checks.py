@@ -101,6 +101,12 @@ def pair_tensors(
     return policy_chosen, policy_rejected, reference_chosen, reference_rejected
 
 
+def log_ratios(loss: str, inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(policy_chosen, policy_rejected, lr_w, lr_l)`` with ``lr = logp_policy - logp_ref`` (LOSSES.md section 0)."""
+    policy_chosen, policy_rejected, reference_chosen, reference_rejected = pair_tensors(loss, inputs, reference=True)
+    return policy_chosen, policy_rejected, policy_chosen - reference_chosen, policy_rejected - reference_rejected
+
+
 def lengths_as_float(
     loss: str, name: str, lengths: Optional[torch.Tensor], like: torch.Tensor
 ) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import ClassVar, FrozenSet
 import torch
 import torch.nn.functional as F
 
-from prefopt.losses._checks import check_number, pair_tensors
+from prefopt.losses._checks import check_number, log_ratios
 from prefopt.losses._metrics import pairwise_metrics
 from prefopt.losses.base import LossInputs, LossOutput, PreferenceLoss
 
@@ -60,11 +60,7 @@ class DPOLoss(PreferenceLoss):
         )
 
     def forward(self, inputs: LossInputs) -> LossOutput:
-        policy_chosen, policy_rejected, reference_chosen, reference_rejected = pair_tensors(
-            self.name, inputs, reference=True
-        )
-        chosen_logratios = policy_chosen - reference_chosen
-        rejected_logratios = policy_rejected - reference_rejected
+        policy_chosen, policy_rejected, chosen_logratios, rejected_logratios = log_ratios(self.name, inputs)
         logits = self.beta * (chosen_logratios - rejected_logratios)
         loss = sigmoid_preference_loss(logits, self.label_smoothing).mean()
         metrics = pairwise_metrics(

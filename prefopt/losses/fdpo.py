@@ -7,7 +7,7 @@ from typing import ClassVar, FrozenSet
 import torch
 import torch.nn.functional as F
 
-from prefopt.losses._checks import check_choice, check_number, pair_tensors
+from prefopt.losses._checks import check_choice, check_number, log_ratios
 from prefopt.losses._metrics import pairwise_metrics
 from prefopt.losses.base import LossInputs, LossOutput, PreferenceLoss
 
@@ -98,11 +98,7 @@ class FDPOLoss(PreferenceLoss):
         )
 
     def forward(self, inputs: LossInputs) -> LossOutput:
-        policy_chosen, policy_rejected, reference_chosen, reference_rejected = pair_tensors(
-            self.name, inputs, reference=True
-        )
-        chosen_logratios = policy_chosen - reference_chosen
-        rejected_logratios = policy_rejected - reference_rejected
+        policy_chosen, policy_rejected, chosen_logratios, rejected_logratios = log_ratios(self.name, inputs)
         chosen_scores = divergence_score(chosen_logratios, self.divergence, self.alpha)
         rejected_scores = divergence_score(rejected_logratios, self.divergence, self.alpha)
         logits = self.beta * (chosen_scores - rejected_scores)

@@ -6,7 +6,7 @@ from typing import ClassVar, FrozenSet
 
 import torch
 
-from prefopt.losses._checks import check_int, check_number, compute_dtype, pair_tensors
+from prefopt.losses._checks import check_int, check_number, compute_dtype, log_ratios
 from prefopt.losses._metrics import pairwise_metrics
 from prefopt.losses.base import LossInputs, LossOutput, PreferenceLoss
 from prefopt.losses.dpo import sigmoid_preference_loss
@@ -78,11 +78,7 @@ class HyPOLoss(PreferenceLoss):
         return torch.arange(num_samples, device=inputs.sample_policy_logps.device) // self.samples_per_prompt
 
     def forward(self, inputs: LossInputs) -> LossOutput:
-        policy_chosen, policy_rejected, reference_chosen, reference_rejected = pair_tensors(
-            self.name, inputs, reference=True
-        )
-        chosen_logratios = policy_chosen - reference_chosen
-        rejected_logratios = policy_rejected - reference_rejected
+        policy_chosen, policy_rejected, chosen_logratios, rejected_logratios = log_ratios(self.name, inputs)
         dpo_loss = sigmoid_preference_loss(self.beta * (chosen_logratios - rejected_logratios)).mean()
         extra: dict[str, torch.Tensor] = {"dpo/loss": dpo_loss}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, FrozenSet
 
-from prefopt.losses._checks import check_choice, check_number, lengths_as_float, pair_tensors
+from prefopt.losses._checks import check_choice, check_number, lengths_as_float, log_ratios
 from prefopt.losses._metrics import pairwise_metrics
 from prefopt.losses.base import LossInputs, LossOutput, PreferenceLoss
 from prefopt.losses.dpo import sigmoid_preference_loss
@@ -49,11 +49,7 @@ class RPOLoss(PreferenceLoss):
         )
 
     def forward(self, inputs: LossInputs) -> LossOutput:
-        policy_chosen, policy_rejected, reference_chosen, reference_rejected = pair_tensors(
-            self.name, inputs, reference=True
-        )
-        chosen_logratios = policy_chosen - reference_chosen
-        rejected_logratios = policy_rejected - reference_rejected
+        policy_chosen, policy_rejected, chosen_logratios, rejected_logratios = log_ratios(self.name, inputs)
         dpo_loss = sigmoid_preference_loss(self.beta * (chosen_logratios - rejected_logratios)).mean()
         if self.nll == "sum":
             nll = -policy_chosen.mean()

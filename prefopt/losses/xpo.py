@@ -6,7 +6,7 @@ from typing import ClassVar, FrozenSet
 
 import torch
 
-from prefopt.losses._checks import check_number, compute_dtype, pair_tensors
+from prefopt.losses._checks import check_number, compute_dtype, log_ratios
 from prefopt.losses._metrics import pairwise_metrics
 from prefopt.losses.base import LossInputs, LossOutput, PreferenceLoss
 from prefopt.losses.dpo import sigmoid_preference_loss
@@ -46,9 +46,7 @@ class XPOLoss(PreferenceLoss):
         self.alpha = check_number(self.name, "alpha", alpha, low=0.0, hint="alpha=0 is plain online DPO.")
 
     def forward(self, inputs: LossInputs) -> LossOutput:
-        policy_chosen, policy_rejected, reference_chosen, reference_rejected = pair_tensors(
-            self.name, inputs, reference=True
-        )
+        policy_chosen, policy_rejected, chosen_logratios, rejected_logratios = log_ratios(self.name, inputs)
         inputs.require("reference_sample_policy_logps")
         reference_sample_logps = compute_dtype(inputs.reference_sample_policy_logps)
         if reference_sample_logps.shape != policy_chosen.shape:
@@ -56,8 +54,6 @@ class XPOLoss(PreferenceLoss):
                 f"{self.name}: reference_sample_policy_logps has shape "
                 f"{tuple(reference_sample_logps.shape)}, expected {tuple(policy_chosen.shape)}"
             )
-        chosen_logratios = policy_chosen - reference_chosen
-        rejected_logratios = policy_rejected - reference_rejected
         dpo_loss = sigmoid_preference_loss(self.beta * (chosen_logratios - rejected_logratios)).mean()
         bonus = self.alpha * reference_sample_logps.mean()
         extra: dict[str, torch.Tensor] = {"xpo/bonus": bonus, "dpo/loss": dpo_loss}

@@ -75,6 +75,29 @@ def train_tiny_tokenizer(corpus: Optional[Iterable[str]] = None, vocab_size: int
     return wrapped
 
 
+def tiny_llama_config(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+                      intermediate_size: int = 256, max_position_embeddings: int = 1024, **extra):
+    """The ``LlamaConfig`` of the tiny models (causal LM and reward model), sized to ``tokenizer``."""
+    from transformers import LlamaConfig
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=pad_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+        **extra,
+    )
+
+
 def build_tiny_model(
     out_dir: str | Path,
     *,
@@ -93,30 +116,52 @@ def build_tiny_model(
     ``tokenizer``: reuse an existing tokenizer (e.g. the benchmarks' larger vocabularies) instead of training one.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer is None:
         tokenizer = train_tiny_tokenizer(corpus, vocab_size=vocab_size)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=max_position_embeddings,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        tie_word_embeddings=False,
-        attention_dropout=0.0,
-    )
+    config = tiny_llama_config(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                               intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_tiny_reward_model(
+    out_dir,
+    tokenizer_dir,
+    *,
+    init_from: str | None = None,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 256,
+    seed: int = 0,
+) -> Path:
+    """Save a tiny ``LlamaForSequenceClassification`` (one label, ``pad_token_id`` set) plus the tokenizer of
+    ``tokenizer_dir`` at ``out_dir``. ``init_from``: start the backbone from that causal LM (the usual RM recipe:
+    RM = SFT model + fresh head) instead of random weights."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    if init_from is not None:
+        model = AutoModelForSequenceClassification.from_pretrained(init_from, num_labels=1, pad_token_id=pad_id)
+    else:
+        config = tiny_llama_config(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                                   intermediate_size=intermediate_size, num_labels=1)
+        model = AutoModelForSequenceClassification.from_config(config)
+    model.config.pad_token_id = pad_id
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out

@@ -3,15 +3,29 @@
 Convention (LOSSES.md section 0): the log-prob of token ``t`` comes from ``log_softmax(logits[t-1])`` in fp32,
 gathered at ``input_ids[t]``; the completion mask is shifted with the labels. We run the decoder body once, pick
 the hidden states of the positions that predict a completion token, and apply the lm head + log-softmax to those
-rows only, ``chunk_size`` rows at a time under activation checkpointing. Prompt positions never reach the lm head,
-and the backward pass keeps one chunk of logits alive instead of all of them.
+rows only, a block of rows at a time. Prompt and padding positions never reach the lm head.
 
 :class:`CompletionLogpModel` wraps a causal LM as an ``nn.Module`` so that accelerate/DDP/DeepSpeed wrap *this*
 forward: their gradient hooks see every parameter the logps depend on.
+
+Two implementations of the chunked head (``head_impl``; default from ``PREFOPT_LOGPS_HEAD``, else ``"fused"``):
+
+``fused``       one autograd function over all completion rows. The forward normalises each ``[rows, vocab]``
+                logits block in place and keeps the hidden states and one log-normaliser per row; the backward
+                rebuilds a block, turns it into ``g * (onehot - softmax)`` in place and accumulates the hidden and
+                weight gradients: one block alive at a time. Blocks are ``chunk_size`` rows, capped at
+                ``PREFOPT_LOGPS_BLOCK_MB`` (128 MiB) of fp32 logits. When the softmax of *all* rows fits in
+                ``PREFOPT_LOGPS_KEEP_MB`` (256 MiB) the forward keeps it and the backward skips the recompute.
+``checkpoint``  ``lm_head`` + ``log_softmax`` + gather per ``chunk_size`` rows under activation checkpointing
+                (several ``[chunk, vocab]`` tensors alive in backward). Always used when the head is not a plain
+                ``nn.Linear`` with a materialised weight (LoRA on the head, ZeRO-3 / FSDP2 shards).
+
+Numbers (CPU, fp32) are in docs/performance.md.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,6 +50,13 @@ class TokenLogps:
         return self.mask.sum(-1)
 
 
+def _param_dtype(model: torch.nn.Module) -> torch.dtype:
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.float32
+
+
 def _split_model(model: torch.nn.Module):
     """(decoder body, lm head) of a Hugging Face causal LM, seen through PEFT; None when logits need extra ops."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -56,6 +77,133 @@ def _head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
     return torch.gather(F.log_softmax(logits, dim=-1), 1, targets[:, None]).squeeze(1)
 
 
+HEAD_IMPLS = ("fused", "checkpoint")
+
+
+def _default_head_impl() -> str:
+    impl = os.environ.get("PREFOPT_LOGPS_HEAD", "fused")
+    if impl not in HEAD_IMPLS:
+        raise ValueError(f"PREFOPT_LOGPS_HEAD={impl!r}: expected one of {', '.join(HEAD_IMPLS)}")
+    return impl
+
+
+def _plain_linear_weight(head: torch.nn.Module) -> bool:
+    """True when ``head`` is an ``nn.Linear`` whose weight we may use directly (not LoRA-wrapped, not sharded)."""
+    if type(head) is not torch.nn.Linear:
+        return False
+    weight = head.weight
+    sharded = hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor"  # ZeRO-3 / FSDP2 parameters
+    return not sharded and weight.dim() == 2 and weight.numel() > 0
+
+
+def _env_mib(name: str, default: float) -> int:
+    return int(float(os.environ.get(name, default)) * 2**20)
+
+
+def _keep_budget_bytes() -> int:
+    """``PREFOPT_LOGPS_KEEP_MB`` (default 256): when the fp32 softmax of all completion rows fits in this many MiB,
+    the fused forward keeps it and the backward skips recomputing the logits (one ``[n, vocab]`` GEMM less).
+    0 always recomputes."""
+    return _env_mib("PREFOPT_LOGPS_KEEP_MB", 256)
+
+
+def _block_rows(chunk_size: int, vocab: int) -> int:
+    """Rows per logits block: ``chunk_size``, capped so one fp32 ``[rows, vocab]`` block stays within
+    ``PREFOPT_LOGPS_BLOCK_MB`` (default 128 MiB): 1024 rows at a 32k vocabulary, 256 at 128k."""
+    return max(1, min(chunk_size, _env_mib("PREFOPT_LOGPS_BLOCK_MB", 128) // (4 * vocab)))
+
+
+def _fused_head_forward(hidden, weight, bias, targets, chunk, keep=False):
+    """(logps ``[n]``, log-normalisers ``[n]``, kept softmax blocks or None) of ``hidden @ W.T + b``.
+
+    ``chunk`` rows of logits at a time, normalised in place (no ``[chunk, vocab]`` temporaries besides the block).
+    """
+    log_norm = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    out = torch.empty_like(log_norm)
+    kept = [] if keep else None
+    for start in range(0, hidden.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        block = F.linear(hidden[rows], weight, bias).float()
+        target = block.gather(1, targets[rows, None]).squeeze(1)
+        top = block.amax(dim=-1, keepdim=True)
+        total = block.sub_(top).exp_().sum(dim=-1, keepdim=True)
+        log_norm[rows] = (top + total.log()).squeeze(1)
+        out[rows] = target - log_norm[rows]
+        if keep:
+            kept.append(block.div_(total))  # softmax probabilities of these rows
+        del block
+    return out, log_norm, kept
+
+
+class _FusedHeadLogps(torch.autograd.Function):
+    """``log_softmax(hidden @ W.T + b)[target]`` for ``[n, H]`` rows, ``chunk`` rows of logits at a time.
+
+    Logits are computed in the weight's dtype and normalised in fp32, as in ``_head_logps``. The backward uses
+    ``d logp / d logits = onehot - softmax``, built in place in the recomputed (or kept) block.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk, keep):
+        out, log_norm, kept = _fused_head_forward(hidden, weight, bias, targets, chunk, keep)
+        ctx.save_for_backward(hidden, weight, bias, targets, log_norm)
+        ctx.chunk, ctx.kept, ctx.consumed = chunk, kept, False
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets, log_norm = ctx.saved_tensors
+        kept, ctx.kept = ctx.kept, None
+        if ctx.consumed:
+            raise RuntimeError("the fused lm-head backward ran twice: its kept probabilities were consumed; "
+                               "set PREFOPT_LOGPS_KEEP_MB=0 to backpropagate through it more than once")
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias and bias is not None else None
+        grad_out = grad_out.float()
+        for number, start in enumerate(range(0, hidden.shape[0], ctx.chunk)):
+            rows = slice(start, start + ctx.chunk)
+            if kept is not None:
+                block = kept[number]
+                kept[number] = None
+            else:
+                block = F.linear(hidden[rows], weight, bias).float().sub_(log_norm[rows, None]).exp_()
+            # block <- g * (onehot - softmax), in place: one [chunk, vocab] buffer alive.
+            block.mul_(-grad_out[rows, None]).scatter_add_(1, targets[rows, None], grad_out[rows, None])
+            grad_block = block.to(weight.dtype)
+            if need_hidden:
+                grad_hidden[rows] = grad_block @ weight
+            if need_weight and weight.dtype == torch.float32:
+                grad_weight.addmm_(block.t(), hidden[rows])
+            elif need_weight:
+                grad_weight += (grad_block.t() @ hidden[rows]).float()  # half-precision GEMM, fp32 accumulation
+            if grad_bias is not None:
+                grad_bias += block.sum(0)
+            del block, grad_block
+        ctx.consumed = kept is not None
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _model_attention_mask(model: torch.nn.Module, attention_bias: torch.Tensor, dtype: torch.dtype):
+    """The packed 4D mask in the form the model's attention implementation takes (see ``prefopt/data/packing.py``).
+
+    sdpa: the boolean mask as is. eager: additive (0 / dtype min), since eager adds the mask to the scores.
+    flash / flex attention: no mask; transformers derives the sequences from the restarting ``position_ids``.
+    """
+    config = getattr(model, "config", None)
+    impl = str(getattr(config, "_attn_implementation", None) or "sdpa")
+    if "flash" in impl or impl.startswith("flex"):
+        return None
+    if impl == "eager" and attention_bias.dtype == torch.bool:
+        return torch.zeros(attention_bias.shape, dtype=dtype, device=attention_bias.device).masked_fill_(
+            ~attention_bias, torch.finfo(dtype).min)
+    return attention_bias
+
+
 def completion_token_logps(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -65,15 +213,19 @@ def completion_token_logps(
     chunk_size: Optional[int] = 1024,
     position_ids: Optional[torch.Tensor] = None,
     attention_bias: Optional[torch.Tensor] = None,
+    head_impl: Optional[str] = None,
 ) -> TokenLogps:
     """Log-probs of the completion tokens of each row. ``completion_mask`` is unshifted (marks completion tokens).
 
     ``chunk_size=None`` computes full logits in one pass (the reference implementation tests compare against).
     ``attention_bias``: an optional 4D boolean/additive mask that replaces ``attention_mask`` (packed sequences).
+    ``head_impl``: ``"fused"`` or ``"checkpoint"`` (module docstring); None reads ``PREFOPT_LOGPS_HEAD``.
     """
     labels = input_ids[:, 1:]
     mask = completion_mask[:, 1:].to(torch.float32)
-    model_mask = attention_bias if attention_bias is not None else attention_mask
+    model_mask = attention_mask
+    if attention_bias is not None:
+        model_mask = _model_attention_mask(model, attention_bias, _param_dtype(model))
     parts = _split_model(model) if chunk_size is not None else None
     if parts is None:
         logits = model(input_ids=input_ids, attention_mask=model_mask, position_ids=position_ids, use_cache=False).logits
@@ -86,6 +238,19 @@ def completion_token_logps(
     rows, cols = completion_mask[:, 1:].nonzero(as_tuple=True)  # positions t+1 holding a completion token
     selected = hidden[rows, cols]  # hidden state at t predicts token t+1
     targets = labels[rows, cols]
+    impl = head_impl or _default_head_impl()
+    if impl not in HEAD_IMPLS:
+        raise ValueError(f"head_impl={impl!r}: expected one of {', '.join(HEAD_IMPLS)}")
+    if impl == "fused" and _plain_linear_weight(head):
+        vocab = head.weight.shape[0]
+        block = _block_rows(chunk_size, vocab)
+        if torch.is_grad_enabled() and (selected.requires_grad or head.weight.requires_grad):
+            keep = 0 < selected.shape[0] * vocab * 4 <= _keep_budget_bytes()
+            flat = _FusedHeadLogps.apply(selected, head.weight, head.bias, targets, block, keep)
+        else:  # reference model / evaluation: nothing to keep for backward
+            flat = _fused_head_forward(selected, head.weight, head.bias, targets, block)[0]
+        token_logps = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+        return TokenLogps(token_logps.index_put((rows, cols), flat), mask)
     pieces = []
     for start in range(0, selected.shape[0], chunk_size):
         chunk = selected[start:start + chunk_size]
@@ -122,13 +287,15 @@ def sequence_totals(logps: TokenLogps, batch: dict) -> tuple[torch.Tensor, torch
 class CompletionLogpModel(torch.nn.Module):
     """``forward(batch-like kwargs) -> TokenLogps``; the module accelerate prepares for training."""
 
-    def __init__(self, model: torch.nn.Module, chunk_size: Optional[int] = 1024):
+    def __init__(self, model: torch.nn.Module, chunk_size: Optional[int] = 1024, head_impl: Optional[str] = None):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.head_impl = head_impl
 
     def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, attention_bias=None) -> TokenLogps:
         return completion_token_logps(
             self.model, input_ids, attention_mask, completion_mask,
             chunk_size=self.chunk_size, position_ids=position_ids, attention_bias=attention_bias,
+            head_impl=self.head_impl,
         )

@@ -85,7 +85,8 @@ class DataConfig(_Section):
     rated_min_gap: float = 0.0
     curriculum: bool = False  # rated pairs ordered easy-to-hard by score gap (Curry-DPO)
     num_proc: Optional[int] = None
-    packing: bool = False  # padding-free packing of pairs
+    packing: bool = False  # padding-free packing of pairs (pays off with varlen flash attention on GPUs)
+    group_by_length: bool = False  # batches of similar-length pairs: less padding (changes which pairs share a step)
 
 
 class LossConfig(BaseModel):
@@ -120,6 +121,8 @@ class TrainConfig(_Section):
     resume_from: Optional[str] = None  # "latest" or a checkpoint path
     max_skipped_steps: int = 5
     logps_chunk_size: Optional[int] = 1024  # positions per lm-head/log-softmax chunk; None = one pass
+    logps_head: Literal["fused", "checkpoint"] = "fused"  # chunked lm-head implementation (models/logps.py)
+    fused_optimizer: bool = True  # torch's fused AdamW (fewer temporaries: lower peak memory, faster)
     dataloader_num_workers: int = 0
     # A DeepSpeed JSON config (ZeRO stage, offload...). Lets `torchrun -m prefopt train` use DeepSpeed without an
     # accelerate config; under `accelerate launch` with a DeepSpeed config, leave it unset.

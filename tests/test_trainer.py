@@ -154,3 +154,13 @@ def test_eval_split_logs_the_same_metrics_prefixed(tiny_model_dir, pairs, tmp_pa
     train_keys = {k for k in metrics(tmp_path / "run")[0] if k.startswith(("rewards/", "logps/"))}
     assert {f"eval/{k}" for k in train_keys} <= set(evals[-1])
     assert result.eval_metrics["eval/rewards/accuracies"] == evals[-1]["eval/rewards/accuracies"]
+
+
+def test_speed_switches_keep_the_losses(tiny_model_dir, pairs, tmp_path):
+    """The lm-head implementation and the fused optimizer are speed switches: same losses either way."""
+    run(tiny_model_dir, pairs, tmp_path / "fast", "train.max_steps=3")
+    run(tiny_model_dir, pairs, tmp_path / "plain", "train.max_steps=3", "train.logps_head=checkpoint",
+        "train.fused_optimizer=false", "train.logps_chunk_size=null")
+    assert losses(tmp_path / "fast") == pytest.approx(losses(tmp_path / "plain"), abs=2e-5)
+    run(tiny_model_dir, pairs, tmp_path / "grouped", "train.max_steps=3", "data.group_by_length=true")
+    assert losses(tmp_path / "grouped")[0] == pytest.approx(math.log(2), abs=1e-6)

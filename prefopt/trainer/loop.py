@@ -129,6 +129,12 @@ class Trainer:
         dataset = self.bundle.train
         if epoch > 0 and self.config.data.shuffle and not self.config.data.curriculum:
             dataset = dataset.shuffle(seed=self.config.seed + epoch)
+        if self.config.data.group_by_length and "chosen_input_ids" in dataset.column_names:
+            from prefopt.data.packing import length_grouped_order, pair_lengths
+
+            order = length_grouped_order(pair_lengths(dataset), self.config.train.per_device_batch_size,
+                                         seed=self.config.seed + epoch)
+            dataset = dataset.select(order)
         dataset = dataset.select(range(self.rows_per_epoch))
         loader = DataLoader(dataset, batch_size=self.config.train.per_device_batch_size, shuffle=False,
                             drop_last=True, collate_fn=self.collator,

@@ -104,7 +104,8 @@ def build_policy(config: Config, model_kind: str, tokenizer) -> torch.nn.Module:
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         return model
-    return CompletionLogpModel(load_policy(config.model), chunk_size=config.train.logps_chunk_size)
+    return CompletionLogpModel(load_policy(config.model), chunk_size=config.train.logps_chunk_size,
+                               head_impl=config.train.logps_head)
 
 
 def build_reference(config: Config, policy_getter) -> Any:
@@ -145,13 +146,18 @@ def build_optimizer(config: Config, model: torch.nn.Module, total_steps: int):
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": config.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.train.learning_rate,
-                                  betas=(config.train.adam_beta1, config.train.adam_beta2), eps=config.train.adam_epsilon)
+                                  betas=(config.train.adam_beta1, config.train.adam_beta2), eps=config.train.adam_epsilon,
+                                  fused=config.train.fused_optimizer and all(_fusable(p) for p in params) or None)
     warmup = config.train.warmup_steps
     if warmup is None:
         warmup = math.ceil(config.train.warmup_ratio * total_steps)
     scheduler = get_scheduler(config.train.lr_scheduler, optimizer, num_warmup_steps=warmup,
                               num_training_steps=total_steps)
     return optimizer, scheduler
+
+
+def _fusable(parameter: torch.Tensor) -> bool:
+    return parameter.is_floating_point() and parameter.device.type in ("cpu", "cuda")
 
 
 def total_optimizer_steps(config: Config, batches_per_epoch: int) -> int:

@@ -1,0 +1,1 @@
+"""Implicit-reward diagnostics (placeholder docstring, replaced below)."""

@@ -1,0 +1,262 @@
+"""``prefopt diagnose``: implicit-reward diagnostics of a trained policy, or plots of a run's metrics.
+
+Two forms::
+
+    prefopt diagnose --policy P [--reference R] --data D [--data D2 ...] --out DIR [options]
+    prefopt diagnose --run OUTPUT_DIR [--out DIR]          # default DIR: OUTPUT_DIR/diagnostics
+
+When ``--policy`` is a prefopt run directory (``config.yaml`` + ``final/``) or its ``final/``, unset options come
+from the run's ``config.yaml``: beta and the loss (SimPO-trained policies get ``beta * avg logp``, no reference),
+the reference (``reference.name_or_path``, else the starting model), ``data.max_length`` /
+``data.max_prompt_length`` / ``data.chat_template``, ``model.dtype`` and ``generation.max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from prefopt.errors import UserInputError
+
+DEFAULTS = {"beta": {"dpo": 0.1, "simpo": 2.0}, "max_length": 512, "max_prompt_length": 256, "dtype": "auto",
+            "max_new_tokens": 128}
+_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".gz", ".ndjson", ".arrow")
+
+
+def add_diagnose_parser(subparsers, func) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "diagnose", help="implicit-reward diagnostics of a policy (or plots of a run's metrics.jsonl)",
+        description=(
+            "Accuracy, margins, calibration (ECE), length effects, token-level rewards, KL from samples and "
+            "agreement with an explicit reward, for a policy against its reference on preference pairs. Writes "
+            "DIR/diagnostics.json, DIR/report.html (self-contained) and PNG plots. With --run OUTPUT_DIR: plots "
+            "of a training run's metrics.jsonl instead."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--run", metavar="OUTPUT_DIR", help="plot a training run's metrics.jsonl (other model "
+                        "options are ignored); default --out OUTPUT_DIR/diagnostics")
+    parser.add_argument("--policy", help="trained model dir, PEFT adapter dir, or a prefopt run dir / its final/")
+    parser.add_argument("--reference", help="reference model (default: from the run's config.yaml; for a PEFT "
+                        "adapter without a run: its base model)")
+    parser.add_argument("--data", action="append", default=[], metavar="D",
+                        help="preference pairs (jsonl/json/csv/parquet/saved dataset); repeat for several")
+    parser.add_argument("--out", help="output directory (written atomically)")
+    parser.add_argument("--beta", type=float, help="implicit-reward beta (default: the run's, else 0.1 / 2.0 SimPO)")
+    parser.add_argument("--loss", choices=("dpo", "simpo"),
+                        help="implicit-reward form: dpo = beta*(logp - logp_ref), simpo = beta*avg logp "
+                        "(default: from the run, else dpo)")
+    reward = parser.add_mutually_exclusive_group()
+    reward.add_argument("--reward-model", metavar="RM", help="sequence-classifier reward model to compare against")
+    reward.add_argument("--reward-function", metavar="MODULE:FN", help="python reward function to compare against")
+    parser.add_argument("--samples", type=int, default=0, metavar="N", help="samples per prompt for KL / length / "
+                        "EOS rate / explicit reward of the policy's own completions (0: off)")
+    parser.add_argument("--max-prompts", type=int, default=64, help="prompts to sample from, per dataset")
+    parser.add_argument("--max-new-tokens", type=int, help="sample length cap (default: the run's, else 128)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="sampling temperature (the KL estimates assume 1.0: samples from the policy itself)")
+    parser.add_argument("--max-pairs", type=int, help="use the first N pairs of each dataset")
+    parser.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
+    parser.add_argument("--max-length", type=int, help="prompt+completion token cap (default: the run's, else 512)")
+    parser.add_argument("--max-prompt-length", type=int, help="prompt token cap (default: the run's, else 256)")
+    parser.add_argument("--token-examples", type=int, default=6, metavar="K",
+                        help="pairs shown token by token (largest-margin correct, largest-margin wrong, typical)")
+    parser.add_argument("--top-disagreements", type=int, default=10,
+                        help="pairs listed where implicit and explicit reward disagree most")
+    parser.add_argument("--format", default="auto", help="data format (auto, pairs, conversational, hh, rated)")
+    parser.add_argument("--chat-template", help="chat template (string or file) for conversational data")
+    parser.add_argument("--on-invalid", choices=("error", "skip"), default="error", help="invalid data rows")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="model dtype (default: the run's, else auto: bf16 on a capable GPU, fp32 on CPU)")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=func)
+    return parser
+
+
+def run_diagnose(args: argparse.Namespace) -> int:
+    if args.run:
+        from prefopt.diagnostics.run_plots import run_report
+
+        out = Path(args.out) if args.out else Path(args.run) / "diagnostics"
+        path = run_report(Path(args.run), out)
+        print(f"run report written to {path}")
+        return 0
+    settings = resolve_settings(args)
+    from prefopt.diagnostics.pipeline import diagnose
+
+    result = diagnose(settings)
+    print(f"diagnostics written to {result}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- settings
+
+
+def _check_positive(args: argparse.Namespace) -> None:
+    for name in ("batch_size", "max_pairs", "max_prompts", "max_new_tokens", "max_length", "max_prompt_length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserInputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("samples", "token_examples", "top_disagreements"):
+        if getattr(args, name) < 0:
+            raise UserInputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.beta is not None and args.beta <= 0:
+        raise UserInputError(f"--beta must be > 0, got {args.beta}")
+    if args.temperature <= 0:
+        raise UserInputError(f"--temperature must be > 0 for sampling, got {args.temperature}")
+
+
+def _looks_local(name: str) -> bool:
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.lower().endswith(_DATA_SUFFIXES)
+            or "\\" in name)
+
+
+def find_run(policy: Path) -> tuple[Path, Optional[Path]]:
+    """(model directory, run directory or None) for a ``--policy`` argument."""
+    if (policy / "config.yaml").is_file() and not (policy / "config.json").is_file() \
+            and not (policy / "adapter_config.json").is_file():
+        final = policy / "final"
+        if not final.is_dir():
+            raise UserInputError(f"--policy: '{policy}' is a prefopt run directory without a final/ model (training "
+                                 "did not finish); pass a model directory")
+        return final, policy
+    parent = policy.resolve().parent
+    if (parent / "config.yaml").is_file() and (policy.name == "final" or (parent / "metrics.jsonl").exists()):
+        return policy, parent
+    return policy, None
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.yaml"
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise UserInputError(f"{path}: cannot read the run's config: {error}") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"{path}: not a prefopt config (expected a mapping)")
+    return data
+
+
+def _loss_defaults(name: str) -> dict[str, Any]:
+    try:
+        from prefopt.losses import loss_parameters
+
+        return dict(loss_parameters(name))
+    except Exception:  # noqa: BLE001 - an unknown or renamed loss: fall back to the generic defaults
+        return {}
+
+
+def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Every setting of a diagnose run, with where each model/loss setting came from (``sources``)."""
+    _check_positive(args)
+    if not args.policy:
+        raise UserInputError("diagnose: --policy is required (or use --run OUTPUT_DIR to plot a run)")
+    if not args.data:
+        raise UserInputError("diagnose: at least one --data file of preference pairs is required")
+    if not args.out:
+        raise UserInputError("diagnose: --out DIR is required")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out: '{out}' exists and is not a directory")
+    policy = Path(args.policy).expanduser()
+    if not policy.exists():
+        raise UserInputError(f"--policy: '{args.policy}' does not exist")
+    model_dir, run_dir = find_run(policy)
+    run = read_run_config(run_dir) if run_dir is not None else {}
+    sources: dict[str, str] = {}
+    notes: list[str] = []
+
+    def pick(name: str, cli_value, run_value, default):
+        if cli_value is not None:
+            sources[name] = "command line"
+            return cli_value
+        if run_value is not None:
+            sources[name] = f"{run_dir}/config.yaml"
+            return run_value
+        sources[name] = "default"
+        return default
+
+    run_loss = (run.get("loss") or {}).get("name")
+    trained_form = None if run_loss is None else ("simpo" if run_loss == "simpo" else "dpo")
+    loss = pick("loss", args.loss, trained_form, "dpo")
+    if run_loss is not None and run_loss not in ("dpo", "simpo", "rpo", "fdpo", "hypo", "xpo"):
+        notes.append(f"the run trained with loss '{run_loss}', which has no DPO-style implicit reward; "
+                     f"diagnostics use the {loss} form anyway")
+    run_beta = None
+    if run_loss is not None:
+        run_beta = (run.get("loss") or {}).get("beta", _loss_defaults(run_loss).get("beta"))
+    beta = float(pick("beta", args.beta, run_beta, DEFAULTS["beta"][loss]))
+    if run_loss == "fdpo" and (run.get("loss") or {}).get("divergence", "reverse_kl") != "reverse_kl":
+        notes.append("the run used f-DPO with a non-reverse-KL divergence; beta*log-ratio is its logged reward, "
+                     "not the quantity its loss compares")
+
+    from prefopt.diagnostics.compute import adapter_base
+
+    base = adapter_base(str(model_dir))
+    run_reference = None
+    if run and loss == "dpo":  # the run's reference, else the model it started from (also the adapter's base)
+        run_reference = (run.get("reference") or {}).get("name_or_path") or (run.get("model") or {}).get("name_or_path")
+    reference = pick("reference", args.reference, run_reference, base)
+    if loss == "dpo" and reference is None:
+        raise UserInputError("diagnose: --reference is required for DPO-style implicit rewards (or pass a prefopt "
+                             "run directory whose config.yaml names it, or use --loss simpo)")
+    if reference is not None and _looks_local(reference) and not Path(reference).expanduser().exists():
+        where = "--reference" if sources["reference"] == "command line" else sources["reference"]
+        raise UserInputError(f"{where}: reference model '{reference}' does not exist")
+    data_cfg = run.get("data") or {}
+    settings = {
+        "policy": str(model_dir), "run_dir": str(run_dir) if run_dir else None, "policy_is_adapter": base is not None,
+        "adapter_base": base, "reference": reference, "loss": loss, "beta": beta, "trained_loss": run_loss,
+        "data": _check_data(args.data), "out": str(out),
+        "max_length": pick("max_length", args.max_length, data_cfg.get("max_length"), DEFAULTS["max_length"]),
+        "max_prompt_length": pick("max_prompt_length", args.max_prompt_length, data_cfg.get("max_prompt_length"),
+                                  DEFAULTS["max_prompt_length"]),
+        "chat_template": pick("chat_template", args.chat_template, data_cfg.get("chat_template"), None),
+        "dtype": pick("dtype", args.dtype, (run.get("model") or {}).get("dtype"), DEFAULTS["dtype"]),
+        "max_new_tokens": pick("max_new_tokens", args.max_new_tokens,
+                               (run.get("generation") or {}).get("max_new_tokens"), DEFAULTS["max_new_tokens"]),
+        "format": args.format, "on_invalid": args.on_invalid, "max_pairs": args.max_pairs,
+        "batch_size": args.batch_size, "token_examples": args.token_examples,
+        "top_disagreements": args.top_disagreements, "samples": args.samples, "max_prompts": args.max_prompts,
+        "temperature": args.temperature, "seed": args.seed, "device": args.device or _default_device(),
+        "reward_model": args.reward_model, "reward_function": args.reward_function,
+        "progress": not args.no_progress, "sources": sources, "notes": notes,
+    }
+    if args.reward_model and _looks_local(args.reward_model) and not Path(args.reward_model).expanduser().exists():
+        raise UserInputError(f"--reward-model: '{args.reward_model}' does not exist")
+    if settings["max_prompt_length"] >= settings["max_length"]:
+        raise UserInputError(f"--max-prompt-length ({settings['max_prompt_length']}) must be below --max-length "
+                             f"({settings['max_length']})")
+    if args.temperature != 1.0 and args.samples:
+        notes.append(f"samples drawn at temperature {args.temperature}: the KL estimates are for the tempered "
+                     "sampling distribution's samples scored by the untempered policy, not KL(policy || reference)")
+    return settings
+
+
+def _check_data(paths: list[str]) -> list[dict[str, str]]:
+    """``[{"name", "path"}]`` with unique names (file stems); missing local paths are user errors."""
+    entries, used = [], set()
+    for path in paths:
+        local = Path(path).expanduser()
+        if not local.exists() and _looks_local(path):
+            raise UserInputError(f"--data: '{path}' does not exist")
+        name = local.name
+        for suffix in (".gz", ".jsonl", ".json", ".ndjson", ".csv", ".parquet"):
+            name = name[: -len(suffix)] if name.endswith(suffix) and len(name) > len(suffix) else name
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "data"
+        unique, number = name, 2
+        while unique in used:
+            unique, number = f"{name}_{number}", number + 1
+        used.add(unique)
+        entries.append({"name": unique, "path": path})
+    return entries
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

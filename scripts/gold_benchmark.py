@@ -52,7 +52,7 @@ METHODS = {
     "simpo": ("simpo.yaml", [], "pairs"),
     "fdpo_js": ("fdpo_js.yaml", [], "pairs"),
     "fdpo_alpha": ("fdpo_alpha.yaml", [], "pairs"),
-    "fdpo_forward_kl": ("dpo.yaml", ["loss.name=fdpo", "loss.divergence=forward_kl"], "pairs"),
+    "fdpo_forward_kl": ("fdpo_forward_kl.yaml", [], "pairs"),
     "rpo": ("rpo.yaml", [], "pairs"),
     "hypo": ("hypo.yaml", [], "pairs"),
     "xpo": ("xpo.yaml", [], "prompts"),

@@ -163,9 +163,9 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out: '{out}' exists and is not a directory")
     policy = Path(args.policy).expanduser()
-    if not policy.exists():
+    if not policy.exists() and _looks_local(args.policy):
         raise UserInputError(f"--policy: '{args.policy}' does not exist")
-    model_dir, run_dir = find_run(policy)
+    model_dir, run_dir = find_run(policy) if policy.exists() else (policy, None)  # else a hub id
     run = read_run_config(run_dir) if run_dir is not None else {}
     sources: dict[str, str] = {}
     notes: list[str] = []
@@ -198,15 +198,25 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
 
     base = adapter_base(str(model_dir))
     run_reference = None
-    if run and loss == "dpo":  # the run's reference, else the model it started from (also the adapter's base)
+    if run and (loss == "dpo" or args.samples):
+        # the run's reference, else the model it started from (also a LoRA adapter's base); SimPO runs only need
+        # it for the KL of samples
         run_reference = (run.get("reference") or {}).get("name_or_path") or (run.get("model") or {}).get("name_or_path")
     reference = pick("reference", args.reference, run_reference, base)
+    if loss == "simpo" and not args.samples:
+        if args.reference:
+            notes.append("--reference is not used: SimPO rewards need no reference (it is used for the KL of "
+                         "--samples)")
+        reference = None
     if loss == "dpo" and reference is None:
         raise UserInputError("diagnose: --reference is required for DPO-style implicit rewards (or pass a prefopt "
                              "run directory whose config.yaml names it, or use --loss simpo)")
     if reference is not None and _looks_local(reference) and not Path(reference).expanduser().exists():
         where = "--reference" if sources["reference"] == "command line" else sources["reference"]
-        raise UserInputError(f"{where}: reference model '{reference}' does not exist")
+        if loss == "dpo" or where == "--reference":
+            raise UserInputError(f"{where}: reference model '{reference}' does not exist")
+        notes.append(f"the run's reference '{reference}' does not exist here: no KL estimate for the samples")
+        reference = None
     data_cfg = run.get("data") or {}
     settings = {
         "policy": str(model_dir), "run_dir": str(run_dir) if run_dir else None, "policy_is_adapter": base is not None,

@@ -298,9 +298,9 @@ class SampleStats:
 def unique_prompts(dataset, limit: int) -> list[dict]:
     """The first ``limit`` distinct prompts (by token ids) of a pair dataset, in dataset order."""
     seen, picked = set(), []
-    for start in range(0, len(dataset), 256):
-        for row in rows_of(dataset.select_columns(["prompt_input_ids", "prompt_text", "prompt_messages"]), start,
-                           min(start + 256, len(dataset))):
+    prompts = dataset.select_columns(["prompt_input_ids", "prompt_text", "prompt_messages"])
+    for start in range(0, len(prompts), 256):
+        for row in rows_of(prompts, start, min(start + 256, len(prompts))):
             key = tuple(row["prompt_input_ids"])
             if key not in seen:
                 seen.add(key)
@@ -311,14 +311,14 @@ def unique_prompts(dataset, limit: int) -> list[dict]:
 
 
 @torch.inference_mode()
-def sample_pass(dataset, models: LogpModels, *, samples: int, max_prompts: int, temperature: float,
+def sample_pass(prompts: list[dict], models: LogpModels, *, samples: int, temperature: float,
                 max_new_tokens: int, batch_size: int, seed: int, scorer=None,
                 advance: Optional[Advance] = None) -> SampleStats:
-    """``samples`` completions per prompt from the policy, scored by policy, reference and ``scorer``."""
+    """``samples`` completions for each prompt row (see :func:`unique_prompts`) from the policy, scored by the
+    policy, the reference (KL terms) and ``scorer``."""
     from prefopt.config import GenerationConfig
     from prefopt.generation import SamplingParams, build_generator
 
-    prompts = unique_prompts(dataset, max_prompts)
     generator = build_generator(GenerationConfig(temperature=temperature, max_new_tokens=max_new_tokens,
                                                  batch_size=batch_size), models.policy, models.tokenizer)
     pad = models.tokenizer.pad_token_id

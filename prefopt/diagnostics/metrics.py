@@ -330,15 +330,10 @@ def select_token_examples(margins: Any, count: int) -> list[tuple[int, str]]:
     taken = {index for index, _ in picked}
     for k in range(remaining):
         q = (k + 1) / (remaining + 1)
-        position = int(order[min(int(round(q * (values.size - 1))), values.size - 1)])
-        step = 0
-        while position in taken and step < values.size:  # walk to the nearest unused pair
-            step += 1
-            candidates = [order[j] for j in (int(round(q * (values.size - 1))) + s for s in (step, -step))
-                          if 0 <= j < values.size and order[j] not in taken]
-            if candidates:
-                position = int(candidates[0])
-        if position in taken:
+        center = round(q * (values.size - 1))
+        nearest = sorted(range(values.size), key=lambda j: (abs(j - center), j))  # walk out from the quantile
+        position = next((int(order[j]) for j in nearest if int(order[j]) not in taken), None)
+        if position is None:
             break
         taken.add(position)
         picked.append((position, f"typical (margin quantile {q:.2f})"))
@@ -359,7 +354,7 @@ def token_table(sums: Any, counts: Any, decode, *, k: int = 20, min_count: int =
     ``counts`` arrays); tokens seen fewer than ``min_count`` times are left out (lowered when too few remain)."""
     totals, seen = as_array(sums), as_array(counts)
     threshold = min_count
-    while threshold > 1 and int((seen >= threshold).sum()) < 2 * k:
+    while threshold > 1 and int((seen >= threshold).sum()) < k:
         threshold -= 1
     eligible = np.flatnonzero(seen >= max(threshold, 1))
     if not eligible.size:

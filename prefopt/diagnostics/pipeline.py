@@ -32,6 +32,10 @@ def diagnose(settings: dict[str, Any]) -> Path:
     reference = settings["reference"] if settings["loss"] == "dpo" or settings["samples"] else None
     models = C.load_models(settings["policy"], reference, dtype=settings["dtype"], device=settings["device"])
     scorer, scorer_name = build_scorer(settings)
+    if not settings["progress"]:
+        import datasets
+
+        datasets.disable_progress_bars()
     datasets = {entry["name"]: (entry, load_pairs(entry, settings, models.tokenizer)) for entry in settings["data"]}
     tmp = make_temp_dir(out)
     try:
@@ -94,13 +98,15 @@ def diagnose_dataset(name: str, path: str, dataset, models: C.LogpModels, settin
         section["explicit"] = explicit_section(scorer_name, margins, explicit_margins, stats, dataset,
                                                settings["top_disagreements"])
     if settings["samples"]:
-        samples = C.sample_pass(dataset, models, samples=settings["samples"], max_prompts=settings["max_prompts"],
-                                temperature=settings["temperature"], max_new_tokens=settings["max_new_tokens"],
-                                batch_size=settings["batch_size"], seed=settings["seed"], scorer=scorer,
-                                advance=task(f"{name}: sampling", min(settings["max_prompts"], len(dataset))))
+        prompts = C.unique_prompts(dataset, settings["max_prompts"])
+        samples = C.sample_pass(prompts, models, samples=settings["samples"], temperature=settings["temperature"],
+                                max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"],
+                                seed=settings["seed"], scorer=scorer, advance=task(f"{name}: sampling", len(prompts)))
         section["samples"] = samples_section(samples, settings)
     else:
         samples = None
+    section["per_pair_file"] = write_per_pair(plot_dir / f"pairs-{name}.jsonl", stats, chosen, rejected, margins,
+                                              probabilities)
     section["plots"] = plots.dataset_plots(plot_dir, name, section, chosen=chosen, rejected=rejected,
                                            margins=margins, stats=stats, explicit_margins=explicit_margins,
                                            samples=samples)
@@ -161,6 +167,24 @@ def samples_section(samples: C.SampleStats, settings: dict) -> dict[str, Any]:
     }
 
 
+def write_per_pair(path: Path, stats: C.PairStats, chosen, rejected, margins, probabilities) -> str:
+    """One JSON line per pair (dataset order): the numbers behind every aggregate, for joining with the data."""
+    columns = {"index": stats.index, "chosen_reward": chosen, "rejected_reward": rejected, "margin": margins,
+               "bt_probability": probabilities, "chosen_length": stats.chosen_lengths,
+               "rejected_length": stats.rejected_lengths, "policy_chosen_logp": stats.policy_chosen,
+               "policy_rejected_logp": stats.policy_rejected, "reference_chosen_logp": stats.reference_chosen,
+               "reference_rejected_logp": stats.reference_rejected, "explicit_chosen": stats.explicit_chosen,
+               "explicit_rejected": stats.explicit_rejected}
+    columns = {k: v.tolist() for k, v in columns.items() if v is not None}
+    with path.open("w", encoding="utf-8") as handle:
+        for values in zip(*columns.values()):
+            row = dict(zip(columns, values))
+            for key in ("index", "chosen_length", "rejected_length"):
+                row[key] = int(row[key])
+            handle.write(json.dumps(jsonable(row), allow_nan=False) + "\n")
+    return path.name
+
+
 def summary_row(name: str, section: dict[str, Any]) -> dict[str, Any]:
     explicit, samples = section.get("explicit") or {}, section.get("samples") or {}
     kl = samples.get("kl") or {}
@@ -203,7 +227,7 @@ def load_pairs(entry: dict[str, str], settings: dict[str, Any], tokenizer):
                               max_samples=settings["max_pairs"], max_length=settings["max_length"],
                               max_prompt_length=settings["max_prompt_length"],
                               chat_template=settings["chat_template"], on_invalid=settings["on_invalid"])
-    except Exception as error:  # pydantic validation of --format etc.
+    except Exception as error:  # noqa: BLE001 - pydantic validation of --format etc.
         raise UserInputError(f"--data {entry['path']}: {error}") from None
     bundle = build_datasets(data_cfg, tokenizer, "pairs", seed=settings["seed"])
     dataset = bundle.train
@@ -238,7 +262,11 @@ def make_temp_dir(out: Path) -> Path:
     out = out.expanduser()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the published directory should not be
+        return tmp
     except OSError as error:
         raise UserInputError(f"--out: cannot write under '{out.parent}': {error}") from None
 

@@ -9,8 +9,8 @@ from typing import Any, Optional
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 CHOSEN, REJECTED, MARGIN, NEUTRAL, ACCENT = "#2e7d32", "#c62828", "#1565c0", "#757575", "#ef6c00"
 MAX_SCATTER = 5000

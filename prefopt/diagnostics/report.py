@@ -155,9 +155,10 @@ def token_examples_html(examples: list[dict[str, Any]]) -> str:
 
 def write_report(path: Path, result: dict[str, Any], directory: Path) -> None:
     settings = result["settings"]
-    parts = [f"<h1>prefopt diagnostics</h1><p class=sub>{esc(result['created_at'])} · policy "
-             f"<code>{esc(settings['policy'])}</code> · reference <code>{esc(settings['reference'] or 'none')}</code>"
-             f" · {esc(settings['loss'])} implicit reward, beta {settings['beta']:g}</p>"]
+    parts = [(f"<h1>prefopt diagnostics</h1><p class=sub>{esc(result['created_at'])} · policy "
+              f"<code>{esc(settings['policy'])}</code> · reference "
+              f"<code>{esc(settings['reference'] or 'none')}</code>"
+              f" · {esc(settings['loss'])} implicit reward, beta {settings['beta']:g}</p>")]
     parts += [f"<div class=note>{esc(note)}</div>" for note in result["notes"]]
     parts.append("<h2>Summary</h2>" + summary_table(result["summary"]))
     if result["plots"].get("datasets"):
@@ -165,9 +166,15 @@ def write_report(path: Path, result: dict[str, Any], directory: Path) -> None:
     for name, section in result["datasets"].items():
         parts.append(dataset_html(name, section, directory, settings))
     parts.append("<h2>Settings</h2>" + table(
-        [(key, Raw(esc(value)), Raw(esc(settings["sources"].get(key, "")))) for key, value in settings.items()
-         if key != "sources"], ["setting", "value", "from"], left=(0, 1, 2)))
+        [(key, Raw(esc(_setting(value))), Raw(esc(settings["sources"].get(key, ""))))
+         for key, value in settings.items() if key != "sources"], ["setting", "value", "from"], left=(0, 1, 2)))
     write_html(path, page("prefopt diagnostics", "".join(parts)))
+
+
+def _setting(value: Any) -> str:
+    if isinstance(value, list) and all(isinstance(v, dict) and "path" in v for v in value):
+        return ", ".join(f"{v['name']} = {v['path']}" for v in value)
+    return "–" if value is None else str(value)
 
 
 def summary_table(summary: list[dict[str, Any]]) -> str:
@@ -236,11 +243,11 @@ def _range(row: dict[str, Any]) -> str:
 
 def tokens_html(tokens: dict[str, Any], directory: Path, plots: dict[str, str]) -> str:
     share = tokens["top5_share"]
-    parts = ["<h3>Token-level rewards</h3><p class=sub>Per-token implicit reward beta·(log π(y_t) − log π_ref(y_t)) "
+    intro = ("<h3>Token-level rewards</h3><p class=sub>Per-token implicit reward beta·(log π(y_t) − log π_ref(y_t)) "
              "(SimPO: beta·log π(y_t)/|y|); it sums to the response's reward. On average the 5 tokens with the "
              f"largest |contribution| carry {fmt(share['mean'], 3)} of a pair's total |token contribution| "
-             f"(median {fmt(share['quantiles'].get('p50'), 3)}).</p>",
-             image(directory, plots.get("tokens"), "token rewards")]
+             f"(median {fmt(share['quantiles'].get('p50'), 3)}).</p>")
+    parts = [intro, image(directory, plots.get("tokens"), "token rewards")]
     header = ["token", "mean reward", "count", "in chosen", "mean in chosen", "in rejected", "mean in rejected"]
     for side in ("highest", "lowest"):
         rows = [[Raw(f"<code>{esc(repr(r['token']))}</code>"), r["mean_reward"], r["count"], r["count_chosen"],
@@ -271,14 +278,13 @@ def explicit_html(explicit: dict[str, Any], directory: Path, plots: dict[str, st
 def samples_html(samples: dict[str, Any], directory: Path, plots: dict[str, str]) -> str:
     kl = samples["kl"] or {}
     explicit, implicit = samples["explicit_reward"] or {}, samples["implicit_reward"] or {}
-    parts = [f"<h3>Policy samples ({samples['count']:,} = {samples['prompts']} prompts × "
-             f"{samples['samples_per_prompt']}, temperature {samples['temperature']:g})</h3>",
-             "<div class=stats>" + stat("KL k1 = mean log-ratio", kl.get("k1")) + stat("KL k3 (per-token, summed)",
-                                                                                      kl.get("k3"))
+    title = (f"<h3>Policy samples ({samples['count']:,} = {samples['prompts']} prompts × "
+             f"{samples['samples_per_prompt']}, temperature {samples['temperature']:g})</h3>")
+    cards = (stat("KL k1 = mean log-ratio", kl.get("k1")) + stat("KL k3 (per-token, summed)", kl.get("k3"))
              + stat("k1 std. error", kl.get("k1_stderr")) + stat("mean length", samples["length"]["mean"], 1)
              + stat("EOS rate", samples["eos_rate"]) + stat("explicit reward mean", explicit.get("mean"))
-             + stat("explicit reward std", explicit.get("std")) + stat("implicit reward mean", implicit.get("mean"))
-             + "</div>", image(directory, plots.get("samples"), "samples")]
+             + stat("explicit reward std", explicit.get("std")) + stat("implicit reward mean", implicit.get("mean")))
+    parts = [title, f"<div class=stats>{cards}</div>", image(directory, plots.get("samples"), "samples")]
     if samples["examples"]:
         parts.append(table([[Raw(esc(clip(e["prompt"], 300))), Raw(esc(clip(e["completion"])))]
                             for e in samples["examples"]], ["prompt", "sample"], text=(0, 1)))

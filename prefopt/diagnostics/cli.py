@@ -34,8 +34,7 @@ def add_diagnose_parser(subparsers, func) -> argparse.ArgumentParser:
             "Accuracy, margins, calibration (ECE), length effects, token-level rewards, KL from samples and "
             "agreement with an explicit reward, for a policy against its reference on preference pairs. Writes "
             "DIR/diagnostics.json, DIR/report.html (self-contained) and PNG plots. With --run OUTPUT_DIR: plots "
-            "of a training run's metrics.jsonl instead."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+            "of a training run's metrics.jsonl instead."))
     parser.add_argument("--run", metavar="OUTPUT_DIR", help="plot a training run's metrics.jsonl (other model "
                         "options are ignored); default --out OUTPUT_DIR/diagnostics")
     parser.add_argument("--policy", help="trained model dir, PEFT adapter dir, or a prefopt run dir / its final/")
@@ -52,26 +51,28 @@ def add_diagnose_parser(subparsers, func) -> argparse.ArgumentParser:
     reward.add_argument("--reward-model", metavar="RM", help="sequence-classifier reward model to compare against")
     reward.add_argument("--reward-function", metavar="MODULE:FN", help="python reward function to compare against")
     parser.add_argument("--samples", type=int, default=0, metavar="N", help="samples per prompt for KL / length / "
-                        "EOS rate / explicit reward of the policy's own completions (0: off)")
-    parser.add_argument("--max-prompts", type=int, default=64, help="prompts to sample from, per dataset")
+                        "EOS rate / explicit reward of the policy's own completions (default 0: off)")
+    parser.add_argument("--max-prompts", type=int, default=64, help="prompts to sample from, per dataset (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, help="sample length cap (default: the run's, else 128)")
     parser.add_argument("--temperature", type=float, default=1.0,
-                        help="sampling temperature (the KL estimates assume 1.0: samples from the policy itself)")
+                        help="sampling temperature (default: %(default)s; the KL estimates assume 1.0: samples from "
+                        "the policy itself)")
     parser.add_argument("--max-pairs", type=int, help="use the first N pairs of each dataset")
-    parser.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
+    parser.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass (default: %(default)s)")
     parser.add_argument("--max-length", type=int, help="prompt+completion token cap (default: the run's, else 512)")
     parser.add_argument("--max-prompt-length", type=int, help="prompt token cap (default: the run's, else 256)")
     parser.add_argument("--token-examples", type=int, default=6, metavar="K",
-                        help="pairs shown token by token (largest-margin correct, largest-margin wrong, typical)")
+                        help="pairs shown token by token: largest-margin correct, largest-margin wrong, typical "
+                        "(default: %(default)s)")
     parser.add_argument("--top-disagreements", type=int, default=10,
-                        help="pairs listed where implicit and explicit reward disagree most")
-    parser.add_argument("--format", default="auto", help="data format (auto, pairs, conversational, hh, rated)")
+                        help="pairs listed where implicit and explicit reward disagree most (default: %(default)s)")
+    parser.add_argument("--format", default="auto", help="data format: auto, pairs, conversational, hh, rated (default: %(default)s)")
     parser.add_argument("--chat-template", help="chat template (string or file) for conversational data")
-    parser.add_argument("--on-invalid", choices=("error", "skip"), default="error", help="invalid data rows")
+    parser.add_argument("--on-invalid", choices=("error", "skip"), default="error", help="invalid data rows (default: %(default)s)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                         help="model dtype (default: the run's, else auto: bf16 on a capable GPU, fp32 on CPU)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=func)
     return parser

@@ -27,6 +27,7 @@ class TrainerState:
     batches_in_epoch: int = 0  # micro-batches this rank consumed in the current epoch
     skipped_steps: int = 0
     consecutive_skipped: int = 0
+    kl_coef: Optional[float] = None  # PPO's adaptive KL coefficient, so a resumed run continues from it
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

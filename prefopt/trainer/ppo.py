@@ -81,7 +81,8 @@ class PPOTrainer:
         self.state = ckpt.TrainerState()
         if self.resume_path is not None:
             self.state = ckpt.load_checkpoint(acc, self.resume_path)
-            self.loss.kl_coef = self.state.__dict__.get("kl_coef", self.loss.kl_coef)
+            if self.state.kl_coef is not None:
+                self.loss.kl_coef = self.state.kl_coef
         if trackers:
             acc.init_trackers(config.logging.run_name or self.output_dir.name, config=config.model_dump(mode="json"))
         self.log = RunLogger(self.output_dir, acc, self.total_steps, progress=config.logging.progress,
@@ -216,6 +217,7 @@ class PPOTrainer:
                 if every and state.global_step % every == 0:
                     self.log.log_samples(state.global_step, data["samples"][:8])
                 if config.train.save_steps and state.global_step % config.train.save_steps == 0:
+                    state.kl_coef = float(self.loss.kl_coef)
                     ckpt.save_checkpoint(acc, self.output_dir, state, config.train.save_total_limit)
             final_dir = ckpt.save_final_model(acc, self.policy, self.tokenizer, self.output_dir)
         finally:

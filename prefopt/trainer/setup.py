@@ -82,7 +82,8 @@ def _fill_deepspeed_autos(accelerator, config: Config) -> None:
                        ("gradient_clipping", config.train.max_grad_norm or 0.0)):
         if ds.get(key, "auto") == "auto":
             ds[key] = value
-    ds.pop("train_batch_size", None) if ds.get("train_batch_size") == "auto" else None
+    if ds.get("train_batch_size") == "auto":
+        del ds["train_batch_size"]  # DeepSpeed derives it from micro batch x accumulation x world size
 
 
 def load_sequence_classifier(config: Config):

@@ -123,6 +123,12 @@ class TrainConfig(_Section):
     logps_chunk_size: Optional[int] = 1024  # positions per lm-head/log-softmax chunk; None = one pass
     logps_head: Literal["fused", "checkpoint"] = "fused"  # chunked lm-head implementation (models/logps.py)
     fused_optimizer: bool = True  # torch's fused AdamW (fewer temporaries: lower peak memory, faster)
+    # Sparse input-embedding gradients with an exactly equal AdamW step (trainer/sparse_embedding.py): no dense
+    # [vocab, hidden] gradient during the backward. "auto" = on for single-process runs with an untied embedding.
+    sparse_embedding_grad: Literal["auto"] | bool = "auto"
+    # glibc only: blocks of 1 MiB or more go straight back to the OS when freed (trainer/host_memory.py); lowers
+    # the host process's peak memory. A process-wide malloc setting.
+    return_freed_host_memory: bool = True
     dataloader_num_workers: int = 0
     # A DeepSpeed JSON config (ZeRO stage, offload...). Lets `torchrun -m prefopt train` use DeepSpeed without an
     # accelerate config; under `accelerate launch` with a DeepSpeed config, leave it unset.

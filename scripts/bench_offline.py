@@ -3,7 +3,8 @@
 
 Same work means: the same Llama-architecture checkpoint, the same token ids in the same order (TRL is given
 prefopt's tokenization as a pre-tokenized dataset and a sequential sampler; checked batch by batch against TRL's own
-collator), the same batch size, fp32 on CPU, AdamW (torch, not fused, no weight decay, constant lr, no warmup),
+collator), the same batch size, fp32 on CPU, AdamW (fused on both sides unless ``--adam torch``; no weight decay,
+constant lr, no warmup),
 gradient clipping at 1.0, beta 0.1, sigmoid DPO loss, no gradient checkpointing, no dropout. The per-step losses of
 the two runs are compared: a difference above ~1e-4 means the comparison is not of the same work.
 
@@ -54,6 +55,11 @@ VARIANTS = {
     "chunk-256": (["train.logps_chunk_size=256"], {}),
     "chunk-4096": (["train.logps_chunk_size=4096"], {}),
     "packing": (["data.packing=true"], {}),
+    "dense-embedding-grad": (["train.sparse_embedding_grad=false"], {}),
+    "glibc-adaptive": (["train.return_freed_host_memory=false"], {}),  # glibc's adaptive mmap threshold
+    "rows-only-128MB": ([], {"PREFOPT_LOGPS_TILE_VOCAB": "0", "PREFOPT_LOGPS_BLOCK_MB": "128"}),  # the earlier head
+    "previous": (["train.sparse_embedding_grad=false", "train.return_freed_host_memory=false"],
+                 {"PREFOPT_LOGPS_TILE_VOCAB": "0", "PREFOPT_LOGPS_BLOCK_MB": "128"}),  # before this change
 }
 CHILD_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
              "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
@@ -122,15 +128,6 @@ def child_prefopt(spec: dict) -> dict:
         clock.step()
 
     loop.Trainer.run, loop.Trainer._optimizer_step = run, optimizer_step
-    if spec.get("adam") == "fused":  # what a one-line change in prefopt/trainer/setup.py would do
-        import torch
-
-        class FusedAdamW(torch.optim.AdamW):
-            def __init__(self, *args, **kwargs):
-                kwargs.setdefault("fused", True)
-                super().__init__(*args, **kwargs)
-
-        torch.optim.AdamW = FusedAdamW
     c = spec["config"]
     overrides = [
         f"model.name_or_path={spec['model']}", "model.dtype=float32", f"data.train={spec['data']}", "data.eval=null",
@@ -142,7 +139,8 @@ def child_prefopt(spec: dict) -> dict:
         "train.warmup_steps=0", "train.weight_decay=0", "train.max_grad_norm=1.0", "train.mixed_precision='no'",
         f"train.per_device_batch_size={c['batch']}", "train.gradient_accumulation_steps=1",
         f"train.max_steps={spec['steps']}", "train.eval_steps=null", "train.save_steps=null",
-        "logging.logging_steps=1", "logging.progress=false", "logging.sample_steps=null", *spec["overrides"],
+        "logging.logging_steps=1", "logging.progress=false", "logging.sample_steps=null",
+        f"train.fused_optimizer={'true' if spec.get('adam', 'fused') == 'fused' else 'false'}", *spec["overrides"],
     ]
     config = load_config(REPO / "recipes/tiny/dpo.yaml", overrides)
     started = time.perf_counter()
@@ -189,7 +187,7 @@ def child_trl(spec: dict) -> dict:
     args = DPOConfig(
         output_dir=spec["out"], seed=SEED, per_device_train_batch_size=c["batch"], gradient_accumulation_steps=1,
         learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, optim="adamw_torch_fused" if spec.get("adam") == "fused" else "adamw_torch",
+        max_grad_norm=1.0, optim="adamw_torch_fused" if spec.get("adam", "fused") == "fused" else "adamw_torch",
         max_steps=spec["steps"], logging_steps=1, save_strategy="no",
         report_to=[], bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, disable_tqdm=True,
         beta=0.1, loss_type=["sigmoid"], max_length=None, train_sampling_strategy="sequential",
@@ -451,9 +449,10 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default="default", help=f"prefopt variants: {', '.join(VARIANTS)}")
     parser.add_argument("--order", choices=("file", "bucketed"), default="file",
                         help="data order for both trainers: as generated, or grouped by length")
-    parser.add_argument("--adam", choices=("torch", "fused"), default="torch",
-                        help="AdamW for both: torch's default (for-each-parameter loop, what prefopt's setup.py "
-                             "builds) or fused=True (TRL's adamw_torch_fused; prefopt patched in the child)")
+    parser.add_argument("--adam", choices=("torch", "fused"), default="fused",
+                        help="AdamW for both: fused=True (TRL's default adamw_torch_fused, prefopt's default "
+                             "train.fused_optimizer=true) or torch's for-each-parameter loop (adamw_torch, "
+                             "train.fused_optimizer=false)")
     parser.add_argument("--json", help="write all runs and the summary here")
     parser.add_argument("--quick", action="store_true", help="one repeat, live reference only")
     parser.add_argument("--workdir", default=os.environ.get("PREFOPT_BENCH_DIR", "/tmp/prefopt-bench"))

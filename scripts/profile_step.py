@@ -135,6 +135,10 @@ COMPARE = {
     "recompute": ({"PREFOPT_LOGPS_KEEP_MB": "0"}, "keep", "padded"),
     "keep-4GB": ({"PREFOPT_LOGPS_KEEP_MB": "4096"}, "keep", "padded"),
     "block-32MB": ({"PREFOPT_LOGPS_BLOCK_MB": "32"}, "keep", "padded"),
+    "block-64MB": ({"PREFOPT_LOGPS_BLOCK_MB": "64"}, "keep", "padded"),
+    "block-16MB": ({"PREFOPT_LOGPS_BLOCK_MB": "16"}, "keep", "padded"),
+    "rows-only": ({"PREFOPT_LOGPS_TILE_VOCAB": "0"}, "keep", "padded"),  # blocks cut by rows, never by vocabulary
+    "rows-only-32MB": ({"PREFOPT_LOGPS_TILE_VOCAB": "0", "PREFOPT_LOGPS_BLOCK_MB": "32"}, "keep", "padded"),
     "checkpoint-head": ({"PREFOPT_LOGPS_HEAD": "checkpoint"}, "keep", "padded"),
     "full-logits": ({}, None, "padded"),
     "chunk-256": ({}, 256, "padded"),

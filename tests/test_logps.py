@@ -133,6 +133,49 @@ def test_chunked_matches_full_logits_with_gradients(monkeypatch, chunk_size, hea
         assert (chunked_grads[name] - grad).abs().max().item() <= 1e-5 * max(scale, 1.0), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("keep_mb", ["0", "64"])  # recompute / keep (keeping needs whole-vocabulary blocks)
+def test_vocabulary_tiles_match_full_log_softmax(monkeypatch, dtype, keep_mb):
+    """Blocks of (rows, vocab tile) with an online normaliser: logps and all three gradients, bias included."""
+    monkeypatch.setattr(logps_module, "MIN_VOCAB_TILE", 8)
+    monkeypatch.setenv("PREFOPT_LOGPS_KEEP_MB", keep_mb)
+    monkeypatch.setenv("PREFOPT_LOGPS_BLOCK_MB", str(40 * 4 / 2**20))  # 40 fp32 logits: 5 rows x 8 words
+    assert logps_module._block_shape(13, 1024, 97) == (5, 8)  # 13 tiles over a 97-word vocabulary
+    g = torch.Generator().manual_seed(3)
+    hidden = (torch.randn(13, 6, generator=g) * 2).to(dtype).requires_grad_()
+    weight = torch.randn(97, 6, generator=g).to(dtype).requires_grad_()
+    bias = torch.randn(97, generator=g).to(dtype).requires_grad_()
+    targets = torch.tensor([0, 96, 8, 7, 15, 16, 50, 3, 95, 64, 1, 88, 40])  # tile edges on both sides
+    upstream = torch.randn(13, generator=g)
+    keep = keep_mb != "0"
+    shape = logps_module._block_shape(13, 1024, 97, keep=keep)
+    tiled = logps_module._FusedHeadLogps.apply(hidden, weight, bias, targets, shape, keep)
+    (tiled * upstream).sum().backward()
+    got = [t.grad.clone() for t in (hidden, weight, bias)]
+    for t in (hidden, weight, bias):
+        t.grad = None
+    full = torch.log_softmax(torch.nn.functional.linear(hidden, weight, bias).float(), -1)
+    expected = full.gather(1, targets[:, None]).squeeze(1)
+    (expected * upstream).sum().backward()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(tiled, expected, rtol=0, atol=tolerance)
+    for name, a, b in zip(("hidden", "weight", "bias"), got, (hidden.grad, weight.grad, bias.grad)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tolerance, atol=tolerance, msg=name)
+
+
+def test_block_shape_prefers_vocabulary_tiles(monkeypatch):
+    monkeypatch.setenv("PREFOPT_LOGPS_BLOCK_MB", "128")
+    assert logps_module._block_shape(900, 1024, 32000) == (900, 32000)  # fits: one block
+    rows, tile = logps_module._block_shape(900, 1024, 128000)  # 128k: all rows, a tile of the vocabulary
+    assert rows == 900 and 4 * rows * tile <= 128 * 2**20 and tile >= logps_module.MIN_VOCAB_TILE
+    assert logps_module._block_shape(900, 1024, 128000, keep=True) == (900, 128000)  # kept blocks are whole rows
+    monkeypatch.setenv("PREFOPT_LOGPS_TILE_VOCAB", "0")
+    assert logps_module._block_shape(900, 1024, 128000) == (262, 128000)  # the earlier rows-only blocks
+    monkeypatch.delenv("PREFOPT_LOGPS_TILE_VOCAB")
+    monkeypatch.setenv("PREFOPT_LOGPS_BLOCK_MB", "8")  # tiles would be too thin: rows are cut instead
+    assert logps_module._block_shape(900, 1024, 128000) == (512, 4096)
+
+
 def test_no_grad_path_matches_and_keeps_nothing():
     model = tiny_llama()
     batch = padded_batch()

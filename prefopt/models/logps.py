@@ -13,8 +13,9 @@ Two implementations of the chunked head (``head_impl``; default from ``PREFOPT_L
 ``fused``       one autograd function over all completion rows. The forward normalises each ``[rows, vocab]``
                 logits block in place and keeps the hidden states and one log-normaliser per row; the backward
                 rebuilds a block, turns it into ``g * (onehot - softmax)`` in place and accumulates the hidden and
-                weight gradients: one block alive at a time. Blocks are ``chunk_size`` rows, capped at
-                ``PREFOPT_LOGPS_BLOCK_MB`` (128 MiB) of fp32 logits. When the softmax of *all* rows fits in
+                weight gradients: one block alive at a time. Blocks are ``chunk_size`` rows by as much of the
+                vocabulary as fits in ``PREFOPT_LOGPS_BLOCK_MB`` (32 MiB) of fp32 logits; over several
+                vocabulary tiles the normaliser is accumulated online (running max and sum of exp). When the softmax of *all* rows fits in
                 ``PREFOPT_LOGPS_KEEP_MB`` (256 MiB) the forward keeps it and the backward skips the recompute.
 ``checkpoint``  ``lm_head`` + ``log_softmax`` + gather per ``chunk_size`` rows under activation checkpointing
                 (several ``[chunk, vocab]`` tensors alive in backward). Always used when the head is not a plain
@@ -107,46 +108,95 @@ def _keep_budget_bytes() -> int:
     return _env_mib("PREFOPT_LOGPS_KEEP_MB", 256)
 
 
-def _block_rows(chunk_size: int, vocab: int) -> int:
-    """Rows per logits block: ``chunk_size``, capped so one fp32 ``[rows, vocab]`` block stays within
-    ``PREFOPT_LOGPS_BLOCK_MB`` (default 128 MiB): 1024 rows at a 32k vocabulary, 256 at 128k."""
-    return max(1, min(chunk_size, _env_mib("PREFOPT_LOGPS_BLOCK_MB", 128) // (4 * vocab)))
+MIN_VOCAB_TILE = 4096  # narrower tiles make the head's GEMMs too thin to run at full speed
+BLOCK_MB = 32  # default cap on one fp32 logits block (PREFOPT_LOGPS_BLOCK_MB); docs/performance.md has the A/B
 
 
-def _fused_head_forward(hidden, weight, bias, targets, chunk, keep=False):
+def _block_shape(rows: int, chunk_size: int, vocab: int, keep: bool = False) -> tuple[int, int]:
+    """(rows per block, vocabulary columns per tile) of the fp32 logits the fused head holds at a time.
+
+    A block spans ``chunk_size`` rows (or all ``rows``, if fewer) and is capped at ``PREFOPT_LOGPS_BLOCK_MB``
+    (default ``BLOCK_MB`` = 32 MiB) of fp32 logits by taking a tile of the vocabulary rather than fewer rows
+    (1,024 rows x 8k words per tile): cutting the vocabulary keeps the GEMMs fat where cutting rows makes them thin.
+    Rows are cut only when a tile would be narrower than ``MIN_VOCAB_TILE``, or always with
+    ``PREFOPT_LOGPS_TILE_VOCAB=0`` (the earlier behaviour). ``keep``: whole-vocabulary blocks of ``chunk_size`` rows,
+    since every block's softmax is kept anyway (the keep budget bounds that memory).
+    """
+    block_rows = max(1, min(chunk_size, rows))
+    if keep:
+        return block_rows, vocab
+    budget = max(1, _env_mib("PREFOPT_LOGPS_BLOCK_MB", BLOCK_MB) // 4)  # fp32 elements
+    if block_rows * vocab <= budget:
+        return block_rows, vocab
+    if os.environ.get("PREFOPT_LOGPS_TILE_VOCAB", "1") == "0":
+        return max(1, budget // vocab), vocab
+    tile = budget // block_rows
+    if tile < MIN_VOCAB_TILE:
+        block_rows = max(1, budget // MIN_VOCAB_TILE)
+        tile = budget // block_rows
+    return block_rows, max(1, min(vocab, tile))
+
+
+def _tiles(vocab: int, tile: int):
+    return [(start, min(start + tile, vocab)) for start in range(0, vocab, tile)]
+
+
+def _logits_tile(hidden, weight, bias, lo: int, hi: int) -> torch.Tensor:
+    whole = lo == 0 and hi == weight.shape[0]
+    return F.linear(hidden, weight if whole else weight[lo:hi],
+                    None if bias is None else (bias if whole else bias[lo:hi])).float()
+
+
+def _fused_head_forward(hidden, weight, bias, targets, shape, keep=False):
     """(logps ``[n]``, log-normalisers ``[n]``, kept softmax blocks or None) of ``hidden @ W.T + b``.
 
-    ``chunk`` rows of logits at a time, normalised in place (no ``[chunk, vocab]`` temporaries besides the block).
+    ``shape = (rows, tile)`` from :func:`_block_shape`. Each block is normalised in place; over several vocabulary
+    tiles the log-normaliser is a running (max, sum of exp) pair, rescaled when the max grows, as in online
+    softmax. ``keep`` (whole-vocabulary blocks only) keeps each block's softmax for the backward.
     """
+    chunk, tile = shape
+    vocab = weight.shape[0]
+    tiles = _tiles(vocab, tile)
+    keep = keep and len(tiles) == 1
     log_norm = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     out = torch.empty_like(log_norm)
     kept = [] if keep else None
     for start in range(0, hidden.shape[0], chunk):
         rows = slice(start, start + chunk)
-        block = F.linear(hidden[rows], weight, bias).float()
-        target = block.gather(1, targets[rows, None]).squeeze(1)
-        top = block.amax(dim=-1, keepdim=True)
-        total = block.sub_(top).exp_().sum(dim=-1, keepdim=True)
-        log_norm[rows] = (top + total.log()).squeeze(1)
-        out[rows] = target - log_norm[rows]
-        if keep:
-            kept.append(block.div_(total))  # softmax probabilities of these rows
-        del block
+        row_targets = targets[rows]
+        top = torch.full_like(log_norm[rows], float("-inf"))
+        total = torch.zeros_like(top)
+        target_logit = torch.zeros_like(top)
+        for lo, hi in tiles:
+            block = _logits_tile(hidden[rows], weight, bias, lo, hi)
+            inside = (row_targets >= lo) & (row_targets < hi)
+            local = (row_targets - lo).clamp(0, hi - lo - 1)
+            target_logit = torch.where(inside, block.gather(1, local[:, None]).squeeze(1), target_logit)
+            new_top = torch.maximum(top, block.amax(dim=-1))
+            block_sum = block.sub_(new_top[:, None]).exp_().sum(dim=-1)
+            total = total * (top - new_top).exp() + block_sum  # exp(-inf) = 0 on the first tile
+            top = new_top
+            if keep:
+                kept.append(block.div_(total[:, None]))  # softmax probabilities of these rows
+            del block
+        log_norm[rows] = top + total.log()
+        out[rows] = target_logit - log_norm[rows]
     return out, log_norm, kept
 
 
 class _FusedHeadLogps(torch.autograd.Function):
-    """``log_softmax(hidden @ W.T + b)[target]`` for ``[n, H]`` rows, ``chunk`` rows of logits at a time.
+    """``log_softmax(hidden @ W.T + b)[target]`` for ``[n, H]`` rows, one ``(rows, vocab tile)`` block at a time.
 
     Logits are computed in the weight's dtype and normalised in fp32, as in ``_head_logps``. The backward uses
-    ``d logp / d logits = onehot - softmax``, built in place in the recomputed (or kept) block.
+    ``d logp / d logits = onehot - softmax``, built in place in the recomputed (or kept) block; the hidden-state
+    gradient of a row block is summed over the vocabulary tiles in fp32.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk, keep):
-        out, log_norm, kept = _fused_head_forward(hidden, weight, bias, targets, chunk, keep)
+    def forward(ctx, hidden, weight, bias, targets, shape, keep):
+        out, log_norm, kept = _fused_head_forward(hidden, weight, bias, targets, shape, keep)
         ctx.save_for_backward(hidden, weight, bias, targets, log_norm)
-        ctx.chunk, ctx.kept, ctx.consumed = chunk, kept, False
+        ctx.shape, ctx.kept, ctx.consumed = shape, kept, False
         return out
 
     @staticmethod
@@ -156,30 +206,43 @@ class _FusedHeadLogps(torch.autograd.Function):
         if ctx.consumed:
             raise RuntimeError("the fused lm-head backward ran twice: its kept probabilities were consumed; "
                                "set PREFOPT_LOGPS_KEEP_MB=0 to backpropagate through it more than once")
+        chunk, tile = ctx.shape
+        tiles = _tiles(weight.shape[0], tile)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias and bias is not None else None
         grad_out = grad_out.float()
-        for number, start in enumerate(range(0, hidden.shape[0], ctx.chunk)):
-            rows = slice(start, start + ctx.chunk)
-            if kept is not None:
-                block = kept[number]
-                kept[number] = None
-            else:
-                block = F.linear(hidden[rows], weight, bias).float().sub_(log_norm[rows, None]).exp_()
-            # block <- g * (onehot - softmax), in place: one [chunk, vocab] buffer alive.
-            block.mul_(-grad_out[rows, None]).scatter_add_(1, targets[rows, None], grad_out[rows, None])
-            grad_block = block.to(weight.dtype)
-            if need_hidden:
-                grad_hidden[rows] = grad_block @ weight
-            if need_weight and weight.dtype == torch.float32:
-                grad_weight.addmm_(block.t(), hidden[rows])
-            elif need_weight:
-                grad_weight += (grad_block.t() @ hidden[rows]).float()  # half-precision GEMM, fp32 accumulation
-            if grad_bias is not None:
-                grad_bias += block.sum(0)
-            del block, grad_block
+        for number, start in enumerate(range(0, hidden.shape[0], chunk)):
+            rows = slice(start, start + chunk)
+            row_hidden, row_grad, row_targets = hidden[rows], grad_out[rows], targets[rows]
+            hidden_sum = None  # fp32 sum over vocabulary tiles of this row block's hidden-state gradient
+            for lo, hi in tiles:
+                if kept is not None:
+                    block = kept[number]
+                    kept[number] = None
+                else:
+                    block = _logits_tile(row_hidden, weight, bias, lo, hi).sub_(log_norm[rows, None]).exp_()
+                # block <- g * (onehot - softmax), in place: one block alive at a time.
+                inside = ((row_targets >= lo) & (row_targets < hi)).to(row_grad.dtype)
+                local = (row_targets - lo).clamp(0, hi - lo - 1)
+                block.mul_(-row_grad[:, None]).scatter_add_(1, local[:, None], (row_grad * inside)[:, None])
+                tile_weight = weight if len(tiles) == 1 else weight[lo:hi]
+                grad_block = block.to(weight.dtype)
+                if need_hidden and len(tiles) == 1:
+                    grad_hidden[rows] = grad_block @ tile_weight
+                elif need_hidden:
+                    part = (grad_block @ tile_weight).float()
+                    hidden_sum = part if hidden_sum is None else hidden_sum.add_(part)
+                if need_weight and weight.dtype == torch.float32:
+                    grad_weight[lo:hi].addmm_(block.t(), row_hidden)
+                elif need_weight:
+                    grad_weight[lo:hi] += (grad_block.t() @ row_hidden).float()  # half GEMM, fp32 accumulation
+                if grad_bias is not None:
+                    grad_bias[lo:hi] += block.sum(0)
+                del block, grad_block
+            if hidden_sum is not None:
+                grad_hidden[rows] = hidden_sum
         ctx.consumed = kept is not None
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
@@ -242,13 +305,14 @@ def completion_token_logps(
     if impl not in HEAD_IMPLS:
         raise ValueError(f"head_impl={impl!r}: expected one of {', '.join(HEAD_IMPLS)}")
     if impl == "fused" and _plain_linear_weight(head):
-        vocab = head.weight.shape[0]
-        block = _block_rows(chunk_size, vocab)
+        vocab, count = head.weight.shape[0], selected.shape[0]
         if torch.is_grad_enabled() and (selected.requires_grad or head.weight.requires_grad):
-            keep = 0 < selected.shape[0] * vocab * 4 <= _keep_budget_bytes()
-            flat = _FusedHeadLogps.apply(selected, head.weight, head.bias, targets, block, keep)
+            keep = 0 < count * vocab * 4 <= _keep_budget_bytes()
+            shape = _block_shape(count, chunk_size, vocab, keep=keep)
+            flat = _FusedHeadLogps.apply(selected, head.weight, head.bias, targets, shape, keep)
         else:  # reference model / evaluation: nothing to keep for backward
-            flat = _fused_head_forward(selected, head.weight, head.bias, targets, block)[0]
+            flat = _fused_head_forward(selected, head.weight, head.bias, targets,
+                                       _block_shape(count, chunk_size, vocab))[0]
         token_logps = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
         return TokenLogps(token_logps.index_put((rows, cols), flat), mask)
     pieces = []

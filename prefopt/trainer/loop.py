@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 
 from prefopt.config import Config, save_config
@@ -20,6 +21,8 @@ from prefopt.trainer.setup import (build_optimizer, build_policy, build_referenc
                                    loss_from_config, make_accelerator, precompute_reference, prepare_output_dir,
                                    total_optimizer_steps, write_run_info)
 from prefopt.models.reference import ModelReference
+from prefopt.trainer import sparse_embedding
+from prefopt.trainer.host_memory import return_freed_memory_to_os
 from prefopt.trainer.steps import StepContext, step_registry
 
 logger = logging.getLogger(__name__)
@@ -55,10 +58,19 @@ def train(config: Config) -> TrainResult:
     return Trainer(config, loss).run()
 
 
+def _hf_model(policy: torch.nn.Module) -> torch.nn.Module:
+    """The outermost transformers model inside prefopt's wrappers (logps head, value head)."""
+    from transformers import PreTrainedModel
+
+    return next((m for m in policy.modules() if isinstance(m, PreTrainedModel)), policy)
+
+
 class Trainer:
     def __init__(self, config: Config, loss):
         self.config = config
         self.loss = loss
+        if config.train.return_freed_host_memory:
+            return_freed_memory_to_os()
         self.accelerator, trackers = make_accelerator(config)
         acc = self.accelerator
         out_dir = Path(config.output_dir)
@@ -95,6 +107,9 @@ class Trainer:
                               f"optimizer step of {batch} x {world} processes x {accum} accumulation steps")
         self.batches_per_epoch = self.rows_per_epoch // (batch * world)
         self.total_steps = total_optimizer_steps(config, self.batches_per_epoch)
+        self.sparse_params = sparse_embedding.enable_sparse_embedding_grad(
+            _hf_model(policy), config.train.sparse_embedding_grad,
+            distributed=acc.num_processes > 1 or acc.distributed_type != DistributedType.NO, fp16=acc.mixed_precision == "fp16")
         optimizer, scheduler = build_optimizer(config, policy, self.total_steps)
         self.policy, self.optimizer, self.scheduler = acc.prepare(policy, optimizer, scheduler)
         if isinstance(self.reference, ModelReference):
@@ -198,10 +213,13 @@ class Trainer:
         acc, state = self.accelerator, self.state
         params = [p for p in self.policy.parameters() if p.requires_grad]
         max_norm = self.config.train.max_grad_norm or float("inf")
-        grad_norm = acc.clip_grad_norm_(params, max_norm)
+        if self.sparse_params:  # exact clipping and AdamW step without a dense embedding gradient
+            grad_norm = sparse_embedding.clip_grad_norm(params, max_norm)
+        else:
+            grad_norm = acc.clip_grad_norm_(params, max_norm)
         finite = grad_norm is None or math.isfinite(float(grad_norm))
         if finite:
-            self.optimizer.step()
+            sparse_embedding.optimizer_step(self.optimizer, self.sparse_params)
             self.scheduler.step()
             state.consecutive_skipped = 0
             if grad_norm is not None:

@@ -125,6 +125,7 @@ class TrainConfig(_Section):
     fused_optimizer: bool = True  # torch's fused AdamW (fewer temporaries: lower peak memory, faster)
     # Sparse input-embedding gradients with an exactly equal AdamW step (trainer/sparse_embedding.py): no dense
     # [vocab, hidden] gradient during the backward. "auto" = on for single-process runs with an untied embedding.
+    # Applies to the main loop (offline losses, HyPO, XPO, SFT, reward model); RTO's PPO stage keeps dense grads.
     sparse_embedding_grad: Literal["auto"] | bool = "auto"
     # glibc only: blocks of 1 MiB or more go straight back to the OS when freed (trainer/host_memory.py); lowers
     # the host process's peak memory. A process-wide malloc setting.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 
 import pytest
 
@@ -110,3 +111,22 @@ def test_online_methods_raise_the_gold_reward(method, tmp_path):
     before = sample_policy(sft, heldout, score, max_prompts=100, samples_per_prompt=2)
     after = sample_policy(tmp_path / method / "final", heldout, score, max_prompts=100, samples_per_prompt=2)
     assert after.mean_reward > before.mean_reward + 0.03, (before.summary(), after.summary())
+
+
+def test_ppo_resume_continues_the_adaptive_kl_coefficient(quick_sft, gold_task_dir, tmp_path):
+    """The adaptive KL coefficient is training state: a resumed RTO/PPO run starts from the saved value."""
+    out = tmp_path / "ppo"
+    common = [f"data.train={gold_task_dir / 'prompts_train.jsonl'}", "ppo.rollout_batch_size=4",
+              "ppo.minibatch_size=4", "ppo.dpo_policy=null", "loss.dpo_reward_scale=0", "loss.kl_coef=0.05",
+              "ppo.adaptive_kl_target=0.001", "ppo.adaptive_kl_horizon=4", "train.save_steps=1"]
+    _run("recipes/tiny/rto.yaml", quick_sft, out, *common, "train.max_steps=2")
+    logged = [m["rto/kl_coef"] for m in metrics(out) if "rto/kl_coef" in m]
+    saved = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["kl_coef"]
+    assert logged[0] == pytest.approx(0.05)
+    assert saved != pytest.approx(0.05)  # adapted after step 1
+    assert logged[1] == pytest.approx(saved)  # step 2 ran with it
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-1", resumed / "checkpoint-1")
+    _run("recipes/tiny/rto.yaml", quick_sft, resumed, *common, "train.max_steps=2", "overwrite_output_dir=false",
+         "train.resume_from=latest")
+    assert [m["rto/kl_coef"] for m in metrics(resumed) if "rto/kl_coef" in m] == [pytest.approx(saved)]

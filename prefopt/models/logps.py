@@ -15,8 +15,9 @@ Two implementations of the chunked head (``head_impl``; default from ``PREFOPT_L
                 rebuilds a block, turns it into ``g * (onehot - softmax)`` in place and accumulates the hidden and
                 weight gradients: one block alive at a time. Blocks are ``chunk_size`` rows by as much of the
                 vocabulary as fits in ``PREFOPT_LOGPS_BLOCK_MB`` (32 MiB) of fp32 logits; over several
-                vocabulary tiles the normaliser is accumulated online (running max and sum of exp). When the softmax of *all* rows fits in
-                ``PREFOPT_LOGPS_KEEP_MB`` (256 MiB) the forward keeps it and the backward skips the recompute.
+                vocabulary tiles the normaliser is accumulated online (running max and sum of exp). When the
+                softmax of *all* rows fits in ``PREFOPT_LOGPS_KEEP_MB`` (256 MiB) the forward keeps it and the
+                backward skips the recompute.
 ``checkpoint``  ``lm_head`` + ``log_softmax`` + gather per ``chunk_size`` rows under activation checkpointing
                 (several ``[chunk, vocab]`` tensors alive in backward). Always used when the head is not a plain
                 ``nn.Linear`` with a materialised weight (LoRA on the head, ZeRO-3 / FSDP2 shards).
@@ -142,9 +143,8 @@ def _tiles(vocab: int, tile: int):
 
 
 def _logits_tile(hidden, weight, bias, lo: int, hi: int) -> torch.Tensor:
-    whole = lo == 0 and hi == weight.shape[0]
-    return F.linear(hidden, weight if whole else weight[lo:hi],
-                    None if bias is None else (bias if whole else bias[lo:hi])).float()
+    """fp32 logits of vocabulary rows ``lo:hi`` (slices are views: the whole vocabulary costs no copy)."""
+    return F.linear(hidden, weight[lo:hi], None if bias is None else bias[lo:hi]).float()
 
 
 def _fused_head_forward(hidden, weight, bias, targets, shape, keep=False):
@@ -227,12 +227,11 @@ class _FusedHeadLogps(torch.autograd.Function):
                 inside = ((row_targets >= lo) & (row_targets < hi)).to(row_grad.dtype)
                 local = (row_targets - lo).clamp(0, hi - lo - 1)
                 block.mul_(-row_grad[:, None]).scatter_add_(1, local[:, None], (row_grad * inside)[:, None])
-                tile_weight = weight if len(tiles) == 1 else weight[lo:hi]
                 grad_block = block.to(weight.dtype)
                 if need_hidden and len(tiles) == 1:
-                    grad_hidden[rows] = grad_block @ tile_weight
+                    grad_hidden[rows] = grad_block @ weight
                 elif need_hidden:
-                    part = (grad_block @ tile_weight).float()
+                    part = (grad_block @ weight[lo:hi]).float()
                     hidden_sum = part if hidden_sum is None else hidden_sum.add_(part)
                 if need_weight and weight.dtype == torch.float32:
                     grad_weight[lo:hi].addmm_(block.t(), row_hidden)

@@ -107,9 +107,10 @@ class Trainer:
                               f"optimizer step of {batch} x {world} processes x {accum} accumulation steps")
         self.batches_per_epoch = self.rows_per_epoch // (batch * world)
         self.total_steps = total_optimizer_steps(config, self.batches_per_epoch)
+        distributed = acc.num_processes > 1 or acc.distributed_type != DistributedType.NO
         self.sparse_params = sparse_embedding.enable_sparse_embedding_grad(
-            _hf_model(policy), config.train.sparse_embedding_grad,
-            distributed=acc.num_processes > 1 or acc.distributed_type != DistributedType.NO, fp16=acc.mixed_precision == "fp16")
+            _hf_model(policy), config.train.sparse_embedding_grad, distributed=distributed,
+            fp16=acc.mixed_precision == "fp16")
         optimizer, scheduler = build_optimizer(config, policy, self.total_steps)
         self.policy, self.optimizer, self.scheduler = acc.prepare(policy, optimizer, scheduler)
         if isinstance(self.reference, ModelReference):

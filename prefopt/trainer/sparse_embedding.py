@@ -12,9 +12,10 @@ keeps the optimizer step *exactly* the same:
 - the AdamW step is split in two calls of the same optimizer: first every parameter with a dense gradient (the
   sparse ones are set aside, and torch's optimizers skip parameters whose ``grad`` is None), then those gradients
   are freed and each sparse gradient is densified in turn and stepped. AdamW's update is per parameter (its moments
-  and step count are per-parameter state; weight decay is decoupled), so two calls give bit-for-bit the parameters
-  and optimizer state of one call with dense gradients, rows without a gradient included (their moments still decay
-  and they still move by ``lr * m / (sqrt(v) + eps)``, which a sparse optimizer such as ``SparseAdam`` would skip).
+  and step count are per-parameter state; weight decay is decoupled), so given the same gradients two calls give
+  the parameters and optimizer state of one call, rows without a gradient included (their moments still decay and
+  they still move by ``lr * m / (sqrt(v) + eps)``, which a sparse optimizer such as ``SparseAdam`` would skip).
+  The gradients themselves can differ in the last bit: coalescing sums repeated tokens in its own order.
 
 So the dense embedding gradient exists only for the last part of the optimizer step, when no other gradient is
 alive: the peak drops by one embedding table. Single-process runs only (DDP's reducer, DeepSpeed and FSDP expect

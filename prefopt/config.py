@@ -184,7 +184,8 @@ class LoggingConfig(_Section):
     report_to: list[Literal["tensorboard", "wandb", "trackio"]] = Field(default_factory=list)
     sample_steps: Optional[int] = 10
     progress: bool = True
-    run_name: Optional[str] = None
+    run_name: Optional[str] = None  # trackers' run name; default: the output directory's name
+    project: str = "prefopt"  # the wandb project
 
 
 class Config(_Section):

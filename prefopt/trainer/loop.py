@@ -24,6 +24,7 @@ from prefopt.models.reference import ModelReference
 from prefopt.trainer import sparse_embedding
 from prefopt.trainer.host_memory import return_freed_memory_to_os
 from prefopt.trainer.steps import StepContext, step_registry
+from prefopt.trainer.trackers import start_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class Trainer:
             self.state = ckpt.load_checkpoint(acc, self.resume_path)
             logger.info("resumed from %s at step %d", self.resume_path, self.state.global_step)
         if trackers:
-            acc.init_trackers(config.logging.run_name or self.output_dir.name, config=config.model_dump(mode="json"))
+            start_trackers(acc, config)
         self.log = RunLogger(self.output_dir, acc, self.total_steps, progress=config.logging.progress,
                              trackers=bool(trackers), resume=self.resume_path is not None)
 

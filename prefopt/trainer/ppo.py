@@ -30,6 +30,7 @@ from prefopt.trainer.ppo_setup import build_critic, check_rto_lineage, dpo_score
 from prefopt.trainer.setup import (build_optimizer, build_policy, build_reference, load_run_tokenizer,
                                    make_accelerator, prepare_output_dir, write_run_info)
 from prefopt.trainer.steps import StepContext
+from prefopt.trainer.trackers import start_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class PPOTrainer:
             if self.state.kl_coef is not None:
                 self.loss.kl_coef = self.state.kl_coef
         if trackers:
-            acc.init_trackers(config.logging.run_name or self.output_dir.name, config=config.model_dump(mode="json"))
+            start_trackers(acc, config)
         self.log = RunLogger(self.output_dir, acc, self.total_steps, progress=config.logging.progress,
                              trackers=bool(trackers), resume=self.resume_path is not None)
 

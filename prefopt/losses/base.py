@@ -31,7 +31,7 @@ class LossInputs:
     """Everything a loss may read. Shapes: ``[B]`` per pair, ``[M]`` per online sample, ``[N, T]`` per token.
 
     Sequence log-probabilities are **sums** over completion tokens (EOS included), computed in fp32
-    (LOSSES.md section 0). Reference quantities carry no gradient.
+    (docs/losses.md, Conventions). Reference quantities carry no gradient.
     """
 
     # Offline / online pairs ---------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ class LossInputs:
 
 @dataclass
 class LossOutput:
-    """``loss``: scalar to minimise (may be a surrogate). ``metrics``: floats to log, names as in LOSSES.md.
+    """``loss``: scalar to minimise (may be a surrogate). ``metrics``: floats to log (names: docs/losses.md).
 
     ``reported_loss`` is the value to log as ``loss`` when it differs from the optimised surrogate (HyPO).
     """
@@ -90,7 +90,7 @@ class LossOutput:
 
 @dataclass(frozen=True)
 class ImplicitReward:
-    """How a loss scores one response: the implicit reward its objective compares (LOSSES.md section 0).
+    """How a loss scores one response: the implicit reward its objective compares (docs/losses.md).
 
     ``r(y) = scale * (logp_policy(y) - logp_ref(y))``, without the reference term when ``uses_reference`` is
     False, divided by ``|y|`` (completion tokens) when ``length_normalized``. DPO family: ``scale=beta``, with
@@ -142,8 +142,8 @@ class PreferenceLoss:
     """Base class of every loss module.
 
     Subclasses set ``name``, ``needs``, ``step`` and ``summary``, take their hyperparameters as keyword
-    arguments of ``__init__`` (with the defaults of LOSSES.md; the registry reads the signature to list them),
-    and implement :meth:`forward`.
+    arguments of ``__init__`` (with the defaults of docs/losses.md; the registry reads the signature to
+    list them), and implement :meth:`forward`.
     """
 
     name: ClassVar[str] = ""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from prefopt.errors import ConfigError
+from prefopt.trainer.model_card import push_final_if_asked, write_model_card
 
 STATE_FILE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -99,7 +100,10 @@ def save_final_model(accelerator, prepared_policy, tokenizer, output_dir: Path) 
         else:
             model.save_pretrained(partial, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(partial)
+        write_model_card(partial, output_dir)
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        push_final_if_asked(final, output_dir)
     return final

@@ -56,7 +56,7 @@ def _loss_description(name: str) -> tuple[str, dict[str, Any]]:
     cls = loss_class(name)
     # The loss's own citation: its `paper` attribute, else the first paragraph of its docstring.
     first_paragraph = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
-    paper = getattr(cls, "paper", "") or first_paragraph
+    paper = (getattr(cls, "paper", "") or first_paragraph).rstrip(".")
     return paper, loss_parameters(name)
 
 

@@ -23,7 +23,10 @@ from typing import ClassVar, FrozenSet, Optional
 import torch
 
 STEP_KINDS = ("pairs", "pairs+samples", "online_pairs", "ppo", "sft", "reward_pairs")
-NEEDS = ("reference", "online", "reward")
+NEEDS = ("reference", "online", "reward", "scores", "gold", "revisions")
+# "scores": a scalar reward per completion from the data (or the reward layer), CoPG.
+# "gold": a third, gold completion per pair scored by the policy, TPO.
+# "revisions": the pair's completions scored again as revisions of each other, SRPO.
 
 
 @dataclass
@@ -55,6 +58,18 @@ class LossInputs:
     # Reward-model training ----------------------------------------------------------------------------------
     chosen_scores: Optional[torch.Tensor] = None  # [B], with grad
     rejected_scores: Optional[torch.Tensor] = None  # [B], with grad
+
+    # CoPG: a scalar reward per completion, from the data or the reward layer; constants (no grad) -------------
+    chosen_external_rewards: Optional[torch.Tensor] = None  # [B]
+    rejected_external_rewards: Optional[torch.Tensor] = None  # [B]
+
+    # TPO: the gold (best) completion of each triple ----------------------------------------------------------
+    gold_logps: Optional[torch.Tensor] = None  # [B] sums over gold completion tokens, with grad
+    gold_lengths: Optional[torch.Tensor] = None  # [B]
+
+    # SRPO: logps of y_w / y_l as revisions of y_l / y_w; columns in srpo.REVISION_COLUMNS order --------------
+    policy_revision_logps: Optional[torch.Tensor] = None  # [B, 4], with grad
+    reference_revision_logps: Optional[torch.Tensor] = None  # [B, 4]
 
     # PPO (RTO): per-token tensors of one minibatch, already aligned to response tokens -------------------------
     response_mask: Optional[torch.Tensor] = None  # [N, T] 1 on response tokens

@@ -1,4 +1,4 @@
-"""The pure diagnostics functions against hand-computed numbers (LOSSES.md sections 8 and 9)."""
+"""The pure diagnostics functions against hand-computed numbers (docs/losses.md, Diagnostics conventions)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_bt_probabilities_are_stable():
 
 
 def test_implicit_rewards_dpo_and_simpo():
-    # LOSSES.md section 9: logp -12 / -15 over 6 / 10 tokens, reference -13 / -14
+    # docs/losses.md, Worked numbers: logp -12 / -15 over 6 / 10 tokens, reference -13 / -14
     dpo = M.implicit_rewards([-12.0, -15.0], [-13.0, -14.0], beta=0.1)
     assert dpo.tolist() == pytest.approx([0.1, -0.1])
     simpo = M.implicit_rewards([-12.0, -15.0], beta=2.0, loss="simpo", lengths=[6, 10])

@@ -4,7 +4,7 @@ Inputs are 1-D array-likes (lists, numpy arrays or CPU tensors); everything is c
 result is plain Python (``float``/``int``/``list``/``dict``, ``None`` where a number is undefined, e.g. the
 correlation of a constant), so it can go straight into ``diagnostics.json``.
 
-Conventions (LOSSES.md sections 0 and 8): a pair's implicit reward margin is ``r(y_w) - r(y_l)`` with
+Conventions (docs/losses.md): a pair's implicit reward margin is ``r(y_w) - r(y_l)`` with
 ``r(y) = beta * (logp_policy(y) - logp_ref(y))`` (SimPO: ``beta * logp_policy(y) / |y|``); accuracy counts
 strict ``margin > 0``; the Bradley-Terry probability is ``sigmoid(margin)``; ECE is top-label with 10 equal
 bins, ``conf = max(p, 1 - p)``, correct = ``p > 0.5``, bin = ``min(floor(conf * 10), 9)``.

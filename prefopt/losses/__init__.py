@@ -7,7 +7,7 @@ Usage::
     out = loss(LossInputs(policy_chosen_logps=..., policy_rejected_logps=..., ...))
     out.loss.backward(); log(out.metrics)                # metrics: dict[str, float]
 
-The formulas, conventions and worked numbers each module is tested against are in the project's LOSSES.md.
+The formulas, conventions and worked numbers each module is tested against are in docs/losses.md.
 """
 
 from prefopt.losses.base import LossInputs, LossOutput, PreferenceLoss

@@ -34,7 +34,7 @@ class LossInputs:
     """Everything a loss may read. Shapes: ``[B]`` per pair, ``[M]`` per online sample, ``[N, T]`` per token.
 
     Sequence log-probabilities are **sums** over completion tokens (EOS included), computed in fp32
-    (LOSSES.md section 0). Reference quantities carry no gradient.
+    (docs/losses.md, Conventions). Reference quantities carry no gradient.
     """
 
     # Offline / online pairs ---------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ class LossInputs:
 
 @dataclass
 class LossOutput:
-    """``loss``: scalar to minimise (may be a surrogate). ``metrics``: floats to log, names as in LOSSES.md.
+    """``loss``: scalar to minimise (may be a surrogate). ``metrics``: floats to log (names: docs/losses.md).
 
     ``reported_loss`` is the value to log as ``loss`` when it differs from the optimised surrogate (HyPO).
     """
@@ -107,8 +107,8 @@ class PreferenceLoss:
     """Base class of every loss module.
 
     Subclasses set ``name``, ``needs``, ``step`` and ``summary``, take their hyperparameters as keyword
-    arguments of ``__init__`` (with the defaults of LOSSES.md; the registry reads the signature to list them),
-    and implement :meth:`forward`.
+    arguments of ``__init__`` (with the defaults of docs/losses.md; the registry reads the signature to
+    list them), and implement :meth:`forward`.
     """
 
     name: ClassVar[str] = ""

@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from prefopt.data.revision import DEFAULT_REVISION_INSTRUCTION, DEFAULT_REVISION_TEMPLATE, check_template
 from prefopt.errors import ConfigError
 
 
@@ -70,7 +71,7 @@ class ReferenceConfig(_Section):
 class DataConfig(_Section):
     train: Optional[str] = None
     eval: Optional[str] = None
-    format: Literal["auto", "pairs", "conversational", "hh", "rated", "prompts", "sft"] = "auto"
+    format: Literal["auto", "pairs", "conversational", "hh", "rated", "triples", "prompts", "sft"] = "auto"
     split: str = "train"  # split name for hub datasets / saved DatasetDicts
     eval_split: Optional[str] = None  # split of the same source used for eval
     eval_size: float | int = 0  # carve eval out of train: fraction (<1) or row count
@@ -87,6 +88,15 @@ class DataConfig(_Section):
     num_proc: Optional[int] = None
     packing: bool = False  # padding-free packing of pairs (pays off with varlen flash attention on GPUs)
     group_by_length: bool = False  # batches of similar-length pairs: less padding (changes which pairs share a step)
+    # SRPO's revision prompt (prefopt/data/revision.py): plain rows fill {prompt} and {answer}; conversational rows
+    # add the answer as an assistant turn and the instruction as a user turn.
+    revision_template: str = DEFAULT_REVISION_TEMPLATE
+    revision_instruction: str = DEFAULT_REVISION_INSTRUCTION
+
+    @model_validator(mode="after")
+    def _check_revision_template(self) -> "DataConfig":
+        check_template(self.revision_template)
+        return self
 
 
 class LossConfig(BaseModel):

@@ -12,6 +12,9 @@ Step kinds (``PreferenceLoss.step``) tell the trainer which batch to build:
 ``"ppo"``            rollouts, token-level rewards, a critic (RTO / PPO).
 ``"sft"``            supervised warm-up on prompt/completion rows (only ``policy_chosen_logps`` / ``chosen_lengths``).
 ``"reward_pairs"``   reward-model training: scalar scores of chosen and rejected from a sequence classifier.
+``"scored_pairs"``   offline pairs plus a scalar reward of each completion from the data (CoPG).
+``"triples"``        offline pairs plus a gold completion scored by the policy (TPO).
+``"revision_pairs"`` offline pairs plus each completion scored as a revision of either one (SRPO).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from typing import ClassVar, FrozenSet, Optional
 
 import torch
 
-STEP_KINDS = ("pairs", "pairs+samples", "online_pairs", "ppo", "sft", "reward_pairs")
+STEP_KINDS = ("pairs", "pairs+samples", "online_pairs", "ppo", "sft", "reward_pairs", "scored_pairs", "triples",
+              "revision_pairs")
 NEEDS = ("reference", "online", "reward", "scores", "gold", "revisions")
 # "scores": a scalar reward per completion from the data (or the reward layer), CoPG.
 # "gold": a third, gold completion per pair scored by the policy, TPO.

@@ -53,7 +53,7 @@ class CoPGLoss(PreferenceLoss):
 
     name: ClassVar[str] = "copg"
     needs: ClassVar[FrozenSet[str]] = frozenset({"reference", "scores"})
-    step: ClassVar[str] = "pairs"
+    step: ClassVar[str] = "scored_pairs"
     summary: ClassVar[str] = (
         "CoPG (Flet-Berliac et al. 2024): offline pairs with a reward per completion, (beta/2)d^2 - dr*d"
     )

@@ -45,7 +45,7 @@ class SRPOLoss(PreferenceLoss):
 
     name: ClassVar[str] = "srpo"
     needs: ClassVar[FrozenSet[str]] = frozenset({"reference", "revisions"})
-    step: ClassVar[str] = "pairs"
+    step: ClassVar[str] = "revision_pairs"
     summary: ClassVar[str] = (
         "SRPO (Choi et al. 2025): generator + in-context reviser, (1-alpha)L_gen + alpha*L_imp (squared)"
     )

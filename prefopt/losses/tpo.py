@@ -50,7 +50,7 @@ class TPOLoss(PreferenceLoss):
 
     name: ClassVar[str] = "tpo"
     needs: ClassVar[FrozenSet[str]] = frozenset({"gold"})
-    step: ClassVar[str] = "pairs"
+    step: ClassVar[str] = "triples"
     summary: ClassVar[str] = (
         "TPO (Saeidi et al. 2024): reference-free triples, -logsigmoid(beta*(logp_w - logp_l)) + alpha*NLL(gold)"
     )
@@ -71,6 +71,7 @@ class TPOLoss(PreferenceLoss):
             self.name, "label_smoothing", label_smoothing, low=0.0, high=0.5, high_open=True)
         # Without the NLL term the gold completions are not needed: plain pair data will do.
         self.needs = type(self).needs if self.alpha > 0 else frozenset()
+        self.step = type(self).step if self.alpha > 0 else "pairs"
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         chosen, rejected, _, _ = pair_tensors(self.name, inputs, reference=False)

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from prefopt.config import Config, save_config
 from prefopt.data import PairCollator, PromptCollator, SFTCollator, build_datasets
+from prefopt.data.collate import RevisionPairCollator, ScoredPairCollator, TripleCollator
 from prefopt.trainer import checkpoint as ckpt
 from prefopt.trainer.metrics import MetricAverager, RunLogger, Throughput
 from prefopt.trainer.setup import (build_optimizer, build_policy, build_reference, load_run_tokenizer,
@@ -46,6 +47,9 @@ def collator_for(data_kind: str, pad_token_id: int, packing: bool = False):
         from prefopt.data.packing import PackedPairCollator
 
         return PackedPairCollator(pad_token_id)
+    variants = {"scored_pairs": ScoredPairCollator, "triples": TripleCollator, "revision_pairs": RevisionPairCollator}
+    if data_kind in variants:
+        return variants[data_kind](pad_token_id)
     return {"pairs": PairCollator(pad_token_id), "sft": SFTCollator(pad_token_id), "prompts": PromptCollator()}[data_kind]
 
 

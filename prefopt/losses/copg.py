@@ -58,6 +58,12 @@ class CoPGLoss(PreferenceLoss):
         "CoPG (Flet-Berliac et al. 2024): offline pairs with a reward per completion, (beta/2)d^2 - dr*d"
     )
 
+    paper: ClassVar[str] = (
+        "Flet-Berliac et al. 2024, Contrastive Policy Gradient: Aligning LLMs on sequence-level scores in a "
+        "supervised-friendly fashion (EMNLP 2024, arXiv 2406.19185)"
+    )
+    formula: ClassVar[str] = "d = lr(y) - lr(y'), dr = r(y) - r(y'); L = (beta/2) * d^2 - dr * d"
+
     def __init__(self, beta: float = 0.06) -> None:
         self.beta = check_number(self.name, "beta", beta, low=0.0, low_open=True)
 

@@ -50,6 +50,11 @@ class SRPOLoss(PreferenceLoss):
         "SRPO (Choi et al. 2025): generator + in-context reviser, (1-alpha)L_gen + alpha*L_imp (squared)"
     )
 
+    paper: ClassVar[str] = "Choi et al. 2025, Self-Improving Robust Preference Optimization (ICLR 2025, arXiv 2406.01660)"
+    formula: ClassVar[str] = (
+        "L = (1-alpha)*(beta*(a+g-e-h) - 1)^2 + alpha*[(1/2 - beta*(a-b))^2 + (1/2 - beta*(c-e))^2]"
+    )
+
     def __init__(self, beta: float = 0.1, alpha: float = 0.8) -> None:
         self.beta = check_number(self.name, "beta", beta, low=0.0, low_open=True)
         self.alpha = check_number(self.name, "alpha", alpha, low=0.0, high=1.0)

@@ -55,6 +55,12 @@ class TPOLoss(PreferenceLoss):
         "TPO (Saeidi et al. 2024): reference-free triples, -logsigmoid(beta*(logp_w - logp_l)) + alpha*NLL(gold)"
     )
 
+    paper: ClassVar[str] = (
+        "Saeidi et al. 2024, Triple Preference Optimization: Achieving Better Alignment using a Single Step "
+        "Optimization (arXiv 2405.16681)"
+    )
+    formula: ClassVar[str] = "L = -logsigmoid(beta * (logp(y_w) - logp(y_l))) + alpha * NLL(gold) (token mean)"
+
     def __init__(
         self,
         beta: float = 0.01,
@@ -72,6 +78,13 @@ class TPOLoss(PreferenceLoss):
         # Without the NLL term the gold completions are not needed: plain pair data will do.
         self.needs = type(self).needs if self.alpha > 0 else frozenset()
         self.step = type(self).step if self.alpha > 0 else "pairs"
+
+    def implicit_reward(self):
+        """``beta * logp`` (reference-free), per token for ``ipo`` / ``tpo-l`` — what the preference term compares."""
+        from prefopt.losses.base import ImplicitReward
+
+        return ImplicitReward(scale=self.beta, uses_reference=False,
+                              length_normalized=self.loss_type in ("ipo", "tpo-l"))
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         chosen, rejected, _, _ = pair_tensors(self.name, inputs, reference=False)
@@ -102,6 +115,7 @@ class TPOLLoss(TPOLoss):
     and the v2 README's scale ``beta=2.0`` (it uses beta 2-10, gamma 0.3-10)."""
 
     name: ClassVar[str] = "tpo_l"
+    formula: ClassVar[str] = "L = -logsigmoid(beta * (avg(y_w) - avg(y_l)) - gamma) + alpha * NLL(gold) (token mean)"
     summary: ClassVar[str] = (
         "TPO-L (Saeidi et al. 2024): -logsigmoid(beta*(avg_w - avg_l) - gamma) + alpha*NLL(gold)"
     )

@@ -54,6 +54,10 @@ def collator_for(data_kind: str, pad_token_id: int, packing: bool = False):
 
 
 def train(config: Config) -> TrainResult:
+    if config.iterations.count:
+        from prefopt.iterative.run import train_iterations
+
+        return train_iterations(config)
     loss = loss_from_config(config)
     if loss.step == "ppo":
         from prefopt.trainer.ppo import train_ppo

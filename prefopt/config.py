@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from prefopt.data.revision import DEFAULT_REVISION_INSTRUCTION, DEFAULT_REVISION_TEMPLATE, check_template
 from prefopt.errors import ConfigError
+from prefopt.losses.registry import DEFAULT_LOSS
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -103,7 +104,7 @@ class LossConfig(BaseModel):
     """``name`` plus the loss's own hyperparameters, validated by the loss registry."""
 
     model_config = ConfigDict(extra="allow")
-    name: str = "dpo"
+    name: str = DEFAULT_LOSS
 
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from prefopt.data.revision import DEFAULT_REVISION_INSTRUCTION, DEFAULT_REVISION_TEMPLATE, check_template
 from prefopt.errors import ConfigError
 from prefopt.losses.registry import DEFAULT_LOSS
 
@@ -81,7 +82,7 @@ class ReferenceConfig(_Section):
 class DataConfig(_Section):
     train: Optional[str] = None
     eval: Optional[str] = None
-    format: Literal["auto", "pairs", "conversational", "hh", "rated", "prompts", "sft"] = "auto"
+    format: Literal["auto", "pairs", "conversational", "hh", "rated", "triples", "prompts", "sft"] = "auto"
     split: str = "train"  # split name for hub datasets / saved DatasetDicts
     eval_split: Optional[str] = None  # split of the same source used for eval
     eval_size: NonNegative | NonNegativeFloat = 0  # carve eval out of train: fraction (<1) or row count
@@ -98,6 +99,15 @@ class DataConfig(_Section):
     num_proc: Optional[Positive] = None
     packing: bool = False  # padding-free packing of pairs (pays off with varlen flash attention on GPUs)
     group_by_length: bool = False  # batches of similar-length pairs: less padding (changes which pairs share a step)
+    # SRPO's revision prompt (prefopt/data/revision.py): plain rows fill {prompt} and {answer}; conversational rows
+    # add the answer as an assistant turn and the instruction as a user turn.
+    revision_template: str = DEFAULT_REVISION_TEMPLATE
+    revision_instruction: str = DEFAULT_REVISION_INSTRUCTION
+
+    @model_validator(mode="after")
+    def _check_revision_template(self) -> "DataConfig":
+        check_template(self.revision_template)
+        return self
 
     @model_validator(mode="after")
     def _check_lengths(self) -> "DataConfig":
@@ -189,6 +199,21 @@ class RewardConfig(_Section):
     trust_remote_code: bool = False
 
 
+class IterationsConfig(_Section):
+    """DNO-style iterations (prefopt/iterative/run.py): ``count > 0`` turns ``prefopt train`` into T rounds of
+    sample -> score -> large-margin pairs -> one-epoch training against the previous iterate."""
+
+    count: int = Field(0, ge=0)  # T; 0 = an ordinary single run
+    prompts: Optional[str] = None  # prompt rows; sft / pair / rated rows also give a gold answer
+    partition: bool = True  # each iteration its own disjoint share of the prompts (the paper's setup)
+    samples_per_prompt: int = Field(5, ge=1)  # K samples from the current policy (generation.* sets sampling)
+    include_gold: bool = True  # add the row's answer as a candidate when it has one
+    min_positive_score: Optional[float] = None  # paper: 5 on its 6-point scale
+    gold_margin: float = Field(0.0, ge=0)  # paper: 2 (a gold positive must beat its negative by this much)
+    student_margin: float = Field(0.0, ge=0)  # paper: 1 (a sampled positive)
+    replay: list[float] = Field(default_factory=lambda: [0.3, 0.15])  # share of pairs from t-1, t-2, ...
+
+
 class PPOConfig(_Section):
     """The PPO step used by RTO: rollouts per step, passes over them, critic and DPO-policy locations."""
 
@@ -224,6 +249,7 @@ class Config(_Section):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    iterations: IterationsConfig = Field(default_factory=IterationsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
@@ -248,6 +274,8 @@ class Config(_Section):
             raise ValueError("reference.mode=adapter needs LoRA on the policy: set model.peft (e.g. model.peft.r=8)")
         if self.generation.backend == "vllm":
             _check_vllm_available()
+        if self.iterations.count:
+            _check_iterations(self, loss)
         return self
 
     def resolved_reference_mode(self) -> str:
@@ -258,6 +286,26 @@ class Config(_Section):
         if "reference" not in loss_class(self.loss.name).needs:
             return "none"
         return "adapter" if self.model.peft is not None else "model"
+
+
+def _check_iterations(config: "Config", loss) -> None:
+    it = config.iterations
+    if not it.prompts:
+        raise ValueError("iterations.prompts: the prompt file each iteration samples from is required")
+    if loss.step != "pairs":
+        raise ValueError(f"iterations: each iteration trains a pairwise loss on its pairs (e.g. loss.name=dpo, as DNO "
+                         f"does); loss '{config.loss.name}' runs a '{loss.step}' step")
+    if config.reward.kind == "none":
+        raise ValueError("reward.kind: iterations score their samples; set reward.kind=model, function, implicit or "
+                         "judge (a judge function returning P(a beats b))")
+    if config.reference.mode == "adapter":
+        raise ValueError("reference.mode=adapter: iterations refresh the reference to the previous iterate's saved "
+                         "model; use reference.mode=model or precomputed")
+    if config.train.num_epochs > 1 or config.train.max_steps:
+        raise ValueError("train.num_epochs: DNO trains each iteration for at most one epoch (train.num_epochs <= 1, "
+                         "no train.max_steps)")
+    if any(not 0 <= share <= 1 for share in it.replay):
+        raise ValueError(f"iterations.replay: shares must lie in [0, 1], got {it.replay}")
 
 
 def _check_vllm_available() -> None:

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from prefopt.config import Config, save_config
 from prefopt.data import PairCollator, PromptCollator, SFTCollator, build_datasets
+from prefopt.data.collate import RevisionPairCollator, ScoredPairCollator, TripleCollator
 from prefopt.trainer import checkpoint as ckpt
 from prefopt.trainer.metrics import MetricAverager, RunLogger, Throughput
 from prefopt.trainer.run_dir import RunDir, run_fingerprint
@@ -47,10 +48,17 @@ def collator_for(data_kind: str, pad_token_id: int, packing: bool = False):
         from prefopt.data.packing import PackedPairCollator
 
         return PackedPairCollator(pad_token_id)
+    variants = {"scored_pairs": ScoredPairCollator, "triples": TripleCollator, "revision_pairs": RevisionPairCollator}
+    if data_kind in variants:
+        return variants[data_kind](pad_token_id)
     return {"pairs": PairCollator(pad_token_id), "sft": SFTCollator(pad_token_id), "prompts": PromptCollator()}[data_kind]
 
 
 def train(config: Config) -> TrainResult:
+    if config.iterations.count:
+        from prefopt.iterative.run import train_iterations
+
+        return train_iterations(config)
     loss = loss_from_config(config)
     if loss.step == "ppo":
         from prefopt.trainer.ppo import train_ppo

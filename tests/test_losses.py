@@ -63,7 +63,9 @@ def random_pairs(batch: int = 5, seed: int = 0, dtype: torch.dtype = F64) -> Los
 
 # The losses prefopt has shipped: none may disappear. New ones are welcome (they are checked generically below,
 # trained end to end by tests/test_loss_e2e.py and must have a section in docs/losses.md).
-SHIPPED_LOSSES = ["dpo", "simpo", "fdpo", "rpo", "hypo", "xpo", "rto", "sft", "reward_model"]
+SHIPPED_LOSSES = [
+    "dpo", "simpo", "fdpo", "rpo", "hypo", "xpo", "rto", "sft", "reward_model", "copg", "tpo", "tpo_l", "srpo",
+]
 
 
 def test_registry_lists_every_loss_with_valid_class_attributes():
@@ -92,6 +94,10 @@ def test_declared_needs_and_steps():
         "rto": ({"reference", "online", "reward"}, "ppo"),
         "sft": (set(), "sft"),
         "reward_model": (set(), "reward_pairs"),
+        "copg": ({"reference", "scores"}, "scored_pairs"),
+        "tpo": ({"gold"}, "triples"),
+        "tpo_l": ({"gold"}, "triples"),
+        "srpo": ({"reference", "revisions"}, "revision_pairs"),
     }
     for name, (needs, step) in expected.items():
         assert (set(loss_class(name).needs), loss_class(name).step) == (needs, step)

@@ -28,7 +28,7 @@ from tests.trainer_helpers import REPO, metrics, run, write_pairs, write_sft
 @dataclass(frozen=True)
 class Feed:
     recipe: str  # used when the loss has no recipes/tiny/<name>.yaml of its own
-    data: str  # "pairs", "sft" or "prompts"
+    data: str  # "pairs", "sft", "prompts" (the tiny gold task's) or "gold:<file>" (a file of the tiny gold task)
     steps: int
     overrides: tuple[str, ...] = ()
     learns: bool = False  # offline kinds: check that it learns in `steps` steps
@@ -43,6 +43,11 @@ STEP_KINDS = {
     "online_pairs": Feed("recipes/tiny/xpo.yaml", "prompts", 2, ONLINE),
     "ppo": Feed("recipes/tiny/rto.yaml", "prompts", 2,
                 ONLINE + ("ppo.rollout_batch_size=4", "ppo.minibatch_size=4", "ppo.epochs=1")),
+    # Kinds whose rows only the gold task provides (scores, revisions, three ranked completions): trained for a
+    # few steps on it, without the learning check (the tiny model does not separate gold pairs in a few steps).
+    "scored_pairs": Feed("recipes/tiny/copg.yaml", "gold:pairs_train.jsonl", 3),
+    "revision_pairs": Feed("recipes/tiny/srpo.yaml", "gold:pairs_train.jsonl", 3),
+    "triples": Feed("recipes/tiny/tpo.yaml", "gold:rated_train.jsonl", 3),
 }
 # Parameter variants trained besides each loss's defaults.
 VARIANTS = {
@@ -103,7 +108,9 @@ def test_every_loss_trains_end_to_end(case, tiny_model_dir, data, tmp_path, requ
     if cls.step == "ppo":
         extra.append(f"ppo.dpo_policy={request.getfixturevalue('dpo_policy')}")
     out = tmp_path / "run"
-    result = run(tiny_model_dir, data[feed.data], out, f"train.max_steps={feed.steps}", *loss, *feed.overrides,
+    gold_file = feed.data.removeprefix("gold:")
+    source = request.getfixturevalue("gold_task_dir") / gold_file if gold_file != feed.data else data[feed.data]
+    result = run(tiny_model_dir, source, out, f"train.max_steps={feed.steps}", *loss, *feed.overrides,
                  *extra, *LOSS_OVERRIDES.get(case.name, ()), *case.params, recipe=recipe)
 
     assert result.global_step == feed.steps

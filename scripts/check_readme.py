@@ -81,6 +81,9 @@ def parse_readme(text: str) -> list[Block]:
         block = Block(line=index + 1, commands=[])
         above = index - 1
         while above >= 0 and lines[above].strip().startswith("<!--"):
+            if "readme-check:" in lines[above] and not DIRECTIVE.search(lines[above]):
+                raise ValueError(f"README.md:{above + 1}: malformed readme-check directive (a reason is required): "
+                                 f"{lines[above].strip()}")
             for kind, text_match, reason in DIRECTIVE.findall(lines[above]):
                 if kind == "fresh":
                     block.fresh = reason

@@ -144,3 +144,31 @@ def test_revision_loop_revises_each_answer(tmp_path, tiny_model_dir):
     assert rounds[1].prompt_index == [0, 0, 1, 1] and rounds[2].prompts[2] == "My review of the cafe:"
     assert [r.rewards for r in rounds] == [[float(len(c.split())) for c in r.completions] for r in rounds]
     assert len(seen) == 12
+
+
+def word_count(prompt, completion):
+    return float(len(completion.split()))
+
+
+def test_copg_pairs_without_scores_are_scored_by_the_reward_layer_once(tmp_path, tiny_model_dir):
+    from prefopt.config import load_config
+    from prefopt.trainer import train
+
+    rows = [{"prompt": f"Notes on the film {i}:", "chosen": " great and lovely fun.", "rejected": " awful."}
+            for i in range(8)]
+    data = _write(tmp_path / "rows.jsonl", rows)
+    overrides = [f"model.name_or_path={tiny_model_dir}", f"data.train={data}", "data.eval=null",
+                 "logging.progress=false", "logging.logging_steps=1", "train.max_steps=1",
+                 "train.per_device_batch_size=4", "reward.kind=function",
+                 "reward.function=tests.test_seed_methods_data:word_count", "overwrite_output_dir=true"]
+    written = []
+    for run in ("a", "b"):
+        train(load_config("recipes/tiny/copg.yaml", [*overrides, f"output_dir={tmp_path / run}"]))
+        first = json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["copg/reward_margin"] == pytest.approx(4.0 - 1.0)  # 4 words vs 1 word
+        cached = list(tmp_path.glob(".prefopt_cache/scored-*.jsonl"))
+        assert len(cached) == 1
+        written.append(cached[0].stat().st_mtime_ns)
+    assert written[0] == written[1]  # scored once; the second run read the cache
+    rows = [json.loads(line) for line in cached[0].read_text().splitlines()]
+    assert [(r["chosen_score"], r["rejected_score"]) for r in rows] == [(4.0, 1.0)] * 8

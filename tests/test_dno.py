@@ -74,6 +74,7 @@ def test_dno_iterations_refresh_the_reference_and_resume(tmp_path, tiny_model_di
     state = json.loads((out / "iterations.json").read_text())["completed"]
     assert [r["iteration"] for r in state] == [1, 2]
     assert state[1]["reference"] == state[0]["policy"] == str(out / "iteration-1" / "run" / "final")
+    assert (out / "final").resolve() == (out / "iteration-2" / "run" / "final").resolve()
     for t in (1, 2):
         records = [json.loads(line) for line in (out / f"iteration-{t}" / "run" / "metrics.jsonl").read_text().splitlines()
                    if line]

@@ -236,4 +236,9 @@ def train_iterations(config) -> IterationsResult:
         tmp.replace(out / STATE_FILE)
         logger.info("iteration %d: %d prompts, %d new + %d replayed pairs -> %s", t, len(share), len(new_pairs),
                     len(carried), policy_path)
-    return IterationsResult(out, Path(policy_path), steps, last, {}, records)
+    final = out / "final"  # output_dir/final, like every run: the last iterate
+    if final.is_symlink() or final.exists():
+        final.unlink()
+    if Path(policy_path).resolve() != final.resolve():
+        final.symlink_to(Path(policy_path).resolve(), target_is_directory=True)
+    return IterationsResult(out, final, steps, last, {}, records)

@@ -241,6 +241,7 @@ def _split_conversations(prompt: Messages, chosen: Messages, rejected: Messages,
     if not prompt:
         where = "chosen and rejected share no messages before their replies" if implicit else "it is an empty list"
         raise RowError(f'field "prompt" is empty ({where})', "empty", "prompt")
+    _check_alternation(prompt, "chosen" if implicit else "prompt")
     _check_distinct(replies[0], replies[1])
     return NormalRow(prompt=prompt, pairs=[Pair(replies[0], replies[1])], completion=replies[0])
 
@@ -359,6 +360,8 @@ def _normalize_sft(row: dict) -> NormalRow:
             reply = _string(row, "completion")
     if not reply.strip():
         raise RowError('field "completion" is empty', "empty", "completion")
+    if isinstance(prompt, list):
+        _check_alternation(prompt, "messages" if "completion" not in row else "prompt")
     return NormalRow(prompt=prompt, completion=reply)
 
 
@@ -404,22 +407,48 @@ def _messages(value: Any, name: str) -> Messages:
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict):
-            raise RowError(f'field "{name}" message {i}: expected an object with "role" and "content", got '
+            raise RowError(f'field "{name}" message {i + 1}: expected an object with "role" and "content", got '
                            f"{_type_name(message)}", "type", name)
         for key in ("role", "content"):
             if key not in message or message[key] is None:
-                raise RowError(f'field "{name}" message {i}: "{key}" is missing', "missing", name)
+                raise RowError(f'field "{name}" message {i + 1}: "{key}" is missing', "missing", name)
         role, content = message["role"], message["content"]
         if not isinstance(role, str) or not role.strip():
-            raise RowError(f'field "{name}" message {i}: "role" must be a non-empty string, got {role!r}', "type",
+            raise RowError(f'field "{name}" message {i + 1}: "role" must be a non-empty string, got {role!r}', "type",
                            name)
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
             content = "".join(str(p.get("text", "")) for p in content)  # text-only multimodal parts
         if not isinstance(content, str):
-            raise RowError(f'field "{name}" message {i}: "content" must be a string, got {_type_name(content)}',
+            raise RowError(f'field "{name}" message {i + 1}: "content" must be a string, got {_type_name(content)}',
                            "type", name)
         messages.append({"role": role, "content": content})
     return messages
+
+
+_ALTERNATING = ("user", "assistant")
+
+
+def _check_alternation(prompt: Messages, name: str) -> None:
+    """The prompt before an assistant reply: an optional first system message, then user and assistant turns
+    alternating and ending with a user turn. Chat templates render other orders silently wrong (or raise)."""
+    previous = None
+    for i, message in enumerate(prompt):
+        role = message["role"]
+        if role == "system":
+            if i != 0:
+                raise RowError(f'field "{name}" message {i + 1}: a "system" message is only allowed first',
+                               "structure", name)
+            continue
+        if role in _ALTERNATING and role == previous:
+            raise RowError(f'field "{name}" message {i + 1}: role "{role}" follows another "{role}" message; '
+                           "user and assistant turns must alternate", "structure", name)
+        if previous is None and role == "assistant":
+            raise RowError(f'field "{name}" message {i + 1}: the conversation starts with an "assistant" turn; '
+                           'it must start with "user" (after an optional "system" message)', "structure", name)
+        previous = role
+    if previous == "assistant":
+        raise RowError(f'field "{name}": the prompt ends with an "assistant" turn, so the reply would be a second '
+                       'assistant turn in a row; the last prompt message must be "user"', "structure", name)
 
 
 def _check_distinct(chosen: str, rejected: str) -> None:

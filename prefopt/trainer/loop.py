@@ -18,9 +18,10 @@ from prefopt.data import PairCollator, PromptCollator, SFTCollator, build_datase
 from prefopt.data.collate import RevisionPairCollator, ScoredPairCollator, TripleCollator
 from prefopt.trainer import checkpoint as ckpt
 from prefopt.trainer.metrics import MetricAverager, RunLogger, Throughput
+from prefopt.trainer.run_dir import RunDir, run_fingerprint
 from prefopt.trainer.setup import (build_optimizer, build_policy, build_reference, load_run_tokenizer,
-                                   loss_from_config, make_accelerator, precompute_reference, prepare_output_dir,
-                                   total_optimizer_steps, write_run_info)
+                                   loss_from_config, make_accelerator, precompute_reference, total_optimizer_steps,
+                                   write_run_info)
 from prefopt.models.reference import ModelReference
 from prefopt.trainer import sparse_embedding
 from prefopt.trainer.host_memory import return_freed_memory_to_os
@@ -86,12 +87,13 @@ class Trainer:
         self.accelerator, trackers = make_accelerator(config)
         acc = self.accelerator
         out_dir = Path(config.output_dir)
-        self.resume_path = ckpt.resolve_resume(config.train.resume_from, out_dir)
-        self.output_dir = prepare_output_dir(config, acc, resuming=self.resume_path is not None)
+        self.run_dir = RunDir.plan(config)  # checks output_dir and the checkpoint; writes nothing yet
+        self.resume_path, self.output_dir = self.run_dir.resume_path, self.run_dir.path
         step_cls = step_registry()[loss.step]
         self.tokenizer = load_run_tokenizer(config)
         self.bundle = build_datasets(config.data, self.tokenizer, step_cls.data_kind, seed=config.seed,
                                      cache_dir=str(out_dir.parent / ".prefopt_cache" / "data"))
+        self.run_dir.open(acc, run_fingerprint(config, self.tokenizer, self.bundle))
         if acc.is_main_process:
             save_config(config, self.output_dir / "config.yaml")
             write_run_info(acc, self.output_dir, config)
@@ -245,8 +247,8 @@ class Trainer:
             if state.consecutive_skipped > self.config.train.max_skipped_steps:
                 raise TrainingDiverged(
                     f"{state.consecutive_skipped} consecutive optimizer steps had a non-finite loss or gradient "
-                    f"(train.max_skipped_steps={self.config.train.max_skipped_steps}); stopping. The last good "
-                    f"checkpoint in {self.output_dir} is intact; lower train.learning_rate or check the data.")
+                    f"(train.max_skipped_steps={self.config.train.max_skipped_steps}); stopping. "
+                    f"{ckpt.last_good_checkpoint_note(self.output_dir)}; lower train.learning_rate or check the data.")
         self.optimizer.zero_grad(set_to_none=True)
 
     def _log_train(self, averager: MetricAverager, throughput: Throughput) -> None:

@@ -43,7 +43,7 @@ def train(tiny_model_dir, data, out, recipe, *overrides):
 
 def test_copg_starts_at_zero_and_raises_its_objective(tiny_model_dir, gold_task_dir, tmp_path):
     train(tiny_model_dir, gold_task_dir / "pairs_train.jsonl", tmp_path / "run", "recipes/tiny/copg.yaml",
-          "train.max_steps=12", "loss.beta=0.5")
+          "train.max_steps=8", "loss.beta=0.5")
     records = metrics(tmp_path / "run")
     rows = first_rows(gold_task_dir / "pairs_train.jsonl", BATCH)
     # policy == reference at step 0: d = 0, so the loss (and the objective) is exactly 0; dr is the data's.
@@ -56,7 +56,7 @@ def test_copg_starts_at_zero_and_raises_its_objective(tiny_model_dir, gold_task_
 
 def test_tpo_first_step_matches_an_independent_computation(tiny_model_dir, gold_task_dir, tmp_path):
     train(tiny_model_dir, gold_task_dir / "rated_train.jsonl", tmp_path / "run", "recipes/tiny/tpo.yaml",
-          "train.max_steps=12")
+          "train.max_steps=8")
     records = metrics(tmp_path / "run")
     gold, chosen, rejected, prompts = [], [], [], []
     for row in first_rows(gold_task_dir / "rated_train.jsonl", BATCH):
@@ -78,7 +78,7 @@ def test_tpo_first_step_matches_an_independent_computation(tiny_model_dir, gold_
 
 def test_srpo_starts_at_its_closed_form_and_learns_to_revise(tiny_model_dir, gold_task_dir, tmp_path):
     train(tiny_model_dir, gold_task_dir / "pairs_train.jsonl", tmp_path / "run", "recipes/tiny/srpo.yaml",
-          "train.max_steps=12", "reference.mode=precomputed")
+          "train.max_steps=8", "reference.mode=precomputed")
     records = metrics(tmp_path / "run")
     # All six log-ratios are 0 at step 0: L_imp = 1/4 + 1/4, L_gen = 1, loss = 0.2 * 1 + 0.8 * 0.5 = 0.6.
     assert records[0]["srpo/improve_loss"] == pytest.approx(0.5, abs=1e-6)

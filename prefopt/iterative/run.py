@@ -196,10 +196,10 @@ def train_iterations(config) -> IterationsResult:
 
     it = config.iterations
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state = _load_state(out, config)
+    rows = _prompt_rows(config)  # bad prompt rows stop the run before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
-    rows = _prompt_rows(config)
     policy_path, history, records, steps, last = str(config.model.name_or_path), [], [], 0, {}
     for t in range(1, it.count + 1):
         it_dir = out / f"iteration-{t}"

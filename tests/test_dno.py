@@ -60,7 +60,7 @@ def test_judge_win_rates_and_non_probabilities():
 def _dno(tmp_path, tiny_model_dir, *overrides) -> int:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Notes on the {item} after work:"}) + "\n"
-                               for item in ["film", "cafe", "hotel", "park"]))
+                               for item in ["film", "cafe", "hotel", "park", "game", "bike", "train", "pizza"]))
     return main(["train", str(REPO / "recipes/tiny/dno.yaml"), f"model.name_or_path={tiny_model_dir}",
                  f"output_dir={tmp_path / 'dno'}", f"iterations.prompts={prompts}", "iterations.count=2",
                  "iterations.samples_per_prompt=3", "iterations.student_margin=0.1", "generation.max_new_tokens=12",
@@ -88,7 +88,7 @@ def test_dno_iterations_refresh_the_reference_and_resume(tmp_path, tiny_model_di
     assert len(replayed) == min(round(0.3 * len(new)), state[0]["pairs"]) == state[1]["replayed"]
     assert all(row["chosen_score"] - row["rejected_score"] >= 0.1 - 1e-9 for row in new)
     samples = [json.loads(line) for line in (out / "iteration-2" / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 2 and all(len(s["candidates"]) == 3 for s in samples)  # half the prompts, K = 3
+    assert len(samples) == 4 and all(len(s["candidates"]) == 3 for s in samples)  # half the prompts, K = 3
 
     # An interrupted second iteration: rerunning with resume keeps iteration 1 as it was and redoes iteration 2.
     first_samples = (out / "iteration-1" / "samples.jsonl").stat().st_mtime_ns

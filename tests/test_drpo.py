@@ -63,3 +63,40 @@ def test_value_loss_still_covers_the_prefix():
     # 0.5 * mean(v^2) over all 5 tokens = 0.5 * 0.11 = 0.055
     assert out.metrics["ppo/value_loss"] == pytest.approx(0.055)
     assert out.loss.item() == pytest.approx(-0.327074 + 0.1 * 0.055, abs=1e-6)
+
+
+class EchoGenerator:
+    """Continues every context with the tokens 7, 8, 9, ... then EOS (3): a deterministic backend stand-in."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.seen = tokenizer, []
+
+    def generate(self, prompt_ids, sampling):
+        from prefopt.generation import build_rollouts
+
+        self.seen = [list(p) for p in prompt_ids]
+        completions = [[7, 8, 9, 10, 11, 3][: sampling.max_new_tokens] for _ in prompt_ids]
+        return build_rollouts(prompt_ids, completions, 1, eos_ids=[3], pad_id=0, tokenizer=self.tokenizer)
+
+
+@pytest.mark.parametrize("prefix_in_response", [True, False])
+def test_rollouts_continue_from_the_dataset_prefix(tiny_tokenizer, prefix_in_response):
+    from prefopt.generation import SamplingParams
+    from prefopt.generation.resets import generate_with_resets
+
+    generator = EchoGenerator(tiny_tokenizer)
+    out = generate_with_resets(generator, [[1, 2], [1, 5]], [[20, 21], []], SamplingParams(max_new_tokens=5),
+                               eos_ids=[3], pad_id=0, tokenizer=tiny_tokenizer, prefix_in_response=prefix_in_response)
+    assert generator.seen == [[1, 2, 20, 21], [1, 5]]  # the backend continues prompt + prefix
+    lengths = out.rollouts.completion_lengths.tolist()
+    if prefix_in_response:
+        # budget 5: 2 forced + 3 sampled (unfinished); the unreset row samples 5
+        assert out.rollouts.completion_ids[0, :5].tolist() == [20, 21, 7, 8, 9] and lengths == [5, 5]
+        assert out.reset_mask.tolist()[0][:5] == [1, 1, 0, 0, 0] and out.reset_mask[1].sum() == 0
+        assert out.rollouts.prompt_ids[0] == [1, 2]
+    else:
+        assert out.rollouts.prompt_ids[0] == [1, 2, 20, 21] and lengths == [3, 5]
+        assert out.reset_mask.sum() == 0
+    assert not out.rollouts.finished.any()
+    assert out.texts[0] == tiny_tokenizer.decode([20, 21, 7, 8, 9], skip_special_tokens=True)  # the RM sees both
+    assert out.reset_lengths == [2, 0]

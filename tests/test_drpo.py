@@ -21,8 +21,13 @@ def worked_inputs(reset: bool) -> LossInputs:
     new = torch.tensor([[0.1, 0.0, 0.3, -0.1, -0.25]], dtype=D, requires_grad=True)
     mask = torch.ones(1, 5, dtype=torch.bool)
     reset_mask = torch.tensor([[1, 1, 0, 0, 0]], dtype=torch.bool) if reset else None
-    return LossInputs(response_mask=mask, policy_token_logps=new, old_token_logps=old, advantages=advantages,
-                      reset_mask=reset_mask)
+    return LossInputs(
+        response_mask=mask,
+        policy_token_logps=new,
+        old_token_logps=old,
+        advantages=advantages,
+        reset_mask=reset_mask,
+    )
 
 
 def test_policy_loss_skips_the_forced_prefix():
@@ -34,13 +39,16 @@ def test_policy_loss_skips_the_forced_prefix():
     assert plain.loss.item() == pytest.approx(-0.266761, abs=1e-6)
     inputs = worked_inputs(reset=True)
     DRPOLoss()(inputs).loss.backward()
-    assert inputs.policy_token_logps.grad[0, :2].abs().max().item() == 0.0  # no gradient through forced tokens
+    assert (
+        inputs.policy_token_logps.grad[0, :2].abs().max().item() == 0.0
+    )  # no gradient through forced tokens
 
 
 def test_token_rewards_are_the_kl_penalty_plus_the_final_score():
     old = torch.tensor([[0.2, 0.1, 0.05, -0.1, 0.3]], dtype=D)  # KL = old - ref with ref = 0
-    rewards, _ = DRPOLoss(kl_coef=0.05).token_rewards(old, torch.zeros_like(old), None,
-                                                      torch.tensor([1.3], dtype=D), torch.ones(1, 5, dtype=torch.bool))
+    rewards, _ = DRPOLoss(kl_coef=0.05).token_rewards(
+        old, torch.zeros_like(old), None, torch.tensor([1.3], dtype=D), torch.ones(1, 5, dtype=torch.bool)
+    )
     assert rewards[0].tolist() == pytest.approx([-0.01, -0.005, -0.0025, 0.005, 1.285], abs=1e-12)
 
 
@@ -85,8 +93,16 @@ def test_rollouts_continue_from_the_dataset_prefix(tiny_tokenizer, prefix_in_res
     from prefopt.generation.resets import generate_with_resets
 
     generator = EchoGenerator(tiny_tokenizer)
-    out = generate_with_resets(generator, [[1, 2], [1, 5]], [[20, 21], []], SamplingParams(max_new_tokens=5),
-                               eos_ids=[3], pad_id=0, tokenizer=tiny_tokenizer, prefix_in_response=prefix_in_response)
+    out = generate_with_resets(
+        generator,
+        [[1, 2], [1, 5]],
+        [[20, 21], []],
+        SamplingParams(max_new_tokens=5),
+        eos_ids=[3],
+        pad_id=0,
+        tokenizer=tiny_tokenizer,
+        prefix_in_response=prefix_in_response,
+    )
     assert generator.seen == [[1, 2, 20, 21], [1, 5]]  # the backend continues prompt + prefix
     lengths = out.rollouts.completion_lengths.tolist()
     if prefix_in_response:
@@ -98,5 +114,7 @@ def test_rollouts_continue_from_the_dataset_prefix(tiny_tokenizer, prefix_in_res
         assert out.rollouts.prompt_ids[0] == [1, 2, 20, 21] and lengths == [3, 5]
         assert out.reset_mask.sum() == 0
     assert not out.rollouts.finished.any()
-    assert out.texts[0] == tiny_tokenizer.decode([20, 21, 7, 8, 9], skip_special_tokens=True)  # the RM sees both
+    assert out.texts[0] == tiny_tokenizer.decode(
+        [20, 21, 7, 8, 9], skip_special_tokens=True
+    )  # the RM sees both
     assert out.reset_lengths == [2, 0]

@@ -15,10 +15,13 @@ from prefopt.losses.rto import MAX_LOG_RATIO, RTOLoss, _masked, sequence_mean
 RESET_PREFIX = ("response", "context")
 
 
-def sample_reset_lengths(completion_lengths: Sequence[int], reset_prob: float, rng: random.Random) -> list[int]:
+def sample_reset_lengths(
+    completion_lengths: Sequence[int], reset_prob: float, rng: random.Random
+) -> list[int]:
     """Per rollout sample, how many dataset response tokens to force (0: no reset, an ordinary rollout).
 
-    With probability ``reset_prob`` the sample resets to a prefix of its dataset response of ``k ~ Uniform{1, ...,
+    With probability ``reset_prob`` the sample resets to a prefix of its dataset response of ``k ~ Uniform{1,
+    ...,
     L-1}`` tokens, L the response's token length (Cornell-RL/tril ``logit_processors.py:84-87``); a response
     shorter than 2 tokens never resets.
     """
@@ -33,18 +36,23 @@ class DRPOLoss(RTOLoss):
     """Dataset Reset Policy Optimization — Chang et al. 2024, "Dataset Reset Policy Optimization for RLHF"
     (arXiv 2404.08495), Alg. 1; released code Cornell-RL/drpo ``src/tldr/drpo.py``.
 
-    KL-regularised PPO-RLHF, unchanged except where rollouts start: with probability ``reset_prob`` (the paper's
-    beta, not a KL weight) a rollout starts from the prompt plus the first ``k ~ U{1..L-1}`` tokens of a dataset
+    KL-regularised PPO-RLHF, unchanged except where rollouts start: with probability ``reset_prob`` (the
+    paper's
+    beta, not a KL weight) a rollout starts from the prompt plus the first ``k ~ U{1..L-1}`` tokens of a
+    dataset
     response, and the policy samples the rest. Token rewards: ``-kl_coef * (logp_old - logp_ref)`` on every
-    response token plus the reward-model score on the last (drpo.py:809-813); GAE and the clipped PPO policy and
+    response token plus the reward-model score on the last (drpo.py:809-813); GAE and the clipped PPO policy
+    and
     value losses of :class:`RTOLoss`, without RTO's DPO term.
 
     ``reset_prefix`` chooses what the forced prefix is:
 
     ``response``  the released code: the prefix is part of the response; the policy loss averages over the
-                  sampled tokens only (``reset_mask`` excluded, drpo.py:859,881) while the KL penalty, the value
+                  sampled tokens only (``reset_mask`` excluded, drpo.py:859,881) while the KL penalty, the
+                  value
                   loss and the score still cover the prefix.
-    ``context``   the paper (Alg. 1 line 9 stores only steps h' >= h): the prefix joins the prompt; the response,
+    ``context``   the paper (Alg. 1 line 9 stores only steps h' >= h): the prefix joins the prompt; the
+    response,
                   and every loss term, is the continuation only.
 
     Defaults (Table 5 and the code): ``kl_coef=0.05`` (fixed), ``clip_eps=0.2``, ``value_clip_eps=0.2``,
@@ -60,7 +68,9 @@ class DRPOLoss(RTOLoss):
         "DR-PO (Chang et al. 2024): PPO with rollouts reset to prefixes of dataset responses"
     )
     paper: ClassVar[str] = "Chang et al. 2024, Dataset Reset Policy Optimization for RLHF (arXiv 2404.08495)"
-    formula: ClassVar[str] = "PPO: mean_seq(token_mean over sampled tokens(-min(r*A, clip(r)*A))) + c_v * value loss"
+    formula: ClassVar[str] = (
+        "PPO: mean_seq(token_mean over sampled tokens(-min(r*A, clip(r)*A))) + c_v * value loss"
+    )
 
     def __init__(
         self,
@@ -74,16 +84,30 @@ class DRPOLoss(RTOLoss):
         reset_prob: float = 1.0,
         reset_prefix: str = "response",
     ) -> None:
-        super().__init__(dpo_reward_scale=0.0, kl_coef=kl_coef, rm_weight=rm_weight, clip_eps=clip_eps,
-                         value_clip_eps=value_clip_eps, gamma=gamma, lam=lam, value_loss_coef=value_loss_coef)
+        super().__init__(
+            dpo_reward_scale=0.0,
+            kl_coef=kl_coef,
+            rm_weight=rm_weight,
+            clip_eps=clip_eps,
+            value_clip_eps=value_clip_eps,
+            gamma=gamma,
+            lam=lam,
+            value_loss_coef=value_loss_coef,
+        )
         self.reset_prob = check_number(self.name, "reset_prob", reset_prob, low=0.0, high=1.0)
-        self.reset_prefix = check_choice(self.name, "reset_prefix", reset_prefix, RESET_PREFIX,
-                                         hint="response: the released code's choice; context: the paper's")
+        self.reset_prefix = check_choice(
+            self.name,
+            "reset_prefix",
+            reset_prefix,
+            RESET_PREFIX,
+            hint="response: the released code's choice; context: the paper's",
+        )
 
     def token_rewards(self, old_logps, ref_logps, dpo_logps: Optional[torch.Tensor], rm_scores, mask):
         """KL penalty on every response token plus the score on the last one (no DPO policy)."""
-        return super().token_rewards(old_logps, ref_logps, ref_logps if dpo_logps is None else dpo_logps,
-                                     rm_scores, mask)
+        return super().token_rewards(
+            old_logps, ref_logps, ref_logps if dpo_logps is None else dpo_logps, rm_scores, mask
+        )
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         inputs.require("response_mask", "policy_token_logps", "old_token_logps", "advantages")
@@ -101,7 +125,9 @@ class DRPOLoss(RTOLoss):
         loss = policy_loss
         stats = {"ppo/policy_loss": policy_loss.detach()}
         tokens = policy_mask.sum().clamp(min=1)
-        stats["ppo/clip_fraction"] = _masked((clipped > unclipped).to(new_logps.dtype), policy_mask).sum() / tokens
+        stats["ppo/clip_fraction"] = (
+            _masked((clipped > unclipped).to(new_logps.dtype), policy_mask).sum() / tokens
+        )
         stats["ppo/approx_kl"] = _masked(((ratio - 1.0) - log_ratio).detach(), policy_mask).sum() / tokens
         stats["drpo/reset_tokens"] = reset.sum().to(new_logps.dtype) / mask.sum().clamp(min=1)
         if inputs.values is not None:
@@ -109,9 +135,12 @@ class DRPOLoss(RTOLoss):
             values = compute_dtype(inputs.values)
             old_values = compute_dtype(inputs.old_values.detach())
             returns = compute_dtype(inputs.returns.detach())
-            values_clipped = old_values + (values - old_values).clamp(-self.value_clip_eps, self.value_clip_eps)
-            value_loss = sequence_mean(0.5 * torch.maximum((values - returns) ** 2, (values_clipped - returns) ** 2),
-                                       mask)  # the critic learns on the prefix too (drpo.py)
+            values_clipped = old_values + (values - old_values).clamp(
+                -self.value_clip_eps, self.value_clip_eps
+            )
+            value_loss = sequence_mean(
+                0.5 * torch.maximum((values - returns) ** 2, (values_clipped - returns) ** 2), mask
+            )  # the critic learns on the prefix too (drpo.py)
             loss = loss + self.value_loss_coef * value_loss
             stats["ppo/value_loss"] = value_loss.detach()
         return LossOutput(loss=loss, metrics=batch_means(stats))

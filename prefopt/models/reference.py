@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -54,7 +55,10 @@ class ModelReference(Reference):
     supports_online = True
 
     def __init__(self, model: torch.nn.Module, chunk_size: Optional[int]):
-        self.model = model
+        # A DeepSpeed engine (ZeRO-3 frozen model) is kept alive for its parameter hooks; calls go to its module,
+        # whose submodules carry the hooks that gather each layer's partitions.
+        self.engine = model
+        self.model = getattr(model, "module", model)
         self.chunk_size = chunk_size
 
     @torch.no_grad()
@@ -131,11 +135,16 @@ def precompute_table(
     own = list(range(accelerator.process_index, total, accelerator.num_processes))
     chosen = torch.zeros(total, dtype=torch.float64)
     rejected = torch.zeros(total, dtype=torch.float64)
-    for start in range(0, len(own), batch_size):
+    # Every rank runs the same number of forwards (a rank with fewer rows repeats its first batch and drops the
+    # result): a ZeRO-3 reference gathers each layer's partitions collectively, and one rank short would hang all.
+    per_rank = math.ceil(total / accelerator.num_processes)
+    for start in range(0, per_rank, batch_size):
         rows = own[start:start + batch_size]
-        batch = collator([dataset[i] for i in rows])
+        batch = collator([dataset[i] for i in (rows or own[:batch_size] or [0])])
         batch = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         c, r = reference.pair_logps(batch)
+        if not rows:
+            continue
         chosen[rows] = c.double().cpu()
         rejected[rows] = r.double().cpu()
         if progress is not None:

@@ -98,6 +98,15 @@ def _plain_linear_weight(head: torch.nn.Module) -> bool:
     return not sharded and weight.dim() == 2 and weight.numel() > 0
 
 
+def _zero3_frozen(head: torch.nn.Module) -> bool:
+    """A frozen ZeRO-3 head (LoRA leaves the head frozen; often tied to the embedding). Activation checkpointing
+    recomputes the head in backward, where DeepSpeed does not re-gather a frozen module's partitions (recomputed
+    weight of shape [0], seen with deepspeed 0.19.8), so its chunks run without checkpointing: correct, at the
+    cost of keeping each chunk's fp32 softmax for backward."""
+    weight = getattr(head, "weight", None)
+    return weight is not None and hasattr(weight, "ds_id") and not weight.requires_grad
+
+
 def _env_mib(name: str, default: float) -> int:
     return int(float(os.environ.get(name, default)) * 2**20)
 
@@ -317,7 +326,7 @@ def completion_token_logps(
     pieces = []
     for start in range(0, selected.shape[0], chunk_size):
         chunk = selected[start:start + chunk_size]
-        if torch.is_grad_enabled() and chunk.requires_grad:
+        if torch.is_grad_enabled() and chunk.requires_grad and not _zero3_frozen(head):
             # Recompute this chunk's logits in backward instead of keeping [chunk, vocab] floats alive.
             pieces.append(checkpoint(_head_logps, head, chunk, targets[start:start + chunk_size], use_reentrant=False))
         else:

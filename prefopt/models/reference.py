@@ -54,7 +54,10 @@ class ModelReference(Reference):
     mode = "model"
     supports_online = True
 
-    def __init__(self, model: torch.nn.Module, chunk_size: Optional[int]):
+    def __init__(self, model: torch.nn.Module, chunk_size: Optional[int], autocast: Callable = contextlib.nullcontext):
+        # ``autocast``: the policy's mixed-precision context (``accelerator.autocast``); the policy runs under it
+        # (accelerate wraps the prepared forward), so the reference must too, or DPO does not start at ln 2.
+        self.autocast = autocast
         # A DeepSpeed engine (ZeRO-3 frozen model) is kept alive for its parameter hooks; calls go to its module,
         # whose submodules carry the hooks that gather each layer's partitions.
         self.engine = model
@@ -63,8 +66,9 @@ class ModelReference(Reference):
 
     @torch.no_grad()
     def token_logps(self, input_ids, attention_mask, completion_mask, **kwargs) -> TokenLogps:
-        return completion_token_logps(self.model, input_ids, attention_mask, completion_mask,
-                                      chunk_size=self.chunk_size, **kwargs)
+        with self.autocast():
+            return completion_token_logps(self.model, input_ids, attention_mask, completion_mask,
+                                          chunk_size=self.chunk_size, **kwargs)
 
 
 class AdapterReference(Reference):
@@ -73,14 +77,16 @@ class AdapterReference(Reference):
     mode = "adapter"
     supports_online = True
 
-    def __init__(self, get_peft_model: Callable[[], torch.nn.Module], chunk_size: Optional[int]):
+    def __init__(self, get_peft_model: Callable[[], torch.nn.Module], chunk_size: Optional[int],
+                 autocast: Callable = contextlib.nullcontext):
         self._get_peft_model = get_peft_model  # unwrapped lazily: accelerate may rewrap the policy after setup
         self.chunk_size = chunk_size
+        self.autocast = autocast  # the unwrapped model runs outside accelerate's autocast wrapper
 
     @torch.no_grad()
     def token_logps(self, input_ids, attention_mask, completion_mask, **kwargs) -> TokenLogps:
         peft_model = self._get_peft_model()
-        with peft_model.disable_adapter():
+        with peft_model.disable_adapter(), self.autocast():
             return completion_token_logps(peft_model, input_ids, attention_mask, completion_mask,
                                           chunk_size=self.chunk_size, **kwargs)
 

@@ -134,3 +134,29 @@ def engine_applied_step(accelerator) -> bool | None:
     if wrapper is None:
         return None
     return bool(wrapper.engine.was_step_applied())
+
+
+def ensure_fp32_master_weights(model: torch.nn.Module) -> int:
+    """Upcast trainable half-precision parameters to fp32 (returns how many) when no engine keeps fp32 masters.
+
+    AdamW on bf16 weights rounds every update to bf16: at lr 5e-7 a weight of magnitude ~0.01 has a bf16 spacing
+    of ~6e-5, so 200 steps leave it exactly unchanged and training silently does nothing. DeepSpeed (bf16 enabled)
+    and accelerate's FSDP keep fp32 master weights themselves; for DDP and single-device runs prefopt keeps the
+    trainable parameters in fp32 and computes in bf16 under ``train.mixed_precision=bf16`` (autocast). Frozen
+    parameters (a LoRA base model) stay in the dtype they were loaded in.
+    """
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    state = AcceleratorState()
+    if state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        return 0
+    count = 0
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype in (torch.bfloat16, torch.float16):
+            parameter.data = parameter.data.float()
+            count += 1
+    if count:
+        logger.info("%d trainable half-precision parameters kept in fp32 for AdamW (master weights); compute "
+                    "precision follows train.mixed_precision", count)
+    return count

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import math
@@ -121,15 +122,16 @@ def build_reference(config: Config, policy_getter, accelerator=None) -> Any:
     chunk = config.train.logps_chunk_size
     if mode == "none":
         return NoReference()
+    autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
     if mode == "adapter":
-        return AdapterReference(policy_getter, chunk)
+        return AdapterReference(policy_getter, chunk, autocast)
     path = config.reference.name_or_path or config.model.name_or_path
     model = load_frozen_causal_lm(path, config.model, key="reference.name_or_path")
     if accelerator is not None:
         from prefopt.trainer.distributed import prepare_frozen
 
         model = prepare_frozen(accelerator, model)
-    return ModelReference(model, chunk)
+    return ModelReference(model, chunk, autocast)
 
 
 def precompute_reference(config: Config, accelerator, live_reference, bundle, collator) -> PrecomputedReference:
@@ -141,7 +143,8 @@ def precompute_reference(config: Config, accelerator, live_reference, bundle, co
     for split, dataset in (("train", bundle.train), ("eval", bundle.eval)):
         if dataset is None:
             continue
-        key = cache_key(identity, f"{bundle.fingerprint}:{split}", config.model.dtype, config.train.logps_chunk_size)
+        key = cache_key(identity, f"{bundle.fingerprint}:{split}", f"{config.model.dtype}/{accelerator.mixed_precision}",
+                        config.train.logps_chunk_size)
         cache_file = cache_dir / f"reference-{key}.safetensors"
         tables[split] = precompute_table(live_reference, dataset, collator, cache_file=cache_file,
                                          accelerator=accelerator, batch_size=config.reference.batch_size)
@@ -153,6 +156,9 @@ def precompute_reference(config: Config, accelerator, live_reference, bundle, co
 def build_optimizer(config: Config, model: torch.nn.Module, total_steps: int):
     from transformers import get_scheduler
 
+    from prefopt.trainer.distributed import ensure_fp32_master_weights
+
+    ensure_fp32_master_weights(model)
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     skip = no_weight_decay_names(model)

@@ -133,7 +133,8 @@ class Trainer:
         from prefopt.trainer.online import build_reference_generator
 
         inner = self.accelerator.unwrap_model(self.policy).model
-        self.ctx.generator = build_generator(self.config.generation, inner, self.tokenizer, self.accelerator)
+        self.ctx.generator = build_generator(self.config.generation, inner, self.tokenizer, self.accelerator,
+                                             seed=self.config.seed, max_prompt_length=self.config.data.max_prompt_length)
         if "reward" in self.loss.needs:
             self.ctx.reward = build_reward(self.config.reward, device=self.accelerator.device,
                                            policy_tokenizer=self.tokenizer)

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 def make_accelerator(config: Config):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
     precision = config.train.mixed_precision
     if precision == "auto":
@@ -70,6 +70,14 @@ def make_accelerator(config: Config):
         raise ConfigError(f"the launcher started {launched} processes but accelerate set up "
                           f"{accelerator.num_processes} ({accelerator.distributed_type}); refusing to train N copies "
                           "side by side; launch with torchrun or accelerate launch without --cpu")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and loss_from_config(config).step == "ppo":
+        from prefopt.errors import ConfigError
+
+        # accelerate 1.15 accelerator.py, prepare(): "You can't use same `Accelerator()` instance with multiple
+        # models when using DeepSpeed"; the PPO stage trains a policy and a critic as two models.
+        raise ConfigError(f"loss.name={config.loss.name}: the PPO stage (policy + critic) does not run under "
+                          "DeepSpeed yet; launch it with DDP (torchrun / accelerate launch without a DeepSpeed "
+                          "config, train.deepspeed unset)")
     if plugin is not None and accelerator.state.deepspeed_plugin is None:
         logger.warning("train.deepspeed is set but accelerate runs %s without DeepSpeed (e.g. ACCELERATE_USE_CPU=1): "
                        "training proceeds without ZeRO", accelerator.distributed_type)

@@ -15,11 +15,13 @@ from torch.utils.data import DataLoader
 
 from prefopt.config import Config, save_config
 from prefopt.data import PairCollator, PromptCollator, SFTCollator, build_datasets
+from prefopt.data.collate import RevisionPairCollator, ScoredPairCollator, TripleCollator
 from prefopt.trainer import checkpoint as ckpt
 from prefopt.trainer.metrics import MetricAverager, RunLogger, Throughput
+from prefopt.trainer.run_dir import RunDir, run_fingerprint
 from prefopt.trainer.setup import (build_optimizer, build_policy, build_reference, load_run_tokenizer,
-                                   loss_from_config, make_accelerator, precompute_reference, prepare_output_dir,
-                                   total_optimizer_steps, write_run_info)
+                                   loss_from_config, make_accelerator, precompute_reference, total_optimizer_steps,
+                                   write_run_info)
 from prefopt.trainer import sparse_embedding
 from prefopt.trainer.distributed import engine_applied_step
 from prefopt.trainer.host_memory import return_freed_memory_to_os
@@ -46,10 +48,17 @@ def collator_for(data_kind: str, pad_token_id: int, packing: bool = False):
         from prefopt.data.packing import PackedPairCollator
 
         return PackedPairCollator(pad_token_id)
+    variants = {"scored_pairs": ScoredPairCollator, "triples": TripleCollator, "revision_pairs": RevisionPairCollator}
+    if data_kind in variants:
+        return variants[data_kind](pad_token_id)
     return {"pairs": PairCollator(pad_token_id), "sft": SFTCollator(pad_token_id), "prompts": PromptCollator()}[data_kind]
 
 
 def train(config: Config) -> TrainResult:
+    if config.iterations.count:
+        from prefopt.iterative.run import train_iterations
+
+        return train_iterations(config)
     loss = loss_from_config(config)
     if loss.step == "ppo":
         from prefopt.trainer.ppo import train_ppo
@@ -74,12 +83,13 @@ class Trainer:
         self.accelerator, trackers = make_accelerator(config)
         acc = self.accelerator
         out_dir = Path(config.output_dir)
-        self.resume_path = ckpt.resolve_resume(config.train.resume_from, out_dir)
-        self.output_dir = prepare_output_dir(config, acc, resuming=self.resume_path is not None)
+        self.run_dir = RunDir.plan(config)  # checks output_dir and the checkpoint; writes nothing yet
+        self.resume_path, self.output_dir = self.run_dir.resume_path, self.run_dir.path
         step_cls = step_registry()[loss.step]
         self.tokenizer = load_run_tokenizer(config)
         self.bundle = build_datasets(config.data, self.tokenizer, step_cls.data_kind, seed=config.seed,
                                      cache_dir=str(out_dir.parent / ".prefopt_cache" / "data"))
+        self.run_dir.open(acc, run_fingerprint(config, self.tokenizer, self.bundle))
         if acc.is_main_process:
             save_config(config, self.output_dir / "config.yaml")
             write_run_info(acc, self.output_dir, config)
@@ -237,8 +247,8 @@ class Trainer:
             if state.consecutive_skipped > self.config.train.max_skipped_steps:
                 raise TrainingDiverged(
                     f"{state.consecutive_skipped} consecutive optimizer steps had a non-finite loss or gradient "
-                    f"(train.max_skipped_steps={self.config.train.max_skipped_steps}); stopping. The last good "
-                    f"checkpoint in {self.output_dir} is intact; lower train.learning_rate or check the data.")
+                    f"(train.max_skipped_steps={self.config.train.max_skipped_steps}); stopping. "
+                    f"{ckpt.last_good_checkpoint_note(self.output_dir)}; lower train.learning_rate or check the data.")
         self.optimizer.zero_grad(set_to_none=True)
 
     def _log_train(self, averager: MetricAverager, throughput: Throughput) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +27,7 @@ class TrainerState:
     batches_in_epoch: int = 0  # micro-batches this rank consumed in the current epoch
     skipped_steps: int = 0
     consecutive_skipped: int = 0
-    kl_coef: Optional[float] = None  # PPO's adaptive KL coefficient, so a resumed run continues from it
+    step_state: dict = field(default_factory=dict)  # the step kind's own state (PPO: the adaptive KL coefficient)
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -74,7 +74,11 @@ def save_checkpoint(accelerator, output_dir: Path, state: TrainerState, save_tot
 
 def load_checkpoint(accelerator, path: Path) -> TrainerState:
     accelerator.load_state(str(path))
-    return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+    saved = json.loads((path / STATE_FILE).read_text())
+    if "kl_coef" in saved:  # checkpoints written before step kinds owned their state
+        kl_coef = saved.pop("kl_coef")
+        saved.setdefault("step_state", {} if kl_coef is None else {"kl_coef": kl_coef})
+    return TrainerState(**saved)
 
 
 def save_final_model(accelerator, prepared_policy, tokenizer, output_dir: Path) -> Path:

@@ -161,13 +161,6 @@ def _fusable(parameter: torch.Tensor) -> bool:
     return parameter.is_floating_point() and parameter.device.type in ("cpu", "cuda")
 
 
-def total_optimizer_steps(config: Config, batches_per_epoch: int) -> int:
-    steps_per_epoch = max(batches_per_epoch // config.train.gradient_accumulation_steps, 1)
-    if config.train.max_steps:
-        return config.train.max_steps
-    return max(math.ceil(config.train.num_epochs * steps_per_epoch), 1)
-
-
 def prepare_output_dir(config: Config, accelerator, resuming: bool) -> Path:
     from prefopt.errors import ConfigError
 

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from prefopt.errors import ConfigError
+from prefopt.losses.registry import DEFAULT_LOSS
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -93,7 +94,7 @@ class LossConfig(BaseModel):
     """``name`` plus the loss's own hyperparameters, validated by the loss registry."""
 
     model_config = ConfigDict(extra="allow")
-    name: str = "dpo"
+    name: str = DEFAULT_LOSS
 
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})

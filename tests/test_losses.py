@@ -1,4 +1,4 @@
-"""Loss modules against the worked numbers of LOSSES.md section 9, plus invariants, stability and errors."""
+"""Loss modules against the worked numbers of docs/losses.md, plus invariants, stability and errors."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def t(*values: float, dtype: torch.dtype = F64, grad: bool = False) -> torch.Ten
 
 
 def worked_pair(grad: bool = True) -> LossInputs:
-    """LOSSES.md section 9 shared inputs: lr_w = 1, lr_l = -1, h = 2, avg_w = -2, avg_l = -1.5."""
+    """The shared worked inputs of docs/losses.md: lr_w = 1, lr_l = -1, h = 2, avg_w = -2, avg_l = -1.5."""
     return LossInputs(
         policy_chosen_logps=t(-12.0, grad=grad),
         policy_rejected_logps=t(-15.0, grad=grad),

@@ -1,7 +1,7 @@
 """Tokenization with an exact prompt/completion boundary, truncation, and the data fingerprint.
 
 The prompt text and each completion text are tokenized **separately** and their ids concatenated, so no BPE merge
-crosses the boundary and the completion starts exactly where the prompt ends (LOSSES.md section 0). Every completion
+crosses the boundary and the completion starts where the prompt ends (docs/losses.md). Every completion
 ends with the EOS token (with a ChatML template EOS is ``<|im_end|>``, the end of the assistant turn); a trailing EOS
 string in the text is not doubled.
 

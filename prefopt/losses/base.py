@@ -33,8 +33,8 @@ hyperparameter attributes):
   needs a reward, exit status 2).
 
 * hooks the step may call, all with defaults here: :meth:`PreferenceLoss.online_samples_per_prompt` (online samples per
-  prompt, ``pairs+samples``), :meth:`PreferenceLoss.implicit_reward` (the reward a pair loss implies, for
-  diagnostics and evaluation), and for ``"ppo"`` the rollout hooks of ``PPOLoss`` (``token_rewards``,
+  prompt, ``pairs+samples``), :meth:`PreferenceLoss.implicit_reward` (an :class:`ImplicitReward`, the reward
+  a pair loss implies, for metrics, diagnostics and evaluation), and for ``"ppo"`` the rollout hooks of ``PPOLoss`` (``token_rewards``,
   ``advantages``, ``initial_kl_coef``; the adaptive-KL state lives in the step, which passes the current
   coefficient to ``token_rewards``, so the loss object is never mutated by the trainer).
 
@@ -61,7 +61,7 @@ class LossInputs:
     """Everything a loss may read. Shapes: ``[B]`` per pair, ``[M]`` per online sample, ``[N, T]`` per token.
 
     Sequence log-probabilities are **sums** over completion tokens (EOS included), computed in fp32
-    (LOSSES.md section 0). Reference quantities carry no gradient.
+    (docs/losses.md, Conventions). Reference quantities carry no gradient.
     """
 
     # Offline / online pairs ---------------------------------------------------------------------------------
@@ -108,7 +108,7 @@ class LossInputs:
 
 @dataclass
 class LossOutput:
-    """``loss``: scalar to minimise (may be a surrogate). ``metrics``: floats to log, names as in LOSSES.md.
+    """``loss``: scalar to minimise (may be a surrogate). ``metrics``: floats to log (names: docs/losses.md).
 
     ``reported_loss`` is the value to log as ``loss`` when it differs from the optimised surrogate (HyPO).
     """
@@ -118,18 +118,82 @@ class LossOutput:
     reported_loss: Optional[float] = None
 
 
+@dataclass(frozen=True)
+class ImplicitReward:
+    """How a loss scores one response: the implicit reward its objective compares (docs/losses.md).
+
+    ``r(y) = scale * (logp_policy(y) - logp_ref(y))``, without the reference term when ``uses_reference`` is
+    False, divided by ``|y|`` (completion tokens) when ``length_normalized``. DPO family: ``scale=beta``, with
+    reference, not normalised; SimPO: ``beta * logp/|y|``; CPO: ``beta * logp``. The token-level reward
+    (:meth:`tokens`) sums over a response to :meth:`sequence`.
+
+    Works on torch tensors and numpy arrays alike (plain arithmetic), so the trainer's ``rewards/*`` metrics,
+    ``prefopt diagnose`` and the gold benchmark all use the same definition.
+    """
+
+    scale: float
+    uses_reference: bool = True
+    length_normalized: bool = False
+
+    def sequence(self, policy_logps: Any, reference_logps: Any = None, lengths: Any = None) -> Any:
+        """``r(y)`` per response from sequence log-prob sums (and lengths when normalised)."""
+        value = policy_logps
+        if self.uses_reference:
+            if reference_logps is None:
+                raise ValueError(f"implicit reward {self.formula()} needs reference log-probs")
+            value = value - reference_logps
+        if self.length_normalized:
+            if lengths is None:
+                raise ValueError(f"implicit reward {self.formula()} needs completion lengths")
+            if bool((lengths <= 0).any()):
+                raise ValueError(f"implicit reward {self.formula()}: a completion has zero tokens")
+            value = value / lengths
+        return self.scale * value
+
+    def tokens(self, policy_token_logps: Any, reference_token_logps: Any, mask: Any, lengths: Any = None) -> Any:
+        """Per-token rewards ``[N, T]`` (0 off the completion); each row sums to :meth:`sequence`."""
+        value = policy_token_logps
+        if self.uses_reference:
+            if reference_token_logps is None:
+                raise ValueError(f"implicit reward {self.formula()} needs reference log-probs")
+            value = value - reference_token_logps
+        value = self.scale * value * mask
+        if self.length_normalized:
+            value = value / lengths.clamp(min=1)[:, None]
+        return value
+
+    def formula(self, scale: str = "beta") -> str:
+        """Human-readable form, e.g. ``beta * (logp - logp_ref)`` or ``beta * logp / |y|``."""
+        core = "(logp - logp_ref)" if self.uses_reference else "logp"
+        return f"{scale} * {core}" + (" / |y|" if self.length_normalized else "")
+
+
 class PreferenceLoss:
     """Base class of every loss module (the declaration contract is in this module's docstring).
 
     Subclasses set ``name``, ``needs``, ``step`` and ``summary``, take their hyperparameters as keyword
-    arguments of ``__init__`` (with the defaults of LOSSES.md; the registry reads the signature to list them),
-    and implement :meth:`forward`.
+    arguments of ``__init__`` (with the defaults of docs/losses.md; the registry reads the signature to
+    list them), and implement :meth:`forward`.
     """
 
     name: ClassVar[str] = ""
     needs: FrozenSet[str] = frozenset()
     step: ClassVar[str] = "pairs"
     summary: ClassVar[str] = ""  # one line for `prefopt losses`
+    paper: ClassVar[str] = ""  # authors, year, title, arXiv id (for `prefopt losses NAME`)
+    formula: ClassVar[str] = ""  # the minimised per-pair loss, plain text (for `prefopt losses NAME`)
+
+    def implicit_reward(self) -> Optional[ImplicitReward]:
+        """The reward this loss's objective compares, or None when it has none (SFT, reward model, PPO).
+
+        Diagnostics, the trainer's ``rewards/*`` metrics and the gold benchmark ask this instead of knowing
+        loss names. The default is the DPO family's ``beta * (logp - logp_ref)`` for losses that need a
+        reference and have a ``beta``; others override it.
+        """
+        beta = getattr(self, "beta", None)
+        if "reference" in self.needs and isinstance(beta, float):
+            return ImplicitReward(scale=beta)
+        return None
 
     def forward(self, inputs: LossInputs) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -140,18 +204,6 @@ class PreferenceLoss:
     def online_samples_per_prompt(self) -> int:
         """How many online policy samples per prompt a ``pairs+samples`` step draws for this loss (default 1)."""
         return 1
-
-    def implicit_reward(
-        self, policy_logps: torch.Tensor, reference_logps: Optional[torch.Tensor], lengths: torch.Tensor
-    ) -> Optional[torch.Tensor]:
-        """The reward this loss implies for completions, ``[B]``, or None when it implies none (the default).
-
-        ``policy_logps``/``reference_logps``: summed completion logps ``[B]`` (reference None for reference-free
-        losses); ``lengths``: completion token counts ``[B]``. The DPO family returns ``beta * (policy -
-        reference)``, SimPO ``beta * policy / lengths``. Steps and diagnostics call this instead of recomputing a
-        method's reward from its hyperparameters.
-        """
-        return None
 
     @classmethod
     def parameter_defaults(cls) -> dict[str, Any]:

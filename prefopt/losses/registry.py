@@ -27,6 +27,9 @@ _LOSSES: dict[str, type[PreferenceLoss]] = {
 }
 
 
+DEFAULT_LOSS = DPOLoss.name  # a recipe without loss.name trains this; diagnose falls back to its implicit reward
+
+
 def _did_you_mean(word: str, options: list[str]) -> str:
     close = difflib.get_close_matches(word, options, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""

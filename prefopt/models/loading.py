@@ -52,8 +52,8 @@ def load_causal_lm(name_or_path: str, model_cfg: ModelConfig, *, key: str = "mod
                    for_training: bool = True):
     """An ``AutoModelForCausalLM`` with the recipe's dtype and attention implementation, dropout disabled.
 
-    Dropout is off in the policy and the reference (LOSSES.md section 0): with it on, policy == reference would
-    not give DPO's ln 2 at step 0, and the implicit reward would be noisy.
+    Dropout is off in the policy and the reference (docs/losses.md, Conventions): with it on,
+    policy == reference would not give DPO's ln 2 at step 0, and the implicit reward would be noisy.
     """
     from transformers import AutoModelForCausalLM
 

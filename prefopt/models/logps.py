@@ -1,6 +1,6 @@
 """Per-token completion log-probabilities, without materialising ``[batch, seq, vocab]`` fp32 log-softmax.
 
-Convention (LOSSES.md section 0): the log-prob of token ``t`` comes from ``log_softmax(logits[t-1])`` in fp32,
+Convention (docs/losses.md): the log-prob of token ``t`` comes from ``log_softmax(logits[t-1])`` in fp32,
 gathered at ``input_ids[t]``; the completion mask is shifted with the labels. We run the decoder body once, pick
 the hidden states of the positions that predict a completion token, and apply the lm head + log-softmax to those
 rows only, a block of rows at a time. Prompt and padding positions never reach the lm head.

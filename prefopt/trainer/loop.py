@@ -106,8 +106,7 @@ class Trainer:
         # Each epoch is trimmed to whole steps so that every step sees the same number of rows.
         self.rows_per_epoch = len(self.bundle.train) // rows_per_step * rows_per_step
         if self.rows_per_epoch == 0:
-            key = "ppo.rollout_batch_size" if step_cls.kind == "ppo" else "train.per_device_batch_size"
-            raise ConfigError(f"{key}: {len(self.bundle.train)} training rows cannot fill one step of "
+            raise ConfigError(f"{step_cls.batch_size_key}: {len(self.bundle.train)} training rows cannot fill one step of "
                               f"{self.batch_size} rows x {acc.num_processes} processes x {batches_per_step} "
                               "accumulation steps")
         self.batches_per_epoch = self.rows_per_epoch // (self.batch_size * acc.num_processes)

@@ -41,7 +41,7 @@ def stack_padded(batches: list[dict], pad_token_id: int) -> dict:
 
 @register_step("pairs+samples")
 class HyPOStep(PairStep):
-    """DPO on the offline pair plus a reverse-KL penalty estimated on fresh policy samples (LOSSES.md section 5)."""
+    """DPO on the offline pair plus a reverse-KL penalty on fresh policy samples (docs/losses.md, hypo)."""
 
     @classmethod
     def check_config(cls, config, loss) -> None:
@@ -147,8 +147,8 @@ class OnlinePairStep(StepKind):
         """``(policy scores, reference scores, policy wins)``; scores are None with a pairwise judge.
 
         Both sample sets are scored in ONE call: a normalising reward (``reward.normalize``) then applies the same
-        affine map to both, so the order is that of the raw scores. Ties go to the policy sample (LOSSES.md
-        section 6; a judge's 0.5 is a tie)."""
+        affine map to both, so the order is that of the raw scores. Ties go to the policy sample (docs/losses.md,
+        xpo; a judge's 0.5 is a tie)."""
         prompts = [batch["prompt_text"][int(i)] for i in policy.prompt_index]
         if self.ctx.config.reward.kind == "judge":
             verdicts = self.ctx.reward.judge(prompts, policy.texts, reference.texts).float().cpu()

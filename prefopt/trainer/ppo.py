@@ -54,6 +54,7 @@ class AdaptiveKL:
 @register_step("ppo")
 class PPOStep(StepKind):
     data_kind = "prompts"
+    batch_size_key = "ppo.rollout_batch_size"
 
     # ------------------------------------------------------------------------------------------ class hooks
 

@@ -108,6 +108,7 @@ class StepKind:
     kind: ClassVar[str] = ""
     data_kind: ClassVar[str] = "pairs"
     model_kind: ClassVar[str] = "causal_lm"
+    batch_size_key: ClassVar[str] = "train.per_device_batch_size"  # the config key of loader_batch_size
 
     def __init__(self, ctx: StepContext):
         self.ctx = ctx

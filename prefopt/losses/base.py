@@ -19,6 +19,9 @@ hyperparameter attributes):
                        the loss implements the rollout hooks of :class:`prefopt.losses.ppo.PPOLoss`.
   ``"sft"``            supervised warm-up on prompt/completion rows (only ``policy_chosen_logps`` / ``chosen_lengths``).
   ``"reward_pairs"``   reward-model training: scalar scores of chosen and rejected from a sequence classifier.
+  ``"scored_pairs"``   offline pairs plus a scalar reward of each completion from the data (CoPG).
+  ``"triples"``        offline pairs plus a gold completion scored by the policy (TPO).
+  ``"revision_pairs"`` offline pairs plus each completion scored as a revision of either one (SRPO).
 
 * ``needs`` -- a set drawn from :data:`NEEDS` (class attribute; an instance may narrow it in ``__init__``, e.g. RTO
   drops ``"dpo_policy"`` when its DPO reward is switched off):
@@ -28,6 +31,9 @@ hyperparameter attributes):
   ``"reward"``      scalar scores from the reward layer (``reward.kind`` model, function or implicit).
   ``"preference"``  something that orders two samples: a pairwise judge (``reward.kind=judge``) or any scorer.
   ``"dpo_policy"``  a frozen stage-1 DPO policy for token rewards (``ppo.dpo_policy`` or ``ppo.dpo_adapter``).
+  ``"scores"``      a scalar reward per completion from the data (or the reward layer), CoPG.
+  ``"gold"``        a third, gold completion per pair scored by the policy, TPO.
+  ``"revisions"``   the pair's completions scored again as revisions of each other, SRPO.
 
   The config refuses, at load time, a recipe that cannot satisfy them (e.g. ``reward.kind=none`` for a loss that
   needs a reward, exit status 2).
@@ -52,8 +58,9 @@ from typing import Any, ClassVar, FrozenSet, Optional
 
 import torch
 
-STEP_KINDS = ("pairs", "pairs+samples", "online_pairs", "ppo", "sft", "reward_pairs")
-NEEDS = ("reference", "online", "reward", "preference", "dpo_policy")
+STEP_KINDS = ("pairs", "pairs+samples", "online_pairs", "ppo", "sft", "reward_pairs", "scored_pairs", "triples",
+              "revision_pairs")
+NEEDS = ("reference", "online", "reward", "preference", "dpo_policy", "scores", "gold", "revisions")
 
 
 @dataclass
@@ -85,6 +92,18 @@ class LossInputs:
     # Reward-model training ----------------------------------------------------------------------------------
     chosen_scores: Optional[torch.Tensor] = None  # [B], with grad
     rejected_scores: Optional[torch.Tensor] = None  # [B], with grad
+
+    # CoPG: a scalar reward per completion, from the data or the reward layer; constants (no grad) -------------
+    chosen_external_rewards: Optional[torch.Tensor] = None  # [B]
+    rejected_external_rewards: Optional[torch.Tensor] = None  # [B]
+
+    # TPO: the gold (best) completion of each triple ----------------------------------------------------------
+    gold_logps: Optional[torch.Tensor] = None  # [B] sums over gold completion tokens, with grad
+    gold_lengths: Optional[torch.Tensor] = None  # [B]
+
+    # SRPO: logps of y_w / y_l as revisions of y_l / y_w; columns in srpo.REVISION_COLUMNS order --------------
+    policy_revision_logps: Optional[torch.Tensor] = None  # [B, 4], with grad
+    reference_revision_logps: Optional[torch.Tensor] = None  # [B, 4]
 
     # PPO (RTO): per-token tensors of one minibatch, already aligned to response tokens -------------------------
     response_mask: Optional[torch.Tensor] = None  # [N, T] 1 on response tokens

@@ -38,6 +38,14 @@ class Reference:
         half = sums.shape[0] // 2
         return sums[:half], sums[half:]
 
+    def group_logps(self, batch: dict, groups: int) -> torch.Tensor:
+        """``[groups, B]`` sums for a batch whose ``input_ids`` stack ``groups`` row groups of B sequences (triples,
+        SRPO's revision sequences); ``pair_logps`` is the first two groups."""
+        logps = self.token_logps(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                 position_ids=batch.get("position_ids"), attention_bias=batch.get("attention_bias"))
+        sums, _ = sequence_totals(logps, batch)
+        return sums.view(groups, -1)
+
     def token_logps(self, input_ids, attention_mask, completion_mask, **kwargs) -> TokenLogps:
         raise NotImplementedError(f"reference mode '{self.mode}' cannot score new sequences")
 
@@ -104,6 +112,13 @@ class PrecomputedReference(Reference):
         device = batch["input_ids"].device
         return table["chosen"][index].to(device), table["rejected"][index].to(device)
 
+    def group_logps(self, batch, groups):
+        table = self.tables[self.split]
+        if groups == 2:
+            return torch.stack(self.pair_logps(batch))
+        index = batch["index"].to("cpu")
+        return table["groups"][index].T.to(batch["input_ids"].device)
+
 
 def cache_key(reference_identity: str, data_fingerprint: str, dtype: str, chunk: Optional[int]) -> str:
     text = "|".join([reference_identity, data_fingerprint, dtype, "v1"])
@@ -129,23 +144,24 @@ def precompute_table(
         return load_file(str(cache_file))
     total = len(dataset)
     own = list(range(accelerator.process_index, total, accelerator.num_processes))
-    chosen = torch.zeros(total, dtype=torch.float64)
-    rejected = torch.zeros(total, dtype=torch.float64)
+    groups = getattr(collator, "groups", 2)  # SRPO caches all six sequences of a pair, triples all three
+    values = torch.zeros(groups, total, dtype=torch.float64)
     for start in range(0, len(own), batch_size):
         rows = own[start:start + batch_size]
         batch = collator([dataset[i] for i in rows])
         batch = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        c, r = reference.pair_logps(batch)
-        chosen[rows] = c.double().cpu()
-        rejected[rows] = r.double().cpu()
+        if groups == 2:
+            values[:, rows] = torch.stack(reference.pair_logps(batch)).double().cpu()
+        else:
+            values[:, rows] = reference.group_logps(batch, groups).double().cpu()
         if progress is not None:
             progress(len(rows))
     if accelerator.num_processes > 1:
         # Each row was computed by exactly one rank and is zero elsewhere: a sum-reduce assembles the table.
-        stacked = torch.stack([chosen, rejected]).to(accelerator.device)
-        stacked = accelerator.reduce(stacked, reduction="sum").cpu()
-        chosen, rejected = stacked[0], stacked[1]
-    table = {"chosen": chosen.float(), "rejected": rejected.float()}
+        values = accelerator.reduce(values.to(accelerator.device), reduction="sum").cpu()
+    table = {"chosen": values[0].float(), "rejected": values[1].float()}
+    if groups > 2:
+        table["groups"] = values.T.float().contiguous()  # [N, groups]
     if accelerator.is_main_process:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp")

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from prefopt.config import Config, save_config
 from prefopt.data import PairCollator, PromptCollator, SFTCollator, build_datasets
+from prefopt.data.collate import RevisionPairCollator, ScoredPairCollator, TripleCollator
 from prefopt.errors import ConfigError
 from prefopt.models.reference import ModelReference
 from prefopt.trainer import checkpoint as ckpt
@@ -29,9 +30,9 @@ from prefopt.trainer import sparse_embedding
 from prefopt.trainer.host_memory import return_freed_memory_to_os
 from prefopt.trainer.kinds import step_kind_for
 from prefopt.trainer.metrics import MetricAverager, RunLogger
+from prefopt.trainer.run_dir import RunDir, run_fingerprint
 from prefopt.trainer.setup import (build_optimizer, build_policy, build_reference, load_run_tokenizer,
-                                   loss_from_config, make_accelerator, precompute_reference, prepare_output_dir,
-                                   write_run_info)
+                                   loss_from_config, make_accelerator, precompute_reference, write_run_info)
 from prefopt.trainer.steps import StepContext
 from prefopt.trainer.updates import TrainedModule, TrainingDiverged, Updater
 
@@ -54,11 +55,18 @@ def collator_for(data_kind: str, pad_token_id: int, packing: bool = False):
         from prefopt.data.packing import PackedPairCollator
 
         return PackedPairCollator(pad_token_id)
+    variants = {"scored_pairs": ScoredPairCollator, "triples": TripleCollator, "revision_pairs": RevisionPairCollator}
+    if data_kind in variants:
+        return variants[data_kind](pad_token_id)
     return {"pairs": PairCollator(pad_token_id), "sft": SFTCollator(pad_token_id), "prompts": PromptCollator()}[data_kind]
 
 
 def train(config: Config) -> TrainResult:
-    """Run a recipe end to end with the step kind its loss declares."""
+    """Run a recipe end to end with the step kind its loss declares (``iterations.count > 0``: DNO-style rounds)."""
+    if config.iterations.count:
+        from prefopt.iterative.run import train_iterations
+
+        return train_iterations(config)
     return Trainer(config).run()
 
 
@@ -80,12 +88,13 @@ class Trainer:
         self.accelerator, trackers = make_accelerator(config)
         acc = self.accelerator
         out_dir = Path(config.output_dir)
-        self.resume_path = ckpt.resolve_resume(config.train.resume_from, out_dir)
+        self.run_dir = RunDir.plan(config)  # checks output_dir and the checkpoint; writes nothing yet
+        self.resume_path, self.output_dir = self.run_dir.resume_path, self.run_dir.path
         self.tokenizer = load_run_tokenizer(config)
         step_cls.check_models(config, self.tokenizer)
-        self.output_dir = prepare_output_dir(config, acc, resuming=self.resume_path is not None)
         self.bundle = build_datasets(config.data, self.tokenizer, step_cls.data_kind, seed=config.seed,
                                      cache_dir=str(out_dir.parent / ".prefopt_cache" / "data"))
+        self.run_dir.open(acc, run_fingerprint(config, self.tokenizer, self.bundle))
         if acc.is_main_process:
             save_config(config, self.output_dir / "config.yaml")
             write_run_info(acc, self.output_dir, config)

@@ -209,7 +209,11 @@ class PairStep(StepKind):
                             chosen_lengths=chosen_len, rejected_lengths=rejected_len)
         if "reference" in ctx.loss.needs:
             inputs.reference_chosen_logps, inputs.reference_rejected_logps = ctx.reference.pair_logps(batch)
+        self.extend(inputs, batch)
         return StepResult(ctx.loss(inputs), tokens=float(batch["attention_mask"].sum()))
+
+    def extend(self, inputs: LossInputs, batch: dict) -> None:
+        """Hook for pair steps whose data carries more than the pair (e.g. per-completion scores)."""
 
 
 @register_step("sft")

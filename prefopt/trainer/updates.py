@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
+from prefopt.trainer import checkpoint as ckpt
 from prefopt.trainer import sparse_embedding
 from prefopt.trainer.metrics import MetricAverager, Throughput
 
@@ -122,8 +123,8 @@ class Updater:
             if state.consecutive_skipped > config.train.max_skipped_steps:
                 raise TrainingDiverged(
                     f"{state.consecutive_skipped} consecutive optimizer steps had a non-finite loss or gradient "
-                    f"(train.max_skipped_steps={config.train.max_skipped_steps}); stopping. The last good "
-                    f"checkpoint in {self.output_dir} is intact; lower train.learning_rate or check the data.")
+                    f"(train.max_skipped_steps={config.train.max_skipped_steps}); stopping. "
+                    f"{ckpt.last_good_checkpoint_note(self.output_dir)}; lower train.learning_rate or check the data.")
         for trained in self.modules:
             trained.optimizer.zero_grad(set_to_none=True)
         return finite

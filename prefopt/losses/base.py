@@ -34,6 +34,7 @@ hyperparameter attributes):
   ``"scores"``      a scalar reward per completion from the data (or the reward layer), CoPG.
   ``"gold"``        a third, gold completion per pair scored by the policy, TPO.
   ``"revisions"``   the pair's completions scored again as revisions of each other, SRPO.
+  ``"resets"``      prompt rows with a dataset completion whose prefixes rollouts restart from, DR-PO.
 
   The config refuses, at load time, a recipe that cannot satisfy them (e.g. ``reward.kind=none`` for a loss that
   needs a reward, exit status 2).
@@ -60,7 +61,7 @@ import torch
 
 STEP_KINDS = ("pairs", "pairs+samples", "online_pairs", "ppo", "sft", "reward_pairs", "scored_pairs", "triples",
               "revision_pairs")
-NEEDS = ("reference", "online", "reward", "preference", "dpo_policy", "scores", "gold", "revisions")
+NEEDS = ("reference", "online", "reward", "preference", "dpo_policy", "scores", "gold", "revisions", "resets")
 
 
 @dataclass
@@ -113,6 +114,7 @@ class LossInputs:
     returns: Optional[torch.Tensor] = None  # [N, T]
     values: Optional[torch.Tensor] = None  # [N, T] current critic, with grad
     old_values: Optional[torch.Tensor] = None  # [N, T] critic at rollout time
+    reset_mask: Optional[torch.Tensor] = None  # [N, T] DR-PO: 1 on response tokens forced from a dataset prefix
 
     def require(self, *names: str) -> None:
         """Raise a ValueError naming every field a loss needs that the caller left as None."""

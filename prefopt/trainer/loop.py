@@ -24,9 +24,9 @@ from prefopt.config import Config, save_config
 from prefopt.data import PairCollator, PromptCollator, SFTCollator, build_datasets
 from prefopt.data.collate import RevisionPairCollator, ScoredPairCollator, TripleCollator
 from prefopt.errors import ConfigError
-from prefopt.models.reference import ModelReference
 from prefopt.trainer import checkpoint as ckpt
 from prefopt.trainer import sparse_embedding
+from prefopt.trainer.distributed import engine_applied_step
 from prefopt.trainer.host_memory import return_freed_memory_to_os
 from prefopt.trainer.kinds import step_kind_for
 from prefopt.trainer.metrics import MetricAverager, RunLogger
@@ -67,7 +67,12 @@ def train(config: Config) -> TrainResult:
         from prefopt.iterative.run import train_iterations
 
         return train_iterations(config)
-    return Trainer(config).run()
+    loss = loss_from_config(config)
+    if loss.step == "scored_pairs":  # per-completion rewards from the reward layer when the data has none
+        from prefopt.trainer.pair_scores import with_scored_pairs
+
+        config = with_scored_pairs(config)
+    return Trainer(config, loss).run()
 
 
 def _hf_model(policy: torch.nn.Module) -> torch.nn.Module:
@@ -103,7 +108,7 @@ class Trainer:
                 logger.info(line)
         self.collator = collator_for(step_cls.data_kind, self.tokenizer.pad_token_id, config.data.packing)
         policy = build_policy(config, step_cls.model_kind, self.tokenizer)
-        reference = build_reference(config, lambda: self.accelerator.unwrap_model(self.policy).model)
+        reference = build_reference(config, lambda: self.accelerator.unwrap_model(self.policy).model, acc)
         if config.resolved_reference_mode() == "precomputed":
             reference = precompute_reference(config, acc, reference, self.bundle, self.collator)
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -115,16 +120,14 @@ class Trainer:
         # Each epoch is trimmed to whole steps so that every step sees the same number of rows.
         self.rows_per_epoch = len(self.bundle.train) // rows_per_step * rows_per_step
         if self.rows_per_epoch == 0:
-            raise ConfigError(f"{step_cls.batch_size_key}: {len(self.bundle.train)} training rows cannot fill one step of "
-                              f"{self.batch_size} rows x {acc.num_processes} processes x {batches_per_step} "
+            raise ConfigError(f"{step_cls.batch_size_key}: {len(self.bundle.train)} training rows cannot fill one "
+                              f"step of {self.batch_size} rows x {acc.num_processes} processes x {batches_per_step} "
                               "accumulation steps")
         self.batches_per_epoch = self.rows_per_epoch // (self.batch_size * acc.num_processes)
         steps_per_epoch = self.batches_per_epoch // batches_per_step
         self.total_steps = config.train.max_steps or max(math.ceil(config.train.num_epochs * steps_per_epoch), 1)
         self.modules = self._prepare(step_cls, policy)
         self.policy = self.modules[0].module
-        if isinstance(self.reference, ModelReference):
-            self.reference.model.to(acc.device)
         self.state = ckpt.TrainerState()
         self.ctx = StepContext(acc, self.policy, loss, self.reference, self.tokenizer, config,
                                modules={m.name: m.module for m in self.modules[1:]}, extras=self._extras,
@@ -176,7 +179,9 @@ class Trainer:
             from prefopt.generation import build_generator
 
             inner = self.accelerator.unwrap_model(self.policy).model
-            self.ctx.generator = build_generator(self.config.generation, inner, self.tokenizer, self.accelerator)
+            self.ctx.generator = build_generator(self.config.generation, inner, self.tokenizer, self.accelerator,
+                                                 seed=self.config.seed,
+                                                 max_prompt_length=self.config.data.max_prompt_length)
         if needs & {"reward", "preference"}:
             from prefopt.models.reward import build_reward
 

@@ -17,6 +17,7 @@ import torch
 
 from prefopt.trainer import checkpoint as ckpt
 from prefopt.trainer import sparse_embedding
+from prefopt.trainer.distributed import engine_applied_step
 from prefopt.trainer.metrics import MetricAverager, Throughput
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,11 @@ class Updater:
             for name, norm in norms.items():
                 if norm is not None:
                     self.averager.add({"grad_norm" if name == "policy" else f"{name}/grad_norm": float(norm)})
+        elif engine_applied_step(self.accelerator):
+            raise TrainingDiverged(
+                f"step {state.global_step + 1}: non-finite loss or gradient, and DeepSpeed has already applied the "
+                "update (it steps inside backward); the weights may now be non-finite. "
+                f"{ckpt.last_good_checkpoint_note(self.output_dir)}; lower train.learning_rate or check the data.")
         else:
             state.skipped_steps += 1
             state.consecutive_skipped += 1

@@ -55,6 +55,7 @@ class AdaptiveKL:
 class PPOStep(StepKind):
     data_kind = "prompts"
     batch_size_key = "ppo.rollout_batch_size"
+    trains_several_models = True
 
     # ------------------------------------------------------------------------------------------ class hooks
 

@@ -64,7 +64,8 @@ def random_pairs(batch: int = 5, seed: int = 0, dtype: torch.dtype = F64) -> Los
 # The losses prefopt has shipped: none may disappear. New ones are welcome (they are checked generically below,
 # trained end to end by tests/test_loss_e2e.py and must have a section in docs/losses.md).
 SHIPPED_LOSSES = [
-    "dpo", "simpo", "fdpo", "rpo", "hypo", "xpo", "rto", "sft", "reward_model", "copg", "tpo", "tpo_l", "srpo",
+    "dpo", "simpo", "fdpo", "rpo", "hypo", "xpo", "ppo", "rto", "sft", "reward_model", "copg", "tpo", "tpo_l",
+    "srpo",
 ]
 
 
@@ -90,8 +91,9 @@ def test_declared_needs_and_steps():
         "fdpo": ({"reference"}, "pairs"),
         "rpo": ({"reference"}, "pairs"),
         "hypo": ({"reference", "online"}, "pairs+samples"),
-        "xpo": ({"reference", "online", "reward"}, "online_pairs"),
-        "rto": ({"reference", "online", "reward"}, "ppo"),
+        "xpo": ({"reference", "online", "preference"}, "online_pairs"),
+        "ppo": ({"reference", "online", "reward"}, "ppo"),
+        "rto": ({"reference", "online", "reward", "dpo_policy"}, "ppo"),
         "sft": (set(), "sft"),
         "reward_model": (set(), "reward_pairs"),
         "copg": ({"reference", "scores"}, "scored_pairs"),

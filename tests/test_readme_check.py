@@ -88,7 +88,7 @@ def test_the_real_readme_runs_its_tour_and_says_why_it_leaves_anything_out():
                     "prefopt train recipes/tiny/dpo.yaml train.resume_from=latest"):
         assert command in run
     skipped = [c.text for block in blocks for c in block.commands if block.skipped(c)]
-    assert all(text.startswith(("make test", "accelerate launch --config_file recipes/accelerate/zero2",
+    assert all(text.startswith(("make test", "accelerate launch --config_file recipes/accelerate/zero",
                                 ".venv/bin/python -m pytest -m slow", "prefopt diagnose --policy runs/tiny-dpo/final "
                                 "--data", "python scripts/gold_benchmark.py", "make readme-check", "make lint"))
                for text in skipped), skipped

@@ -249,6 +249,21 @@ def test_damaged_latest_checkpoint_falls_back_and_says_so(base_run, tiny_model_d
     assert steady(run) == steady(base_run)
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("pwned: a checkpoint ran code",))
+
+
+def test_a_pickle_that_runs_code_is_refused(base_run, tiny_model_dir, pairs, tmp_path, capsys):
+    import torch
+
+    run = copy_run(base_run, tmp_path)
+    torch.save({"payload": _RunsCode()}, run / "checkpoint-4" / "random_states_0.pkl")
+    code, err = train_cli(capsys, tiny_model_dir, pairs, run, "train.max_steps=4", "train.resume_from=latest")
+    assert code == 2 and "was refused (weights-only loading)" in err and "Traceback" not in err
+    assert "pwned" not in capsys.readouterr().out + err
+
+
 def test_checkpoint_problem_names_the_file(tmp_path):
     import torch
     from safetensors.torch import save_file

@@ -274,6 +274,12 @@ class Config(_Section):
             raise ValueError("reference.mode=adapter needs LoRA on the policy: set model.peft (e.g. model.peft.r=8)")
         if self.generation.backend == "vllm":
             _check_vllm_available()
+        attn = self.model.attn_implementation or ""
+        if attn.startswith("flash") and (self.model.dtype == "float32" or self.train.mixed_precision == "no"):
+            raise ValueError(f"model.attn_implementation: {attn} takes only bf16/fp16 queries, and the reference "
+                             "forward and generation run outside autocast; set model.dtype=bfloat16 (trainable "
+                             "weights stay fp32 for AdamW) with train.mixed_precision=bf16, or "
+                             "model.attn_implementation=sdpa")
         if self.iterations.count:
             _check_iterations(self, loss)
         return self

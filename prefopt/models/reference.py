@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -61,14 +62,21 @@ class ModelReference(Reference):
     mode = "model"
     supports_online = True
 
-    def __init__(self, model: torch.nn.Module, chunk_size: Optional[int]):
-        self.model = model
+    def __init__(self, model: torch.nn.Module, chunk_size: Optional[int], autocast: Callable = contextlib.nullcontext):
+        # ``autocast``: the policy's mixed-precision context (``accelerator.autocast``); the policy runs under it
+        # (accelerate wraps the prepared forward), so the reference must too, or DPO does not start at ln 2.
+        self.autocast = autocast
+        # A DeepSpeed engine (ZeRO-3 frozen model) is kept alive for its parameter hooks; calls go to its module,
+        # whose submodules carry the hooks that gather each layer's partitions.
+        self.engine = model
+        self.model = getattr(model, "module", model)
         self.chunk_size = chunk_size
 
     @torch.no_grad()
     def token_logps(self, input_ids, attention_mask, completion_mask, **kwargs) -> TokenLogps:
-        return completion_token_logps(self.model, input_ids, attention_mask, completion_mask,
-                                      chunk_size=self.chunk_size, **kwargs)
+        with self.autocast():
+            return completion_token_logps(self.model, input_ids, attention_mask, completion_mask,
+                                          chunk_size=self.chunk_size, **kwargs)
 
 
 class AdapterReference(Reference):
@@ -77,14 +85,16 @@ class AdapterReference(Reference):
     mode = "adapter"
     supports_online = True
 
-    def __init__(self, get_peft_model: Callable[[], torch.nn.Module], chunk_size: Optional[int]):
+    def __init__(self, get_peft_model: Callable[[], torch.nn.Module], chunk_size: Optional[int],
+                 autocast: Callable = contextlib.nullcontext):
         self._get_peft_model = get_peft_model  # unwrapped lazily: accelerate may rewrap the policy after setup
         self.chunk_size = chunk_size
+        self.autocast = autocast  # the unwrapped model runs outside accelerate's autocast wrapper
 
     @torch.no_grad()
     def token_logps(self, input_ids, attention_mask, completion_mask, **kwargs) -> TokenLogps:
         peft_model = self._get_peft_model()
-        with peft_model.disable_adapter():
+        with peft_model.disable_adapter(), self.autocast():
             return completion_token_logps(peft_model, input_ids, attention_mask, completion_mask,
                                           chunk_size=self.chunk_size, **kwargs)
 
@@ -146,14 +156,20 @@ def precompute_table(
     own = list(range(accelerator.process_index, total, accelerator.num_processes))
     groups = getattr(collator, "groups", 2)  # SRPO caches all six sequences of a pair, triples all three
     values = torch.zeros(groups, total, dtype=torch.float64)
-    for start in range(0, len(own), batch_size):
+    # Every rank runs the same number of forwards (a rank with fewer rows repeats its first batch and drops the
+    # result): a ZeRO-3 reference gathers each layer's partitions collectively, and one rank short would hang all.
+    per_rank = math.ceil(total / accelerator.num_processes)
+    for start in range(0, per_rank, batch_size):
         rows = own[start:start + batch_size]
-        batch = collator([dataset[i] for i in rows])
+        batch = collator([dataset[i] for i in (rows or own[:batch_size] or [0])])
         batch = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         if groups == 2:
-            values[:, rows] = torch.stack(reference.pair_logps(batch)).double().cpu()
+            computed = torch.stack(reference.pair_logps(batch)).double().cpu()
         else:
-            values[:, rows] = reference.group_logps(batch, groups).double().cpu()
+            computed = reference.group_logps(batch, groups).double().cpu()
+        if not rows:
+            continue
+        values[:, rows] = computed
         if progress is not None:
             progress(len(rows))
     if accelerator.num_processes > 1:

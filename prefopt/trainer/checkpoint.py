@@ -258,16 +258,15 @@ def save_final_model(accelerator, prepared_policy, tokenizer, output_dir: Path) 
     unwrapped = accelerator.unwrap_model(prepared_policy)
     wrapped_lm = hasattr(unwrapped, "chunk_size") and hasattr(unwrapped, "model")
     model = unwrapped.model if wrapped_lm else unwrapped
-    is_peft = hasattr(model, "peft_config")
-    state_dict = None if is_peft else accelerator.get_state_dict(prepared_policy)
+    # Every rank takes part: under ZeRO-3 / FSDP the full weights exist only after this gather. A LoRA policy is
+    # gathered too: its own (sharded) parameters would write an empty or partial adapter; PeftModel.save_pretrained
+    # keeps only the adapter entries of the state dict it is given.
+    state_dict = accelerator.get_state_dict(prepared_policy)
     if state_dict is not None and wrapped_lm:
         state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
-        if is_peft:
-            model.save_pretrained(partial, safe_serialization=True)
-        else:
-            model.save_pretrained(partial, state_dict=state_dict, safe_serialization=True)
+        model.save_pretrained(partial, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(partial)
         remove_tree(final)
         partial.rename(final)

@@ -22,8 +22,8 @@ from prefopt.trainer.run_dir import RunDir, run_fingerprint
 from prefopt.trainer.setup import (build_optimizer, build_policy, build_reference, load_run_tokenizer,
                                    loss_from_config, make_accelerator, precompute_reference, total_optimizer_steps,
                                    write_run_info)
-from prefopt.models.reference import ModelReference
 from prefopt.trainer import sparse_embedding
+from prefopt.trainer.distributed import engine_applied_step
 from prefopt.trainer.host_memory import return_freed_memory_to_os
 from prefopt.trainer.steps import StepContext, step_registry
 
@@ -60,6 +60,10 @@ def train(config: Config) -> TrainResult:
 
         return train_iterations(config)
     loss = loss_from_config(config)
+    if loss.step == "scored_pairs":  # per-completion rewards from the reward layer when the data has none
+        from prefopt.trainer.pair_scores import with_scored_pairs
+
+        config = with_scored_pairs(config)
     if loss.step == "ppo":
         from prefopt.trainer.ppo import train_ppo
 
@@ -99,7 +103,7 @@ class Trainer:
         self.collator = collator_for(step_cls.data_kind, self.tokenizer.pad_token_id, config.data.packing)
         model_kind = getattr(step_cls, "model_kind", "causal_lm")
         policy = build_policy(config, model_kind, self.tokenizer)
-        reference = build_reference(config, lambda: self.accelerator.unwrap_model(self.policy).model)
+        reference = build_reference(config, lambda: self.accelerator.unwrap_model(self.policy).model, acc)
         if config.resolved_reference_mode() == "precomputed":
             reference = precompute_reference(config, acc, reference, self.bundle, self.collator)
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -123,8 +127,6 @@ class Trainer:
             fp16=acc.mixed_precision == "fp16")
         optimizer, scheduler = build_optimizer(config, policy, self.total_steps)
         self.policy, self.optimizer, self.scheduler = acc.prepare(policy, optimizer, scheduler)
-        if isinstance(self.reference, ModelReference):
-            self.reference.model.to(acc.device)
         self.ctx = StepContext(acc, self.policy, loss, self.reference, self.tokenizer, config)
         self._setup_online(model_kind)
         self.step_fn = step_cls(self.ctx)
@@ -145,7 +147,8 @@ class Trainer:
         from prefopt.trainer.online import build_reference_generator
 
         inner = self.accelerator.unwrap_model(self.policy).model
-        self.ctx.generator = build_generator(self.config.generation, inner, self.tokenizer, self.accelerator)
+        self.ctx.generator = build_generator(self.config.generation, inner, self.tokenizer, self.accelerator,
+                                             seed=self.config.seed, max_prompt_length=self.config.data.max_prompt_length)
         if "reward" in self.loss.needs:
             self.ctx.reward = build_reward(self.config.reward, device=self.accelerator.device,
                                            policy_tokenizer=self.tokenizer)
@@ -235,6 +238,11 @@ class Trainer:
             state.consecutive_skipped = 0
             if grad_norm is not None:
                 averager.add({"grad_norm": float(grad_norm)})
+        elif engine_applied_step(acc):
+            raise TrainingDiverged(
+                f"step {state.global_step + 1}: non-finite loss or gradient, and DeepSpeed has already applied the "
+                "update (it steps inside backward); the weights may now be non-finite. The last good checkpoint in "
+                f"{self.output_dir} is intact; lower train.learning_rate or check the data.")
         else:
             state.skipped_steps += 1
             state.consecutive_skipped += 1

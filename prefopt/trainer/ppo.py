@@ -77,7 +77,8 @@ class PPOTrainer:
         critic_opt, critic_sched = build_optimizer(critic_cfg, critic, updates)
         (self.policy, self.critic, self.policy_opt, self.critic_opt, self.policy_sched,
          self.critic_sched) = acc.prepare(policy, critic, policy_opt, critic_opt, policy_sched, critic_sched)
-        self.generator = build_generator(config.generation, acc.unwrap_model(self.policy).model, self.tokenizer, acc)
+        self.generator = build_generator(config.generation, acc.unwrap_model(self.policy).model, self.tokenizer, acc,
+                                         seed=config.seed, max_prompt_length=config.data.max_prompt_length)
         self.ctx = StepContext(acc, self.policy, loss, self.reference, self.tokenizer, config, generator=self.generator)
         self.state = ckpt.TrainerState()
         if self.resume_path is not None:

@@ -66,8 +66,7 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     ("train.learning_rate=-1e-4", "train.learning_rate: -0.0001 is out of range; valid: >= 0"),
     ("train.per_device_batch_size=0", "train.per_device_batch_size: 0 is out of range; valid: > 0"),
     ("train.num_epochs=-1", "train.num_epochs: -1 is out of range; valid: > 0"),
-    ("data.max_prompt_length=32", "data.max_prompt_length: 32 leaves no room for the completion in "
-                                  "data.max_length=16"),
+    ("data.max_prompt_length=32", "data.max_prompt_length: 32 leaves no room for the completion in data.max_length=16"),
     ("train.warmup_ratio=1.5", "train.warmup_ratio: 1.5 is out of range; valid: [0, 1]"),
     ("generation.top_p=0", "generation.top_p: 0 is out of range; valid: (0, 1]"),
     ("train.save_total_limit=0", "train.save_total_limit: 0 is out of range; valid: > 0"),

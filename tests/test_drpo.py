@@ -46,9 +46,12 @@ def test_policy_loss_skips_the_forced_prefix():
 
 def test_token_rewards_are_the_kl_penalty_plus_the_final_score():
     old = torch.tensor([[0.2, 0.1, 0.05, -0.1, 0.3]], dtype=D)  # KL = old - ref with ref = 0
-    rewards, _ = DRPOLoss(kl_coef=0.05).token_rewards(
-        old, torch.zeros_like(old), None, torch.tensor([1.3], dtype=D), torch.ones(1, 5, dtype=torch.bool)
-    )
+    from prefopt.losses.ppo import RolloutTokens
+
+    loss = DRPOLoss(kl_coef=0.05)
+    rollout = RolloutTokens(policy_logps=old, reference_logps=torch.zeros_like(old),
+                            scores=torch.tensor([1.3], dtype=D), mask=torch.ones(1, 5, dtype=torch.bool))
+    rewards = loss.token_rewards(rollout, loss.initial_kl_coef()).rewards
     assert rewards[0].tolist() == pytest.approx([-0.01, -0.005, -0.0025, 0.005, 1.285], abs=1e-12)
 
 

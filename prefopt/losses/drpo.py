@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
-from typing import ClassVar, FrozenSet, Optional, Sequence
+from typing import ClassVar, FrozenSet, Sequence
 
 import torch
 
 from prefopt.losses._checks import check_choice, check_number, compute_dtype
 from prefopt.losses._metrics import batch_means
 from prefopt.losses.base import LossInputs, LossOutput
+from prefopt.losses.ppo import RolloutTokens, TokenRewards
 from prefopt.losses.rto import MAX_LOG_RATIO, RTOLoss, _masked, sequence_mean
 
 RESET_PREFIX = ("response", "context")
@@ -103,11 +105,9 @@ class DRPOLoss(RTOLoss):
             hint="response: the released code's choice; context: the paper's",
         )
 
-    def token_rewards(self, old_logps, ref_logps, dpo_logps: Optional[torch.Tensor], rm_scores, mask):
+    def token_rewards(self, rollout: RolloutTokens, kl_coef: float) -> TokenRewards:
         """KL penalty on every response token plus the score on the last one (no DPO policy)."""
-        return super().token_rewards(
-            old_logps, ref_logps, ref_logps if dpo_logps is None else dpo_logps, rm_scores, mask
-        )
+        return super().token_rewards(dataclasses.replace(rollout, dpo_logps=None), kl_coef)
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         inputs.require("response_mask", "policy_token_logps", "old_token_logps", "advantages")

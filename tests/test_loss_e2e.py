@@ -35,14 +35,15 @@ class Feed:
 
 
 ONLINE = ("generation.max_new_tokens=8", "train.per_device_batch_size=4", "logging.sample_steps=null")
+PPO_SMALL = ("ppo.rollout_batch_size=4", "ppo.minibatch_size=4", "ppo.epochs=1")
 STEP_KINDS = {
     "pairs": Feed("recipes/tiny/dpo.yaml", "pairs", 12, learns=True),
     "sft": Feed("recipes/tiny/sft.yaml", "sft", 15, ("data.format=sft", "train.learning_rate=3e-3"), learns=True),
     "reward_pairs": Feed("recipes/tiny/reward_model.yaml", "pairs", 10, learns=True),
     "pairs+samples": Feed("recipes/tiny/hypo.yaml", "pairs", 2, ONLINE),
     "online_pairs": Feed("recipes/tiny/xpo.yaml", "prompts", 2, ONLINE),
-    "ppo": Feed("recipes/tiny/rto.yaml", "prompts", 2,
-                ONLINE + ("ppo.rollout_batch_size=4", "ppo.minibatch_size=4", "ppo.epochs=1")),
+    "ppo": Feed("recipes/tiny/rto.yaml", "prompts", 2, ONLINE + PPO_SMALL),
+    "ppo_resets": Feed("recipes/tiny/drpo.yaml", "gold:sft.jsonl", 2, ONLINE + PPO_SMALL),
     # Kinds whose rows only the gold task provides (scores, revisions, three ranked completions): trained for a
     # few steps on it, without the learning check (the tiny model does not separate gold pairs in a few steps).
     "scored_pairs": Feed("recipes/tiny/copg.yaml", "gold:pairs_train.jsonl", 3),

@@ -65,7 +65,7 @@ def random_pairs(batch: int = 5, seed: int = 0, dtype: torch.dtype = F64) -> Los
 # trained end to end by tests/test_loss_e2e.py and must have a section in docs/losses.md).
 SHIPPED_LOSSES = [
     "dpo", "simpo", "fdpo", "rpo", "hypo", "xpo", "ppo", "rto", "sft", "reward_model", "copg", "tpo", "tpo_l",
-    "srpo",
+    "srpo", "drpo",
 ]
 
 
@@ -100,6 +100,7 @@ def test_declared_needs_and_steps():
         "tpo": ({"gold"}, "triples"),
         "tpo_l": ({"gold"}, "triples"),
         "srpo": ({"reference", "revisions"}, "revision_pairs"),
+        "drpo": ({"reference", "online", "reward", "resets"}, "ppo_resets"),
     }
     for name, (needs, step) in expected.items():
         assert (set(loss_class(name).needs), loss_class(name).step) == (needs, step)

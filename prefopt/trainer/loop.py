@@ -253,6 +253,8 @@ class Trainer:
                   "learning_rate": updater.learning_rate(),
                   "tokens_per_second": updater.throughput.rate(self.accelerator),
                   "train/skipped_steps": self.state.skipped_steps}
+        for trained in self.modules[1:]:  # extra trainables (PPO's critic) have their own learning rate
+            record[f"{trained.name}/learning_rate"] = trained.scheduler.get_last_lr()[0]
         self.log.log(record)
 
     @torch.no_grad()

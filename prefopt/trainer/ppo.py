@@ -55,6 +55,7 @@ class AdaptiveKL:
 class PPOStep(StepKind):
     data_kind = "prompts"
     batch_size_key = "ppo.rollout_batch_size"
+    minibatch_keys = _MINIBATCH_KEYS  # rollout fields a minibatch carries (subclasses add theirs)
     trains_several_models = True
 
     # ------------------------------------------------------------------------------------------ class hooks
@@ -190,7 +191,7 @@ class PPOStep(StepKind):
                     begin = start + k * ppo.minibatch_size
                     rows = order[begin:begin + ppo.minibatch_size].to(ctx.accelerator.device)
                     with updater.micro_batch(last=k == accum - 1):
-                        last = self({key: data[key][rows] for key in _MINIBATCH_KEYS})
+                        last = self({key: data[key][rows] for key in self.minibatch_keys})
                         updater.backward(last.output.loss)
                     updater.record(last)
                 updater.optimizer_step()

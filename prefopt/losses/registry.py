@@ -11,6 +11,7 @@ from typing import Any
 
 from prefopt.losses.base import PreferenceLoss
 from prefopt.losses.copg import CoPGLoss
+from prefopt.losses.drpo import DRPOLoss
 from prefopt.losses.dpo import DPOLoss
 from prefopt.losses.fdpo import FDPOLoss
 from prefopt.losses.hypo import HyPOLoss
@@ -28,7 +29,7 @@ _LOSSES: dict[str, type[PreferenceLoss]] = {
     cls.name: cls
     for cls in (DPOLoss, SimPOLoss, FDPOLoss, RPOLoss, HyPOLoss, XPOLoss, PPOLoss, RTOLoss, SFTLoss, RewardModelLoss)
 }
-_LOSSES.update({cls.name: cls for cls in (CoPGLoss, TPOLoss, TPOLLoss, SRPOLoss)})
+_LOSSES.update({cls.name: cls for cls in (CoPGLoss, TPOLoss, TPOLLoss, SRPOLoss, DRPOLoss)})
 
 
 DEFAULT_LOSS = DPOLoss.name  # a recipe without loss.name trains this; diagnose falls back to its implicit reward

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from prefopt.config import Config, save_config
 from prefopt.data import PairCollator, PromptCollator, SFTCollator, build_datasets
-from prefopt.data.collate import RevisionPairCollator, ScoredPairCollator, TripleCollator
+from prefopt.data.collate import ResetPromptCollator, RevisionPairCollator, ScoredPairCollator, TripleCollator
 from prefopt.errors import ConfigError
 from prefopt.trainer import checkpoint as ckpt
 from prefopt.trainer import sparse_embedding
@@ -61,6 +61,8 @@ def collator_for(data_kind: str, pad_token_id: int, packing: bool = False, attn_
     variants = {"scored_pairs": ScoredPairCollator, "triples": TripleCollator, "revision_pairs": RevisionPairCollator}
     if data_kind in variants:
         return variants[data_kind](pad_token_id)
+    if data_kind == "reset_prompts":  # DR-PO: prompts plus the dataset responses rollouts restart from
+        return ResetPromptCollator()
     return {"pairs": PairCollator(pad_token_id), "sft": SFTCollator(pad_token_id), "prompts": PromptCollator()}[data_kind]
 
 
@@ -260,6 +262,8 @@ class Trainer:
                   "learning_rate": updater.learning_rate(),
                   "tokens_per_second": updater.throughput.rate(self.accelerator),
                   "train/skipped_steps": self.state.skipped_steps}
+        for trained in self.modules[1:]:  # extra trainables (PPO's critic) have their own learning rate
+            record[f"{trained.name}/learning_rate"] = trained.scheduler.get_last_lr()[0]
         self.log.log(record)
 
     @torch.no_grad()

@@ -6,7 +6,6 @@ import contextlib
 import importlib.util
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -209,24 +208,6 @@ def no_weight_decay_names(model: torch.nn.Module) -> set[str]:
 
 def _fusable(parameter: torch.Tensor) -> bool:
     return parameter.is_floating_point() and parameter.device.type in ("cpu", "cuda")
-
-
-def prepare_output_dir(config: Config, accelerator, resuming: bool) -> Path:
-    from prefopt.errors import ConfigError
-
-    out = Path(config.output_dir)
-    if accelerator.is_main_process:
-        if out.exists() and not resuming and not config.overwrite_output_dir:
-            leftovers = [p.name for p in out.iterdir() if p.name in ("metrics.jsonl", "final") or
-                         p.name.startswith("checkpoint-")]
-            if leftovers:
-                raise ConfigError(f"output_dir: '{out}' already holds a run ({', '.join(sorted(leftovers))}); "
-                                  "set train.resume_from=latest to continue it, overwrite_output_dir=true to replace "
-                                  "it, or choose another output_dir")
-        out.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    os.makedirs(out, exist_ok=True)
-    return out
 
 
 def loss_from_config(config: Config):

@@ -19,6 +19,7 @@ from prefopt.models.logps import CompletionLogpModel
 from prefopt.trainer.distributed import launched_world_size
 from prefopt.models.reference import (AdapterReference, ModelReference, NoReference, PrecomputedReference,
                                       cache_key, precompute_table)
+from prefopt.trainer.trackers import build_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +31,7 @@ def make_accelerator(config: Config):
     precision = config.train.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    trackers = [name for name in config.logging.report_to if importlib.util.find_spec(
-        {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}[name]) is not None]
-    for missing in set(config.logging.report_to) - set(trackers):
-        logger.warning("logging.report_to: %s is not installed; not logging to it", missing)
+    trackers = build_trackers(config)
     plugin = None
     if config.train.deepspeed:
         from accelerate.utils import DeepSpeedPlugin

@@ -122,6 +122,9 @@ class TrainConfig(_Section):
     max_skipped_steps: int = 5
     logps_chunk_size: Optional[int] = 1024  # positions per lm-head/log-softmax chunk; None = one pass
     logps_head: Literal["fused", "checkpoint"] = "fused"  # chunked lm-head implementation (models/logps.py)
+    # Pair batches: run each prompt through the decoder once for both completions (models/prefix_sharing.py);
+    # exact to the unshared forward, falls back to it where it does not apply (packing, flash attention...).
+    share_prompt: bool = True
     fused_optimizer: bool = True  # torch's fused AdamW (fewer temporaries: lower peak memory, faster)
     # Sparse input-embedding gradients with an exactly equal AdamW step (trainer/sparse_embedding.py): no dense
     # [vocab, hidden] gradient during the backward. "auto" = on for single-process runs with an untied embedding.

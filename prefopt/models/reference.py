@@ -53,12 +53,14 @@ class ModelReference(Reference):
     mode = "model"
     supports_online = True
 
-    def __init__(self, model: torch.nn.Module, chunk_size: Optional[int]):
+    def __init__(self, model: torch.nn.Module, chunk_size: Optional[int], share_prompt: bool = False):
         self.model = model
         self.chunk_size = chunk_size
+        self.share_prompt = share_prompt  # pair batches: each prompt through the decoder once (prefix_sharing.py)
 
     @torch.no_grad()
     def token_logps(self, input_ids, attention_mask, completion_mask, **kwargs) -> TokenLogps:
+        kwargs.setdefault("share_prompt", self.share_prompt)
         return completion_token_logps(self.model, input_ids, attention_mask, completion_mask,
                                       chunk_size=self.chunk_size, **kwargs)
 
@@ -69,12 +71,15 @@ class AdapterReference(Reference):
     mode = "adapter"
     supports_online = True
 
-    def __init__(self, get_peft_model: Callable[[], torch.nn.Module], chunk_size: Optional[int]):
+    def __init__(self, get_peft_model: Callable[[], torch.nn.Module], chunk_size: Optional[int],
+                 share_prompt: bool = False):
         self._get_peft_model = get_peft_model  # unwrapped lazily: accelerate may rewrap the policy after setup
         self.chunk_size = chunk_size
+        self.share_prompt = share_prompt
 
     @torch.no_grad()
     def token_logps(self, input_ids, attention_mask, completion_mask, **kwargs) -> TokenLogps:
+        kwargs.setdefault("share_prompt", self.share_prompt)
         peft_model = self._get_peft_model()
         with peft_model.disable_adapter():
             return completion_token_logps(peft_model, input_ids, attention_mask, completion_mask,

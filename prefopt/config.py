@@ -146,6 +146,9 @@ class GenerationConfig(_Section):
     top_k: int = 0
     max_new_tokens: int = 64
     batch_size: int = 32
+    # hf backend: "lean" = prefopt's sampling loop (generation/decode.py; same samples as model.generate, less
+    # Python per token), "generate" = model.generate.
+    hf_loop: Literal["lean", "generate"] = "lean"
     gpu_memory_utilization: float = 0.3
     vllm_sleep: bool = True
     vllm_max_model_len: Optional[int] = None

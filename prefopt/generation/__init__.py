@@ -25,7 +25,8 @@ def sampling_from_config(gen_cfg, *, n: int = 1, seed: int | None = None) -> Sam
 def build_generator(gen_cfg, model, tokenizer, accelerator=None) -> Generator:
     """Build the generator ``gen_cfg.backend`` names. ``vllm`` without vLLM or CUDA raises ``ConfigError``."""
     if gen_cfg.backend == "hf":
-        return HFGenerator(model, tokenizer, batch_size=gen_cfg.batch_size, accelerator=accelerator)
+        return HFGenerator(model, tokenizer, batch_size=gen_cfg.batch_size, accelerator=accelerator,
+                           loop=getattr(gen_cfg, "hf_loop", "lean"))
     if gen_cfg.backend == "vllm":
         from prefopt.generation.vllm import VLLMGenerator, check_vllm_available
 

@@ -12,8 +12,9 @@ includes data, initialisation, training and sampling noise):
    mean gold reward, win rate against the SFT model's samples (same prompt, same sample slot; ties count half),
    KL(policy || SFT) = mean over the policy's own samples of log pi(y) - log pi_sft(y), mean completion length,
    EOS rate, and the implicit-reward accuracy on the held-out preference pairs (``pairs_eval.jsonl``):
-   ``implicit_acc`` uses the method's own implicit reward (SimPO: beta * mean token log-prob, reference-free;
-   all others: beta * log pi/pi_sft), ``ratio_acc`` is the DPO-style log-ratio reward for every method.
+   ``implicit_acc`` uses the method's own implicit reward, as its loss declares it (``implicit_reward()``: SimPO
+   beta * mean token log-prob, reference-free; the DPO family beta * log pi/pi_sft), ``ratio_acc`` is the
+   DPO-style log-ratio reward for every method.
 
 The SFT baseline's uncertainty: ``sft_boot_std`` = bootstrap std (over held-out prompts, 1000 resamples) of the SFT
 mean gold reward, per seed; the bar uses the larger of its mean over seeds and the std over seeds of the SFT means.
@@ -46,17 +47,17 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 RECIPES = REPO / "recipes" / "tiny"
-# method -> (recipe, extra overrides, kind of data it trains on)
+# method -> (recipe, extra overrides, kind of data it trains on, the entry whose final model is its ppo.dpo_policy)
 METHODS = {
-    "dpo": ("dpo.yaml", [], "pairs"),
-    "simpo": ("simpo.yaml", [], "pairs"),
-    "fdpo_js": ("fdpo_js.yaml", [], "pairs"),
-    "fdpo_alpha": ("fdpo_alpha.yaml", [], "pairs"),
-    "fdpo_forward_kl": ("fdpo_forward_kl.yaml", [], "pairs"),
-    "rpo": ("rpo.yaml", [], "pairs"),
-    "hypo": ("hypo.yaml", [], "pairs"),
-    "xpo": ("xpo.yaml", [], "prompts"),
-    "rto": ("rto.yaml", [], "prompts"),
+    "dpo": ("dpo.yaml", [], "pairs", None),
+    "simpo": ("simpo.yaml", [], "pairs", None),
+    "fdpo_js": ("fdpo_js.yaml", [], "pairs", None),
+    "fdpo_alpha": ("fdpo_alpha.yaml", [], "pairs", None),
+    "fdpo_forward_kl": ("fdpo_forward_kl.yaml", [], "pairs", None),
+    "rpo": ("rpo.yaml", [], "pairs", None),
+    "hypo": ("hypo.yaml", [], "pairs", None),
+    "xpo": ("xpo.yaml", [], "prompts", None),
+    "rto": ("rto.yaml", [], "prompts", "dpo"),  # RTO's stage 1 is the seed's DPO run
 }
 BOOTSTRAP = 1000
 
@@ -115,7 +116,7 @@ def prepare_seed(seed_dir: Path, seed: int) -> Path:
 
 
 def method_overrides(method: str, seed_dir: Path, sft_final: Path, seed: int, extra: list[str]) -> list[str]:
-    _, overrides, kind = METHODS[method]
+    _, overrides, kind, stage1 = METHODS[method]
     task = seed_dir / "task"
     out = [f"model.name_or_path={sft_final}", f"output_dir={seed_dir / method}", "overwrite_output_dir=true",
            "logging.progress=false", f"seed={seed}", *overrides]
@@ -123,8 +124,8 @@ def method_overrides(method: str, seed_dir: Path, sft_final: Path, seed: int, ex
         out += [f"data.train={task / 'pairs_train.jsonl'}", f"data.eval={task / 'pairs_eval.jsonl'}"]
     else:
         out += [f"data.train={task / 'prompts_train.jsonl'}"]
-    if method == "rto":
-        out.append(f"ppo.dpo_policy={seed_dir / 'dpo' / 'final'}")
+    if stage1 is not None:
+        out.append(f"ppo.dpo_policy={seed_dir / stage1 / 'final'}")
     return out + list(extra)
 
 
@@ -152,8 +153,17 @@ def bootstrap_std(rewards: list[float], prompt_index: list[int], rng_seed: int =
     return statistics.pstdev(means)
 
 
-def pair_accuracy(policy: Path, reference: Path, pairs_path: Path) -> dict[str, float]:
-    """Implicit-reward accuracies on held-out pairs (strict >): log-ratio to the reference and mean token logp."""
+def run_implicit_reward(run_dir: Path):
+    """The implicit reward of the loss a run trained with (its config.yaml), or None when the loss has none."""
+    from prefopt.config import load_config
+    from prefopt.trainer.setup import loss_from_config
+
+    return loss_from_config(load_config(run_dir / "config.yaml")).implicit_reward()
+
+
+def pair_accuracy(policy: Path, reference: Path, pairs_path: Path, reward=None) -> dict[str, float]:
+    """Implicit-reward accuracies on held-out pairs (strict >): log-ratio to the reference, mean token logp and,
+    with ``reward`` (the trained loss's ``implicit_reward()``), the method's own implicit reward."""
     import torch
 
     from prefopt.config import DataConfig
@@ -169,7 +179,7 @@ def pair_accuracy(policy: Path, reference: Path, pairs_path: Path) -> dict[str, 
     rows = list(bundle.train)
     collate = PairCollator(tokenizer.pad_token_id)
     model, ref = _load(policy), _load(reference)
-    ratio_hits = avg_hits = n = 0
+    ratio_hits = avg_hits = own_hits = n = 0
     margins = []
     with torch.no_grad():
         for start in range(0, len(rows), 64):
@@ -182,9 +192,15 @@ def pair_accuracy(policy: Path, reference: Path, pairs_path: Path) -> dict[str, 
             avg = pol.sums / pol.lengths.clamp(min=1)
             ratio_hits += int((lr[:b] > lr[b:]).sum())
             avg_hits += int((avg[:b] > avg[b:]).sum())
+            if reward is not None:
+                own = reward.sequence(pol.sums, refl.sums, pol.lengths)
+                own_hits += int((own[:b] > own[b:]).sum())
             margins += (lr[:b] - lr[b:]).tolist()
             n += b
-    return {"ratio_acc": ratio_hits / n, "avg_acc": avg_hits / n, "ratio_margin": sum(margins) / n}
+    out = {"ratio_acc": ratio_hits / n, "avg_acc": avg_hits / n, "ratio_margin": sum(margins) / n}
+    if reward is not None:
+        out["implicit_acc"] = own_hits / n
+    return out
 
 
 def evaluate_run(method: str, seed_dir: Path, sft_final: Path, args, seed: int, sft_eval: dict) -> dict:
@@ -195,12 +211,12 @@ def evaluate_run(method: str, seed_dir: Path, sft_final: Path, args, seed: int, 
     samples = sample(policy, task, args, seed, reference=sft_final)
     base = PolicySamples(prompts=[], completions=[], prompt_index=sft_eval["prompt_index"],
                          rewards=sft_eval["rewards"], lengths=[], finished=[])
-    acc = pair_accuracy(policy, sft_final, task / "pairs_eval.jsonl")
+    acc = pair_accuracy(policy, sft_final, task / "pairs_eval.jsonl", run_implicit_reward(seed_dir / method))
     result = {
         "method": method, "seed": seed, **samples.summary(),
         "win_rate_vs_sft": win_rate(samples, base),
         "boot_std": bootstrap_std(samples.rewards, samples.prompt_index),
-        "implicit_acc": acc["avg_acc"] if method == "simpo" else acc["ratio_acc"],
+        "implicit_acc": None,  # the method's own implicit reward; None for a loss without one
         **acc,
         "examples": [{"prompt": p, "completion": c, "gold": r}
                      for p, c, r in list(zip(samples.prompts, samples.completions, samples.rewards))[:6]],
@@ -321,8 +337,8 @@ def main(argv=None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
-    if "rto" in methods and "dpo" not in methods:
-        methods.insert(0, "dpo")  # RTO's stage 1
+    for stage1 in {METHODS[m][3] for m in methods} - {None} - set(methods):
+        methods.insert(0, stage1)  # a two-stage method's first stage runs first
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     console = Console()

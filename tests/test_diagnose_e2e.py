@@ -15,7 +15,7 @@ from prefopt.diagnostics.metrics import bt_probabilities, calibration
 
 
 def test_ece_worked_example():
-    """LOSSES.md section 9: margins -> accuracy 0.75, ECE 0.218972 (top-label, 10 equal bins)."""
+    """docs/losses.md, Worked numbers: margins -> accuracy 0.75, ECE 0.218972 (top-label, 10 equal bins)."""
     margins = [2.0, 0.5, -0.3, 1.2, 0.05, -1.5, 3.0, 0.8]
     result = calibration(bt_probabilities(margins))
     assert result["accuracy"] == pytest.approx(0.75)

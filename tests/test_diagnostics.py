@@ -138,7 +138,7 @@ def test_token_rewards_sum_to_sequence_rewards(env, independent):
     examples = section["tokens"]["examples"]
     assert len(examples) == 4
     assert examples[0]["why"] == "largest-margin correct" and examples[0]["margin"] == pytest.approx(
-        max(r["margin"] for r in rows.values()), abs=1e-6)
+        max(r["margin"] for r in rows.values()), abs=1e-5)  # float32 token sums vs sequence sums
     for example in examples:
         row = rows[example["index"]]
         for side in ("chosen", "rejected"):

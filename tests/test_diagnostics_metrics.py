@@ -1,4 +1,4 @@
-"""The pure diagnostics functions against hand-computed numbers (LOSSES.md sections 8 and 9)."""
+"""The pure diagnostics functions against hand-computed numbers (docs/losses.md, Diagnostics conventions)."""
 
 from __future__ import annotations
 
@@ -43,16 +43,19 @@ def test_bt_probabilities_are_stable():
     assert p[3] == pytest.approx(1 / (1 + math.exp(-2))) and p[1] == pytest.approx(1 - p[3])
 
 
-def test_implicit_rewards_dpo_and_simpo():
-    # LOSSES.md section 9: logp -12 / -15 over 6 / 10 tokens, reference -13 / -14
-    dpo = M.implicit_rewards([-12.0, -15.0], [-13.0, -14.0], beta=0.1)
+def test_implicit_rewards_come_from_the_loss():
+    # docs/losses.md, Worked numbers: logp -12 / -15 over 6 / 10 tokens, reference -13 / -14
+    from prefopt.losses import get_loss
+
+    dpo = M.implicit_rewards([-12.0, -15.0], [-13.0, -14.0], reward=get_loss("dpo", beta=0.1).implicit_reward())
     assert dpo.tolist() == pytest.approx([0.1, -0.1])
-    simpo = M.implicit_rewards([-12.0, -15.0], beta=2.0, loss="simpo", lengths=[6, 10])
+    simpo_reward = get_loss("simpo", beta=2.0).implicit_reward()
+    simpo = M.implicit_rewards([-12.0, -15.0], reward=simpo_reward, lengths=[6, 10])
     assert simpo.tolist() == pytest.approx([-4.0, -3.0])
     with pytest.raises(ValueError, match="zero tokens"):
-        M.implicit_rewards([-1.0], beta=2.0, loss="simpo", lengths=[0])
+        M.implicit_rewards([-1.0], reward=simpo_reward, lengths=[0])
     with pytest.raises(ValueError, match="reference"):
-        M.implicit_rewards([-1.0], None, beta=0.1)
+        M.implicit_rewards([-1.0], None, reward=get_loss("dpo").implicit_reward())
 
 
 def test_distribution_summary():

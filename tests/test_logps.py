@@ -1,4 +1,4 @@
-"""Per-token completion logps: the LOSSES.md label-shift numbers, and every lm-head path against full logits."""
+"""Per-token completion logps: docs/losses.md's label-shift numbers; every lm-head path vs full logits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from prefopt.models import logps as logps_module
 from prefopt.models.logps import CompletionLogpModel, completion_token_logps, sequence_totals
 
-# LOSSES.md section 9, label-shift check: vocab {0..3}, 3 = EOS = PAD.
+# docs/losses.md, Worked numbers, label-shift check: vocab {0..3}, 3 = EOS = PAD.
 SHIFT_IDS = [0, 2, 1, 3, 3]
 SHIFT_COMPLETION = [0, 0, 1, 1, 0]  # prompt [0, 2], completion [1, 3]; the last 3 is padding
 SHIFT_LOGITS = [[.5, 1, -.5, 0], [1, 2, 0, -1], [0, .5, .2, 1.5], [.3, .3, .3, 2], [0, 0, 0, 0]]

@@ -1,4 +1,4 @@
-"""Loss modules against the worked numbers of LOSSES.md section 9, plus invariants, stability and errors."""
+"""Loss modules against the worked numbers of docs/losses.md, plus invariants, stability and errors."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def t(*values: float, dtype: torch.dtype = F64, grad: bool = False) -> torch.Ten
 
 
 def worked_pair(grad: bool = True) -> LossInputs:
-    """LOSSES.md section 9 shared inputs: lr_w = 1, lr_l = -1, h = 2, avg_w = -2, avg_l = -1.5."""
+    """The shared worked inputs of docs/losses.md: lr_w = 1, lr_l = -1, h = 2, avg_w = -2, avg_l = -1.5."""
     return LossInputs(
         policy_chosen_logps=t(-12.0, grad=grad),
         policy_rejected_logps=t(-15.0, grad=grad),
@@ -64,6 +64,7 @@ def random_pairs(batch: int = 5, seed: int = 0, dtype: torch.dtype = F64) -> Los
 def test_registry_lists_every_loss_with_valid_class_attributes():
     assert available_losses() == sorted(
         ["dpo", "simpo", "fdpo", "rpo", "hypo", "xpo", "rto", "sft", "reward_model"]
+        + ["copg", "tpo", "tpo_l", "srpo"]
     )
     for name in available_losses():
         cls = loss_class(name)
@@ -86,6 +87,10 @@ def test_declared_needs_and_steps():
         "rto": ({"reference", "online", "reward"}, "ppo"),
         "sft": (set(), "sft"),
         "reward_model": (set(), "reward_pairs"),
+        "copg": ({"reference", "scores"}, "scored_pairs"),
+        "tpo": ({"gold"}, "triples"),
+        "tpo_l": ({"gold"}, "triples"),
+        "srpo": ({"reference", "revisions"}, "revision_pairs"),
     }
     for name, (needs, step) in expected.items():
         assert (set(loss_class(name).needs), loss_class(name).step) == (needs, step)

@@ -1,4 +1,4 @@
-"""RTO / PPO math: token rewards, GAE, whitening and the clipped losses (LOSSES.md sections 7 and 9)."""
+"""RTO / PPO math: token rewards, GAE, whitening and the clipped losses (docs/losses.md, rto)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ Modules: :mod:`~prefopt.diagnostics.metrics` (pure functions), :mod:`~prefopt.di
 :mod:`~prefopt.diagnostics.report` (HTML), :mod:`~prefopt.diagnostics.run_plots` (``--run``; its
 ``run_summary.json`` keys are documented there), :mod:`~prefopt.diagnostics.cli`.
 
-Definitions (LOSSES.md sections 0 and 8). ``logp(y)``: sum of the completion's token log-probs, EOS included.
+Definitions (docs/losses.md, Conventions and Diagnostics conventions). ``logp(y)``: sum of the completion's
+token log-probs, EOS included.
 Implicit reward ``r(y) = beta * (logp_policy(y) - logp_ref(y))`` (``loss = "dpo"``; every DPO-family method) or
 ``beta * logp_policy(y) / |y|`` (``loss = "simpo"``, no reference; SimPO's ``gamma`` is not subtracted). Margin
 ``m = r(y_w) - r(y_l)``; accuracy = fraction with ``m > 0`` (strict); Bradley-Terry probability ``p = sigmoid(m)``;

@@ -6,7 +6,8 @@ Two forms::
     prefopt diagnose --run OUTPUT_DIR [--out DIR]          # default DIR: OUTPUT_DIR/diagnostics
 
 When ``--policy`` is a prefopt run directory (``config.yaml`` + ``final/``) or its ``final/``, unset options come
-from the run's ``config.yaml``: beta and the loss (SimPO-trained policies get ``beta * avg logp``, no reference),
+from the run's ``config.yaml``: the loss and its parameters, whose ``implicit_reward()`` scores the pairs (DPO family
+``beta * (logp - logp_ref)``; SimPO-trained policies ``beta * avg logp``, no reference),
 the reference (``reference.name_or_path``, else the starting model), ``data.max_length`` /
 ``data.max_prompt_length`` / ``data.chat_template``, ``model.dtype`` and ``generation.max_new_tokens``.
 """
@@ -22,7 +23,7 @@ import yaml
 
 from prefopt.errors import UserInputError
 
-DEFAULTS = {"beta": {"dpo": 0.1, "simpo": 2.0}, "max_length": 512, "max_prompt_length": 256, "dtype": "auto",
+DEFAULTS = {"max_length": 512, "max_prompt_length": 256, "dtype": "auto",
             "max_new_tokens": 128}
 _DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".gz", ".ndjson", ".arrow")
 
@@ -43,10 +44,11 @@ def add_diagnose_parser(subparsers, func) -> argparse.ArgumentParser:
     parser.add_argument("--data", action="append", default=[], metavar="D",
                         help="preference pairs (jsonl/json/csv/parquet/saved dataset); repeat for several")
     parser.add_argument("--out", help="output directory (written atomically)")
-    parser.add_argument("--beta", type=float, help="implicit-reward beta (default: the run's, else 0.1 / 2.0 SimPO)")
-    parser.add_argument("--loss", choices=("dpo", "simpo"),
-                        help="implicit-reward form: dpo = beta*(logp - logp_ref), simpo = beta*avg logp "
-                        "(default: from the run, else dpo)")
+    parser.add_argument("--beta", type=float, help="implicit-reward beta (default: the run's, else the loss's default)")
+    parser.add_argument("--loss", metavar="NAME",
+                        help="whose implicit reward to use: any loss of `prefopt losses` that has one, e.g. dpo = "
+                        "beta*(logp - logp_ref), simpo = beta*logp/|y| (default: the run's loss, else the default "
+                        "loss of a recipe)")
     reward = parser.add_mutually_exclusive_group()
     reward.add_argument("--reward-model", metavar="RM", help="sequence-classifier reward model to compare against")
     reward.add_argument("--reward-function", metavar="MODULE:FN", help="python reward function to compare against")
@@ -88,10 +90,26 @@ def run_diagnose(args: argparse.Namespace) -> int:
         return 0
     settings = resolve_settings(args)
     from prefopt.diagnostics.pipeline import diagnose
+    from prefopt.errors import DataError
 
-    result = diagnose(settings)
+    try:
+        result = diagnose(settings)
+    except DataError as error:  # the data layer names the trainer's keys; here the user typed flags
+        raise DataError(with_diagnose_flags(str(error))) from None
     print(f"diagnostics written to {result}")
     return 0
+
+
+# The trainer's data keys that diagnose exposes as its own flags (its hints must name what the user can type).
+_DATA_FLAGS = {"data.on_invalid=skip": "--on-invalid skip", "data.max_prompt_length": "--max-prompt-length",
+               "data.max_length": "--max-length", "data.chat_template": "--chat-template", "data.format": "--format",
+               "data.max_samples": "--max-pairs"}
+
+
+def with_diagnose_flags(message: str) -> str:
+    for key, flag in _DATA_FLAGS.items():
+        message = message.replace(key, flag)
+    return message
 
 
 # ------------------------------------------------------------------------------------------------- settings
@@ -142,13 +160,38 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     return data
 
 
-def _loss_defaults(name: str) -> dict[str, Any]:
-    try:
-        from prefopt.losses import loss_parameters
+def _implicit_reward(name: str, params: dict[str, Any], where: str):
+    """The loss ``name``'s implicit reward with ``params``; a loss without one, or a bad name, is a user error."""
+    from prefopt.losses import available_losses, get_loss
 
-        return dict(loss_parameters(name))
-    except Exception:  # noqa: BLE001 - an unknown or renamed loss: fall back to the generic defaults
-        return {}
+    try:
+        loss = get_loss(name, **params)
+    except ValueError as error:
+        raise UserInputError(f"{where}: {error}") from None
+    reward = loss.implicit_reward()
+    if reward is None:
+        having = [n for n in available_losses() if get_loss(n).implicit_reward() is not None]
+        raise UserInputError(f"{where}: loss '{name}' has no implicit reward; choose one of {', '.join(having)}")
+    return reward
+
+
+def _run_loss_reward(run_loss: dict[str, Any], run_dir: Optional[Path], notes: list[str]):
+    """(name, implicit reward) the run's ``loss`` section trained with, or None with a note when it has none."""
+    from prefopt.losses import get_loss
+
+    name = run_loss.get("name")
+    params = {k: v for k, v in run_loss.items() if k != "name"}
+    try:
+        reward = get_loss(name, **params).implicit_reward()
+    except (ValueError, TypeError) as error:  # a config from another prefopt version: say so, use the default form
+        notes.append(f"{run_dir}/config.yaml: loss section not understood ({error}); using the default loss's "
+                     "implicit reward")
+        return None
+    if reward is None:
+        notes.append(f"the run trained with loss '{name}', which has no implicit reward; diagnostics use the "
+                     "default loss's form")
+        return None
+    return name, reward
 
 
 def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -181,47 +224,54 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         sources[name] = "default"
         return default
 
-    run_loss = (run.get("loss") or {}).get("name")
-    trained_form = None if run_loss is None else ("simpo" if run_loss == "simpo" else "dpo")
-    loss = pick("loss", args.loss, trained_form, "dpo")
-    if run_loss is not None and run_loss not in ("dpo", "simpo", "rpo", "fdpo", "hypo", "xpo"):
-        notes.append(f"the run trained with loss '{run_loss}', which has no DPO-style implicit reward; "
-                     f"diagnostics use the {loss} form anyway")
-    run_beta = None
-    if run_loss is not None:
-        run_beta = (run.get("loss") or {}).get("beta", _loss_defaults(run_loss).get("beta"))
-    beta = float(pick("beta", args.beta, run_beta, DEFAULTS["beta"][loss]))
-    if run_loss == "fdpo" and (run.get("loss") or {}).get("divergence", "reverse_kl") != "reverse_kl":
-        notes.append("the run used f-DPO with a non-reverse-KL divergence; beta*log-ratio is its logged reward, "
-                     "not the quantity its loss compares")
+    import dataclasses
+
+    from prefopt.losses import DEFAULT_LOSS
+
+    run_section = run.get("loss") or {}
+    run_loss = run_section.get("name")
+    trained = _run_loss_reward(run_section, run_dir, notes) if run_loss is not None else None
+    loss = pick("loss", args.loss, trained[0] if trained else None, DEFAULT_LOSS)
+    if trained is not None and loss == trained[0]:
+        reward = trained[1]
+    else:
+        reward = _implicit_reward(loss, {}, "--loss" if args.loss else "diagnose")
+    beta = float(pick("beta", args.beta, reward.scale if trained is not None and loss == trained[0] else None,
+                      reward.scale))
+    reward = dataclasses.replace(reward, scale=beta)
+    if trained is not None and run_section.get("divergence", "reverse_kl") != "reverse_kl":
+        notes.append("the run used a non-reverse-KL f-divergence; beta*log-ratio is its logged reward, not the "
+                     "quantity its loss compares")
 
     from prefopt.diagnostics.compute import adapter_base
 
     base = adapter_base(str(model_dir))
     run_reference = None
-    if run and (loss == "dpo" or args.samples):
+    if run and (reward.uses_reference or args.samples):
         # the run's reference, else the model it started from (also a LoRA adapter's base); SimPO runs only need
         # it for the KL of samples
         run_reference = (run.get("reference") or {}).get("name_or_path") or (run.get("model") or {}).get("name_or_path")
     reference = pick("reference", args.reference, run_reference, base)
-    if loss == "simpo" and not args.samples:
+    if not reward.uses_reference and not args.samples:
         if args.reference:
-            notes.append("--reference is not used: SimPO rewards need no reference (it is used for the KL of "
+            notes.append(f"--reference is not used: {loss} rewards need no reference (it is used for the KL of "
                          "--samples)")
         reference = None
-    if loss == "dpo" and reference is None:
-        raise UserInputError("diagnose: --reference is required for DPO-style implicit rewards (or pass a prefopt "
-                             "run directory whose config.yaml names it, or use --loss simpo)")
+    if reward.uses_reference and reference is None:
+        raise UserInputError(f"diagnose: --reference is required for {loss}'s implicit reward "
+                             f"{reward.formula()} (or pass a prefopt run directory whose config.yaml names it, "
+                             "or use --loss with a reference-free loss)")
     if reference is not None and _looks_local(reference) and not Path(reference).expanduser().exists():
         where = "--reference" if sources["reference"] == "command line" else sources["reference"]
-        if loss == "dpo" or where == "--reference":
+        if reward.uses_reference or where == "--reference":
             raise UserInputError(f"{where}: reference model '{reference}' does not exist")
         notes.append(f"the run's reference '{reference}' does not exist here: no KL estimate for the samples")
         reference = None
     data_cfg = run.get("data") or {}
     settings = {
         "policy": str(model_dir), "run_dir": str(run_dir) if run_dir else None, "policy_is_adapter": base is not None,
-        "adapter_base": base, "reference": reference, "loss": loss, "beta": beta, "trained_loss": run_loss,
+        "adapter_base": base, "reference": reference, "loss": loss, "beta": beta, "reward": reward,
+        "implicit_reward": reward.formula(f"{beta:g}"), "trained_loss": run_loss,
         "data": _check_data(args.data), "out": str(out),
         "max_length": pick("max_length", args.max_length, data_cfg.get("max_length"), DEFAULTS["max_length"]),
         "max_prompt_length": pick("max_prompt_length", args.max_prompt_length, data_cfg.get("max_prompt_length"),

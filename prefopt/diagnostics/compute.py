@@ -6,8 +6,8 @@ token-reward totals, so memory does not grow with per-token data. A second, tiny
 rewards of the few pairs shown token by token in the report.
 
 Token-level implicit reward ("From r to Q*", Rafailov et al. 2024), with ``m_t`` the completion mask:
-DPO ``beta * (logp_policy_t - logp_ref_t) * m_t``; SimPO ``beta * logp_policy_t * m_t / |y|``. Either way they sum
-over a response to that response's sequence reward.
+the loss's ``ImplicitReward.tokens`` (DPO family ``beta * (logp_policy_t - logp_ref_t) * m_t``; SimPO
+``beta * logp_policy_t * m_t / |y|``). Either way they sum over a response to that response's sequence reward.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 
 from prefopt.diagnostics import metrics as M
 from prefopt.errors import UserInputError
+from prefopt.losses import ImplicitReward
 from prefopt.models.logps import TokenLogps, completion_token_logps
 
 Advance = Callable[[int], None]
@@ -106,7 +107,30 @@ def load_models(policy_path: str, reference_path: Optional[str], *, dtype: str, 
         else:
             reference = load_frozen_causal_lm(reference_path, ModelConfig(name_or_path=reference_path, dtype=dtype),
                                               key="--reference").to(target)
+            check_same_vocabulary(policy, reference, tokenizer, reference_path)
     return LogpModels(policy.to(target), reference, tokenizer, target, reference_is_base, chunk_size)
+
+
+def check_same_vocabulary(policy, reference, tokenizer, reference_path: str) -> None:
+    """The implicit reward compares the two models' log-probs of the same token ids: one vocabulary for both."""
+    from prefopt.errors import UserInputError
+
+    sizes = [model.get_input_embeddings().num_embeddings for model in (policy, reference)]
+    if sizes[0] != sizes[1] or len(tokenizer) > sizes[1]:
+        raise UserInputError(f"--reference: '{reference_path}' has a vocabulary of {sizes[1]} tokens but the policy "
+                             f"has {sizes[0]} (tokenizer: {len(tokenizer)}); the reference must use the policy's "
+                             "tokenizer (pass the model the policy was trained from)")
+    has_tokenizer = any((Path(reference_path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    if has_tokenizer:
+        from transformers import AutoTokenizer
+
+        try:
+            reference_vocab = AutoTokenizer.from_pretrained(reference_path).get_vocab()
+        except (OSError, ValueError):  # an unreadable reference tokenizer: the sizes above are all we can check
+            return
+        if reference_vocab != tokenizer.get_vocab():
+            raise UserInputError(f"--reference: '{reference_path}' has a different tokenizer from the policy's (same "
+                                 "size, different token ids); pass the model the policy was trained from")
 
 
 def _load_tokenizer(policy_path: str, base: Optional[str], load_tokenizer):
@@ -143,19 +167,18 @@ class PairStats:
     token_sums: dict[str, np.ndarray] = field(default_factory=dict)  # "chosen"/"rejected" -> [V] reward totals
     token_counts: dict[str, np.ndarray] = field(default_factory=dict)  # -> [V] occurrences
 
-    def rewards(self, beta: float, loss: str) -> tuple[np.ndarray, np.ndarray]:
-        chosen = M.implicit_rewards(self.policy_chosen, self.reference_chosen, beta=beta, loss=loss,
+    def rewards(self, reward: ImplicitReward) -> tuple[np.ndarray, np.ndarray]:
+        chosen = M.implicit_rewards(self.policy_chosen, self.reference_chosen, reward=reward,
                                     lengths=self.chosen_lengths)
-        rejected = M.implicit_rewards(self.policy_rejected, self.reference_rejected, beta=beta, loss=loss,
+        rejected = M.implicit_rewards(self.policy_rejected, self.reference_rejected, reward=reward,
                                       lengths=self.rejected_lengths)
         return chosen, rejected
 
 
-def token_rewards(policy: TokenLogps, reference: Optional[TokenLogps], beta: float, loss: str) -> torch.Tensor:
+def token_rewards(policy: TokenLogps, reference: Optional[TokenLogps], reward: ImplicitReward) -> torch.Tensor:
     """``[B, L-1]`` per-token implicit rewards (zero outside the completion mask); rows sum to ``r(y)``."""
-    if loss == "simpo":
-        return beta * policy.token_logps * policy.mask / policy.lengths.clamp(min=1)[:, None]
-    return beta * (policy.token_logps - reference.token_logps) * policy.mask
+    return reward.tokens(policy.token_logps, None if reference is None else reference.token_logps, policy.mask,
+                         policy.lengths)
 
 
 def rows_of(dataset, start: int, end: int) -> list[dict]:
@@ -165,7 +188,7 @@ def rows_of(dataset, start: int, end: int) -> list[dict]:
 
 
 @torch.inference_mode()
-def pair_pass(dataset, models: LogpModels, *, beta: float, loss: str, batch_size: int, scorer=None,
+def pair_pass(dataset, models: LogpModels, *, reward: ImplicitReward, batch_size: int, scorer=None,
               advance: Optional[Advance] = None) -> PairStats:
     from prefopt.data import PairCollator
 
@@ -179,8 +202,8 @@ def pair_pass(dataset, models: LogpModels, *, beta: float, loss: str, batch_size
         batch = collate(rows)
         half = len(rows)
         policy = models.policy_logps(batch)
-        reference = models.reference_logps(batch) if loss == "dpo" else None
-        rewards = token_rewards(policy, reference, beta, loss).double().cpu()
+        reference = models.reference_logps(batch) if reward.uses_reference else None
+        rewards = token_rewards(policy, reference, reward).double().cpu()
         labels = batch["input_ids"][:, 1:]
         mask = policy.mask.cpu() > 0
         for side, rows_slice in (("chosen", slice(0, half)), ("rejected", slice(half, 2 * half))):
@@ -241,7 +264,7 @@ def token_pieces(tokenizer, ids: list[int]) -> list[str]:
 
 
 @torch.inference_mode()
-def token_examples(dataset, picks: list[tuple[int, str]], models: LogpModels, *, beta: float, loss: str,
+def token_examples(dataset, picks: list[tuple[int, str]], models: LogpModels, *, reward: ImplicitReward,
                    top_k: int = 5) -> list[dict[str, Any]]:
     """Per-token rewards of the picked pairs (positions into ``dataset``) for the report's token colouring."""
     from prefopt.data import PairCollator
@@ -252,8 +275,8 @@ def token_examples(dataset, picks: list[tuple[int, str]], models: LogpModels, *,
     rows = rows_of(subset, 0, len(subset))
     batch = PairCollator(models.tokenizer.pad_token_id)(rows)
     policy = models.policy_logps(batch)
-    reference = models.reference_logps(batch) if loss == "dpo" else None
-    rewards = token_rewards(policy, reference, beta, loss).double().cpu()
+    reference = models.reference_logps(batch) if reward.uses_reference else None
+    rewards = token_rewards(policy, reference, reward).double().cpu()
     labels, mask = batch["input_ids"][:, 1:], policy.mask.cpu() > 0
     half = len(rows)
     examples = []

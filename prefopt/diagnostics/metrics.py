@@ -4,8 +4,9 @@ Inputs are 1-D array-likes (lists, numpy arrays or CPU tensors); everything is c
 result is plain Python (``float``/``int``/``list``/``dict``, ``None`` where a number is undefined, e.g. the
 correlation of a constant), so it can go straight into ``diagnostics.json``.
 
-Conventions (LOSSES.md sections 0 and 8): a pair's implicit reward margin is ``r(y_w) - r(y_l)`` with
-``r(y) = beta * (logp_policy(y) - logp_ref(y))`` (SimPO: ``beta * logp_policy(y) / |y|``); accuracy counts
+Conventions (docs/losses.md): a pair's implicit reward margin is ``r(y_w) - r(y_l)`` with
+``r(y)`` the trained loss's implicit reward (``PreferenceLoss.implicit_reward()``: DPO family
+``beta * (logp_policy(y) - logp_ref(y))``, SimPO ``beta * logp_policy(y) / |y|``, ...); accuracy counts
 strict ``margin > 0``; the Bradley-Terry probability is ``sigmoid(margin)``; ECE is top-label with 10 equal
 bins, ``conf = max(p, 1 - p)``, correct = ``p > 0.5``, bin = ``min(floor(conf * 10), 9)``.
 """
@@ -44,22 +45,13 @@ def _float(value: Any) -> Optional[float]:
 # ------------------------------------------------------------------------------------------------ rewards
 
 
-def implicit_rewards(policy_logps: Any, reference_logps: Any = None, *, beta: float, loss: str = "dpo",
-                     lengths: Any = None) -> np.ndarray:
-    """``beta * (logp_policy - logp_ref)`` (``loss="dpo"``), or ``beta * logp_policy / lengths`` (``"simpo"``)."""
-    policy = as_array(policy_logps)
-    if loss == "simpo":
-        if lengths is None:
-            raise ValueError("SimPO implicit rewards need completion lengths")
-        counts = as_array(lengths)
-        if np.any(counts <= 0):
-            raise ValueError("SimPO implicit rewards: a completion has zero tokens")
-        return beta * policy / counts
-    if loss != "dpo":
-        raise ValueError(f"unknown implicit reward form '{loss}'; valid: dpo, simpo")
-    if reference_logps is None:
-        raise ValueError("DPO implicit rewards need reference log-probs")
-    return beta * (policy - as_array(reference_logps))
+def implicit_rewards(policy_logps: Any, reference_logps: Any = None, *, reward: Any, lengths: Any = None
+                     ) -> np.ndarray:
+    """``r(y)`` per response under the loss's :class:`~prefopt.losses.ImplicitReward` (e.g. DPO's
+    ``beta * (logp_policy - logp_ref)``, SimPO's ``beta * logp_policy / lengths``), in float64."""
+    return np.asarray(reward.sequence(as_array(policy_logps),
+                                      None if reference_logps is None else as_array(reference_logps),
+                                      None if lengths is None else as_array(lengths)), dtype=np.float64)
 
 
 def accuracy(margins: Any) -> Optional[float]:

@@ -29,7 +29,7 @@ def diagnose(settings: dict[str, Any]) -> Path:
 
     out = Path(settings["out"])
     # SimPO needs no reference; one given is still loaded when samples ask for a KL estimate.
-    reference = settings["reference"] if settings["loss"] == "dpo" or settings["samples"] else None
+    reference = settings["reference"] if settings["reward"].uses_reference or settings["samples"] else None
     models = C.load_models(settings["policy"], reference, dtype=settings["dtype"], device=settings["device"])
     scorer, scorer_name = build_scorer(settings)
     if not settings["progress"]:
@@ -67,10 +67,10 @@ def diagnose_dataset(name: str, path: str, dataset, models: C.LogpModels, settin
                      task, plot_dir: Path) -> dict[str, Any]:
     from prefopt.diagnostics import plots
 
-    beta, loss = settings["beta"], settings["loss"]
-    stats = C.pair_pass(dataset, models, beta=beta, loss=loss, batch_size=settings["batch_size"], scorer=scorer,
+    reward = settings["reward"]
+    stats = C.pair_pass(dataset, models, reward=reward, batch_size=settings["batch_size"], scorer=scorer,
                         advance=task(f"{name}: pairs", len(dataset)))
-    chosen, rejected = stats.rewards(beta, loss)
+    chosen, rejected = stats.rewards(reward)
     margins = chosen - rejected
     probabilities = M.bt_probabilities(margins)
     calibration = M.calibration(probabilities)
@@ -128,7 +128,7 @@ def token_section(stats: C.PairStats, tokenizer, dataset, margins, models, setti
                 row[f"count_{part}"] = int(count)
                 row[f"mean_reward_{part}"] = float(stats.token_sums[part][token_id] / count) if count else None
     picks = M.select_token_examples(margins, settings["token_examples"])
-    examples = C.token_examples(dataset, picks, models, beta=settings["beta"], loss=settings["loss"])
+    examples = C.token_examples(dataset, picks, models, reward=settings["reward"])
     return {"top5_share": M.distribution(stats.top5_share, n_bins=20), **table, "examples": examples}
 
 
@@ -149,8 +149,9 @@ def explicit_section(scorer_name: str, implicit_margins, explicit_margins, stats
 def samples_section(samples: C.SampleStats, settings: dict) -> dict[str, Any]:
     kl = M.kl_summary(samples.k1, samples.k3, samples.lengths) if samples.k1 is not None else None
     implicit = None
-    if samples.k1 is not None and settings["loss"] == "dpo":
-        implicit = M.mean_std(settings["beta"] * samples.k1)
+    reward = settings["reward"]
+    if samples.k1 is not None and reward.uses_reference and not reward.length_normalized:
+        implicit = M.mean_std(reward.scale * samples.k1)
     return {
         "prompts": samples.prompts,
         "samples_per_prompt": settings["samples"],
@@ -201,7 +202,8 @@ def summary_row(name: str, section: dict[str, Any]) -> dict[str, Any]:
 
 
 def public_settings(settings: dict[str, Any], models: C.LogpModels, scorer_name: Optional[str]) -> dict[str, Any]:
-    keep = ("policy", "run_dir", "policy_is_adapter", "adapter_base", "reference", "loss", "beta", "trained_loss",
+    keep = ("policy", "run_dir", "policy_is_adapter", "adapter_base", "reference", "loss", "beta", "implicit_reward",
+            "trained_loss",
             "data", "max_length", "max_prompt_length", "format", "max_pairs", "batch_size", "token_examples",
             "samples", "max_prompts", "max_new_tokens", "temperature", "seed", "dtype", "device", "sources")
     public = {key: settings[key] for key in keep}

@@ -158,7 +158,8 @@ def write_report(path: Path, result: dict[str, Any], directory: Path) -> None:
     parts = [(f"<h1>prefopt diagnostics</h1><p class=sub>{esc(result['created_at'])} · policy "
               f"<code>{esc(settings['policy'])}</code> · reference "
               f"<code>{esc(settings['reference'] or 'none')}</code>"
-              f" · {esc(settings['loss'])} implicit reward, beta {settings['beta']:g}</p>")]
+              f" · {esc(settings['loss'])} implicit reward "
+              f"<code>{esc(settings.get('implicit_reward') or '')}</code>, beta {settings['beta']:g}</p>")]
     parts += [f"<div class=note>{esc(note)}</div>" for note in result["notes"]]
     parts.append("<h2>Summary</h2>" + summary_table(result["summary"]))
     if result["plots"].get("datasets"):
@@ -243,8 +244,8 @@ def _range(row: dict[str, Any]) -> str:
 
 def tokens_html(tokens: dict[str, Any], directory: Path, plots: dict[str, str]) -> str:
     share = tokens["top5_share"]
-    intro = ("<h3>Token-level rewards</h3><p class=sub>Per-token implicit reward beta·(log π(y_t) − log π_ref(y_t)) "
-             "(SimPO: beta·log π(y_t)/|y|); it sums to the response's reward. On average the 5 tokens with the "
+    intro = ("<h3>Token-level rewards</h3><p class=sub>Per-token implicit reward (for the DPO family "
+             "beta·(log π(y_t) − log π_ref(y_t)); length-normalised rewards divide by |y|); it sums to the response's reward. On average the 5 tokens with the "
              f"largest |contribution| carry {fmt(share['mean'], 3)} of a pair's total |token contribution| "
              f"(median {fmt(share['quantiles'].get('p50'), 3)}).</p>")
     parts = [intro, image(directory, plots.get("tokens"), "token rewards")]

@@ -7,13 +7,15 @@ Usage::
     out = loss(LossInputs(policy_chosen_logps=..., policy_rejected_logps=..., ...))
     out.loss.backward(); log(out.metrics)                # metrics: dict[str, float]
 
-The formulas, conventions and worked numbers each module is tested against are in the project's LOSSES.md.
+The formulas, conventions and worked numbers each module is tested against are in docs/losses.md.
 """
 
-from prefopt.losses.base import LossInputs, LossOutput, PreferenceLoss
-from prefopt.losses.registry import available_losses, get_loss, loss_class, loss_parameters
+from prefopt.losses.base import ImplicitReward, LossInputs, LossOutput, PreferenceLoss
+from prefopt.losses.registry import DEFAULT_LOSS, available_losses, get_loss, loss_class, loss_parameters
 
 __all__ = [
+    "DEFAULT_LOSS",
+    "ImplicitReward",
     "LossInputs",
     "LossOutput",
     "PreferenceLoss",

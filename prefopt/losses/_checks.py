@@ -78,7 +78,7 @@ def pair_tensors(
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Fetch the ``[B]`` policy (and reference) logps of a batch of pairs, checked and in the compute dtype.
 
-    Reference logps are detached: they are constants of the objective (LOSSES.md section 0).
+    Reference logps are detached: they are constants of the objective (docs/losses.md, Conventions).
     """
     names = ["policy_chosen_logps", "policy_rejected_logps"]
     if reference:
@@ -102,7 +102,10 @@ def pair_tensors(
 
 
 def log_ratios(loss: str, inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(policy_chosen, policy_rejected, lr_w, lr_l)`` with ``lr = logp_policy - logp_ref`` (LOSSES.md section 0)."""
+    """``(policy_chosen, policy_rejected, lr_w, lr_l)`` with ``lr = logp_policy - logp_ref``.
+
+    See docs/losses.md, Conventions.
+    """
     policy_chosen, policy_rejected, reference_chosen, reference_rejected = pair_tensors(loss, inputs, reference=True)
     return policy_chosen, policy_rejected, policy_chosen - reference_chosen, policy_rejected - reference_rejected
 

@@ -1,4 +1,4 @@
-"""Metrics every pairwise loss logs (LOSSES.md section 0), computed with one device-to-host transfer."""
+"""Metrics every pairwise loss logs (docs/losses.md, Conventions), computed with one host transfer."""
 
 from __future__ import annotations
 

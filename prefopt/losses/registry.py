@@ -11,6 +11,7 @@ import inspect
 from typing import Any
 
 from prefopt.losses.base import PreferenceLoss
+from prefopt.losses.copg import CoPGLoss
 from prefopt.losses.dpo import DPOLoss
 from prefopt.losses.fdpo import FDPOLoss
 from prefopt.losses.hypo import HyPOLoss
@@ -19,12 +20,18 @@ from prefopt.losses.rpo import RPOLoss
 from prefopt.losses.rto import RTOLoss
 from prefopt.losses.sft import SFTLoss
 from prefopt.losses.simpo import SimPOLoss
+from prefopt.losses.srpo import SRPOLoss
+from prefopt.losses.tpo import TPOLLoss, TPOLoss
 from prefopt.losses.xpo import XPOLoss
 
 _LOSSES: dict[str, type[PreferenceLoss]] = {
     cls.name: cls
     for cls in (DPOLoss, SimPOLoss, FDPOLoss, RPOLoss, HyPOLoss, XPOLoss, RTOLoss, SFTLoss, RewardModelLoss)
 }
+_LOSSES.update({cls.name: cls for cls in (CoPGLoss, TPOLoss, TPOLLoss, SRPOLoss)})
+
+
+DEFAULT_LOSS = DPOLoss.name  # a recipe without loss.name trains this; diagnose falls back to its implicit reward
 
 
 def _did_you_mean(word: str, options: list[str]) -> str:

@@ -38,7 +38,7 @@ def rto_token_rewards(
     kl_coef: float = 0.01,
     rm_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """RTO's dense per-token reward (LOSSES.md section 7), ``[N, T]``, zero outside ``mask``::
+    """RTO's dense per-token reward (docs/losses.md, rto), ``[N, T]``, zero outside ``mask``::
 
         dpo_t    = clamp(dpo_reward_scale * (logp_dpo_t - logp_ref_t), -dpo_reward_clip, dpo_reward_clip)
         kl_t     = logp_old_t - logp_ref_t

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from prefopt.losses._checks import check_number, lengths_as_float, pair_tensors
 from prefopt.losses._metrics import pairwise_metrics
-from prefopt.losses.base import LossInputs, LossOutput, PreferenceLoss
+from prefopt.losses.base import ImplicitReward, LossInputs, LossOutput, PreferenceLoss
 
 DEFAULT_GAMMA_BETA_RATIO = 0.5
 
@@ -62,6 +62,10 @@ class SimPOLoss(PreferenceLoss):
             else check_number(self.name, "gamma_beta_ratio", gamma_beta_ratio)
         )
         self.sft_weight = check_number(self.name, "sft_weight", sft_weight, low=0.0)
+
+    def implicit_reward(self) -> ImplicitReward:
+        """``beta * logp / |y|``: reference-free, length-normalised (gamma is a margin, not part of r)."""
+        return ImplicitReward(scale=self.beta, uses_reference=False, length_normalized=True)
 
     @property
     def margin(self) -> float:

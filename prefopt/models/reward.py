@@ -110,7 +110,7 @@ def _right_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor
 
 
 def _completion_token_logps(model, input_ids, attention_mask, completion_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs ``[N, L-1]`` (label-aligned, LOSSES.md section 0) and their mask, via the shared
+    """Per-token log-probs ``[N, L-1]`` (label-aligned, docs/losses.md) and their mask, via the shared
     chunked implementation the trainer uses."""
     logps = completion_token_logps(model, input_ids, attention_mask, completion_mask)
     return logps.token_logps, logps.mask
@@ -345,7 +345,7 @@ class ScorerJudge:
 
 
 class ImplicitReward:
-    """DPO's implicit reward ``beta * (logp_policy(y) - logp_ref(y))`` (LOSSES.md section 0), summed over the
+    """DPO's implicit reward ``beta * (logp_policy(y) - logp_ref(y))`` (docs/losses.md), summed over the
     completion tokens including EOS, or per token (:meth:`token_rewards`; they sum to :meth:`score`).
 
     Texts are tokenized with the implicit policy's tokenizer; an EOS id is appended to completions marked

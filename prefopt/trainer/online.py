@@ -39,7 +39,7 @@ def stack_padded(batches: list[dict], pad_token_id: int) -> dict:
 
 
 class HyPOStep(PairStep):
-    """DPO on the offline pair plus a reverse-KL penalty estimated on fresh policy samples (LOSSES.md section 5)."""
+    """DPO on the offline pair plus a reverse-KL penalty on fresh policy samples (docs/losses.md, hypo)."""
 
     def __call__(self, batch: dict) -> StepResult:
         ctx = self.ctx
@@ -90,7 +90,7 @@ class OnlinePairStep:
         reference_rollouts = ctx.reference_generator.generate(prompts, params)
         policy_scores = self._score(batch, policy_rollouts)
         reference_scores = self._score(batch, reference_rollouts)
-        # Ties go to the policy sample (LOSSES.md section 6).
+        # Ties go to the policy sample (docs/losses.md, xpo).
         policy_wins = policy_scores >= reference_scores
         policy_tokens, reference_tokens = completion_tokens(policy_rollouts), completion_tokens(reference_rollouts)
         features = []

@@ -35,11 +35,16 @@ class ModelShape:
     vocab: int
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "ModelShape":
+    def from_dir(cls, model_dir: str | Path) -> ModelShape:
         c = json.loads((Path(model_dir) / "config.json").read_text())
-        return cls(hidden=c["hidden_size"], layers=c["num_hidden_layers"], intermediate=c["intermediate_size"],
-                   heads=c["num_attention_heads"], kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-                   vocab=c["vocab_size"])
+        return cls(
+            hidden=c["hidden_size"],
+            layers=c["num_hidden_layers"],
+            intermediate=c["intermediate_size"],
+            heads=c["num_attention_heads"],
+            kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+            vocab=c["vocab_size"],
+        )
 
     @property
     def body_per_position(self) -> int:
@@ -57,8 +62,9 @@ class ModelShape:
         return 2 * self.hidden * self.vocab
 
 
-def forward_flops(shape: ModelShape, pairs: list[tuple[int, int, int]], *, head: str, share_prompt: bool,
-                  packing: bool) -> tuple[float, float, float]:
+def forward_flops(
+    shape: ModelShape, pairs: list[tuple[int, int, int]], *, head: str, share_prompt: bool, packing: bool
+) -> tuple[float, float, float]:
     """(body, attention, head) forward FLOPs of one pass over a pair batch. ``pairs``: (prompt, chosen, rejected)
     lengths; ``head``: ``"completion"`` (head rows = completion tokens) or ``"all"`` (every padded position)."""
     rows = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
@@ -70,25 +76,43 @@ def forward_flops(shape: ModelShape, pairs: list[tuple[int, int, int]], *, head:
     elif share_prompt:
         prompt_width, completion_width = max(p for p, _, _ in pairs), max(c for _, c in rows)
         positions = len(pairs) * prompt_width + len(rows) * completion_width
-        attention_pairs = (len(pairs) * prompt_width ** 2
-                           + len(rows) * completion_width * (prompt_width + completion_width))
+        attention_pairs = len(pairs) * prompt_width**2 + len(rows) * completion_width * (
+            prompt_width + completion_width
+        )
     else:
         positions, attention_pairs = len(rows) * width, len(rows) * width * width
     head_rows = completion_rows if head == "completion" else positions
-    return (positions * shape.body_per_position, attention_pairs * shape.attention_per_pair,
-            head_rows * shape.head_per_row)
+    return (
+        positions * shape.body_per_position,
+        attention_pairs * shape.attention_per_pair,
+        head_rows * shape.head_per_row,
+    )
 
 
-def step_flops(shape: ModelShape, pairs: list[tuple[int, int, int]], *, reference: str, head: str = "completion",
-               recompute_head: bool = False, share_prompt: bool = False, packing: bool = False) -> dict:
+def step_flops(
+    shape: ModelShape,
+    pairs: list[tuple[int, int, int]],
+    *,
+    reference: str,
+    head: str = "completion",
+    recompute_head: bool = False,
+    share_prompt: bool = False,
+    packing: bool = False,
+) -> dict:
     """Executed matmul FLOPs of one offline DPO step, by part, and the total."""
-    body, attention, head_fwd = forward_flops(shape, pairs, head=head, share_prompt=share_prompt, packing=packing)
+    body, attention, head_fwd = forward_flops(
+        shape, pairs, head=head, share_prompt=share_prompt, packing=packing
+    )
     policy_forward = body + attention + head_fwd
     policy_backward = 2 * (body + attention) + 2 * head_fwd + (head_fwd if recompute_head else 0)
     reference_forward = policy_forward if reference == "live" else 0.0
-    return {"policy_forward": policy_forward, "policy_backward": policy_backward,
-            "reference_forward": reference_forward, "head": head_fwd * (3 + recompute_head + (reference == "live")),
-            "total": policy_forward + policy_backward + reference_forward}
+    return {
+        "policy_forward": policy_forward,
+        "policy_backward": policy_backward,
+        "reference_forward": reference_forward,
+        "head": head_fwd * (3 + recompute_head + (reference == "live")),
+        "total": policy_forward + policy_backward + reference_forward,
+    }
 
 
 def conventional_flops(matmul_params: int, real_tokens: int, reference: str) -> float:
@@ -98,4 +122,4 @@ def conventional_flops(matmul_params: int, real_tokens: int, reference: str) -> 
 
 def keeps_softmax(shape: ModelShape, completion_rows: int, keep_mb: float = 256) -> bool:
     """Whether prefopt's fused head keeps the softmax (no recompute): ``rows * vocab * 4 <= KEEP_MB``."""
-    return 0 < completion_rows * shape.vocab * 4 <= keep_mb * 2 ** 20
+    return 0 < completion_rows * shape.vocab * 4 <= keep_mb * 2**20

@@ -37,10 +37,14 @@ def build(name: str, workdir: Path) -> Path:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="tiny,small", help="tiny (prefopt's tiny model) or a bench_offline config")
+    parser.add_argument(
+        "--models", default="tiny,small", help="tiny (prefopt's tiny model) or a bench_offline config"
+    )
     parser.add_argument("--batches", default="8,32", help="prompts per generate call")
     parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--prompt-tokens", default="16,48", help="prompt lengths drawn uniformly from this range")
+    parser.add_argument(
+        "--prompt-tokens", default="16,48", help="prompt lengths drawn uniformly from this range"
+    )
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--workdir", default=os.environ.get("PREFOPT_BENCH_DIR", "/tmp/prefopt-bench"))
     args = parser.parse_args(argv)
@@ -51,10 +55,14 @@ def main(argv=None) -> int:
     from prefopt.generation import HFGenerator, SamplingParams
 
     low, high = (int(x) for x in args.prompt_tokens.split(","))
-    print(f"threads {torch.get_num_threads()}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; "
-          f"{args.new_tokens} new tokens, temperature 1, prompts {low}-{high} tokens, {args.rounds} rounds")
-    print("| model | params | batch | model.generate tok/s | lean loop tok/s | speed-up (median of rounds) "
-          "| same tokens |")
+    print(
+        f"threads {torch.get_num_threads()}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; "
+        f"{args.new_tokens} new tokens, temperature 1, prompts {low}-{high} tokens, {args.rounds} rounds"
+    )
+    print(
+        "| model | params | batch | model.generate tok/s | lean loop tok/s | speed-up (median of rounds) "
+        "| same tokens |"
+    )
     print("|---|---:|---:|---:|---:|---:|---|")
     for name in [m for m in args.models.split(",") if m]:
         model_dir = build(name, Path(args.workdir))
@@ -64,10 +72,16 @@ def main(argv=None) -> int:
         vocab = model.config.vocab_size
         for batch in (int(b) for b in args.batches.split(",")):
             g = torch.Generator().manual_seed(batch)
-            prompts = [torch.randint(4, vocab, (int(torch.randint(low, high + 1, (1,), generator=g)),),
-                                     generator=g).tolist() for _ in range(batch)]
-            generators = {loop: HFGenerator(model, tokenizer, batch_size=batch, loop=loop)
-                          for loop in ("generate", "lean")}
+            prompts = [
+                torch.randint(
+                    4, vocab, (int(torch.randint(low, high + 1, (1,), generator=g)),), generator=g
+                ).tolist()
+                for _ in range(batch)
+            ]
+            generators = {
+                loop: HFGenerator(model, tokenizer, batch_size=batch, loop=loop)
+                for loop in ("generate", "lean")
+            }
             rates: dict[str, list[float]] = {loop: [] for loop in generators}
             same = True
             for number in range(args.rounds + 1):  # round 0 is a warm-up
@@ -82,9 +96,11 @@ def main(argv=None) -> int:
                         rates[loop].append(float(outputs[loop].completion_lengths.sum()) / elapsed)
                 same &= torch.equal(outputs["lean"].completion_ids, outputs["generate"].completion_ids)
             ratio = statistics.median(a / b for a, b in zip(rates["lean"], rates["generate"]))
-            print(f"| {name} | {params / 1e6:.1f}M | {batch} | {statistics.median(rates['generate']):.0f} "
-                  f"| {statistics.median(rates['lean']):.0f} | {ratio:.2f}x | {'yes' if same else 'NO'} |",
-                  flush=True)
+            print(
+                f"| {name} | {params / 1e6:.1f}M | {batch} | {statistics.median(rates['generate']):.0f} "
+                f"| {statistics.median(rates['lean']):.0f} | {ratio:.2f}x | {'yes' if same else 'NO'} |",
+                flush=True,
+            )
     print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 

@@ -22,6 +22,7 @@ fixed seed and scores them with the gold reward: a fast but wrong trainer cannot
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -34,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_offline import CHILD_ENV, _status_mib, reset_peak_rss  # noqa: E402
+from bench_offline import CHILD_ENV, _status_mib, reset_peak_rss
 
 SEED = 42
 LEARNING_RATE = 2e-4  # recipes/tiny/xpo.yaml
@@ -46,6 +47,7 @@ METHODS = ("online_dpo", "xpo")
 # --------------------------------------------------------------------------------------------------------------
 # Timing (children)
 # --------------------------------------------------------------------------------------------------------------
+
 
 class OnlineClock:
     """Generation time and optimizer-step ends. Step ends are the learning-rate scheduler's ``step()`` calls
@@ -74,11 +76,15 @@ class OnlineClock:
     def result(self) -> dict:
         edges = [self.started, *self.step_ends]
         steps, generation = [], []
-        for begin, end in zip(edges, edges[1:]):
+        for begin, end in itertools.pairwise(edges):
             steps.append(end - begin)
             generation.append(sum(b - a for a, b in self.generation if a >= begin and b <= end))
-        return {"step_times": steps, "generation_times": generation, "peak_rss_mib": _status_mib("VmHWM"),
-                "rss_start_mib": self.rss_start}
+        return {
+            "step_times": steps,
+            "generation_times": generation,
+            "peak_rss_mib": _status_mib("VmHWM"),
+            "rss_start_mib": self.rss_start,
+        }
 
 
 def install_scheduler_clock(clock: OnlineClock) -> None:
@@ -112,23 +118,51 @@ def child_prefopt(spec: dict) -> dict:
 
     HFGenerator.generate = generate
     overrides = [
-        f"model.name_or_path={spec['model']}", "model.dtype=float32", f"data.train={spec['prompts']}",
-        "data.eval=null", "data.shuffle=false", f"output_dir={spec['out']}", "overwrite_output_dir=true",
-        f"seed={SEED}", f"loss.name={spec['method']}", f"loss.beta={BETA}", "reward.kind=function",
-        "reward.function=data_tools.synth:score", "generation.backend=hf", "generation.temperature=1.0",
-        "generation.top_k=0", "generation.top_p=1.0", f"generation.max_new_tokens={MAX_NEW_TOKENS}",
-        f"train.learning_rate={LEARNING_RATE}", "train.lr_scheduler=constant", "train.warmup_ratio=0",
-        "train.warmup_steps=0", "train.weight_decay=0", "train.max_grad_norm=1.0", "train.mixed_precision='no'",
-        f"train.per_device_batch_size={spec['batch']}", "train.gradient_accumulation_steps=1",
-        f"train.max_steps={spec['steps']}", "train.eval_steps=null", "train.save_steps=null",
-        "logging.logging_steps=1", "logging.progress=false", "logging.sample_steps=null", *spec["overrides"],
+        f"model.name_or_path={spec['model']}",
+        "model.dtype=float32",
+        f"data.train={spec['prompts']}",
+        "data.eval=null",
+        "data.shuffle=false",
+        f"output_dir={spec['out']}",
+        "overwrite_output_dir=true",
+        f"seed={SEED}",
+        f"loss.name={spec['method']}",
+        f"loss.beta={BETA}",
+        "reward.kind=function",
+        "reward.function=data_tools.synth:score",
+        "generation.backend=hf",
+        "generation.temperature=1.0",
+        "generation.top_k=0",
+        "generation.top_p=1.0",
+        f"generation.max_new_tokens={MAX_NEW_TOKENS}",
+        f"train.learning_rate={LEARNING_RATE}",
+        "train.lr_scheduler=constant",
+        "train.warmup_ratio=0",
+        "train.warmup_steps=0",
+        "train.weight_decay=0",
+        "train.max_grad_norm=1.0",
+        "train.mixed_precision='no'",
+        f"train.per_device_batch_size={spec['batch']}",
+        "train.gradient_accumulation_steps=1",
+        f"train.max_steps={spec['steps']}",
+        "train.eval_steps=null",
+        "train.save_steps=null",
+        "logging.logging_steps=1",
+        "logging.progress=false",
+        "logging.sample_steps=null",
+        *spec["overrides"],
     ]
     recipe = REPO / "recipes/tiny" / ("xpo.yaml" if spec["method"] == "xpo" else f"{spec['method']}.yaml")
     config = load_config(recipe if recipe.is_file() else REPO / "recipes/tiny/xpo.yaml", overrides)
     train(config)
-    records = [json.loads(line) for line in (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines() if line]
-    return {**clock.result(), "losses": [r["loss"] for r in records if "loss" in r],
-            "final": str(Path(spec["out"]) / "final")}
+    records = [
+        json.loads(line) for line in (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines() if line
+    ]
+    return {
+        **clock.result(),
+        "losses": [r["loss"] for r in records if "loss" in r],
+        "final": str(Path(spec["out"]) / "final"),
+    }
 
 
 def child_trl(spec: dict) -> dict:
@@ -161,15 +195,38 @@ def child_trl(spec: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     dataset = datasets.Dataset.from_dict({"prompt": spec["prompt_texts"]})
     args = OnlineDPOConfig(
-        output_dir=spec["out"], seed=SEED, per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1,
-        learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, optim="adamw_torch_fused", max_steps=spec["steps"], logging_steps=1, save_strategy="no",
-        report_to=[], bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, disable_tqdm=True,
-        beta=[BETA], loss_type="sigmoid", max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0,
-        train_sampling_strategy="sequential", dataloader_num_workers=0, model_init_kwargs={"dtype": "float32"},
+        output_dir=spec["out"],
+        seed=SEED,
+        per_device_train_batch_size=spec["batch"],
+        gradient_accumulation_steps=1,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch_fused",
+        max_steps=spec["steps"],
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        disable_tqdm=True,
+        beta=[BETA],
+        loss_type="sigmoid",
+        max_new_tokens=MAX_NEW_TOKENS,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        model_init_kwargs={"dtype": "float32"},
     )
-    trainer = TimedOnlineDPOTrainer(model=spec["model"], reward_funcs=gold, args=args, train_dataset=dataset,
-                                    processing_class=tokenizer)
+    trainer = TimedOnlineDPOTrainer(
+        model=spec["model"], reward_funcs=gold, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
     trainer.train()
     trainer.save_model(str(Path(spec["out"]) / "final"))
     tokenizer.save_pretrained(str(Path(spec["out"]) / "final"))
@@ -182,22 +239,32 @@ def run_child(spec: dict, workdir: Path, log) -> dict:
     spec_file.write_text(json.dumps(spec))
     env = {**CHILD_ENV, **os.environ, **spec.get("env", {})}
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", str(spec_file)], env=env, capture_output=True,
-                          text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", str(spec_file)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     result_file = Path(spec["result"])
     if proc.returncode != 0 or not result_file.is_file():
-        raise RuntimeError(f"run {spec['name']} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+        raise RuntimeError(
+            f"run {spec['name']} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}"
+        )
     result = json.loads(result_file.read_text())
     result["wall_s"] = time.perf_counter() - started
     steps = result["step_times"][1:] or result["step_times"]
-    log(f"  {spec['name']:<40} {result['wall_s']:6.1f}s  median step {statistics.median(steps):.3f}s  "
-        f"peak {result['peak_rss_mib']:.0f} MiB")
+    log(
+        f"  {spec['name']:<40} {result['wall_s']:6.1f}s  median step {statistics.median(steps):.3f}s  "
+        f"peak {result['peak_rss_mib']:.0f} MiB"
+    )
     return result
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Assets and evaluation (parent)
 # --------------------------------------------------------------------------------------------------------------
+
 
 def build_assets(workdir: Path, rows: int, log) -> dict:
     """Gold task, tiny model, its SFT; the training prompts (ids and text) checked against TRL's tokenization."""
@@ -217,9 +284,19 @@ def build_assets(workdir: Path, rows: int, log) -> dict:
         build_tiny_model(model)
     if not (sft / "final" / "config.json").is_file():
         log(f"SFT of the tiny model ({sft})")
-        train(load_config(REPO / "recipes/tiny/sft.yaml", [
-            f"model.name_or_path={model}", f"data.train={task / 'sft.jsonl'}", "data.eval=null",
-            f"output_dir={sft}", "overwrite_output_dir=true", "logging.progress=false"]))
+        train(
+            load_config(
+                REPO / "recipes/tiny/sft.yaml",
+                [
+                    f"model.name_or_path={model}",
+                    f"data.train={task / 'sft.jsonl'}",
+                    "data.eval=null",
+                    f"output_dir={sft}",
+                    "overwrite_output_dir=true",
+                    "logging.progress=false",
+                ],
+            )
+        )
     tokenizer = AutoTokenizer.from_pretrained(sft / "final")
     prompts = task / "prompts_train.jsonl"
     subset = workdir / f"prompts-{rows}.jsonl"
@@ -231,7 +308,9 @@ def build_assets(workdir: Path, rows: int, log) -> dict:
     trl_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     if trl_ids != [list(x) for x in ids]:
         raise RuntimeError("TRL's tokenization of the prompt text differs from prefopt's prompt ids")
-    heldout = [json.loads(line)["prompt"] for line in (task / "prompts_heldout.jsonl").read_text().splitlines()]
+    heldout = [
+        json.loads(line)["prompt"] for line in (task / "prompts_heldout.jsonl").read_text().splitlines()
+    ]
     return {"sft": str(sft / "final"), "prompts": str(subset), "prompt_texts": texts, "heldout": heldout}
 
 
@@ -247,12 +326,14 @@ def gold_reward(model_dir: str, prompts: list[str], samples: int) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     rollouts = HFGenerator(model, tokenizer, batch_size=64).generate(
-        ids, SamplingParams(n=samples, temperature=1.0, max_new_tokens=MAX_NEW_TOKENS, seed=SEED))
+        ids, SamplingParams(n=samples, temperature=1.0, max_new_tokens=MAX_NEW_TOKENS, seed=SEED)
+    )
     texts = [prompts[int(i)] for i in rollouts.prompt_index]
     return statistics.mean(score(p, c) for p, c in zip(texts, rollouts.texts))
 
 
 # --------------------------------------------------------------------------------------------------------------
+
 
 def summarise(results: list[dict], log) -> list[dict]:
     rows = []
@@ -265,35 +346,52 @@ def summarise(results: list[dict], log) -> list[dict]:
         step = statistics.median(t for r in runs for t in r["step_times"][1:])
         generation = statistics.median(t for r in runs for t in r["generation_times"][1:])
         rates = [1 / statistics.median(r["step_times"][1:]) for r in runs]
-        rows.append({
-            "trainer": "TRL OnlineDPOTrainer" if label == "trl" else f"prefopt {label}",
-            "s_per_step": step, "generation_s": generation, "rest_s": step - generation,
-            "steps_per_s_vs_trl": statistics.median(a / b for a, b in zip(rates, base_rates)),
-            "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs),
-            "memory_vs_trl": statistics.median(r["peak_rss_mib"] / b for r, b in zip(runs, base_peaks)),
-            "gold": statistics.mean(r["gold"] for r in runs), "final_loss": statistics.mean(r["losses"][-1] for r in runs),
-        })
-    log("| trainer | s/step (median) | generation s | rest s | steps/s vs TRL | peak RSS MiB | memory vs TRL "
-        "| gold reward after training | last loss |")
+        rows.append(
+            {
+                "trainer": "TRL OnlineDPOTrainer" if label == "trl" else f"prefopt {label}",
+                "s_per_step": step,
+                "generation_s": generation,
+                "rest_s": step - generation,
+                "steps_per_s_vs_trl": statistics.median(a / b for a, b in zip(rates, base_rates)),
+                "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs),
+                "memory_vs_trl": statistics.median(r["peak_rss_mib"] / b for r, b in zip(runs, base_peaks)),
+                "gold": statistics.mean(r["gold"] for r in runs),
+                "final_loss": statistics.mean(r["losses"][-1] for r in runs),
+            }
+        )
+    log(
+        "| trainer | s/step (median) | generation s | rest s | steps/s vs TRL | peak RSS MiB | memory vs TRL "
+        "| gold reward after training | last loss |"
+    )
     log("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        log(f"| {r['trainer']} | {r['s_per_step']:.3f} | {r['generation_s']:.3f} | {r['rest_s']:.3f} "
+        log(
+            f"| {r['trainer']} | {r['s_per_step']:.3f} | {r['generation_s']:.3f} | {r['rest_s']:.3f} "
             f"| {r['steps_per_s_vs_trl']:.2f}x | {r['peak_rss_mib']:.0f} | {r['memory_vs_trl']:.2f}x "
-            f"| {r['gold']:.3f} | {r['final_loss']:.3f} |")
+            f"| {r['gold']:.3f} | {r['final_loss']:.3f} |"
+        )
     return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", default=",".join(METHODS), help=f"prefopt losses: {', '.join(METHODS)}")
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run (the first is a warm-up)")
+    parser.add_argument(
+        "--steps", type=int, default=12, help="optimizer steps per run (the first is a warm-up)"
+    )
     parser.add_argument("--batch", type=int, default=8, help="prompts per optimizer step")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-trl", action="store_true")
-    parser.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt for the gold reward")
-    parser.add_argument("--overrides", default="", help="extra prefopt overrides, space-separated (key=value)")
+    parser.add_argument(
+        "--eval-samples", type=int, default=2, help="samples per held-out prompt for the gold reward"
+    )
+    parser.add_argument(
+        "--overrides", default="", help="extra prefopt overrides, space-separated (key=value)"
+    )
     parser.add_argument("--json", help="write all runs and the summary here")
-    parser.add_argument("--workdir", default=os.environ.get("PREFOPT_BENCH_DIR", "/tmp/prefopt-bench") + "/online")
+    parser.add_argument(
+        "--workdir", default=os.environ.get("PREFOPT_BENCH_DIR", "/tmp/prefopt-bench") + "/online"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -306,11 +404,13 @@ def main(argv=None) -> int:
         os.environ.setdefault(key, value)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    log = lambda text: print(text, flush=True)  # noqa: E731
+    log = lambda text: print(text, flush=True)
     methods = [m for m in args.methods.split(",") if m]
     assets = build_assets(workdir, args.batch * args.steps, log)
-    log(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; batch {args.batch} prompts, {args.steps} "
-        f"steps (first = warm-up), {args.repeats} repeats, {MAX_NEW_TOKENS} new tokens, temperature 1")
+    log(
+        f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; batch {args.batch} prompts, {args.steps} "
+        f"steps (first = warm-up), {args.repeats} repeats, {MAX_NEW_TOKENS} new tokens, temperature 1"
+    )
     results = []
     stamp = time.strftime("%H%M%S")
     for repeat in range(args.repeats):
@@ -319,19 +419,32 @@ def main(argv=None) -> int:
             order.reverse()
         for trainer in order:
             tag = f"{stamp}-{trainer}-r{repeat}"
-            spec = {"name": tag, "trainer": trainer, "method": trainer, "model": assets["sft"],
-                    "prompts": assets["prompts"], "prompt_texts": assets["prompt_texts"], "batch": args.batch,
-                    "steps": args.steps, "out": str(workdir / "out" / tag), "overrides": args.overrides.split(),
-                    "result": str(workdir / "runs" / f"{tag}.result.json")}
+            spec = {
+                "name": tag,
+                "trainer": trainer,
+                "method": trainer,
+                "model": assets["sft"],
+                "prompts": assets["prompts"],
+                "prompt_texts": assets["prompt_texts"],
+                "batch": args.batch,
+                "steps": args.steps,
+                "out": str(workdir / "out" / tag),
+                "overrides": args.overrides.split(),
+                "result": str(workdir / "runs" / f"{tag}.result.json"),
+            }
             result = run_child(spec, workdir, log)
             result["gold"] = gold_reward(result["final"], assets["heldout"], args.eval_samples)
             results.append({**result, "trainer": trainer, "repeat": repeat})
     sft_gold = gold_reward(assets["sft"], assets["heldout"], args.eval_samples)
-    log(f"\nload average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; gold reward of the SFT model "
-        f"(the starting point): {sft_gold:.3f}")
+    log(
+        f"\nload average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; gold reward of the SFT model "
+        f"(the starting point): {sft_gold:.3f}"
+    )
     rows = summarise(results, log)
     if args.json:
-        Path(args.json).write_text(json.dumps({"summary": rows, "sft_gold": sft_gold, "runs": results}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"summary": rows, "sft_gold": sft_gold, "runs": results}, indent=1)
+        )
     return 0
 
 

@@ -56,9 +56,18 @@ def supports_lean_loop(model: torch.nn.Module) -> bool:
 
 
 @torch.no_grad()
-def sample_tokens(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-                  max_new_tokens: int, eos_ids: list[int], pad_id: int, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0) -> torch.Tensor:
+def sample_tokens(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_ids: list[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> torch.Tensor:
     """``[B, T]`` new tokens for left-padded prompts (``T <= max_new_tokens``; pad after a row's EOS).
 
     ``temperature == 0`` is greedy decoding.
@@ -69,7 +78,9 @@ def sample_tokens(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     cache_kwarg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     rows, width = input_ids.shape
     device = input_ids.device
-    mask_2d = torch.cat([attention_mask.bool(), torch.ones(rows, max_new_tokens, dtype=torch.bool, device=device)], 1)
+    mask_2d = torch.cat(
+        [attention_mask.bool(), torch.ones(rows, max_new_tokens, dtype=torch.bool, device=device)], 1
+    )
     # Prefill: causal and left padding in one [B, 1, P, P] mask; every step then sees [B, 1, 1, P + t + 1].
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     prefill_mask = causal[None, None] & mask_2d[:, None, None, :width]
@@ -79,8 +90,13 @@ def sample_tokens(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     dtype = _param_dtype(model)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
-    hidden = decoder(input_ids=input_ids, attention_mask=_model_attention_mask(decoder, prefill_mask, dtype),
-                     position_ids=positions, use_cache=True, **{cache_kwarg: cache}).last_hidden_state[:, -1]
+    hidden = decoder(
+        input_ids=input_ids,
+        attention_mask=_model_attention_mask(decoder, prefill_mask, dtype),
+        position_ids=positions,
+        use_cache=True,
+        **{cache_kwarg: cache},
+    ).last_hidden_state[:, -1]
     position = positions[:, -1:] + 1
     eos = torch.tensor(eos_ids, device=device)
     unfinished = torch.ones(rows, dtype=torch.bool, device=device)
@@ -98,7 +114,12 @@ def sample_tokens(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
         if step + 1 == max_new_tokens or not bool(unfinished.any()):
             break
         mask = step_mask[..., : width + step + 1]
-        hidden = decoder(input_ids=next_tokens[:, None], attention_mask=_model_attention_mask(decoder, mask, dtype),
-                         position_ids=position, use_cache=True, **{cache_kwarg: cache}).last_hidden_state[:, -1]
+        hidden = decoder(
+            input_ids=next_tokens[:, None],
+            attention_mask=_model_attention_mask(decoder, mask, dtype),
+            position_ids=position,
+            use_cache=True,
+            **{cache_kwarg: cache},
+        ).last_hidden_state[:, -1]
         position = position + 1
     return torch.stack(tokens, dim=1)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -53,8 +52,9 @@ class PairLayout:
     completion_valid: torch.Tensor  # [2B', C] bool, interleaved order
 
 
-def pair_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                completion_mask: torch.Tensor) -> Optional[PairLayout]:
+def pair_layout(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+) -> PairLayout | None:
     """The shared-prompt layout of a right-padded pair batch, or None when rows ``i`` and ``i + B`` do not share
     their prompt, a prompt is empty, or the rows are not ``prompt, completion, padding`` in that order."""
     rows, width = input_ids.shape
@@ -66,7 +66,9 @@ def pair_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     lengths = attention.sum(-1)
     completion_lengths = completion.sum(-1)
     prompt_lengths = lengths - completion_lengths
-    if not torch.equal(prompt_lengths[:half], prompt_lengths[half:]) or bool((prompt_lengths[:half] < 1).any()):
+    if not torch.equal(prompt_lengths[:half], prompt_lengths[half:]) or bool(
+        (prompt_lengths[:half] < 1).any()
+    ):
         return None
     positions = torch.arange(width, device=input_ids.device)
     expected_attention = positions[None, :] < lengths[:, None]
@@ -123,14 +125,26 @@ def _completion_mask_4d(layout: PairLayout, prompt_width: int) -> torch.Tensor:
     prompt_lengths = layout.prompt_lengths.repeat_interleave(2)  # interleaved rows share pair i's prompt
     prompt_part = torch.arange(prompt_width, device=device)[None, :] < prompt_lengths[:, None]  # [2B, P]
     causal = torch.ones(completion_width, completion_width, dtype=torch.bool, device=device).tril()
-    mask = torch.cat([prompt_part[:, None, :].expand(-1, completion_width, -1),
-                      causal[None].expand(prompt_lengths.shape[0], -1, -1)], dim=2)
+    mask = torch.cat(
+        [
+            prompt_part[:, None, :].expand(-1, completion_width, -1),
+            causal[None].expand(prompt_lengths.shape[0], -1, -1),
+        ],
+        dim=2,
+    )
     return mask[:, None]
 
 
-def shared_prompt_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                              completion_mask: torch.Tensor, layout: PairLayout, *, chunk_size: int,
-                              head_impl: Optional[str] = None) -> TokenLogps:
+def shared_prompt_token_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    layout: PairLayout,
+    *,
+    chunk_size: int,
+    head_impl: str | None = None,
+) -> TokenLogps:
     """Per-token completion logps of a pair batch, in the unshared ``[2B, L-1]`` layout of
     :func:`~prefopt.models.logps.completion_token_logps`, computed with one decoder pass per prompt."""
     from transformers import DynamicCache
@@ -143,15 +157,23 @@ def shared_prompt_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, a
     prompt_positions = torch.arange(prompt_width, device=device)
     prompt_attention = (prompt_positions[None, :] < layout.prompt_lengths[:, None]).long()
     cache = DynamicCache()
-    prompt_hidden = decoder(input_ids=layout.prompt_ids, attention_mask=prompt_attention, use_cache=True,
-                            **{cache_kwarg: cache}).last_hidden_state  # [B, P, H]
-    cache.batch_repeat_interleave(2)  # pair i's keys/values for its chosen (row 2i) and rejected (2i+1) completion
+    prompt_hidden = decoder(
+        input_ids=layout.prompt_ids, attention_mask=prompt_attention, use_cache=True, **{cache_kwarg: cache}
+    ).last_hidden_state  # [B, P, H]
+    cache.batch_repeat_interleave(
+        2
+    )  # pair i's keys/values for its chosen (row 2i) and rejected (2i+1) completion
     completion_width = layout.completion_ids.shape[1]
     prompt_lengths = layout.prompt_lengths.repeat_interleave(2)
     position_ids = prompt_lengths[:, None] + torch.arange(completion_width, device=device)[None, :]
     mask = _model_attention_mask(decoder, _completion_mask_4d(layout, prompt_width), _param_dtype(model))
-    completion_hidden = decoder(input_ids=layout.completion_ids, attention_mask=mask, position_ids=position_ids,
-                                use_cache=True, **{cache_kwarg: cache}).last_hidden_state  # [2B, C, H]
+    completion_hidden = decoder(
+        input_ids=layout.completion_ids,
+        attention_mask=mask,
+        position_ids=position_ids,
+        use_cache=True,
+        **{cache_kwarg: cache},
+    ).last_hidden_state  # [2B, C, H]
     del cache
 
     # Predictors: token 0 of a completion <- its prompt's last hidden state; token j >= 1 <- completion j - 1.
@@ -160,8 +182,12 @@ def shared_prompt_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, a
     rows, cols = torch.cat([rows[first], rows[~first]]), torch.cat([cols[first], cols[~first]])
     count = int(first.sum())
     pair = torch.div(rows[:count], 2, rounding_mode="floor")
-    selected = torch.cat([prompt_hidden[pair, layout.prompt_lengths[pair] - 1],
-                          completion_hidden[rows[count:], cols[count:] - 1]])
+    selected = torch.cat(
+        [
+            prompt_hidden[pair, layout.prompt_lengths[pair] - 1],
+            completion_hidden[rows[count:], cols[count:] - 1],
+        ]
+    )
     targets = layout.completion_ids[rows, cols]
     flat = head_token_logps(head, selected, targets, chunk_size, head_impl)
 

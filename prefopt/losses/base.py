@@ -9,7 +9,6 @@ Step kinds (``PreferenceLoss.step``) tell the trainer which batch to build:
 ``"pairs"``          offline preference pairs: policy (and reference) logps of chosen and rejected.
 ``"pairs+samples"``  offline pairs plus ``samples_per_prompt`` unlabelled policy samples per prompt (HyPO).
 ``"online_pairs"``   prompt-only data; one policy and one reference sample per prompt, ordered by the reward layer (XPO).
-``"online_policy_pairs"`` prompt-only data; two policy samples per prompt, ordered by the reward layer (online DPO).
 ``"ppo"``            rollouts, token-level rewards, a critic (RTO / PPO).
 ``"sft"``            supervised warm-up on prompt/completion rows (only ``policy_chosen_logps`` / ``chosen_lengths``).
 ``"reward_pairs"``   reward-model training: scalar scores of chosen and rejected from a sequence classifier.
@@ -26,8 +25,8 @@ from typing import Any, ClassVar, FrozenSet, Optional
 
 import torch
 
-STEP_KINDS = ("pairs", "pairs+samples", "online_pairs", "online_policy_pairs", "ppo", "sft", "reward_pairs",
-              "scored_pairs", "triples", "revision_pairs")
+STEP_KINDS = ("pairs", "pairs+samples", "online_pairs", "ppo", "sft", "reward_pairs", "scored_pairs", "triples",
+              "revision_pairs")
 NEEDS = ("reference", "online", "reward", "scores", "gold", "revisions")
 # "scores": a scalar reward per completion from the data (or the reward layer), CoPG.
 # "gold": a third, gold completion per pair scored by the policy, TPO.
@@ -60,10 +59,9 @@ class LossInputs:
     policy_sample_scores: Optional[torch.Tensor] = None  # [B] reward of the policy sample (logged only)
     reference_sample_scores: Optional[torch.Tensor] = None  # [B] reward of the reference sample (logged only)
 
-    # Scores of chosen and rejected: reward-model training (the model's outputs, with grad); online DPO (the
-    # reward layer's scores of the two policy samples, logged only) --------------------------------------------
-    chosen_scores: Optional[torch.Tensor] = None  # [B]
-    rejected_scores: Optional[torch.Tensor] = None  # [B]
+    # Reward-model training ----------------------------------------------------------------------------------
+    chosen_scores: Optional[torch.Tensor] = None  # [B], with grad
+    rejected_scores: Optional[torch.Tensor] = None  # [B], with grad
 
     # CoPG: a scalar reward per completion, from the data or the reward layer; constants (no grad) -------------
     chosen_external_rewards: Optional[torch.Tensor] = None  # [B]

@@ -15,7 +15,6 @@ from prefopt.losses.copg import CoPGLoss
 from prefopt.losses.dpo import DPOLoss
 from prefopt.losses.fdpo import FDPOLoss
 from prefopt.losses.hypo import HyPOLoss
-from prefopt.losses.online_dpo import OnlineDPOLoss
 from prefopt.losses.reward_model import RewardModelLoss
 from prefopt.losses.rpo import RPOLoss
 from prefopt.losses.rto import RTOLoss
@@ -27,8 +26,7 @@ from prefopt.losses.xpo import XPOLoss
 
 _LOSSES: dict[str, type[PreferenceLoss]] = {
     cls.name: cls
-    for cls in (DPOLoss, SimPOLoss, FDPOLoss, RPOLoss, HyPOLoss, XPOLoss, OnlineDPOLoss, RTOLoss, SFTLoss,
-                RewardModelLoss)
+    for cls in (DPOLoss, SimPOLoss, FDPOLoss, RPOLoss, HyPOLoss, XPOLoss, RTOLoss, SFTLoss, RewardModelLoss)
 }
 _LOSSES.update({cls.name: cls for cls in (CoPGLoss, TPOLoss, TPOLLoss, SRPOLoss)})
 

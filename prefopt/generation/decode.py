@@ -22,6 +22,8 @@ Tested against ``model.generate`` token for token (greedy and sampled with a fix
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 
@@ -67,10 +69,12 @@ def sample_tokens(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    draw: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """``[B, T]`` new tokens for left-padded prompts (``T <= max_new_tokens``; pad after a row's EOS).
 
-    ``temperature == 0`` is greedy decoding.
+    ``temperature == 0`` is greedy decoding. ``draw`` replaces the sampler: fp32 ``[B, vocab]`` logits in, ``[B]``
+    token ids out (e.g. per-row seeded Gumbel-max sampling, which then also owns the filters).
     """
     from transformers import DynamicCache
 
@@ -103,7 +107,9 @@ def sample_tokens(
     tokens = []
     for step in range(max_new_tokens):
         logits = head(hidden).float()
-        if temperature == 0:
+        if draw is not None:
+            next_tokens = draw(logits)
+        elif temperature == 0:
             next_tokens = logits.argmax(dim=-1)
         else:
             probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)

@@ -27,10 +27,11 @@ import torch
 
 STEP_KINDS = ("pairs", "pairs+samples", "online_pairs", "ppo", "sft", "reward_pairs", "scored_pairs", "triples",
               "revision_pairs")
-NEEDS = ("reference", "online", "reward", "scores", "gold", "revisions")
+NEEDS = ("reference", "online", "reward", "scores", "gold", "revisions", "resets")
 # "scores": a scalar reward per completion from the data (or the reward layer), CoPG.
 # "gold": a third, gold completion per pair scored by the policy, TPO.
 # "revisions": the pair's completions scored again as revisions of each other, SRPO.
+# "resets": prompt rows with a dataset completion whose prefixes rollouts restart from, DR-PO.
 
 
 @dataclass
@@ -83,6 +84,7 @@ class LossInputs:
     returns: Optional[torch.Tensor] = None  # [N, T]
     values: Optional[torch.Tensor] = None  # [N, T] current critic, with grad
     old_values: Optional[torch.Tensor] = None  # [N, T] critic at rollout time
+    reset_mask: Optional[torch.Tensor] = None  # [N, T] DR-PO: 1 on response tokens forced from a dataset prefix
 
     def require(self, *names: str) -> None:
         """Raise a ValueError naming every field a loss needs that the caller left as None."""

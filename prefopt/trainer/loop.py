@@ -60,6 +60,10 @@ def train(config: Config) -> TrainResult:
 
         return train_iterations(config)
     loss = loss_from_config(config)
+    if loss.step == "scored_pairs":  # per-completion rewards from the reward layer when the data has none
+        from prefopt.trainer.pair_scores import with_scored_pairs
+
+        config = with_scored_pairs(config)
     if loss.step == "ppo":
         from prefopt.trainer.ppo import train_ppo
 

@@ -1,5 +1,7 @@
-"""Offline pair steps that score more than the pair: per-completion rewards (CoPG), a gold completion (TPO) and
-SRPO's revision sequences. Each fills the extra ``LossInputs`` fields its data kind carries; the loss module does
+"""Offline pair steps that score more than the pair: per-completion rewards (CoPG), a gold completion (TPO)
+and
+SRPO's revision sequences. Each fills the extra ``LossInputs`` fields its data kind carries; the loss module
+does
 the rest. All sequences of a batch go through the policy in one forward (``[groups * B, L]``).
 """
 
@@ -14,8 +16,13 @@ from prefopt.trainer.steps import PairStep, StepContext, StepResult, _move
 
 def group_logps(ctx: StepContext, batch: dict, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Policy ``[groups, B]`` sums and lengths of a batch stacking ``groups`` row groups of B sequences."""
-    logps = ctx.policy(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                       position_ids=batch.get("position_ids"), attention_bias=batch.get("attention_bias"))
+    logps = ctx.policy(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["completion_mask"],
+        position_ids=batch.get("position_ids"),
+        attention_bias=batch.get("attention_bias"),
+    )
     sums, lengths = sequence_totals(logps, batch)
     return sums.view(groups, -1), lengths.view(groups, -1)
 
@@ -41,8 +48,12 @@ class _GroupedStep:
         ctx = self.ctx
         batch = _move(batch, ctx.accelerator.device)
         sums, lengths = group_logps(ctx, batch, self.groups)
-        inputs = LossInputs(policy_chosen_logps=sums[0], policy_rejected_logps=sums[1],
-                            chosen_lengths=lengths[0], rejected_lengths=lengths[1])
+        inputs = LossInputs(
+            policy_chosen_logps=sums[0],
+            policy_rejected_logps=sums[1],
+            chosen_lengths=lengths[0],
+            rejected_lengths=lengths[1],
+        )
         reference = None
         if "reference" in ctx.loss.needs:
             reference = ctx.reference.group_logps(batch, self.groups)

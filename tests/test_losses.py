@@ -63,8 +63,8 @@ def random_pairs(batch: int = 5, seed: int = 0, dtype: torch.dtype = F64) -> Los
 
 def test_registry_lists_every_loss_with_valid_class_attributes():
     assert available_losses() == sorted(
-        ["dpo", "simpo", "fdpo", "rpo", "hypo", "xpo", "rto", "sft", "reward_model"]
-        + ["copg", "tpo", "tpo_l", "srpo"]
+        ["dpo", "simpo", "fdpo", "rpo", "hypo", "xpo", "ppo", "rto", "sft", "reward_model"]
+        + ["copg", "tpo", "tpo_l", "srpo", "drpo"]
     )
     for name in available_losses():
         cls = loss_class(name)
@@ -83,14 +83,16 @@ def test_declared_needs_and_steps():
         "fdpo": ({"reference"}, "pairs"),
         "rpo": ({"reference"}, "pairs"),
         "hypo": ({"reference", "online"}, "pairs+samples"),
-        "xpo": ({"reference", "online", "reward"}, "online_pairs"),
-        "rto": ({"reference", "online", "reward"}, "ppo"),
+        "xpo": ({"reference", "online", "preference"}, "online_pairs"),
+        "ppo": ({"reference", "online", "reward"}, "ppo"),
+        "rto": ({"reference", "online", "reward", "dpo_policy"}, "ppo"),
         "sft": (set(), "sft"),
         "reward_model": (set(), "reward_pairs"),
         "copg": ({"reference", "scores"}, "scored_pairs"),
         "tpo": ({"gold"}, "triples"),
         "tpo_l": ({"gold"}, "triples"),
         "srpo": ({"reference", "revisions"}, "revision_pairs"),
+        "drpo": ({"reference", "online", "reward", "resets"}, "ppo_resets"),
     }
     for name, (needs, step) in expected.items():
         assert (set(loss_class(name).needs), loss_class(name).step) == (needs, step)

@@ -7,14 +7,15 @@ reads them from the signature, so there is no second list to keep in sync.
 from __future__ import annotations
 
 import difflib
-import inspect
 from typing import Any
 
 from prefopt.losses.base import PreferenceLoss
 from prefopt.losses.copg import CoPGLoss
+from prefopt.losses.drpo import DRPOLoss
 from prefopt.losses.dpo import DPOLoss
 from prefopt.losses.fdpo import FDPOLoss
 from prefopt.losses.hypo import HyPOLoss
+from prefopt.losses.ppo import PPOLoss
 from prefopt.losses.reward_model import RewardModelLoss
 from prefopt.losses.rpo import RPOLoss
 from prefopt.losses.rto import RTOLoss
@@ -26,9 +27,9 @@ from prefopt.losses.xpo import XPOLoss
 
 _LOSSES: dict[str, type[PreferenceLoss]] = {
     cls.name: cls
-    for cls in (DPOLoss, SimPOLoss, FDPOLoss, RPOLoss, HyPOLoss, XPOLoss, RTOLoss, SFTLoss, RewardModelLoss)
+    for cls in (DPOLoss, SimPOLoss, FDPOLoss, RPOLoss, HyPOLoss, XPOLoss, PPOLoss, RTOLoss, SFTLoss, RewardModelLoss)
 }
-_LOSSES.update({cls.name: cls for cls in (CoPGLoss, TPOLoss, TPOLLoss, SRPOLoss)})
+_LOSSES.update({cls.name: cls for cls in (CoPGLoss, TPOLoss, TPOLLoss, SRPOLoss, DRPOLoss)})
 
 
 DEFAULT_LOSS = DPOLoss.name  # a recipe without loss.name trains this; diagnose falls back to its implicit reward
@@ -56,12 +57,7 @@ def loss_class(name: str) -> type[PreferenceLoss]:
 
 def loss_parameters(name: str) -> dict[str, Any]:
     """``{parameter: default}`` of the loss ``name``, read from its ``__init__`` signature, in order."""
-    signature = inspect.signature(loss_class(name).__init__)
-    return {
-        param.name: param.default
-        for param in signature.parameters.values()
-        if param.name != "self" and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
-    }
+    return loss_class(name).parameter_defaults()
 
 
 def get_loss(name: str, **params: Any) -> PreferenceLoss:

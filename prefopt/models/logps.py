@@ -420,6 +420,14 @@ class CompletionLogpModel(torch.nn.Module):
         # property of the module: SFT or mixed batches simply fail the check and take the plain forward.
         self.share_prompt = share_prompt
 
+    @property
+    def _no_split_modules(self):
+        """The wrapped model's decoder-layer classes: accelerate's FSDP ``TRANSFORMER_BASED_WRAP`` with no layer
+        class reads ``model._no_split_modules`` of the prepared module (this wrapper); without it only the root
+        would be sharded, i.e. no sharding at all."""
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return getattr(inner, "_no_split_modules", None)
+
     def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, attention_bias=None,
                 share_prompt: Optional[bool] = None) -> TokenLogps:
         return completion_token_logps(

@@ -11,7 +11,7 @@ import torch
 
 from prefopt.losses import LossInputs
 from prefopt.models.logps import sequence_totals
-from prefopt.trainer.steps import PairStep, StepContext, StepResult, _move
+from prefopt.trainer.steps import PairStep, StepContext, StepKind, StepResult, _move, register_step
 
 
 def group_logps(ctx: StepContext, batch: dict, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,6 +27,7 @@ def group_logps(ctx: StepContext, batch: dict, groups: int) -> tuple[torch.Tenso
     return sums.view(groups, -1), lengths.view(groups, -1)
 
 
+@register_step("scored_pairs")
 class ScoredPairStep(PairStep):
     """Pairs with a scalar reward per completion (``chosen_score`` / ``rejected_score`` columns)."""
 
@@ -38,11 +39,8 @@ class ScoredPairStep(PairStep):
         inputs.rejected_external_rewards = batch["rejected_score"].to(device)
 
 
-class _GroupedStep:
+class _GroupedStep(StepKind):
     groups = 2
-
-    def __init__(self, ctx: StepContext):
-        self.ctx = ctx
 
     def __call__(self, batch: dict) -> StepResult:
         ctx = self.ctx
@@ -65,6 +63,7 @@ class _GroupedStep:
         raise NotImplementedError
 
 
+@register_step("triples")
 class TripleStep(_GroupedStep):
     """Gold/chosen/rejected triples: the gold completion's logps ride along as ``gold_logps`` (TPO)."""
 
@@ -75,6 +74,7 @@ class TripleStep(_GroupedStep):
         inputs.gold_logps, inputs.gold_lengths = sums[2], lengths[2]
 
 
+@register_step("revision_pairs")
 class RevisionPairStep(_GroupedStep):
     """SRPO: the pair plus four revision sequences, as ``[B, 4]`` policy and reference logps."""
 

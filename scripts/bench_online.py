@@ -152,8 +152,7 @@ def child_prefopt(spec: dict) -> dict:
         "logging.sample_steps=null",
         *spec["overrides"],
     ]
-    recipe = REPO / "recipes/tiny" / ("xpo.yaml" if spec["method"] == "xpo" else f"{spec['method']}.yaml")
-    config = load_config(recipe if recipe.is_file() else REPO / "recipes/tiny/xpo.yaml", overrides)
+    config = load_config(REPO / "recipes/tiny" / f"{spec['method']}.yaml", overrides)  # every method has a recipe
     train(config)
     records = [
         json.loads(line) for line in (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines() if line

@@ -63,7 +63,7 @@ def random_pairs(batch: int = 5, seed: int = 0, dtype: torch.dtype = F64) -> Los
 
 def test_registry_lists_every_loss_with_valid_class_attributes():
     assert available_losses() == sorted(
-        ["dpo", "simpo", "fdpo", "rpo", "hypo", "xpo", "ppo", "rto", "sft", "reward_model"]
+        ["dpo", "simpo", "fdpo", "rpo", "hypo", "xpo", "online_dpo", "ppo", "rto", "sft", "reward_model"]
         + ["copg", "tpo", "tpo_l", "srpo", "drpo"]
     )
     for name in available_losses():

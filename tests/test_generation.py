@@ -340,3 +340,12 @@ def test_filter_logits_matches_transformers_warpers():
     scores = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
     expected = TopPLogitsWarper(0.7)(None, TopKLogitsWarper(10)(None, TemperatureLogitsWarper(0.5)(None, scores)))
     assert torch.equal(filter_logits(scores, 0.5, 10, 0.7), expected)
+
+
+def test_lean_loop_gives_the_seeded_samples_of_model_generate(model, tokenizer, prompt_ids):
+    """Per-prompt seeded sampling (Gumbel-max over per-row generators) through the lean loop and model.generate."""
+    _boost_eos(model, tokenizer.eos_token_id, bias=3.0)
+    sampling = SamplingParams(n=2, temperature=0.9, top_k=20, max_new_tokens=10, prompt_seeds=[5, 6, 7, 8])
+    lean = HFGenerator(model, tokenizer, loop="lean").generate(prompt_ids, sampling)
+    plain = HFGenerator(model, tokenizer, loop="generate").generate(prompt_ids, sampling)
+    assert torch.equal(lean.completion_ids, plain.completion_ids) and lean.texts == plain.texts

@@ -35,6 +35,7 @@ from prefopt.trainer.setup import (build_optimizer, build_policy, build_referenc
                                    loss_from_config, make_accelerator, precompute_reference, write_run_info)
 from prefopt.trainer.steps import StepContext
 from prefopt.trainer.updates import TrainedModule, TrainingDiverged, Updater
+from prefopt.trainer.trackers import start_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class Trainer:
             logger.info("resumed from %s at step %d", self.resume_path, self.state.global_step)
         self.updater = Updater(acc, self.modules, self.state, config, self.output_dir)
         if trackers:
-            acc.init_trackers(config.logging.run_name or self.output_dir.name, config=config.model_dump(mode="json"))
+            start_trackers(acc, config)
         self.log = RunLogger(self.output_dir, acc, self.total_steps, progress=config.logging.progress,
                              trackers=bool(trackers), resume=self.resume_path is not None)
 
@@ -255,6 +256,8 @@ class Trainer:
                   "learning_rate": updater.learning_rate(),
                   "tokens_per_second": updater.throughput.rate(self.accelerator),
                   "train/skipped_steps": self.state.skipped_steps}
+        for trained in self.modules[1:]:  # extra trainables (PPO's critic) have their own learning rate
+            record[f"{trained.name}/learning_rate"] = trained.scheduler.get_last_lr()[0]
         self.log.log(record)
 
     @torch.no_grad()

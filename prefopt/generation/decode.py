@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from prefopt.models.logps import _model_attention_mask, _param_dtype, _split_model
+from prefopt.models.logps import _model_attention_mask, _param_dtype, _softcap, _split_model
 
 
 def filter_logits(scores: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -49,7 +49,7 @@ def filter_logits(scores: torch.Tensor, temperature: float, top_k: int, top_p: f
 def supports_lean_loop(model: torch.nn.Module) -> bool:
     """Decoder + plain head, sdpa or eager attention, a forward that takes a cache."""
     parts = _split_model(model)
-    if parts is None:
+    if parts is None or _softcap(model):  # soft-capped logits (Gemma-2): model.generate applies the cap
         return False
     decoder = parts[0]
     impl = str(getattr(getattr(decoder, "config", None), "_attn_implementation", None) or "sdpa")

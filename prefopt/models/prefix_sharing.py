@@ -36,6 +36,7 @@ from prefopt.models.logps import (
     TokenLogps,
     _model_attention_mask,
     _param_dtype,
+    _softcap,
     _split_model,
     head_token_logps,
 )
@@ -189,7 +190,7 @@ def shared_prompt_token_logps(
         ]
     )
     targets = layout.completion_ids[rows, cols]
-    flat = head_token_logps(head, selected, targets, chunk_size, head_impl)
+    flat = head_token_logps(head, selected, targets, chunk_size, head_impl, _softcap(model))
 
     # Back to the unshared layout: token j of unshared row u sits at label column prompt_length(u) + j - 1.
     unshared_rows = interleaved_rows(half, device)[rows]

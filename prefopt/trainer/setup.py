@@ -43,8 +43,9 @@ def make_accelerator(config: Config):
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError("train.deepspeed: DeepSpeed is not installed; pip install 'prefopt[deepspeed]'")
         plugin = DeepSpeedPlugin(hf_ds_config=config.train.deepspeed)
-    from prefopt.trainer.distributed import accelerator_process_kwargs
+    from prefopt.trainer.distributed import accelerator_process_kwargs, fresh_accelerator_state
 
+    fresh_accelerator_state()
     extra = accelerator_process_kwargs(use_deepspeed=plugin is not None)
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=False), *extra.pop("kwargs_handlers", [])]
     accelerator = Accelerator(

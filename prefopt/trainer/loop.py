@@ -51,11 +51,14 @@ class TrainResult:
     eval_metrics: dict = field(default_factory=dict)
 
 
-def collator_for(data_kind: str, pad_token_id: int, packing: bool = False):
+def collator_for(data_kind: str, pad_token_id: int, packing: bool = False, attn_implementation: str | None = None):
     if packing and data_kind == "pairs":
         from prefopt.data.packing import PackedPairCollator
 
-        return PackedPairCollator(pad_token_id)
+        # flash / flex attention take the sequences from the restarting position_ids and ignore a 4D mask:
+        # building the [N, N] mask (and moving it to the GPU) would only cost memory.
+        uses_mask = not (attn_implementation or "").startswith(("flash", "flex"))
+        return PackedPairCollator(pad_token_id, attention_bias=uses_mask)
     variants = {"scored_pairs": ScoredPairCollator, "triples": TripleCollator, "revision_pairs": RevisionPairCollator}
     if data_kind in variants:
         return variants[data_kind](pad_token_id)
@@ -109,7 +112,8 @@ class Trainer:
             self.bundle.write_report(self.output_dir)
             for line in self.bundle.report.summary_lines():
                 logger.info(line)
-        self.collator = collator_for(step_cls.data_kind, self.tokenizer.pad_token_id, config.data.packing)
+        self.collator = collator_for(step_cls.data_kind, self.tokenizer.pad_token_id, config.data.packing,
+                                     config.model.attn_implementation)
         policy = build_policy(config, step_cls.model_kind, self.tokenizer)
         reference = build_reference(config, lambda: self.accelerator.unwrap_model(self.policy).model, acc)
         if config.resolved_reference_mode() == "precomputed":
@@ -188,8 +192,11 @@ class Trainer:
         if needs & {"reward", "preference"}:
             from prefopt.models.reward import build_reward
 
+            from prefopt.trainer.distributed import prepare_frozen
+
             self.ctx.reward = build_reward(self.config.reward, device=self.accelerator.device,
-                                           policy_tokenizer=self.tokenizer)
+                                           policy_tokenizer=self.tokenizer,
+                                           prepare=lambda model: prepare_frozen(self.accelerator, model))
 
     def epoch_loader(self, epoch: int) -> DataLoader:
         dataset = self.bundle.train
@@ -256,6 +263,8 @@ class Trainer:
                   "learning_rate": updater.learning_rate(),
                   "tokens_per_second": updater.throughput.rate(self.accelerator),
                   "train/skipped_steps": self.state.skipped_steps}
+        for trained in self.modules[1:]:  # extra trainables (PPO's critic) have their own learning rate
+            record[f"{trained.name}/learning_rate"] = trained.scheduler.get_last_lr()[0]
         self.log.log(record)
 
     @torch.no_grad()

@@ -93,7 +93,7 @@ def test_declared_needs_and_steps():
 
 
 def test_loss_parameters_defaults():
-    assert loss_parameters("dpo") == {"beta": 0.1, "label_smoothing": 0.0}
+    assert loss_parameters("dpo") == {"beta": 0.1, "label_smoothing": 0.0, "divergence": "reverse_kl", "alpha": 0.5}
     assert loss_parameters("simpo") == {
         "beta": 2.0,
         "gamma": None,

@@ -58,7 +58,13 @@ METHODS = {
     "hypo": ("hypo.yaml", [], "pairs", None),
     "xpo": ("xpo.yaml", [], "prompts", None),
     "rto": ("rto.yaml", [], "prompts", "dpo"),  # RTO's stage 1 is the seed's DPO run
+    # the TRL catalogue (issue 16): each with its tiny recipe
+    **{name: (f"{name}.yaml", [], "pairs", None) for name in (
+        "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+        "apo_zero", "apo_down", "discopop", "sigmoid_norm", "orpo", "cpo", "mix")},
 }
+# Methods run by default (the catalogue is opt-in with --methods: 16 more runs per seed).
+DEFAULT_METHODS = ["dpo", "simpo", "fdpo_js", "fdpo_alpha", "fdpo_forward_kl", "rpo", "hypo", "xpo", "rto"]
 BOOTSTRAP = 1000
 
 
@@ -66,7 +72,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one seed (the first of --seeds)")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated; default: {','.join(DEFAULT_METHODS)}; all: {','.join(METHODS)}")
     p.add_argument("--out", default="runs/gold-bench")
     p.add_argument("--max-prompts", type=int, default=100, help="held-out prompts evaluated (task has 200)")
     p.add_argument("--samples", type=int, default=4, help="samples per held-out prompt")

@@ -32,7 +32,9 @@ class DiscoPOPLoss(RewardDifferenceLoss):
     summary: ClassVar[str] = "DiscoPOP: logistic/exponential blend modulated by sigmoid(z/tau)"
     paper: ClassVar[str] = ("Lu et al. 2024, Discovering Preference Optimization Algorithms with and for Large "
                             "Language Models (arXiv 2406.08414)")
-    formula: ClassVar[str] = "L = (1-m)(-logsigmoid(z)) + m exp(-z),  m = sigmoid(z/tau),  z = beta (s(lr_w) - s(lr_l))"
+    formula: ClassVar[str] = (
+        "L = (1-m)(-logsigmoid(z)) + m exp(-z),  m = sigmoid(z/tau),  z = beta (s(lr_w) - s(lr_l))"
+    )
 
     def __init__(
         self, beta: float = 0.1, tau: float = 0.05, divergence: str = "reverse_kl", alpha: float = 0.5

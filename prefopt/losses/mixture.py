@@ -36,7 +36,9 @@ class MixtureLoss(PreferenceLoss):
     name: ClassVar[str] = "mix"
     step: ClassVar[str] = "pairs"
     summary: ClassVar[str] = "Weighted sum of pairwise losses: mix=[{name: dpo, weight: 0.8}, ...]"
-    paper: ClassVar[str] = "TRL's multi-loss DPO (loss_type/loss_weights); MPO: Wang et al. 2024 (arXiv 2411.10442)"
+    paper: ClassVar[str] = (
+        "TRL's multi-loss DPO (loss_type/loss_weights); MPO: Wang et al. 2024 (arXiv 2411.10442)"
+    )
     formula: ClassVar[str] = "L = sum_k weight_k L_k"
 
     def __init__(self, mix: Optional[list[dict[str, Any]]] = None) -> None:

@@ -29,7 +29,9 @@ class NCAPairLoss(RewardDifferenceLoss):
     summary: ClassVar[str] = "NCA-pair: -logsig(r_w) - 0.5 logsig(-r_w) - 0.5 logsig(-r_l), r = beta*lr"
     paper: ClassVar[str] = ("Chen et al. 2024, Noise Contrastive Alignment of Language Models with Explicit "
                             "Rewards (arXiv 2402.05369)")
-    formula: ClassVar[str] = "L = -logsigmoid(r_w) - 0.5 logsigmoid(-r_w) - 0.5 logsigmoid(-r_l),  r = beta lr"
+    formula: ClassVar[str] = (
+        "L = -logsigmoid(r_w) - 0.5 logsigmoid(-r_w) - 0.5 logsigmoid(-r_l),  r = beta lr"
+    )
 
     def __init__(self, beta: float = 0.1) -> None:
         self._setup(beta)

@@ -33,7 +33,9 @@ class SFTLoss(PreferenceLoss):
     step: ClassVar[str] = "sft"
     summary: ClassVar[str] = "SFT warm-up: token-mean NLL of the completions (no preference data needed)"
 
-    paper: ClassVar[str] = "maximum-likelihood fine-tuning (the first stage of Ouyang et al. 2022, arXiv 2203.02155)"
+    paper: ClassVar[str] = (
+        "maximum-likelihood fine-tuning (the first stage of Ouyang et al. 2022, arXiv 2203.02155)"
+    )
     formula: ClassVar[str] = "L = sum_i(-logp(y_i)) / sum_i |y_i|   (reduction='token_mean')"
 
     def __init__(self, reduction: str = "token_mean") -> None:

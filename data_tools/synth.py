@@ -266,6 +266,22 @@ def build_task(seed: int, n_sft: int = 2000, n_pairs: int = 2000, n_eval: int = 
         return rows, {"label_agrees_with_gold": round(agree / count, 4), "chosen_longer": round(longer / count, 4),
                       "chosen_shorter": round(shorter / count, 4)}
 
+    def rated(count: int, pool: Sequence[str], stream: str) -> list[dict]:
+        # Three distinct completions scored by the gold reward (no label noise), as UltraFeedback's ratings are
+        # used by TPO: best = gold, second = chosen, worst = rejected. Also scored pairs for CoPG.
+        rng = random.Random(f"{seed}-{stream}")
+        rows = []
+        for _ in range(count):
+            prompt = rng.choice(pool)
+            texts: list[str] = []
+            while len(texts) < 3:  # distinct texts with distinct scores: best, second and worst are well defined
+                text = sample_completion(rng, prompt_item(prompt))
+                if text not in texts and all(score(prompt, text) != score(prompt, t) for t in texts):
+                    texts.append(text)
+            rows.append({"prompt": prompt_field(prompt), "completions": [
+                {"text": completion_field(text), "score": round(score(prompt, text), 4)} for text in texts]})
+        return rows
+
     pairs_train, train_stats = pairs(n_pairs, train_pool, "pairs-train")
     pairs_eval, eval_stats = pairs(n_eval, heldout, "pairs-eval")
     prompts_train = random.Random(f"{seed}-prompts").sample(train_pool, n_prompts)
@@ -275,6 +291,8 @@ def build_task(seed: int, n_sft: int = 2000, n_pairs: int = 2000, n_eval: int = 
         "pairs_train.jsonl": pairs_train,
         "pairs_eval.jsonl": pairs_eval,
         "prompts_train.jsonl": [{"prompt": prompt_field(p)} for p in prompts_train],
+        "rated_train.jsonl": rated(n_pairs, train_pool, "rated-train"),
+        "rated_eval.jsonl": rated(n_eval, heldout, "rated-eval"),
         "prompts_heldout.jsonl": [{"prompt": prompt_field(p)} for p in heldout],
     }
     task = {
@@ -309,6 +327,8 @@ Padding with neutral words never raises it; longer is not better past 20 words.
 | pairs_train.jsonl | {pairs_train} | prompt/chosen/rejected from the same distribution, with gold scores |
 | pairs_eval.jsonl | {pairs_eval} | the same, on held-out prompts |
 | prompts_train.jsonl | {prompts_train} | training prompts (online methods) |
+| rated_train.jsonl | {rated_train} | prompt with 3 completions and their gold scores (triples: best/second/worst) |
+| rated_eval.jsonl | {rated_eval} | the same, on held-out prompts |
 | prompts_heldout.jsonl | {prompts_heldout} | prompts disjoint from every training prompt |
 
 Labels: Bradley-Terry draws, P(a preferred to b) = sigmoid((score(a) - score(b)) / {temperature}); on the training
@@ -330,6 +350,7 @@ def write_task(out_dir: str | os.PathLike, seed: int, **kwargs: Any) -> dict[str
         seed=seed, format=task["format"], n_items=len(ITEMS), temperature=task["bt_temperature"],
         sft=counts["sft.jsonl"], pairs_train=counts["pairs_train.jsonl"], pairs_eval=counts["pairs_eval.jsonl"],
         prompts_train=counts["prompts_train.jsonl"], prompts_heldout=counts["prompts_heldout.jsonl"],
+        rated_train=counts["rated_train.jsonl"], rated_eval=counts["rated_eval.jsonl"],
         agree=stats["pairs_train"]["label_agrees_with_gold"], longer=stats["pairs_train"]["chosen_longer"],
         shorter=stats["pairs_train"]["chosen_shorter"],
         mean=stats["sft_gold_mean"], std=stats["sft_gold_std"])

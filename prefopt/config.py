@@ -11,11 +11,12 @@ import copy
 import logging
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from prefopt.data.revision import DEFAULT_REVISION_INSTRUCTION, DEFAULT_REVISION_TEMPLATE, check_template
 from prefopt.errors import ConfigError
 from prefopt.losses.registry import DEFAULT_LOSS
 
@@ -37,6 +38,16 @@ def yaml_load(text: str):
     return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - SafeLoader subclass
 
 
+# Range-checked numbers: the schema says what is valid, and a bad value names its key and the valid range.
+Positive = Annotated[int, Field(gt=0)]
+NonNegative = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]  # [0, 1]
+OpenFraction = Annotated[float, Field(ge=0, lt=1)]  # [0, 1)
+Probability = Annotated[float, Field(gt=0, le=1)]  # (0, 1]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -44,9 +55,9 @@ class _Section(BaseModel):
 class PeftConfig(_Section):
     """LoRA adapters through ``peft`` (set ``model.peft`` to enable)."""
 
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
+    r: Positive = 8
+    alpha: Positive = 16
+    dropout: OpenFraction = 0.0
     target_modules: list[str] | str = "all-linear"
     bias: Literal["none", "all", "lora_only"] = "none"
 
@@ -68,29 +79,49 @@ class ReferenceConfig(_Section):
     mode: Literal["auto", "model", "adapter", "precomputed", "none"] = "auto"
     name_or_path: Optional[str] = None  # default: model.name_or_path
     cache_dir: Optional[str] = None  # precomputed cache; default: <output_dir>/../.prefopt_cache
-    batch_size: int = 16
+    batch_size: Positive = 16
 
 
 class DataConfig(_Section):
     train: Optional[str] = None
     eval: Optional[str] = None
-    format: Literal["auto", "pairs", "conversational", "hh", "rated", "prompts", "sft"] = "auto"
+    format: Literal["auto", "pairs", "conversational", "hh", "rated", "triples", "prompts", "sft"] = "auto"
     split: str = "train"  # split name for hub datasets / saved DatasetDicts
     eval_split: Optional[str] = None  # split of the same source used for eval
-    eval_size: float | int = 0  # carve eval out of train: fraction (<1) or row count
-    max_samples: Optional[int] = None
+    eval_size: NonNegative | NonNegativeFloat = 0  # carve eval out of train: fraction (<1) or row count
+    max_samples: Optional[Positive] = None
     shuffle: bool = True
-    max_length: int = 512
-    max_prompt_length: int = 256
+    max_length: Positive = 512
+    max_prompt_length: Positive = 256  # < max_length; when unset and max_length <= 256: max_length // 2
     truncation: Literal["keep_end", "keep_start"] = "keep_end"
     chat_template: Optional[str] = None
     on_invalid: Literal["error", "skip"] = "error"
     rated_pairs: Literal["best_worst", "all"] = "best_worst"
-    rated_min_gap: float = 0.0
+    rated_min_gap: NonNegativeFloat = 0.0
     curriculum: bool = False  # rated pairs ordered easy-to-hard by score gap (Curry-DPO)
-    num_proc: Optional[int] = None
+    num_proc: Optional[Positive] = None
     packing: bool = False  # padding-free packing of pairs (pays off with varlen flash attention on GPUs)
     group_by_length: bool = False  # batches of similar-length pairs: less padding (changes which pairs share a step)
+    # SRPO's revision prompt (prefopt/data/revision.py): plain rows fill {prompt} and {answer}; conversational rows
+    # add the answer as an assistant turn and the instruction as a user turn.
+    revision_template: str = DEFAULT_REVISION_TEMPLATE
+    revision_instruction: str = DEFAULT_REVISION_INSTRUCTION
+
+    @model_validator(mode="after")
+    def _check_revision_template(self) -> "DataConfig":
+        check_template(self.revision_template)
+        return self
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> "DataConfig":
+        if "max_prompt_length" not in self.model_fields_set and self.max_prompt_length >= self.max_length:
+            # Only max_length was lowered: the default prompt budget follows it (half), instead of an error.
+            object.__setattr__(self, "max_prompt_length", max(self.max_length // 2, 1))
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"data.max_prompt_length: {self.max_prompt_length} leaves no room for the completion in "
+                             f"data.max_length={self.max_length} (which counts prompt and completion); valid: 1 to "
+                             f"{self.max_length - 1}, or raise data.max_length")
+        return self
 
 
 class LossConfig(BaseModel):
@@ -116,27 +147,30 @@ class LossConfig(BaseModel):
 
 
 class TrainConfig(_Section):
-    learning_rate: float = 5e-7
+    learning_rate: NonNegativeFloat = 5e-7
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = 0.1
-    warmup_steps: Optional[int] = None
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: Optional[float] = 1.0
-    num_epochs: float = 1.0
-    max_steps: Optional[int] = None  # optimizer steps; overrides num_epochs
-    per_device_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    eval_batch_size: Optional[int] = None
+    warmup_ratio: Fraction = 0.1
+    warmup_steps: Optional[NonNegative] = None
+    weight_decay: NonNegativeFloat = 0.0
+    adam_beta1: OpenFraction = 0.9
+    adam_beta2: OpenFraction = 0.999
+    adam_epsilon: NonNegativeFloat = 1e-8
+    max_grad_norm: Optional[NonNegativeFloat] = 1.0  # None or 0: no clipping
+    num_epochs: PositiveFloat = 1.0
+    max_steps: Optional[Positive] = None  # optimizer steps; overrides num_epochs
+    per_device_batch_size: Positive = 4
+    gradient_accumulation_steps: Positive = 1
+    eval_batch_size: Optional[Positive] = None
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    eval_steps: Optional[int] = None
-    save_steps: Optional[int] = None
-    save_total_limit: Optional[int] = 2
+    eval_steps: Optional[Positive] = None
+    save_steps: Optional[Positive] = None
+    save_total_limit: Optional[Positive] = 2  # None: keep every checkpoint
     resume_from: Optional[str] = None  # "latest" or a checkpoint path
-    max_skipped_steps: int = 5
-    logps_chunk_size: Optional[int] = 1024  # positions per lm-head/log-softmax chunk; None = one pass
+    # Parts of the run fingerprint a resume may change deliberately (trainer/run_dir.py); by default a checkpoint
+    # written with another loss, model, data or tokenizer is refused.
+    resume_allow: list[Literal["loss", "model", "data", "tokenizer"]] = Field(default_factory=list)
+    max_skipped_steps: NonNegative = 5
+    logps_chunk_size: Optional[Positive] = 1024  # positions per lm-head/log-softmax chunk; None = one pass
     logps_head: Literal["fused", "checkpoint"] = "fused"  # chunked lm-head implementation (models/logps.py)
     fused_optimizer: bool = True  # torch's fused AdamW (fewer temporaries: lower peak memory, faster)
     # Sparse input-embedding gradients with an exactly equal AdamW step (trainer/sparse_embedding.py): no dense
@@ -146,7 +180,7 @@ class TrainConfig(_Section):
     # glibc only: blocks of 1 MiB or more go straight back to the OS when freed (trainer/host_memory.py); lowers
     # the host process's peak memory. A process-wide malloc setting.
     return_freed_host_memory: bool = True
-    dataloader_num_workers: int = 0
+    dataloader_num_workers: NonNegative = 0
     # A DeepSpeed JSON config (ZeRO stage, offload...). Lets `torchrun -m prefopt train` use DeepSpeed without an
     # accelerate config; under `accelerate launch` with a DeepSpeed config, leave it unset.
     deepspeed: Optional[str] = None
@@ -154,14 +188,14 @@ class TrainConfig(_Section):
 
 class GenerationConfig(_Section):
     backend: Literal["hf", "vllm"] = "hf"
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 64
-    batch_size: int = 32
-    gpu_memory_utilization: float = 0.3
+    temperature: PositiveFloat = 1.0
+    top_p: Probability = 1.0
+    top_k: NonNegative = 0
+    max_new_tokens: Positive = 64
+    batch_size: Positive = 32
+    gpu_memory_utilization: Probability = 0.3
     vllm_sleep: bool = True
-    vllm_max_model_len: Optional[int] = None
+    vllm_max_model_len: Optional[Positive] = None
 
 
 class RewardConfig(_Section):
@@ -170,41 +204,56 @@ class RewardConfig(_Section):
     function: Optional[str] = None  # "module:callable" (kind=function or judge)
     policy: Optional[str] = None  # implicit reward: trained DPO policy
     reference: Optional[str] = None  # implicit reward: its reference
-    beta: float = 0.1
+    beta: PositiveFloat = 0.1
     token_level: bool = False
     missing_eos_penalty: Optional[float] = None
     normalize: Literal["none", "batch", "running"] = "none"
-    batch_size: int = 32
-    max_length: int = 1024
+    batch_size: Positive = 32
+    max_length: Positive = 1024
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # reward / implicit-reward models
     trust_remote_code: bool = False
+
+
+class IterationsConfig(_Section):
+    """DNO-style iterations (prefopt/iterative/run.py): ``count > 0`` turns ``prefopt train`` into T rounds of
+    sample -> score -> large-margin pairs -> one-epoch training against the previous iterate."""
+
+    count: int = Field(0, ge=0)  # T; 0 = an ordinary single run
+    prompts: Optional[str] = None  # prompt rows; sft / pair / rated rows also give a gold answer
+    partition: bool = True  # each iteration its own disjoint share of the prompts (the paper's setup)
+    samples_per_prompt: int = Field(5, ge=1)  # K samples from the current policy (generation.* sets sampling)
+    include_gold: bool = True  # add the row's answer as a candidate when it has one
+    min_positive_score: Optional[float] = None  # paper: 5 on its 6-point scale
+    gold_margin: float = Field(0.0, ge=0)  # paper: 2 (a gold positive must beat its negative by this much)
+    student_margin: float = Field(0.0, ge=0)  # paper: 1 (a sampled positive)
+    replay: list[float] = Field(default_factory=lambda: [0.3, 0.15])  # share of pairs from t-1, t-2, ...
 
 
 class PPOConfig(_Section):
     """The PPO step used by RTO: rollouts per step, passes over them, critic and DPO-policy locations."""
 
-    rollout_batch_size: int = 16  # prompts per rollout (per device)
-    epochs: int = 2
-    minibatch_size: int = 8
+    rollout_batch_size: Positive = 16  # prompts per rollout (per device)
+    epochs: Positive = 2
+    minibatch_size: Positive = 8
     dpo_policy: Optional[str] = None  # stage-1 DPO model (RTO token rewards)
     dpo_adapter: Optional[str] = None  # the DPO policy as a LoRA adapter on the policy's base model
     critic: Optional[str] = None  # default: reward.name_or_path, else the policy with a fresh value head
-    critic_learning_rate: Optional[float] = None
-    adaptive_kl_target: Optional[float] = None  # None: fixed kl_coef
-    adaptive_kl_horizon: int = 10000
+    critic_learning_rate: Optional[NonNegativeFloat] = None
+    adaptive_kl_target: Optional[PositiveFloat] = None  # None: fixed kl_coef
+    adaptive_kl_horizon: Positive = 10000
     whiten_advantages: bool = True
 
 
 class LoggingConfig(_Section):
-    logging_steps: int = 1
+    logging_steps: Positive = 1
     report_to: list[Literal["tensorboard", "wandb", "trackio"]] = Field(default_factory=list)
-    sample_steps: Optional[int] = 10
+    sample_steps: Optional[NonNegative] = 10  # None or 0: no samples.jsonl
     progress: bool = True
     run_name: Optional[str] = None
 
 
 class Config(_Section):
-    seed: int = 42
+    seed: NonNegative = 42
     output_dir: str = "runs/prefopt"
     overwrite_output_dir: bool = False
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -215,6 +264,7 @@ class Config(_Section):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    iterations: IterationsConfig = Field(default_factory=IterationsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
@@ -242,6 +292,14 @@ class Config(_Section):
             raise ValueError("reference.mode=adapter needs LoRA on the policy: set model.peft (e.g. model.peft.r=8)")
         if self.generation.backend == "vllm":
             _check_vllm_available()
+        attn = self.model.attn_implementation or ""
+        if attn.startswith("flash") and (self.model.dtype == "float32" or self.train.mixed_precision == "no"):
+            raise ValueError(f"model.attn_implementation: {attn} takes only bf16/fp16 queries, and the reference "
+                             "forward and generation run outside autocast; set model.dtype=bfloat16 (trainable "
+                             "weights stay fp32 for AdamW) with train.mixed_precision=bf16, or "
+                             "model.attn_implementation=sdpa")
+        if self.iterations.count:
+            _check_iterations(self, loss)
         return self
 
     def resolved_reference_mode(self) -> str:
@@ -253,6 +311,26 @@ class Config(_Section):
         if "reference" not in get_loss(self.loss.name, **self.loss.params()).needs:
             return "none"
         return "adapter" if self.model.peft is not None else "model"
+
+
+def _check_iterations(config: "Config", loss) -> None:
+    it = config.iterations
+    if not it.prompts:
+        raise ValueError("iterations.prompts: the prompt file each iteration samples from is required")
+    if loss.step != "pairs":
+        raise ValueError(f"iterations: each iteration trains a pairwise loss on its pairs (e.g. loss.name=dpo, as DNO "
+                         f"does); loss '{config.loss.name}' runs a '{loss.step}' step")
+    if config.reward.kind == "none":
+        raise ValueError("reward.kind: iterations score their samples; set reward.kind=model, function, implicit or "
+                         "judge (a judge function returning P(a beats b))")
+    if config.reference.mode == "adapter":
+        raise ValueError("reference.mode=adapter: iterations refresh the reference to the previous iterate's saved "
+                         "model; use reference.mode=model or precomputed")
+    if config.train.num_epochs > 1 or config.train.max_steps:
+        raise ValueError("train.num_epochs: DNO trains each iteration for at most one epoch (train.num_epochs <= 1, "
+                         "no train.max_steps)")
+    if any(not 0 <= share <= 1 for share in it.replay):
+        raise ValueError(f"iterations.replay: shares must lie in [0, 1], got {it.replay}")
 
 
 def _check_vllm_available() -> None:
@@ -317,9 +395,61 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
             lines.append(f"{key}: invalid value {item.get('input')!r}; valid: {expected}")
         elif kind == "value_error":
             lines.append(str(item["msg"]).removeprefix("Value error, "))
+        elif kind in _RANGE_ERRORS:
+            key = _field_key(item["loc"])
+            lines.append(f"{key}: {item.get('input')!r} is out of range; valid: {_valid_range(item['loc'])}")
         else:
             lines.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
+    lines = list(dict.fromkeys(lines))  # a union reports each member's failure; say it once
     return f"{source}: invalid config\n  " + "\n  ".join(lines)
+
+
+_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def _field_loc(loc: tuple) -> tuple:
+    """The part of an error location that names a field (pydantic appends union member tags like ``int``)."""
+    for end in range(len(loc), 0, -1):
+        section = _section_for(loc[: end - 1])
+        if section is not None and str(loc[end - 1]) in section.model_fields:
+            return tuple(loc[:end])
+    return tuple(loc)
+
+
+def _field_key(loc: tuple) -> str:
+    return ".".join(str(part) for part in _field_loc(loc))
+
+
+def _valid_range(loc: tuple) -> str:
+    """``> 0``, ``>= 0``, ``[0, 1)``... from the field's constraints (every member of an Optional/union)."""
+    import annotated_types
+
+    field_loc = _field_loc(loc)
+    section = _section_for(field_loc[:-1])
+    field = section.model_fields[str(field_loc[-1])] if section is not None else None
+    bounds: dict[str, Any] = {}
+
+    def collect(annotation: Any, metadata: list) -> None:
+        for item in metadata:
+            if hasattr(item, "metadata") and isinstance(item.metadata, list):  # a FieldInfo inside Annotated
+                collect(None, item.metadata)
+            for name in ("gt", "ge", "lt", "le"):
+                if isinstance(item, getattr(annotated_types, name.capitalize())):
+                    bounds[name] = getattr(item, name)
+        for arg in getattr(annotation, "__args__", ()) or ():
+            collect(arg, list(getattr(arg, "__metadata__", ())))
+
+    if field is not None:
+        collect(field.annotation, list(field.metadata))
+    low = f"({bounds['gt']}" if "gt" in bounds else f"[{bounds['ge']}" if "ge" in bounds else None
+    high = f"{bounds['lt']})" if "lt" in bounds else f"{bounds['le']}]" if "le" in bounds else None
+    if low and high:
+        return f"{low}, {high}"
+    if low:
+        return f"> {bounds['gt']}" if "gt" in bounds else f">= {bounds['ge']}"
+    if high:
+        return f"< {bounds['lt']}" if "lt" in bounds else f"<= {bounds['le']}"
+    return "see the schema"
 
 
 def _section_for(loc: tuple) -> Optional[type[BaseModel]]:

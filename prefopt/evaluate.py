@@ -111,3 +111,63 @@ def win_rate(candidate: PolicySamples, baseline: PolicySamples) -> float:
     """Share of (prompt, sample) slots where the candidate's reward beats the baseline's; ties count half."""
     pairs = list(zip(candidate.rewards, baseline.rewards))
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / max(len(pairs), 1)
+
+
+@torch.no_grad()
+def sample_with_revisions(
+    policy,
+    prompts_path: str,
+    reward_fn: Callable[[str, str], float],
+    *,
+    revisions: int = 1,
+    template=None,
+    samples_per_prompt: int = 1,
+    max_prompts: Optional[int] = None,
+    max_new_tokens: int = 48,
+    max_revision_prompt_length: int = 256,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> list[PolicySamples]:
+    """SRPO's inference: ``y_0 ~ pi(. | x)``, then ``y_{n+1} ~ pi(. | x, y_n)`` for ``revisions`` rounds.
+
+    The revision prompt is ``template`` (a :class:`prefopt.data.revision.RevisionTemplate`; the training run's
+    ``data.revision_template`` / ``revision_instruction``) rendered and tokenized as training does it, keeping its
+    last ``max_revision_prompt_length`` tokens. Returns one :class:`PolicySamples` per round (index 0: no revision),
+    each scored with ``reward_fn(prompt, completion)``; sample ``j`` of round ``n+1`` revises sample ``j`` of round n.
+    """
+    from prefopt.data import build_datasets
+    from prefopt.data.revision import RevisionTemplate
+
+    if revisions < 0:
+        raise ValueError(f"revisions must be >= 0, got {revisions}")
+    template = template or RevisionTemplate()
+    tokenizer = load_tokenizer(str(policy))
+    model = _load(policy)
+    config = DataConfig(train=prompts_path, shuffle=False, max_samples=max_prompts, max_prompt_length=64,
+                        max_length=65)
+    bundle = build_datasets(config, tokenizer, "prompts", seed=0)
+    prompt_ids, texts, messages = (list(bundle.train[c]) for c in ("prompt_input_ids", "prompt_text",
+                                                                    "prompt_messages"))
+    generator = HFGenerator(model, tokenizer, batch_size=batch_size)
+    rollouts = generator.generate(prompt_ids, SamplingParams(n=samples_per_prompt, temperature=temperature,
+                                                             max_new_tokens=max_new_tokens, seed=seed))
+    index = [int(i) for i in rollouts.prompt_index]
+    rounds = []
+    for round_number in range(revisions + 1):
+        prompts = [texts[i] for i in index]
+        rounds.append(PolicySamples(
+            prompts=prompts, completions=list(rollouts.texts), prompt_index=index,
+            rewards=[float(reward_fn(p, c)) for p, c in zip(prompts, rollouts.texts)],
+            lengths=[int(n) for n in rollouts.completion_mask.sum(-1)],
+            finished=[bool(f) for f in rollouts.finished]))
+        if round_number == revisions:
+            break
+        revision_ids = []
+        for i, answer in zip(index, rollouts.texts):
+            text = template.render(texts[i], messages[i], answer, tokenizer)
+            ids = tokenizer(text, add_special_tokens=not messages[i])["input_ids"]
+            revision_ids.append(ids[-max_revision_prompt_length:])
+        rollouts = generator.generate(revision_ids, SamplingParams(
+            n=1, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + round_number + 1))
+    return rounds

@@ -129,7 +129,7 @@ def test_bad_rows_name_file_line_and_field(tmp_path, tiny_tokenizer, bad, messag
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"prompt": [{"role": "user"}], "chosen": [GOOD], "rejected": [BAD]}, r'field "prompt" message 0: "content" is '
+    ({"prompt": [{"role": "user"}], "chosen": [GOOD], "rejected": [BAD]}, r'field "prompt" message 1: "content" is '
                                                                           r"missing"),
     ({"prompt": [USER], "chosen": [USER], "rejected": [BAD]}, r'field "chosen": the final message has role "user"'),
     ({"chosen": [GOOD], "rejected": [BAD]}, r'field "prompt" is empty \(chosen and rejected share no messages'),
@@ -150,7 +150,7 @@ def test_bad_conversational_rows(row, message):
     ({"prompt": "p", "completions": [{"text": "a"}, {"text": "b", "score": 1}]}, "rated",
      r'field "completions\[0\].score" is missing'),
     ({"prompt": "p"}, "sft", r'field "completion" is missing'),
-    ({"prompt": ["x"]}, "prompts", r'field "prompt" message 0: expected an object'),
+    ({"prompt": ["x"]}, "prompts", r'field "prompt" message 1: expected an object'),
 ])
 def test_bad_rows_of_other_formats(row, fmt, message):
     with pytest.raises(RowError, match=message):
@@ -214,7 +214,7 @@ def test_locations_per_source_type(tmp_path):
     assert result.reasons == [f'{tmp_path / "d.csv"} line 3: field "rejected" is empty']
     (tmp_path / "d.json").write_text(json.dumps([_rows(1)[0], bad]))
     result = load_rows(Source(str(tmp_path / "d.json")))
-    assert result.reasons == [f'{tmp_path / "d.json"} row 1: field "rejected" is missing']
+    assert result.reasons == [f'{tmp_path / "d.json"} row 2: field "rejected" is missing']  # 1-based, like lines
 
 
 def test_missing_files_and_unreachable_hub_names(tmp_path, tiny_tokenizer):

@@ -27,10 +27,12 @@ CONVERSATION = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": 
                 "rejected": [{"role": "assistant", "content": "Green, I think."}]}
 
 
-def _bundle(tmp_path, tokenizer, rows, kind="pairs", seed=0, cache_dir=None, name="d.jsonl", **cfg):
+def _bundle(tmp_path, tokenizer, rows, kind="pairs", seed=0, cache_dir=None, name="d.jsonl", unchecked=False,
+            **cfg):
     cfg.setdefault("shuffle", False)
-    return build_datasets(DataConfig(train=str(_write(tmp_path / name, rows)), **cfg), tokenizer, kind, seed=seed,
-                          cache_dir=cache_dir)
+    cfg["train"] = str(_write(tmp_path / name, rows))
+    data_cfg = DataConfig.model_construct(**{**DataConfig().model_dump(), **cfg}) if unchecked else DataConfig(**cfg)
+    return build_datasets(data_cfg, tokenizer, kind, seed=seed, cache_dir=cache_dir)
 
 
 def test_completion_starts_exactly_where_the_prompt_ends(tmp_path, tiny_tokenizer):
@@ -146,12 +148,13 @@ def test_truncation_counts_and_drops(tmp_path, tiny_tokenizer):
     starts = _bundle(tmp_path, tok, rows, max_length=16, max_prompt_length=8, truncation="keep_start")
     assert starts.train[0]["prompt_input_ids"] == tok(long_prompt)["input_ids"][:8]
     # A prompt allowed the whole max_length leaves nothing for the completion: the row is dropped and counted.
-    dropped = _bundle(tmp_path, tok, rows, max_length=8, max_prompt_length=8, on_invalid="skip")
+    # (The recipe schema refuses max_prompt_length >= max_length; the tokenizer still guards unchecked configs.)
+    dropped = _bundle(tmp_path, tok, rows, max_length=8, max_prompt_length=8, on_invalid="skip", unchecked=True)
     assert dropped.report.train.dropped_rows == 1 and len(dropped.train) == 1
     assert "line 1: the prompt takes 8 of data.max_length=8 tokens" in dropped.report.train.dropped_reasons[0]
     assert dropped.train["index"] == [0] and dropped.train[0]["prompt_text"] == "Hi:"
     with pytest.raises(DataError, match="no train rows left after tokenization"):
-        _bundle(tmp_path, tok, rows[:1], max_length=8, max_prompt_length=8)
+        _bundle(tmp_path, tok, rows[:1], max_length=8, max_prompt_length=8, unchecked=True)
 
 
 def _fingerprint(tmp_path, tok, rows=PAIRS, name="d.jsonl", seed=0, kind="pairs", **cfg):

@@ -62,7 +62,8 @@ def random_pairs(batch: int = 5, seed: int = 0, dtype: torch.dtype = F64) -> Los
 
 
 def test_registry_lists_every_loss_with_valid_class_attributes():
-    assert set(available_losses()) >= {"dpo", "simpo", "fdpo", "rpo", "hypo", "xpo", "rto", "sft", "reward_model"}
+    assert set(available_losses()) >= {"dpo", "simpo", "fdpo", "rpo", "hypo", "xpo", "rto", "sft", "reward_model",
+                                       "copg", "tpo", "tpo_l", "srpo"}
     for name in available_losses():
         cls = loss_class(name)
         assert issubclass(cls, PreferenceLoss) and cls.name == name
@@ -87,6 +88,10 @@ def test_declared_needs_and_steps():
         "rto": ({"reference", "online", "reward"}, "ppo"),
         "sft": (set(), "sft"),
         "reward_model": (set(), "reward_pairs"),
+        "copg": ({"reference", "scores"}, "scored_pairs"),
+        "tpo": ({"gold"}, "triples"),
+        "tpo_l": ({"gold"}, "triples"),
+        "srpo": ({"reference", "revisions"}, "revision_pairs"),
     }
     for name, (needs, step) in expected.items():
         assert (set(loss_class(name).needs), loss_class(name).step) == (needs, step)

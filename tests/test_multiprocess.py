@@ -6,10 +6,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from tests.trainer_helpers import REPO, losses, run, write_pairs
+from tests.trainer_helpers import REPO, losses, metrics, run, write_pairs
 
 pytestmark = pytest.mark.multiproc
 
@@ -31,11 +32,13 @@ def _launch(launcher: list[str], model_dir, data, out, *overrides, use_cpu_flag:
      "--main_process_port", "29533"],
 ], ids=["torchrun", "accelerate"])
 def test_two_processes_match_one(tiny_model_dir, tmp_path, launcher):
+    # torchrun runs without ACCELERATE_USE_CPU: prefopt builds the CPU (gloo) state itself when there is no GPU.
     data = write_pairs(tmp_path / "pairs.jsonl", rows=64)
     run(tiny_model_dir, data, tmp_path / "single", "train.max_steps=4", "train.per_device_batch_size=8",
         "train.save_steps=2")
     result = _launch(launcher, tiny_model_dir, data, tmp_path / "multi", "train.max_steps=4",
-                     "train.per_device_batch_size=4", "train.save_steps=2")
+                     "train.per_device_batch_size=4", "train.save_steps=2",
+                     use_cpu_flag="accelerate.commands.launch" in launcher)
     assert result.returncode == 0, result.stderr[-3000:]
     info = json.loads((tmp_path / "multi" / "run_info.json").read_text())
     assert info["world_size"] == 2, "the launcher silently ran one process"
@@ -44,13 +47,22 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path, launcher):
     assert (tmp_path / "multi" / "checkpoint-4" / "trainer_state.json").is_file()
 
 
-def test_deepspeed_on_cpu_refuses_instead_of_training_copies(tiny_model_dir, tmp_path):
-    """accelerate sets up a one-process DeepSpeed state per rank on CPU; prefopt must stop, not race."""
-    pytest.importorskip("deepspeed")
-    data = write_pairs(tmp_path / "pairs.jsonl", rows=32)
-    result = _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535"],
-                     tiny_model_dir, data, tmp_path / "ds", "train.max_steps=2",
-                     f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero2_cpu.json'}", use_cpu_flag=False)
-    assert result.returncode != 0
-    assert "the launcher started 2 processes but accelerate set up 1" in result.stderr
-    assert not (tmp_path / "ds" / "metrics.jsonl").exists()
+def test_readme_torchrun_command_runs_two_processes_on_cpu(tiny_model_dir, gold_task_dir, tmp_path):
+    """The README's command, typed as written, on a machine without GPUs and without ACCELERATE_USE_CPU."""
+    (tmp_path / "recipes").symlink_to(REPO / "recipes")
+    (tmp_path / "runs" / "tiny-sft").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny-sft" / "final").symlink_to(tiny_model_dir)
+    (tmp_path / "runs" / "gold-task").symlink_to(gold_task_dir)
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PET_MASTER_PORT="29537",  # torchrun reads PET_<flag>
+               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
+    result = subprocess.run("torchrun --nproc_per_node 2 -m prefopt train recipes/tiny/dpo.yaml", shell=True,
+                            capture_output=True, text=True, env=env, timeout=500, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "runs" / "tiny-dpo"
+    info = json.loads((out / "run_info.json").read_text())
+    assert (info["world_size"], info["distributed_type"]) == (2, "DistributedType.MULTI_CPU")
+    # 128 pairs / (16 per process x 2 processes) = 4 optimizer steps, one epoch.
+    assert [m["step"] for m in metrics(out) if "loss" in m] == [4]
+    assert (out / "final" / "model.safetensors").is_file()

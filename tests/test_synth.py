@@ -24,14 +24,15 @@ def test_same_seed_gives_byte_identical_files(tmp_path):
     synth.write_task(tmp_path / "c", seed=8, **SIZES)
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert names == ["README.md", "pairs_eval.jsonl", "pairs_train.jsonl", "prompts_heldout.jsonl",
-                     "prompts_train.jsonl", "sft.jsonl", "task.json"]
+                     "prompts_train.jsonl", "rated_eval.jsonl", "rated_train.jsonl", "sft.jsonl", "task.json"]
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert (tmp_path / "a" / "sft.jsonl").read_bytes() != (tmp_path / "c" / "sft.jsonl").read_bytes()
     task = json.loads((tmp_path / "a" / "task.json").read_text())
     assert task["seed"] == 7 and task["bt_temperature"] == synth.DEFAULT_BT_TEMPERATURE
     assert task["counts"] == {"sft.jsonl": 50, "pairs_train.jsonl": 60, "pairs_eval.jsonl": 20,
-                              "prompts_train.jsonl": 40, "prompts_heldout.jsonl": 30}
+                              "prompts_train.jsonl": 40, "prompts_heldout.jsonl": 30, "rated_train.jsonl": 60,
+                              "rated_eval.jsonl": 20}
     assert task["reward_function"] == "data_tools.synth:score"
 
 

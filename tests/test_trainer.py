@@ -74,8 +74,12 @@ def test_resume_continues_exactly(tiny_model_dir, pairs, tmp_path):
 
 
 def test_partial_checkpoint_is_never_latest(tmp_path):
+    from safetensors.torch import save_file
+
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / "checkpoint-2" / ckpt.STATE_FILE).write_text("{}")
+    save_file({"w": torch.zeros(2)}, tmp_path / "checkpoint-2" / "model.safetensors")
+    torch.save({"state": {}}, tmp_path / "checkpoint-2" / "optimizer.bin")
     (tmp_path / "checkpoint-4.partial").mkdir()  # a save killed half-way
     (tmp_path / "checkpoint-6").mkdir()  # no trainer_state.json: incomplete
     assert ckpt.resolve_resume("latest", tmp_path) == tmp_path / "checkpoint-2"

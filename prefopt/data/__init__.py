@@ -29,6 +29,7 @@ from typing import Any, Optional
 from prefopt.data.formats import FORMATS, KIND_FORMATS, NormalizeOptions, NormalRow, check_kind, detect_format
 from prefopt.data.report import DataReport, SplitReport
 from prefopt.data.sources import LoadResult, Source, load_rows, raise_for_invalid
+from prefopt.data.revision import RevisionTemplate
 from prefopt.data.tokenize import (
     COMPLETIONS,
     ExampleTokenizer,
@@ -42,13 +43,21 @@ from prefopt.errors import DataError
 __all__ = ["build_datasets", "DataBundle", "DataReport", "PairCollator", "PromptCollator", "SFTCollator",
            "pad_sequences", "COLUMNS", "KINDS", "FORMATS", "Source", "load_rows", "detect_format"]
 
-KINDS = ("pairs", "prompts", "sft")
+KINDS = ("pairs", "prompts", "sft", "scored_pairs", "triples", "revision_pairs")
+_PAIR_COLUMNS = ("index", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "prompt_text", "chosen_text",
+                 "rejected_text", "prompt_messages")
 COLUMNS = {
-    "pairs": ("index", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "prompt_text", "chosen_text",
-              "rejected_text", "prompt_messages"),
+    "pairs": _PAIR_COLUMNS,
+    # CoPG: a scalar reward per completion; TPO: a gold completion; SRPO: the prompt rendered as a request to
+    # revise each completion of the pair (data.revision_template).
+    "scored_pairs": _PAIR_COLUMNS + ("chosen_score", "rejected_score"),
+    "triples": _PAIR_COLUMNS + ("gold_input_ids", "gold_text"),
+    "revision_pairs": _PAIR_COLUMNS + ("revise_chosen_prompt_input_ids", "revise_rejected_prompt_input_ids"),
     "prompts": ("index", "prompt_input_ids", "prompt_text", "prompt_messages"),
     "sft": ("index", "prompt_input_ids", "completion_input_ids", "prompt_text", "completion_text"),
 }
+PAIR_KINDS = ("pairs", "scored_pairs", "triples", "revision_pairs")  # kinds whose examples are preference pairs
+PASSTHROUGH = {"scored_pairs": ("chosen_score", "rejected_score")}  # example columns kept as they are
 # Settings that change neither which rows exist, nor their order, nor their ids: left out of the fingerprint.
 _NOT_FINGERPRINTED = ("train", "eval", "num_proc", "packing")
 
@@ -76,7 +85,7 @@ def build_datasets(data_cfg, tokenizer, kind: str, seed: int = 42, cache_dir: Op
     options = NormalizeOptions(data_cfg.rated_pairs, data_cfg.rated_min_gap)
     template = resolve_chat_template(tokenizer, data_cfg.chat_template)
     encoder = ExampleTokenizer(tokenizer, kind, data_cfg.max_length, data_cfg.max_prompt_length,
-                               data_cfg.truncation, template)
+                               data_cfg.truncation, template, revision=RevisionTemplate.from_config(data_cfg))
 
     train_source = Source(data_cfg.train, data_cfg.split)
     train_load = _load(train_source, data_cfg, options, kind, data_cfg.max_samples)
@@ -102,7 +111,7 @@ def build_datasets(data_cfg, tokenizer, kind: str, seed: int = 42, cache_dir: Op
     })
     report = DataReport(kind=kind, fingerprint=fingerprint, settings={**settings, "seed": seed})
 
-    curriculum = bool(data_cfg.curriculum and kind == "pairs")
+    curriculum = bool(data_cfg.curriculum and kind in PAIR_KINDS)
     if curriculum and train_load.format != "rated":
         raise DataError(f"data.curriculum orders pairs by the gap between their scores, which needs rated rows "
                         f"(format rated); {train_source.name} has format '{train_load.format}'")
@@ -176,10 +185,23 @@ def _examples(rows: list[tuple[str, NormalRow]], kind: str) -> list[dict[str, An
         base = {"prompt": row.prompt if isinstance(row.prompt, str) else "",
                 "prompt_messages": json.dumps(row.prompt, ensure_ascii=False) if row.conversational else "",
                 "_source": location}
-        if kind == "pairs":
+        if kind == "triples":
+            pair = row.triple if row.rated else row.pairs[0]
+            if pair is None:  # a rated row with < 3 completions or a tie below the best: no triple, like no pair
+                continue
+            examples.append({**base, "chosen_text": pair.chosen, "rejected_text": pair.rejected,
+                             "gold_text": pair.gold, "_gap": pair.gap if pair.gap is not None else 0.0})
+        elif kind in PAIR_KINDS:
             for pair in row.pairs:
-                examples.append({**base, "chosen_text": pair.chosen, "rejected_text": pair.rejected,
-                                 "_gap": pair.gap if pair.gap is not None else 0.0})
+                example = {**base, "chosen_text": pair.chosen, "rejected_text": pair.rejected,
+                           "_gap": pair.gap if pair.gap is not None else 0.0}
+                if kind == "scored_pairs":
+                    if pair.chosen_score is None or pair.rejected_score is None:
+                        raise DataError(f'{location}: field "chosen_score" is missing: this loss needs a scalar reward '
+                                        "for each completion (chosen_score and rejected_score on pair rows, or rated "
+                                        "rows; or set reward.* to score the pairs before training)")
+                    example.update(chosen_score=pair.chosen_score, rejected_score=pair.rejected_score)
+                examples.append(example)
         elif kind == "sft":
             examples.append({**base, "completion_text": row.completion})
         else:
@@ -214,7 +236,8 @@ def _tokenize(examples: list[dict[str, Any]], split: str, encoder: ExampleTokeni
     if encoder.chat_template is None and any(e["prompt_messages"] for e in examples):
         raise DataError(f"{report.source}: conversational rows need a chat template and the tokenizer has none; set "
                         "data.chat_template (a Jinja template string or a path to a template file)")
-    columns = ["prompt", "prompt_messages", "_source", *(f"{n}_text" for n in COMPLETIONS[encoder.kind])]
+    columns = ["prompt", "prompt_messages", "_source", *(f"{n}_text" for n in COMPLETIONS[encoder.kind]),
+               *PASSTHROUGH.get(encoder.kind, ())]
     dataset = Dataset.from_dict({c: [e[c] for e in examples] for c in columns})
     key = f"{fingerprint[:32]}-{split}"
     kwargs: dict[str, Any] = dict(batched=True, batch_size=512, remove_columns=["prompt"], new_fingerprint=key,

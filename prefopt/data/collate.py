@@ -52,6 +52,7 @@ class PairCollator:
     """
 
     passthrough = ("prompt_text", "prompt_messages", "chosen_text", "rejected_text")
+    groups = 2  # row groups of B sequences in ``input_ids``
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None):
         self.pad_token_id = pad_token_id
@@ -98,3 +99,58 @@ class PromptCollator:
             "prompt_text": [row.get("prompt_text", "") for row in rows],
             "prompt_messages": [row.get("prompt_messages", "") for row in rows],
         }
+
+
+class ScoredPairCollator(PairCollator):
+    """:class:`PairCollator` plus ``chosen_score`` / ``rejected_score`` ``[B]`` float64 tensors (CoPG's rewards)."""
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        batch = super().__call__(rows)
+        for key in ("chosen_score", "rejected_score"):
+            batch[key] = torch.tensor([float(row[key]) for row in rows], dtype=torch.float64)
+        return batch
+
+
+class TripleCollator(PairCollator):
+    """Gold/chosen/rejected triples -> one ``[3B, L]`` batch: chosen rows, rejected rows, then prompt+gold rows."""
+
+    groups = 3
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        _check(rows)
+        prompts = [row["prompt_input_ids"] for row in rows]
+        completions = [row[f"{name}_input_ids"] for name in ("chosen", "rejected", "gold") for row in rows]
+        batch: dict[str, Any] = pad_sequences(prompts * 3, completions, self.pad_token_id, self.pad_to_multiple_of)
+        batch["index"] = _index(rows)
+        batch["prompt_input_ids"] = [list(p) for p in prompts]
+        for key in self.passthrough:
+            batch[key] = [row.get(key, "") for row in rows]
+        return batch
+
+
+# (prompt column, completion) of each row group of a revision batch, after chosen and rejected; the order is
+# prefopt.losses.srpo.REVISION_COLUMNS: y_w | y_l, y_l | y_l, y_w | y_w, y_l | y_w.
+REVISION_GROUPS = (("revise_rejected_prompt_input_ids", "chosen_input_ids"),
+                   ("revise_rejected_prompt_input_ids", "rejected_input_ids"),
+                   ("revise_chosen_prompt_input_ids", "chosen_input_ids"),
+                   ("revise_chosen_prompt_input_ids", "rejected_input_ids"))
+
+
+class RevisionPairCollator(PairCollator):
+    """SRPO pairs -> one ``[6B, L]`` batch: prompt+chosen, prompt+rejected, then the four revision sequences of
+    :data:`REVISION_GROUPS` (each completion after the prompt that asks to revise the other or itself)."""
+
+    groups = 6
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        _check(rows)
+        prompts = [row["prompt_input_ids"] for row in rows]
+        all_prompts = prompts * 2 + [row[p] for p, _ in REVISION_GROUPS for row in rows]
+        completions = ([row["chosen_input_ids"] for row in rows] + [row["rejected_input_ids"] for row in rows]
+                       + [row[c] for _, c in REVISION_GROUPS for row in rows])
+        batch: dict[str, Any] = pad_sequences(all_prompts, completions, self.pad_token_id, self.pad_to_multiple_of)
+        batch["index"] = _index(rows)
+        batch["prompt_input_ids"] = [list(p) for p in prompts]
+        for key in self.passthrough:
+            batch[key] = [row.get(key, "") for row in rows]
+        return batch

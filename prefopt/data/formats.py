@@ -6,7 +6,11 @@ for conversational data the final assistant message's content), and one completi
 
 Formats (``data.format``):
 
-``pairs``           ``{"prompt": str, "chosen": str, "rejected": str}``; plain strings, no chat template.
+``pairs``           ``{"prompt": str, "chosen": str, "rejected": str}``; plain strings, no chat template. Optional
+                    scalar rewards per completion ``chosen_score`` / ``rejected_score`` (also ``score_chosen`` /
+                    ``score_rejected``, UltraFeedback-binarized's names), read by losses that need them (CoPG).
+``triples``         ``{"prompt": str, "gold": str, "chosen": str, "rejected": str}``: a gold (best) completion
+                    besides the pair (TPO; ``reference`` is accepted for ``gold``, the TPO code's name).
 ``conversational``  prompt/chosen/rejected as message lists; the prompt may be implicit (no ``prompt``: chosen and
                     rejected are whole conversations, the prompt is their longest common message prefix).
 ``hh``              Anthropic HH: chosen/rejected strings of ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` turns.
@@ -25,15 +29,20 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-FORMATS = ("pairs", "conversational", "hh", "rated", "prompts", "sft")
-PAIR_FORMATS = ("pairs", "conversational", "hh", "rated")
+FORMATS = ("pairs", "conversational", "hh", "rated", "triples", "prompts", "sft")
+PAIR_FORMATS = ("pairs", "conversational", "hh", "rated", "triples")
 KIND_FORMATS = {
     "pairs": PAIR_FORMATS,
+    "scored_pairs": PAIR_FORMATS,  # every pair must carry two scores; checked per row (prefopt.data._examples)
+    "triples": ("triples", "rated"),
+    "revision_pairs": PAIR_FORMATS,
     "sft": ("sft",) + PAIR_FORMATS,
     "prompts": FORMATS,
 }
 RATED_TEXT_KEYS = ("text", "response", "completion", "content", "messages")
 RATED_SCORE_KEYS = ("score", "rating", "fine-grained_score", "overall_score")
+PAIR_SCORE_KEYS = {"chosen": ("chosen_score", "score_chosen"), "rejected": ("rejected_score", "score_rejected")}
+GOLD_KEYS = ("gold", "reference")
 
 Messages = list[dict[str, str]]
 Prompt = Union[str, Messages]
@@ -53,6 +62,9 @@ class Pair:
     chosen: str
     rejected: str
     gap: Optional[float] = None  # score gap for pairs made from rated rows
+    chosen_score: Optional[float] = None  # scalar reward of each completion, when the row gives one
+    rejected_score: Optional[float] = None
+    gold: Optional[str] = None  # the triple's gold completion (triples rows; rated rows: the best one)
 
 
 @dataclass
@@ -62,6 +74,7 @@ class NormalRow:
     completion: Optional[str] = None  # the SFT completion (pair rows: chosen; rated rows: the best-scored one)
     rated: bool = False
     rated_skipped_identical: int = 0  # rated pairs left out because both texts were the same
+    triple: Optional[Pair] = None  # rated rows: gold = best, chosen = second, rejected = worst (>= 3 completions)
 
     @property
     def conversational(self) -> bool:
@@ -88,6 +101,9 @@ def detect_format(row: Any) -> str:
     keys = set(row)
     if "completions" in keys:
         return "rated"
+    if ("chosen" in keys or "rejected" in keys) and any(k in keys for k in GOLD_KEYS) and "prompt" in keys \
+            and not isinstance(row.get("prompt"), list):
+        return "triples"
     if "chosen" in keys or "rejected" in keys:
         sample = row.get("chosen", row.get("rejected"))
         if "prompt" not in keys:
@@ -111,7 +127,9 @@ def detect_format(row: Any) -> str:
 def check_kind(fmt: str, kind: str, source: str) -> None:
     """Raise ``ValueError`` when rows of ``fmt`` cannot make ``kind`` examples."""
     if fmt not in KIND_FORMATS[kind]:
-        need = {"pairs": "preference pairs", "sft": "completions", "prompts": "prompts"}[kind]
+        need = {"pairs": "preference pairs", "sft": "completions", "prompts": "prompts",
+                "scored_pairs": "scored preference pairs", "triples": "gold/chosen/rejected triples",
+                "revision_pairs": "preference pairs"}[kind]
         raise ValueError(
             f"{source}: data format '{fmt}' has no {need}, but this run needs '{kind}' data "
             f"(formats that give it: {', '.join(KIND_FORMATS[kind])})"
@@ -128,6 +146,8 @@ def normalize_row(row: Any, fmt: str, options: NormalizeOptions = DEFAULT_OPTION
         raise RowError(f"expected an object (mapping of fields), got {_type_name(row)}", "type")
     if fmt == "pairs":
         return _normalize_pairs(row)
+    if fmt == "triples":
+        return _normalize_triples(row)
     if fmt == "conversational":
         return _normalize_conversational(row)
     if fmt == "hh":
@@ -146,7 +166,38 @@ def _normalize_pairs(row: dict) -> NormalRow:
     chosen = _string(row, "chosen", hint="for message lists use data.format=conversational")
     rejected = _string(row, "rejected", hint="for message lists use data.format=conversational")
     _check_distinct(chosen, rejected)
-    return NormalRow(prompt=prompt, pairs=[Pair(chosen, rejected)], completion=chosen)
+    return NormalRow(prompt=prompt, pairs=[Pair(chosen, rejected, **_pair_scores(row))], completion=chosen)
+
+
+def _normalize_triples(row: dict) -> NormalRow:
+    prompt = _string(row, "prompt", hint="triples rows take plain strings")
+    key = next((k for k in GOLD_KEYS if k in row), None)
+    if key is None:
+        raise RowError('field "gold" is missing (the best completion of a gold/chosen/rejected triple; '
+                       '"reference" is accepted too)', "missing", "gold")
+    gold = _string(row, key)
+    chosen = _string(row, "chosen")
+    rejected = _string(row, "rejected")
+    _check_distinct(chosen, rejected)
+    pair = Pair(chosen, rejected, gold=gold, **_pair_scores(row))
+    return NormalRow(prompt=prompt, pairs=[pair], completion=gold)
+
+
+def _pair_scores(row: dict) -> dict[str, Optional[float]]:
+    """The optional ``chosen_score`` / ``rejected_score`` of a pair row (both or neither, finite numbers)."""
+    scores: dict[str, Optional[float]] = {}
+    for side, keys in PAIR_SCORE_KEYS.items():
+        key = next((k for k in keys if row.get(k) is not None), None)
+        value = None if key is None else row[key]
+        if key is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                or not math.isfinite(value)):
+            raise RowError(f'field "{key}": expected a finite number, got {value!r}', "type", key)
+        scores[f"{side}_score"] = None if value is None else float(value)
+    if (scores["chosen_score"] is None) != (scores["rejected_score"] is None):
+        missing = "chosen_score" if scores["chosen_score"] is None else "rejected_score"
+        raise RowError(f'field "{missing}" is missing (give a score for both completions or for neither)',
+                       "missing", missing)
+    return scores
 
 
 def _normalize_conversational(row: dict) -> NormalRow:
@@ -157,7 +208,7 @@ def _normalize_conversational(row: dict) -> NormalRow:
         value = _require(row, "prompt")
         prompt = [{"role": "user", "content": _string(row, "prompt")}] if isinstance(value, str) else _messages(
             value, "prompt")
-    return _split_conversations(prompt, chosen, rejected, implicit="prompt" not in row)
+    return _with_scores(_split_conversations(prompt, chosen, rejected, implicit="prompt" not in row), row)
 
 
 def _normalize_hh(row: dict) -> NormalRow:
@@ -190,8 +241,16 @@ def _split_conversations(prompt: Messages, chosen: Messages, rejected: Messages,
     if not prompt:
         where = "chosen and rejected share no messages before their replies" if implicit else "it is an empty list"
         raise RowError(f'field "prompt" is empty ({where})', "empty", "prompt")
+    _check_alternation(prompt, "chosen" if implicit else "prompt")
     _check_distinct(replies[0], replies[1])
     return NormalRow(prompt=prompt, pairs=[Pair(replies[0], replies[1])], completion=replies[0])
+
+
+def _with_scores(result: NormalRow, row: dict) -> NormalRow:
+    for pair in result.pairs:
+        for key, value in _pair_scores(row).items():
+            setattr(pair, key, value)
+    return result
 
 
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
@@ -258,8 +317,22 @@ def _normalize_rated(row: dict, options: NormalizeOptions) -> NormalRow:
         if texts[hi] == texts[lo]:
             result.rated_skipped_identical += 1
             continue
-        result.pairs.append(Pair(texts[hi], texts[lo], gap))
+        result.pairs.append(Pair(texts[hi], texts[lo], gap, scores[hi], scores[lo]))
+    result.triple = _rated_triple(texts, scores)
     return result
+
+
+def _rated_triple(texts: list[str], scores: list[float]) -> Optional[Pair]:
+    """gold = best, chosen = second best, rejected = worst (TPO's use of UltraFeedback); None when the row has
+    fewer than 3 completions, or the second and the worst tie or have the same text."""
+    if len(texts) < 3:
+        return None
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))  # best first; ties keep row order
+    best, second, worst = order[0], order[1], order[-1]
+    if scores[second] <= scores[worst] or texts[second] == texts[worst]:
+        return None
+    return Pair(texts[second], texts[worst], scores[second] - scores[worst], scores[second], scores[worst],
+                gold=texts[best])
 
 
 def _normalize_sft(row: dict) -> NormalRow:
@@ -287,6 +360,8 @@ def _normalize_sft(row: dict) -> NormalRow:
             reply = _string(row, "completion")
     if not reply.strip():
         raise RowError('field "completion" is empty', "empty", "completion")
+    if isinstance(prompt, list):
+        _check_alternation(prompt, "messages" if "completion" not in row else "prompt")
     return NormalRow(prompt=prompt, completion=reply)
 
 
@@ -332,22 +407,48 @@ def _messages(value: Any, name: str) -> Messages:
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict):
-            raise RowError(f'field "{name}" message {i}: expected an object with "role" and "content", got '
+            raise RowError(f'field "{name}" message {i + 1}: expected an object with "role" and "content", got '
                            f"{_type_name(message)}", "type", name)
         for key in ("role", "content"):
             if key not in message or message[key] is None:
-                raise RowError(f'field "{name}" message {i}: "{key}" is missing', "missing", name)
+                raise RowError(f'field "{name}" message {i + 1}: "{key}" is missing', "missing", name)
         role, content = message["role"], message["content"]
         if not isinstance(role, str) or not role.strip():
-            raise RowError(f'field "{name}" message {i}: "role" must be a non-empty string, got {role!r}', "type",
+            raise RowError(f'field "{name}" message {i + 1}: "role" must be a non-empty string, got {role!r}', "type",
                            name)
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
             content = "".join(str(p.get("text", "")) for p in content)  # text-only multimodal parts
         if not isinstance(content, str):
-            raise RowError(f'field "{name}" message {i}: "content" must be a string, got {_type_name(content)}',
+            raise RowError(f'field "{name}" message {i + 1}: "content" must be a string, got {_type_name(content)}',
                            "type", name)
         messages.append({"role": role, "content": content})
     return messages
+
+
+_ALTERNATING = ("user", "assistant")
+
+
+def _check_alternation(prompt: Messages, name: str) -> None:
+    """The prompt before an assistant reply: an optional first system message, then user and assistant turns
+    alternating and ending with a user turn. Chat templates render other orders silently wrong (or raise)."""
+    previous = None
+    for i, message in enumerate(prompt):
+        role = message["role"]
+        if role == "system":
+            if i != 0:
+                raise RowError(f'field "{name}" message {i + 1}: a "system" message is only allowed first',
+                               "structure", name)
+            continue
+        if role in _ALTERNATING and role == previous:
+            raise RowError(f'field "{name}" message {i + 1}: role "{role}" follows another "{role}" message; '
+                           "user and assistant turns must alternate", "structure", name)
+        if previous is None and role == "assistant":
+            raise RowError(f'field "{name}" message {i + 1}: the conversation starts with an "assistant" turn; '
+                           'it must start with "user" (after an optional "system" message)', "structure", name)
+        previous = role
+    if previous == "assistant":
+        raise RowError(f'field "{name}": the prompt ends with an "assistant" turn, so the reply would be a second '
+                       'assistant turn in a row; the last prompt message must be "user"', "structure", name)
 
 
 def _check_distinct(chosen: str, rejected: str) -> None:

@@ -1,7 +1,8 @@
 """Reading rows from files, saved datasets and the Hub, and checking them row by row.
 
-Every reader yields ``(location, row, error)``: ``location`` is what messages show ("data/train.jsonl line 17",
-1-based lines for JSON-lines and CSV; "data/train.parquet row 16", 0-based row indices elsewhere), ``row`` the
+Every reader yields ``(location, row, error)``: ``location`` is what messages show, always 1-based: "line N" where
+the file has one row per line (JSON lines, CSV: the line an editor shows; a multi-line CSV record gives its first
+line), "row N" for the N-th row of a JSON list, a parquet file or a dataset (row 1 is the first row), ``row`` the
 parsed object (``None`` when it could not be parsed) and ``error`` the parse problem. :func:`load_rows` then runs the
 format checks of :mod:`prefopt.data.formats` on each row — the same code the trainer and ``data_tools validate`` use.
 """
@@ -84,8 +85,8 @@ def _read_json(path: Path, name: str) -> Iterator[RawRow]:
     if not isinstance(data, list):
         raise DataError(f"{name}: expected a list of rows, {{\"data\": [...]}}, or JSON lines; got "
                         f"{type(data).__name__}")
-    for index, row in enumerate(data):
-        yield f"{name} row {index}", row, None
+    for number, row in enumerate(data, start=1):
+        yield f"{name} row {number}", row, None
 
 
 def _maybe_json_cell(value: str) -> Any:
@@ -137,16 +138,16 @@ def _read_parquet(path: Path, name: str) -> Iterator[RawRow]:
         parquet = pq.ParquetFile(path)
     except Exception as error:  # noqa: BLE001 - any pyarrow failure means the file is not usable
         raise DataError(f"{name}: not a readable parquet file ({error})") from None
-    index = 0
+    number = 0
     for batch in parquet.iter_batches(batch_size=1024):
         for row in batch.to_pylist():
-            yield f"{name} row {index}", row, None
-            index += 1
+            number += 1
+            yield f"{name} row {number}", row, None
 
 
 def _read_dataset(dataset, name: str) -> Iterator[RawRow]:
-    for index, row in enumerate(dataset):
-        yield f"{name} row {index}", row, None
+    for number, row in enumerate(dataset, start=1):
+        yield f"{name} row {number}", row, None
 
 
 def _looks_local(path: str) -> bool:

@@ -23,7 +23,9 @@ from prefopt.errors import DataError
 # Bump when the tokenization below changes what it produces: it is part of every fingerprint (and cache key).
 TOKENIZATION_VERSION = "1"
 
-COMPLETIONS = {"pairs": ("chosen", "rejected"), "sft": ("completion",), "prompts": ()}
+COMPLETIONS = {"pairs": ("chosen", "rejected"), "sft": ("completion",), "prompts": (),
+               "scored_pairs": ("chosen", "rejected"), "triples": ("chosen", "rejected", "gold"),
+               "revision_pairs": ("chosen", "rejected")}
 
 
 def resolve_chat_template(tokenizer, override: Optional[str]) -> Optional[str]:
@@ -97,7 +99,7 @@ class ExampleTokenizer:
     """
 
     def __init__(self, tokenizer, kind: str, max_length: int, max_prompt_length: int, truncation: str = "keep_end",
-                 chat_template: Optional[str] = None):
+                 chat_template: Optional[str] = None, revision=None):
         if tokenizer.eos_token_id is None or tokenizer.eos_token is None:
             raise DataError("the tokenizer has no EOS token; every completion ends with one (set eos_token)")
         if max_length < 1 or max_prompt_length < 1:
@@ -112,6 +114,7 @@ class ExampleTokenizer:
         self.chat_template = chat_template
         self.eos_token = str(tokenizer.eos_token)
         self.eos_token_id = int(tokenizer.eos_token_id)
+        self.revision = revision  # RevisionTemplate for "revision_pairs"
 
     # -- pieces, also used by data_tools stats ------------------------------------------------------------------
     def render_prompt(self, prompt: str, prompt_messages: str) -> str:
@@ -181,7 +184,37 @@ class ExampleTokenizer:
                           f"data.max_length={self.max_length} tokens, leaving no room for the {fitted.dropped} "
                           "completion")
             out["_dropped"].append(reason)
+        if self.kind == "revision_pairs":
+            self._add_revision_prompts(batch, texts, out)
         return out
+
+    def _add_revision_prompts(self, batch: dict[str, list], texts: dict[str, list[str]], out: dict[str, list]) -> None:
+        """``revise_<name>_prompt_input_ids``: the prompt asking to revise completion <name> (SRPO), truncated from
+        the start to what the longer completion leaves of ``max_length``."""
+        size = len(batch["prompt"])
+        for name in self.names:
+            rendered, ok = [], []
+            for i in range(size):
+                try:
+                    rendered.append(self.revision.render(batch["prompt"][i], batch["prompt_messages"][i],
+                                                         texts[name][i], self.tokenizer, self.chat_template))
+                    ok.append(True)
+                except Exception as error:  # noqa: BLE001 - a chat template may reject the extra turns
+                    if not out["_error"][i]:
+                        out["_error"][i] = (f'{batch["_source"][i]}: field "prompt": the chat template failed on the '
+                                            f"revision prompt: {error}")
+                    rendered.append("")
+                    ok.append(False)
+            ids = self.encode_prompts(rendered, [bool(m) for m in batch["prompt_messages"]])
+            column = []
+            for i in range(size):
+                budget = self.max_length - max(len(out[f"{n}_input_ids"][i]) for n in self.names)
+                row = ids[i][max(len(ids[i]) - budget, 0):] if budget > 0 else []
+                if ok[i] and not row and not out["_dropped"][i]:
+                    out["_dropped"][i] = (f"{batch['_source'][i]}: data.max_length={self.max_length} leaves no room "
+                                          f"for the revision prompt of the {name} completion")
+                column.append(row)
+            out[f"revise_{name}_prompt_input_ids"] = column
 
 
 def flag_columns(kind: str) -> list[str]:

@@ -90,10 +90,26 @@ def run_diagnose(args: argparse.Namespace) -> int:
         return 0
     settings = resolve_settings(args)
     from prefopt.diagnostics.pipeline import diagnose
+    from prefopt.errors import DataError
 
-    result = diagnose(settings)
+    try:
+        result = diagnose(settings)
+    except DataError as error:  # the data layer names the trainer's keys; here the user typed flags
+        raise DataError(with_diagnose_flags(str(error))) from None
     print(f"diagnostics written to {result}")
     return 0
+
+
+# The trainer's data keys that diagnose exposes as its own flags (its hints must name what the user can type).
+_DATA_FLAGS = {"data.on_invalid=skip": "--on-invalid skip", "data.max_prompt_length": "--max-prompt-length",
+               "data.max_length": "--max-length", "data.chat_template": "--chat-template", "data.format": "--format",
+               "data.max_samples": "--max-pairs"}
+
+
+def with_diagnose_flags(message: str) -> str:
+    for key, flag in _DATA_FLAGS.items():
+        message = message.replace(key, flag)
+    return message
 
 
 # ------------------------------------------------------------------------------------------------- settings

@@ -107,7 +107,30 @@ def load_models(policy_path: str, reference_path: Optional[str], *, dtype: str, 
         else:
             reference = load_frozen_causal_lm(reference_path, ModelConfig(name_or_path=reference_path, dtype=dtype),
                                               key="--reference").to(target)
+            check_same_vocabulary(policy, reference, tokenizer, reference_path)
     return LogpModels(policy.to(target), reference, tokenizer, target, reference_is_base, chunk_size)
+
+
+def check_same_vocabulary(policy, reference, tokenizer, reference_path: str) -> None:
+    """The implicit reward compares the two models' log-probs of the same token ids: one vocabulary for both."""
+    from prefopt.errors import UserInputError
+
+    sizes = [model.get_input_embeddings().num_embeddings for model in (policy, reference)]
+    if sizes[0] != sizes[1] or len(tokenizer) > sizes[1]:
+        raise UserInputError(f"--reference: '{reference_path}' has a vocabulary of {sizes[1]} tokens but the policy "
+                             f"has {sizes[0]} (tokenizer: {len(tokenizer)}); the reference must use the policy's "
+                             "tokenizer (pass the model the policy was trained from)")
+    has_tokenizer = any((Path(reference_path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    if has_tokenizer:
+        from transformers import AutoTokenizer
+
+        try:
+            reference_vocab = AutoTokenizer.from_pretrained(reference_path).get_vocab()
+        except (OSError, ValueError):  # an unreadable reference tokenizer: the sizes above are all we can check
+            return
+        if reference_vocab != tokenizer.get_vocab():
+            raise UserInputError(f"--reference: '{reference_path}' has a different tokenizer from the policy's (same "
+                                 "size, different token ids); pass the model the policy was trained from")
 
 
 def _load_tokenizer(policy_path: str, base: Optional[str], load_tokenizer):

@@ -22,8 +22,14 @@ def sampling_from_config(gen_cfg, *, n: int = 1, seed: int | None = None) -> Sam
     )
 
 
-def build_generator(gen_cfg, model, tokenizer, accelerator=None) -> Generator:
-    """Build the generator ``gen_cfg.backend`` names. ``vllm`` without vLLM or CUDA raises ``ConfigError``."""
+def build_generator(gen_cfg, model, tokenizer, accelerator=None, *, seed: int = 0,
+                    max_prompt_length: int | None = None) -> Generator:
+    """Build the generator ``gen_cfg.backend`` names. ``vllm`` without vLLM or CUDA raises ``ConfigError``.
+
+    ``seed``: the run's seed (vLLM's sampling streams). ``max_prompt_length``: with ``max_new_tokens`` the
+    default ``vllm_max_model_len`` -- the model's own maximum (32k for Qwen2.5) would reserve KV cache for
+    sequences the run never makes, inside ``gpu_memory_utilization``.
+    """
     if gen_cfg.backend == "hf":
         return HFGenerator(model, tokenizer, batch_size=gen_cfg.batch_size, accelerator=accelerator)
     if gen_cfg.backend == "vllm":
@@ -35,8 +41,10 @@ def build_generator(gen_cfg, model, tokenizer, accelerator=None) -> Generator:
             tokenizer,
             gpu_memory_utilization=gen_cfg.gpu_memory_utilization,
             sleep=gen_cfg.vllm_sleep,
-            max_model_len=gen_cfg.vllm_max_model_len,
+            max_model_len=gen_cfg.vllm_max_model_len or (
+                max_prompt_length + gen_cfg.max_new_tokens if max_prompt_length else None),
             accelerator=accelerator,
+            seed=seed,
         )
     from prefopt.errors import ConfigError
 

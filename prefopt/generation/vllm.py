@@ -4,9 +4,9 @@ Every training process owns one ``vllm.LLM`` on its own GPU (``gpu_memory_utiliz
 :meth:`VLLMGenerator.load_weights` pushes the policy's current weights into the engine: PEFT adapters are merged
 into freshly computed tensors (the training model is never mutated), PEFT's module prefixes are mapped back to the
 checkpoint names vLLM expects, and under DeepSpeed ZeRO-3 each module's parameters are gathered while they are
-copied. With ``generation.vllm_sleep`` the engine sleeps (level 1: weights offloaded to CPU, KV cache freed)
-between generation phases so the optimizer has the GPU; ``load_weights`` wakes only the weights and ``generate``
-wakes the KV cache. Results go through the same :func:`~prefopt.generation.base.build_rollouts` as the HF backend.
+copied. With ``generation.vllm_sleep`` the engine sleeps (level 2: weights and KV cache discarded) between
+generation phases so the optimizer has the GPU; ``generate`` wakes the weights, pushes them, then wakes the KV
+cache. The rules of vLLM this relies on are enforced by a stand-in engine in ``tests/test_vllm_contract.py``. Results go through the same :func:`~prefopt.generation.base.build_rollouts` as the HF backend.
 
 What was and was not exercised
 ------------------------------
@@ -140,13 +140,18 @@ def _merged_lora_tensors(module) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, parameter.detach()
 
 
-def iter_merged_weights(model, accelerator=None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_merged_weights(model, accelerator=None, dtype: torch.dtype | None = None
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(vllm_name, tensor)`` for every weight of the model as it currently computes: plain models as they
     are, PEFT models with active LoRA adapters merged (out of place) and ``modules_to_save`` resolved.
 
     Under ZeRO-3 each module's parameters are gathered while its tensors are produced, and the yielded tensors are
-    copies (they stay valid after the gather ends). Elsewhere they may share storage with the model: copy them
-    before mutating. Buffers are not yielded (vLLM recomputes rotary tables and the like).
+    copies (they stay valid after the gather ends); FSDP2 ``DTensor`` shards are gathered with ``full_tensor()``.
+    Elsewhere they may share storage with the model: copy them before mutating. ``dtype``: cast every tensor (the
+    engine's dtype; accelerate upcasts FSDP parameters to fp32). A parameter shared by two modules (tied
+    embeddings) is yielded once, under its first name (``model.embed_tokens.weight``): vLLM ties the lm head to
+    it and, for tied models, skips ``lm_head.weight`` only when it comes in the same ``load_weights`` call as the
+    embedding. Buffers are not yielded (vLLM recomputes rotary tables and the like).
     """
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -159,6 +164,7 @@ def iter_merged_weights(model, accelerator=None) -> Iterator[tuple[str, torch.Te
     model = unwrap_model(model, accelerator)
     zero3 = _zero3_enabled(accelerator) or any(hasattr(p, "ds_id") for p in model.parameters())
     skip_prefix: str | None = None
+    seen: set[int] = set()  # a tied lm head is the embedding's Parameter: push it once, under the embedding's name
     for module_name, module in model.named_modules():
         if skip_prefix is not None and module_name.startswith(skip_prefix):
             continue
@@ -183,7 +189,8 @@ def iter_merged_weights(model, accelerator=None) -> Iterator[tuple[str, torch.Te
                 "is not supported: use generation.backend=hf"
             )
         else:
-            own = list(module.named_parameters(recurse=False))
+            own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
+            seen.update(id(p) for _, p in own)
             if not own:
                 continue
 
@@ -199,8 +206,14 @@ def iter_merged_weights(model, accelerator=None) -> Iterator[tuple[str, torch.Te
         with _gathered(parameters, zero3):
             for name, tensor in produced(module):
                 full_name = vllm_weight_name(f"{module_name}.{name}" if module_name else name)
-                if full_name is not None:
-                    yield full_name, tensor.clone() if zero3 else tensor
+                if full_name is None:
+                    continue
+                if type(tensor).__name__ == "DTensor":  # FSDP2 shard: every rank takes part in the gather
+                    tensor = tensor.full_tensor()
+                    yield full_name, tensor if dtype is None else tensor.to(dtype)
+                    continue
+                tensor = tensor.clone() if zero3 else tensor
+                yield full_name, tensor if dtype is None else tensor.to(dtype)
 
 
 def merged_state_dict(model, accelerator=None) -> dict[str, torch.Tensor]:
@@ -224,14 +237,52 @@ def _model_path(model) -> str:
 
 
 def _dtype_name(model) -> str:
+    """The dtype the model was loaded in (``config.dtype``): trainable weights may have been upcast to fp32 (fp32
+    master weights for DDP, accelerate's FSDP upcast), and the engine should hold the training dtype."""
+    config = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model, "config", None)
+    loaded = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if loaded in (torch.bfloat16, torch.float16, "bfloat16", "float16"):
+        return str(loaded).removeprefix("torch.")
     for parameter in model.parameters():
         if parameter.is_floating_point():
             return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(parameter.dtype, "float32")
     return "auto"
 
 
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Keep the trainer's global RNG streams (python, numpy, torch CPU and CUDA) across a vLLM call.
+
+    vLLM seeds the process-global generators when it builds a worker (``set_random_seed(seed)`` in its worker's
+    ``init_device``/model loading) and samples with them; without this the trainer's dropout-free but still random
+    data order, sampling seeds and any later torch RNG use would depend on vLLM's internals.
+    """
+    import random
+
+    import numpy as np
+
+    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
 class VLLMGenerator:
-    """``Generator`` backed by a colocated ``vllm.LLM`` (one per training process)."""
+    """``Generator`` backed by a colocated ``vllm.LLM`` (one per training process).
+
+    Weights are pushed lazily: :meth:`load_weights` marks the engine stale and the next :meth:`generate` pushes
+    the policy as it is *then* -- so a resumed run samples from the restored weights, not the ones the engine was
+    built with. With sleep mode the engine sleeps at level 2 between phases (weights and KV cache discarded: the
+    weights are re-pushed before every generation anyway, so level 1's copy to host and back is wasted), and wakes
+    the weights first, pushes, then wakes the KV cache (vLLM's documented order for RL weight updates, which
+    keeps the KV cache from being allocated while the update runs).
+    """
 
     def __init__(
         self,
@@ -244,7 +295,8 @@ class VLLMGenerator:
         accelerator=None,
         seed: int = 0,
         model_path: str | None = None,
-        weight_chunk_size: int = 64,
+        weight_chunk_size: int = 4,
+        sleep_level: int = 2,
     ):
         check_vllm_available()
         import vllm
@@ -252,15 +304,18 @@ class VLLMGenerator:
         self.tokenizer = tokenizer
         self.accelerator = accelerator
         self.sleep_enabled = sleep
-        self.weight_chunk_size = weight_chunk_size
+        self.sleep_level = sleep_level
+        self.weight_chunk_size = weight_chunk_size  # tensors alive at once during a push (merged LoRA copies)
         base = unwrap_model(model, accelerator)
         self._eos_ids = eos_token_ids(tokenizer, base)
         self._pad_id = pad_token_id(tokenizer, base)
         self._device = _device_of(base, accelerator)  # where Rollouts go, as with the HF backend
         path = model_path or _model_path(base.get_base_model() if hasattr(base, "get_base_model") else base)
+        self.dtype_name = _dtype_name(base)
+        self._push_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.dtype_name)
         kwargs = dict(
             model=path,
-            dtype=_dtype_name(base),
+            dtype=self.dtype_name,
             gpu_memory_utilization=gpu_memory_utilization,
             enable_sleep_mode=sleep,
             max_model_len=max_model_len,
@@ -275,9 +330,10 @@ class VLLMGenerator:
             # rendezvous instead of spawning workers; ranks sample different streams.
             kwargs["distributed_executor_backend"] = "external_launcher"
             kwargs["seed"] = seed + torch.distributed.get_rank()
-        self.llm = vllm.LLM(**kwargs)
+        with preserved_rng():
+            self.llm = vllm.LLM(**kwargs)
         self._state = "awake"  # awake | asleep | weights (only the weights woken)
-        self.load_weights(model)  # the checkpoint on disk is not the live policy (LoRA, resumed training)
+        self._pending = model  # the checkpoint on disk is not the live policy (LoRA, resumed training)
         self.sleep()
 
     # -- phases -------------------------------------------------------------------------------------------------
@@ -290,11 +346,11 @@ class VLLMGenerator:
             self._state = "awake"
 
     def sleep(self) -> None:
-        """Free the engine's GPU memory until the next ``load_weights``/``generate`` (no-op without sleep mode)."""
+        """Free the engine's GPU memory until the next ``generate`` (no-op without sleep mode)."""
         if self.sleep_enabled and self._state != "asleep":
             if self._state == "weights":
                 self._wake(["kv_cache"])  # sleep() expects a fully awake engine
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=self.sleep_level)
             self._state = "asleep"
 
     # -- weights --------------------------------------------------------------------------------------------------
@@ -318,12 +374,12 @@ class VLLMGenerator:
         self.llm.collective_rpc(load_on_worker, args=(chunk,))
 
     def load_weights(self, model) -> None:
-        if self._state == "asleep":
-            self._wake(["weights"])
-            if self._state == "asleep":
-                self._state = "weights"
+        """Mark the engine stale; the next :meth:`generate` pushes ``model``'s weights as they are then."""
+        self._pending = model
+
+    def _push_weights(self, model) -> None:
         chunk: list[tuple[str, torch.Tensor]] = []
-        for name, tensor in iter_merged_weights(model, self.accelerator):
+        for name, tensor in iter_merged_weights(model, self.accelerator, dtype=self._push_dtype):
             chunk.append((name, tensor))
             if len(chunk) >= self.weight_chunk_size:
                 self._push(chunk)
@@ -349,18 +405,23 @@ class VLLMGenerator:
         )
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> Rollouts:
-        if self._state == "asleep":
-            self._wake(None)
-        elif self._state == "weights":
-            self._wake(["kv_cache"])
-        self._state = "awake"
-        try:
-            prompts = _tokens_prompts(prompt_ids)
-            outputs = self.llm.generate(
-                prompts, sampling_params=self._sampling_params(sampling), use_tqdm=False
-            )
-        finally:
-            self.sleep()
+        with preserved_rng():
+            if self._state == "asleep":
+                self._wake(["weights"])
+                if self._state == "asleep":
+                    self._state = "weights"
+            try:
+                if self._pending is not None:
+                    self._push_weights(self._pending)
+                    self._pending = None if self.sleep_level < 2 or not self.sleep_enabled else self._pending
+                if self._state == "weights":
+                    self._wake(["kv_cache"])
+                self._state = "awake"
+                outputs = self.llm.generate(
+                    _tokens_prompts(prompt_ids), sampling_params=self._sampling_params(sampling), use_tqdm=False
+                )
+            finally:
+                self.sleep()
         return rollouts_from_vllm_outputs(
             prompt_ids,
             outputs,

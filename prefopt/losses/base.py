@@ -12,6 +12,9 @@ Step kinds (``PreferenceLoss.step``) tell the trainer which batch to build:
 ``"ppo"``            rollouts, token-level rewards, a critic (RTO / PPO).
 ``"sft"``            supervised warm-up on prompt/completion rows (only ``policy_chosen_logps`` / ``chosen_lengths``).
 ``"reward_pairs"``   reward-model training: scalar scores of chosen and rejected from a sequence classifier.
+``"scored_pairs"``   offline pairs plus a scalar reward of each completion from the data (CoPG).
+``"triples"``        offline pairs plus a gold completion scored by the policy (TPO).
+``"revision_pairs"`` offline pairs plus each completion scored as a revision of either one (SRPO).
 """
 
 from __future__ import annotations
@@ -22,8 +25,12 @@ from typing import Any, ClassVar, FrozenSet, Optional
 
 import torch
 
-STEP_KINDS = ("pairs", "pairs+samples", "online_pairs", "ppo", "sft", "reward_pairs")
-NEEDS = ("reference", "online", "reward")
+STEP_KINDS = ("pairs", "pairs+samples", "online_pairs", "ppo", "sft", "reward_pairs", "scored_pairs", "triples",
+              "revision_pairs")
+NEEDS = ("reference", "online", "reward", "scores", "gold", "revisions")
+# "scores": a scalar reward per completion from the data (or the reward layer), CoPG.
+# "gold": a third, gold completion per pair scored by the policy, TPO.
+# "revisions": the pair's completions scored again as revisions of each other, SRPO.
 
 
 @dataclass
@@ -55,6 +62,18 @@ class LossInputs:
     # Reward-model training ----------------------------------------------------------------------------------
     chosen_scores: Optional[torch.Tensor] = None  # [B], with grad
     rejected_scores: Optional[torch.Tensor] = None  # [B], with grad
+
+    # CoPG: a scalar reward per completion, from the data or the reward layer; constants (no grad) -------------
+    chosen_external_rewards: Optional[torch.Tensor] = None  # [B]
+    rejected_external_rewards: Optional[torch.Tensor] = None  # [B]
+
+    # TPO: the gold (best) completion of each triple ----------------------------------------------------------
+    gold_logps: Optional[torch.Tensor] = None  # [B] sums over gold completion tokens, with grad
+    gold_lengths: Optional[torch.Tensor] = None  # [B]
+
+    # SRPO: logps of y_w / y_l as revisions of y_l / y_w; columns in srpo.REVISION_COLUMNS order --------------
+    policy_revision_logps: Optional[torch.Tensor] = None  # [B, 4], with grad
+    reference_revision_logps: Optional[torch.Tensor] = None  # [B, 4]
 
     # PPO (RTO): per-token tensors of one minibatch, already aligned to response tokens -------------------------
     response_mask: Optional[torch.Tensor] = None  # [N, T] 1 on response tokens

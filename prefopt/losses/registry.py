@@ -14,6 +14,7 @@ from prefopt.losses.aot import AOTLoss, AOTUnpairedLoss
 from prefopt.losses.apo import APODownLoss, APOZeroLoss
 from prefopt.losses.base import PreferenceLoss
 from prefopt.losses.bco import BCOPairLoss
+from prefopt.losses.copg import CoPGLoss
 from prefopt.losses.cpo import CPOLoss
 from prefopt.losses.discopop import DiscoPOPLoss
 from prefopt.losses.dpo import DPOLoss
@@ -33,6 +34,8 @@ from prefopt.losses.sft import SFTLoss
 from prefopt.losses.sigmoid_norm import SigmoidNormLoss
 from prefopt.losses.simpo import SimPOLoss
 from prefopt.losses.sppo import SPPOHardLoss
+from prefopt.losses.srpo import SRPOLoss
+from prefopt.losses.tpo import TPOLLoss, TPOLoss
 from prefopt.losses.xpo import XPOLoss
 
 _LOSSES: dict[str, type[PreferenceLoss]] = {
@@ -43,6 +46,7 @@ _LOSSES: dict[str, type[PreferenceLoss]] = {
         AOTUnpairedLoss, APOZeroLoss, APODownLoss, DiscoPOPLoss, SigmoidNormLoss, ORPOLoss, CPOLoss, MixtureLoss,
     )
 }
+_LOSSES.update({cls.name: cls for cls in (CoPGLoss, TPOLoss, TPOLLoss, SRPOLoss)})
 
 
 DEFAULT_LOSS = DPOLoss.name  # a recipe without loss.name trains this; diagnose falls back to its implicit reward

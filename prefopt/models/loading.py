@@ -14,6 +14,14 @@ import torch
 from prefopt.config import ModelConfig, PeftConfig
 from prefopt.errors import ConfigError
 
+try:
+    from safetensors import SafetensorError
+except ImportError:  # pragma: no cover - safetensors is a transformers dependency
+    SafetensorError = OSError
+
+# Any one of these makes a directory loadable by AutoTokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -24,6 +32,11 @@ def resolve_dtype(name: str) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     return _DTYPES[name]
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:300]
 
 
 def _check_exists(name_or_path: str, key: str) -> None:
@@ -38,10 +51,14 @@ def load_tokenizer(name_or_path: str, *, revision: Optional[str] = None, trust_r
     from transformers import AutoTokenizer
 
     _check_exists(name_or_path, key)
+    local = Path(name_or_path).expanduser()
+    if local.is_dir() and not any((local / name).is_file() for name in _TOKENIZER_FILES):
+        raise ConfigError(f"{key}: '{name_or_path}' has no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}...); "
+                          "save the tokenizer next to the model with tokenizer.save_pretrained(path)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-    except OSError as error:
-        raise ConfigError(f"{key}: cannot load a tokenizer from '{name_or_path}': {error}") from None
+    except (OSError, ValueError, KeyError) as error:  # transformers raises ValueError for unusable tokenizer files
+        raise ConfigError(f"{key}: cannot load a tokenizer from '{name_or_path}': {_first_line(error)}") from None
     if tokenizer.pad_token_id is None:
         # Padding is masked out explicitly everywhere (completion masks), so reusing EOS as pad is safe.
         tokenizer.pad_token = tokenizer.eos_token
@@ -68,8 +85,8 @@ def load_causal_lm(name_or_path: str, model_cfg: ModelConfig, *, key: str = "mod
         kwargs["attn_implementation"] = model_cfg.attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    except OSError as error:
-        raise ConfigError(f"{key}: cannot load a causal LM from '{name_or_path}': {error}") from None
+    except (OSError, ValueError, SafetensorError) as error:  # missing/unknown files, unknown architecture, cut file
+        raise ConfigError(f"{key}: cannot load a causal LM from '{name_or_path}': {_first_line(error)}") from None
     disable_dropout(model)
     if for_training and model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -27,6 +27,7 @@ Numbers (CPU, fp32) are in docs/performance.md.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -96,6 +97,15 @@ def _plain_linear_weight(head: torch.nn.Module) -> bool:
     weight = head.weight
     sharded = hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor"  # ZeRO-3 / FSDP2 parameters
     return not sharded and weight.dim() == 2 and weight.numel() > 0
+
+
+def _zero3_frozen(head: torch.nn.Module) -> bool:
+    """A frozen ZeRO-3 head (LoRA leaves the head frozen; often tied to the embedding). Activation checkpointing
+    recomputes the head in backward, where DeepSpeed does not re-gather a frozen module's partitions (recomputed
+    weight of shape [0], seen with deepspeed 0.19.8), so its chunks run without checkpointing: correct, at the
+    cost of keeping each chunk's fp32 softmax for backward."""
+    weight = getattr(head, "weight", None)
+    return weight is not None and hasattr(weight, "ds_id") and not weight.requires_grad
 
 
 def _env_mib(name: str, default: float) -> int:
@@ -193,10 +203,11 @@ class _FusedHeadLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, shape, keep):
+    def forward(ctx, hidden, weight, bias, targets, shape, keep, fp32_weight_grad=False):
         out, log_norm, kept = _fused_head_forward(hidden, weight, bias, targets, shape, keep)
         ctx.save_for_backward(hidden, weight, bias, targets, log_norm)
         ctx.shape, ctx.kept, ctx.consumed = shape, kept, False
+        ctx.fp32_weight_grad = fp32_weight_grad  # the weight is an autocast copy of an fp32 parameter
         return out
 
     @staticmethod
@@ -233,8 +244,9 @@ class _FusedHeadLogps(torch.autograd.Function):
                 elif need_hidden:
                     part = (grad_block @ weight[lo:hi]).float()
                     hidden_sum = part if hidden_sum is None else hidden_sum.add_(part)
-                if need_weight and weight.dtype == torch.float32:
-                    grad_weight[lo:hi].addmm_(block.t(), row_hidden)
+                if need_weight and (weight.dtype == torch.float32 or ctx.fp32_weight_grad):
+                    # fp32 master weight under autocast: one fp32 GEMM, no bf16 rounding of per-block partials
+                    grad_weight[lo:hi].addmm_(block.t(), row_hidden.float())
                 elif need_weight:
                     grad_weight[lo:hi] += (grad_block.t() @ row_hidden).float()  # half GEMM, fp32 accumulation
                 if grad_bias is not None:
@@ -247,7 +259,36 @@ class _FusedHeadLogps(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+@contextlib.contextmanager
+def _head_precision(hidden: torch.Tensor):
+    """Under autocast, run the fused head in the autocast dtype *explicitly*, with autocast off inside.
+
+    The fused head's backward recomputes logits; autograd runs it outside the forward's autocast region, so an
+    autocast-dependent recompute would produce fp32 logits against the bf16 normaliser of the forward. Casting the
+    inputs once (as ``torch.amp.custom_fwd(cast_inputs=...)`` does) makes forward and backward use the same bf16
+    GEMMs; the casts are autograd ops, so gradients reach fp32 weights in fp32. Yields ``cast(*tensors)``.
+    """
+    device = hidden.device.type
+    if not torch.is_autocast_enabled(device):
+        yield lambda *tensors: tensors
+        return
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(*tensors):
+        return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+    with torch.autocast(device, enabled=False):
+        yield cast
+
+
+def _fused_head_autocast(hidden, weight, bias, targets, shape, keep):
+    fp32_weight = weight.dtype == torch.float32
+    with _head_precision(hidden) as cast:
+        hidden, weight, bias = cast(hidden, weight, bias)
+        return _FusedHeadLogps.apply(hidden, weight, bias, targets, shape, keep, fp32_weight)
 
 
 def _model_attention_mask(model: torch.nn.Module, attention_bias: torch.Tensor, dtype: torch.dtype):
@@ -308,16 +349,17 @@ def completion_token_logps(
         if torch.is_grad_enabled() and (selected.requires_grad or head.weight.requires_grad):
             keep = 0 < count * vocab * 4 <= _keep_budget_bytes()
             shape = _block_shape(count, chunk_size, vocab, keep=keep)
-            flat = _FusedHeadLogps.apply(selected, head.weight, head.bias, targets, shape, keep)
+            flat = _fused_head_autocast(selected, head.weight, head.bias, targets, shape, keep)
         else:  # reference model / evaluation: nothing to keep for backward
-            flat = _fused_head_forward(selected, head.weight, head.bias, targets,
-                                       _block_shape(count, chunk_size, vocab))[0]
+            with _head_precision(selected) as cast:
+                flat = _fused_head_forward(*cast(selected, head.weight, head.bias), targets,
+                                           _block_shape(count, chunk_size, vocab))[0]
         token_logps = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
         return TokenLogps(token_logps.index_put((rows, cols), flat), mask)
     pieces = []
     for start in range(0, selected.shape[0], chunk_size):
         chunk = selected[start:start + chunk_size]
-        if torch.is_grad_enabled() and chunk.requires_grad:
+        if torch.is_grad_enabled() and chunk.requires_grad and not _zero3_frozen(head):
             # Recompute this chunk's logits in backward instead of keeping [chunk, vocab] floats alive.
             pieces.append(checkpoint(_head_logps, head, chunk, targets[start:start + chunk_size], use_reentrant=False))
         else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -38,6 +39,14 @@ class Reference:
         half = sums.shape[0] // 2
         return sums[:half], sums[half:]
 
+    def group_logps(self, batch: dict, groups: int) -> torch.Tensor:
+        """``[groups, B]`` sums for a batch whose ``input_ids`` stack ``groups`` row groups of B sequences (triples,
+        SRPO's revision sequences); ``pair_logps`` is the first two groups."""
+        logps = self.token_logps(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                 position_ids=batch.get("position_ids"), attention_bias=batch.get("attention_bias"))
+        sums, _ = sequence_totals(logps, batch)
+        return sums.view(groups, -1)
+
     def token_logps(self, input_ids, attention_mask, completion_mask, **kwargs) -> TokenLogps:
         raise NotImplementedError(f"reference mode '{self.mode}' cannot score new sequences")
 
@@ -53,14 +62,21 @@ class ModelReference(Reference):
     mode = "model"
     supports_online = True
 
-    def __init__(self, model: torch.nn.Module, chunk_size: Optional[int]):
-        self.model = model
+    def __init__(self, model: torch.nn.Module, chunk_size: Optional[int], autocast: Callable = contextlib.nullcontext):
+        # ``autocast``: the policy's mixed-precision context (``accelerator.autocast``); the policy runs under it
+        # (accelerate wraps the prepared forward), so the reference must too, or DPO does not start at ln 2.
+        self.autocast = autocast
+        # A DeepSpeed engine (ZeRO-3 frozen model) is kept alive for its parameter hooks; calls go to its module,
+        # whose submodules carry the hooks that gather each layer's partitions.
+        self.engine = model
+        self.model = getattr(model, "module", model)
         self.chunk_size = chunk_size
 
     @torch.no_grad()
     def token_logps(self, input_ids, attention_mask, completion_mask, **kwargs) -> TokenLogps:
-        return completion_token_logps(self.model, input_ids, attention_mask, completion_mask,
-                                      chunk_size=self.chunk_size, **kwargs)
+        with self.autocast():
+            return completion_token_logps(self.model, input_ids, attention_mask, completion_mask,
+                                          chunk_size=self.chunk_size, **kwargs)
 
 
 class AdapterReference(Reference):
@@ -69,14 +85,16 @@ class AdapterReference(Reference):
     mode = "adapter"
     supports_online = True
 
-    def __init__(self, get_peft_model: Callable[[], torch.nn.Module], chunk_size: Optional[int]):
+    def __init__(self, get_peft_model: Callable[[], torch.nn.Module], chunk_size: Optional[int],
+                 autocast: Callable = contextlib.nullcontext):
         self._get_peft_model = get_peft_model  # unwrapped lazily: accelerate may rewrap the policy after setup
         self.chunk_size = chunk_size
+        self.autocast = autocast  # the unwrapped model runs outside accelerate's autocast wrapper
 
     @torch.no_grad()
     def token_logps(self, input_ids, attention_mask, completion_mask, **kwargs) -> TokenLogps:
         peft_model = self._get_peft_model()
-        with peft_model.disable_adapter():
+        with peft_model.disable_adapter(), self.autocast():
             return completion_token_logps(peft_model, input_ids, attention_mask, completion_mask,
                                           chunk_size=self.chunk_size, **kwargs)
 
@@ -104,6 +122,13 @@ class PrecomputedReference(Reference):
         device = batch["input_ids"].device
         return table["chosen"][index].to(device), table["rejected"][index].to(device)
 
+    def group_logps(self, batch, groups):
+        table = self.tables[self.split]
+        if groups == 2:
+            return torch.stack(self.pair_logps(batch))
+        index = batch["index"].to("cpu")
+        return table["groups"][index].T.to(batch["input_ids"].device)
+
 
 def cache_key(reference_identity: str, data_fingerprint: str, dtype: str, chunk: Optional[int]) -> str:
     text = "|".join([reference_identity, data_fingerprint, dtype, "v1"])
@@ -129,23 +154,30 @@ def precompute_table(
         return load_file(str(cache_file))
     total = len(dataset)
     own = list(range(accelerator.process_index, total, accelerator.num_processes))
-    chosen = torch.zeros(total, dtype=torch.float64)
-    rejected = torch.zeros(total, dtype=torch.float64)
-    for start in range(0, len(own), batch_size):
+    groups = getattr(collator, "groups", 2)  # SRPO caches all six sequences of a pair, triples all three
+    values = torch.zeros(groups, total, dtype=torch.float64)
+    # Every rank runs the same number of forwards (a rank with fewer rows repeats its first batch and drops the
+    # result): a ZeRO-3 reference gathers each layer's partitions collectively, and one rank short would hang all.
+    per_rank = math.ceil(total / accelerator.num_processes)
+    for start in range(0, per_rank, batch_size):
         rows = own[start:start + batch_size]
-        batch = collator([dataset[i] for i in rows])
+        batch = collator([dataset[i] for i in (rows or own[:batch_size] or [0])])
         batch = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        c, r = reference.pair_logps(batch)
-        chosen[rows] = c.double().cpu()
-        rejected[rows] = r.double().cpu()
+        if groups == 2:
+            computed = torch.stack(reference.pair_logps(batch)).double().cpu()
+        else:
+            computed = reference.group_logps(batch, groups).double().cpu()
+        if not rows:
+            continue
+        values[:, rows] = computed
         if progress is not None:
             progress(len(rows))
     if accelerator.num_processes > 1:
         # Each row was computed by exactly one rank and is zero elsewhere: a sum-reduce assembles the table.
-        stacked = torch.stack([chosen, rejected]).to(accelerator.device)
-        stacked = accelerator.reduce(stacked, reduction="sum").cpu()
-        chosen, rejected = stacked[0], stacked[1]
-    table = {"chosen": chosen.float(), "rejected": rejected.float()}
+        values = accelerator.reduce(values.to(accelerator.device), reduction="sum").cpu()
+    table = {"chosen": values[0].float(), "rejected": values[1].float()}
+    if groups > 2:
+        table["groups"] = values.T.float().contiguous()  # [N, groups]
     if accelerator.is_main_process:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp")

@@ -15,13 +15,15 @@ from torch.utils.data import DataLoader
 
 from prefopt.config import Config, save_config
 from prefopt.data import PairCollator, PromptCollator, SFTCollator, build_datasets
+from prefopt.data.collate import RevisionPairCollator, ScoredPairCollator, TripleCollator
 from prefopt.trainer import checkpoint as ckpt
 from prefopt.trainer.metrics import MetricAverager, RunLogger, Throughput
+from prefopt.trainer.run_dir import RunDir, run_fingerprint
 from prefopt.trainer.setup import (build_optimizer, build_policy, build_reference, load_run_tokenizer,
-                                   loss_from_config, make_accelerator, precompute_reference, prepare_output_dir,
-                                   total_optimizer_steps, write_run_info)
-from prefopt.models.reference import ModelReference
+                                   loss_from_config, make_accelerator, precompute_reference, total_optimizer_steps,
+                                   write_run_info)
 from prefopt.trainer import sparse_embedding
+from prefopt.trainer.distributed import engine_applied_step
 from prefopt.trainer.host_memory import return_freed_memory_to_os
 from prefopt.trainer.steps import StepContext, step_registry
 
@@ -46,10 +48,17 @@ def collator_for(data_kind: str, pad_token_id: int, packing: bool = False):
         from prefopt.data.packing import PackedPairCollator
 
         return PackedPairCollator(pad_token_id)
+    variants = {"scored_pairs": ScoredPairCollator, "triples": TripleCollator, "revision_pairs": RevisionPairCollator}
+    if data_kind in variants:
+        return variants[data_kind](pad_token_id)
     return {"pairs": PairCollator(pad_token_id), "sft": SFTCollator(pad_token_id), "prompts": PromptCollator()}[data_kind]
 
 
 def train(config: Config) -> TrainResult:
+    if config.iterations.count:
+        from prefopt.iterative.run import train_iterations
+
+        return train_iterations(config)
     loss = loss_from_config(config)
     if loss.step == "ppo":
         from prefopt.trainer.ppo import train_ppo
@@ -74,12 +83,13 @@ class Trainer:
         self.accelerator, trackers = make_accelerator(config)
         acc = self.accelerator
         out_dir = Path(config.output_dir)
-        self.resume_path = ckpt.resolve_resume(config.train.resume_from, out_dir)
-        self.output_dir = prepare_output_dir(config, acc, resuming=self.resume_path is not None)
+        self.run_dir = RunDir.plan(config)  # checks output_dir and the checkpoint; writes nothing yet
+        self.resume_path, self.output_dir = self.run_dir.resume_path, self.run_dir.path
         step_cls = step_registry()[loss.step]
         self.tokenizer = load_run_tokenizer(config)
         self.bundle = build_datasets(config.data, self.tokenizer, step_cls.data_kind, seed=config.seed,
                                      cache_dir=str(out_dir.parent / ".prefopt_cache" / "data"))
+        self.run_dir.open(acc, run_fingerprint(config, self.tokenizer, self.bundle))
         if acc.is_main_process:
             save_config(config, self.output_dir / "config.yaml")
             write_run_info(acc, self.output_dir, config)
@@ -89,7 +99,7 @@ class Trainer:
         self.collator = collator_for(step_cls.data_kind, self.tokenizer.pad_token_id, config.data.packing)
         model_kind = getattr(step_cls, "model_kind", "causal_lm")
         policy = build_policy(config, model_kind, self.tokenizer)
-        reference = build_reference(config, lambda: self.accelerator.unwrap_model(self.policy).model)
+        reference = build_reference(config, lambda: self.accelerator.unwrap_model(self.policy).model, acc)
         if config.resolved_reference_mode() == "precomputed":
             reference = precompute_reference(config, acc, reference, self.bundle, self.collator)
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -113,8 +123,6 @@ class Trainer:
             fp16=acc.mixed_precision == "fp16")
         optimizer, scheduler = build_optimizer(config, policy, self.total_steps)
         self.policy, self.optimizer, self.scheduler = acc.prepare(policy, optimizer, scheduler)
-        if isinstance(self.reference, ModelReference):
-            self.reference.model.to(acc.device)
         self.ctx = StepContext(acc, self.policy, loss, self.reference, self.tokenizer, config)
         self._setup_online(model_kind)
         self.step_fn = step_cls(self.ctx)
@@ -135,7 +143,8 @@ class Trainer:
         from prefopt.trainer.online import build_reference_generator
 
         inner = self.accelerator.unwrap_model(self.policy).model
-        self.ctx.generator = build_generator(self.config.generation, inner, self.tokenizer, self.accelerator)
+        self.ctx.generator = build_generator(self.config.generation, inner, self.tokenizer, self.accelerator,
+                                             seed=self.config.seed, max_prompt_length=self.config.data.max_prompt_length)
         if "reward" in self.loss.needs:
             self.ctx.reward = build_reward(self.config.reward, device=self.accelerator.device,
                                            policy_tokenizer=self.tokenizer)
@@ -225,6 +234,11 @@ class Trainer:
             state.consecutive_skipped = 0
             if grad_norm is not None:
                 averager.add({"grad_norm": float(grad_norm)})
+        elif engine_applied_step(acc):
+            raise TrainingDiverged(
+                f"step {state.global_step + 1}: non-finite loss or gradient, and DeepSpeed has already applied the "
+                "update (it steps inside backward); the weights may now be non-finite. The last good checkpoint in "
+                f"{self.output_dir} is intact; lower train.learning_rate or check the data.")
         else:
             state.skipped_steps += 1
             state.consecutive_skipped += 1
@@ -233,8 +247,8 @@ class Trainer:
             if state.consecutive_skipped > self.config.train.max_skipped_steps:
                 raise TrainingDiverged(
                     f"{state.consecutive_skipped} consecutive optimizer steps had a non-finite loss or gradient "
-                    f"(train.max_skipped_steps={self.config.train.max_skipped_steps}); stopping. The last good "
-                    f"checkpoint in {self.output_dir} is intact; lower train.learning_rate or check the data.")
+                    f"(train.max_skipped_steps={self.config.train.max_skipped_steps}); stopping. "
+                    f"{ckpt.last_good_checkpoint_note(self.output_dir)}; lower train.learning_rate or check the data.")
         self.optimizer.zero_grad(set_to_none=True)
 
     def _log_train(self, averager: MetricAverager, throughput: Throughput) -> None:

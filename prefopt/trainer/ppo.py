@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -28,7 +27,8 @@ from prefopt.trainer.metrics import MetricAverager, RunLogger, Throughput
 from prefopt.trainer.online import sampling_params
 from prefopt.trainer.ppo_setup import build_critic, check_rto_lineage, dpo_scorer
 from prefopt.trainer.setup import (build_optimizer, build_policy, build_reference, load_run_tokenizer,
-                                   make_accelerator, prepare_output_dir, write_run_info)
+                                   make_accelerator, write_run_info)
+from prefopt.trainer.run_dir import RunDir, run_fingerprint
 from prefopt.trainer.steps import StepContext
 
 logger = logging.getLogger(__name__)
@@ -46,10 +46,11 @@ class PPOTrainer:
         self.config, self.loss = config, loss
         self.accelerator, trackers = make_accelerator(config)
         acc = self.accelerator
-        self.resume_path = ckpt.resolve_resume(config.train.resume_from, Path(config.output_dir))
-        self.output_dir = prepare_output_dir(config, acc, resuming=self.resume_path is not None)
+        self.run_dir = RunDir.plan(config)  # checks output_dir and the checkpoint; writes nothing yet
+        self.resume_path, self.output_dir = self.run_dir.resume_path, self.run_dir.path
         self.tokenizer = load_run_tokenizer(config)
         self.bundle = build_datasets(config.data, self.tokenizer, "prompts", seed=config.seed)
+        self.run_dir.open(acc, run_fingerprint(config, self.tokenizer, self.bundle))
         if acc.is_main_process:
             save_config(config, self.output_dir / "config.yaml")
             write_run_info(acc, self.output_dir, config)
@@ -76,7 +77,8 @@ class PPOTrainer:
         critic_opt, critic_sched = build_optimizer(critic_cfg, critic, updates)
         (self.policy, self.critic, self.policy_opt, self.critic_opt, self.policy_sched,
          self.critic_sched) = acc.prepare(policy, critic, policy_opt, critic_opt, policy_sched, critic_sched)
-        self.generator = build_generator(config.generation, acc.unwrap_model(self.policy).model, self.tokenizer, acc)
+        self.generator = build_generator(config.generation, acc.unwrap_model(self.policy).model, self.tokenizer, acc,
+                                         seed=config.seed, max_prompt_length=config.data.max_prompt_length)
         self.ctx = StepContext(acc, self.policy, loss, self.reference, self.tokenizer, config, generator=self.generator)
         self.state = ckpt.TrainerState()
         if self.resume_path is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import math
@@ -16,6 +17,7 @@ from prefopt.losses import get_loss
 from prefopt.models.loading import (load_frozen_causal_lm, load_policy, load_tokenizer, model_identity,
                                     resolve_dtype)
 from prefopt.models.logps import CompletionLogpModel
+from prefopt.trainer.distributed import launched_world_size
 from prefopt.models.reference import (AdapterReference, ModelReference, NoReference, PrecomputedReference,
                                       cache_key, precompute_table)
 
@@ -24,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 def make_accelerator(config: Config):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
     precision = config.train.mixed_precision
     if precision == "auto":
@@ -44,6 +46,10 @@ def make_accelerator(config: Config):
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError("train.deepspeed: DeepSpeed is not installed; pip install 'prefopt[deepspeed]'")
         plugin = DeepSpeedPlugin(hf_ds_config=config.train.deepspeed)
+    from prefopt.trainer.distributed import accelerator_process_kwargs
+
+    extra = accelerator_process_kwargs(use_deepspeed=plugin is not None)
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=False), *extra.pop("kwargs_handlers", [])]
     accelerator = Accelerator(
         deepspeed_plugin=plugin,
         mixed_precision=precision,
@@ -53,16 +59,25 @@ def make_accelerator(config: Config):
         step_scheduler_with_optimizer=False,
         log_with=trackers or None,
         project_dir=config.output_dir,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        kwargs_handlers=handlers,
+        **extra,
     )
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = launched_world_size()
     if launched != accelerator.num_processes:
         # Seen with DeepSpeed on CPU under torchrun: every rank believes it is alone and they overwrite each other.
         from prefopt.errors import ConfigError
 
         raise ConfigError(f"the launcher started {launched} processes but accelerate set up "
                           f"{accelerator.num_processes} ({accelerator.distributed_type}); refusing to train N copies "
-                          "side by side. DeepSpeed and FSDP need GPUs here; use DDP on CPU.")
+                          "side by side; launch with torchrun or accelerate launch without --cpu")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and loss_from_config(config).step == "ppo":
+        from prefopt.errors import ConfigError
+
+        # accelerate 1.15 accelerator.py, prepare(): "You can't use same `Accelerator()` instance with multiple
+        # models when using DeepSpeed"; the PPO stage trains a policy and a critic as two models.
+        raise ConfigError(f"loss.name={config.loss.name}: the PPO stage (policy + critic) does not run under "
+                          "DeepSpeed yet; launch it with DDP (torchrun / accelerate launch without a DeepSpeed "
+                          "config, train.deepspeed unset)")
     if plugin is not None and accelerator.state.deepspeed_plugin is None:
         logger.warning("train.deepspeed is set but accelerate runs %s without DeepSpeed (e.g. ACCELERATE_USE_CPU=1): "
                        "training proceeds without ZeRO", accelerator.distributed_type)
@@ -109,16 +124,22 @@ def build_policy(config: Config, model_kind: str, tokenizer) -> torch.nn.Module:
                                head_impl=config.train.logps_head)
 
 
-def build_reference(config: Config, policy_getter) -> Any:
+def build_reference(config: Config, policy_getter, accelerator=None) -> Any:
+    """The reference of ``reference.mode``; a frozen model goes through ``prepare_frozen`` (ZeRO-3 engine)."""
     mode = config.resolved_reference_mode()
     chunk = config.train.logps_chunk_size
     if mode == "none":
         return NoReference()
+    autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
     if mode == "adapter":
-        return AdapterReference(policy_getter, chunk)
+        return AdapterReference(policy_getter, chunk, autocast)
     path = config.reference.name_or_path or config.model.name_or_path
     model = load_frozen_causal_lm(path, config.model, key="reference.name_or_path")
-    return ModelReference(model, chunk)
+    if accelerator is not None:
+        from prefopt.trainer.distributed import prepare_frozen
+
+        model = prepare_frozen(accelerator, model)
+    return ModelReference(model, chunk, autocast)
 
 
 def precompute_reference(config: Config, accelerator, live_reference, bundle, collator) -> PrecomputedReference:
@@ -130,7 +151,8 @@ def precompute_reference(config: Config, accelerator, live_reference, bundle, co
     for split, dataset in (("train", bundle.train), ("eval", bundle.eval)):
         if dataset is None:
             continue
-        key = cache_key(identity, f"{bundle.fingerprint}:{split}", config.model.dtype, config.train.logps_chunk_size)
+        key = cache_key(identity, f"{bundle.fingerprint}:{split}", f"{config.model.dtype}/{accelerator.mixed_precision}",
+                        config.train.logps_chunk_size)
         cache_file = cache_dir / f"reference-{key}.safetensors"
         tables[split] = precompute_table(live_reference, dataset, collator, cache_file=cache_file,
                                          accelerator=accelerator, batch_size=config.reference.batch_size)
@@ -142,9 +164,14 @@ def precompute_reference(config: Config, accelerator, live_reference, bundle, co
 def build_optimizer(config: Config, model: torch.nn.Module, total_steps: int):
     from transformers import get_scheduler
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    from prefopt.trainer.distributed import ensure_fp32_master_weights
+
+    ensure_fp32_master_weights(model)
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    skip = no_weight_decay_names(model)
+    decay = [p for name, p in named if name not in skip]
+    no_decay = [p for name, p in named if name in skip]
     groups = [{"params": decay, "weight_decay": config.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.train.learning_rate,
                                   betas=(config.train.adam_beta1, config.train.adam_beta2), eps=config.train.adam_epsilon,
@@ -155,6 +182,21 @@ def build_optimizer(config: Config, model: torch.nn.Module, total_steps: int):
     scheduler = get_scheduler(config.train.lr_scheduler, optimizer, num_warmup_steps=warmup,
                               num_training_steps=total_steps)
     return optimizer, scheduler
+
+
+def no_weight_decay_names(model: torch.nn.Module) -> set[str]:
+    """Names of the parameters AdamW must not decay: biases and normalisation weights.
+
+    Decided by name and module type, never by ``p.ndim``: under DeepSpeed's ``zero.Init`` (ZeRO-3) every parameter
+    is an empty 1-D partition, and a shape test would put all of them in the no-decay group.
+    """
+    names = set()
+    for module_name, module in model.named_modules():
+        is_norm = isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)) or "norm" in type(module).__name__.lower()
+        for param_name, _ in module.named_parameters(recurse=False):
+            if is_norm or param_name == "bias":
+                names.add(f"{module_name}.{param_name}" if module_name else param_name)
+    return names
 
 
 def _fusable(parameter: torch.Tensor) -> bool:

@@ -111,6 +111,7 @@ class RewardPairStep:
 
 def step_registry() -> dict[str, type]:
     from prefopt.trainer.online import HyPOStep, OnlinePairStep
+    from prefopt.trainer.pair_variants import pair_variant_steps
 
     return {
         "pairs": PairStep,
@@ -118,4 +119,5 @@ def step_registry() -> dict[str, type]:
         "reward_pairs": RewardPairStep,
         "pairs+samples": HyPOStep,
         "online_pairs": OnlinePairStep,
+        **pair_variant_steps(),
     }

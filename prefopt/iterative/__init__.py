@@ -1,0 +1,1 @@
+"""Iterated preference optimisation (DNO): sample, score, build pairs, train against the previous iterate."""

@@ -1,0 +1,107 @@
+"""bf16 on CPU (autocast): the fused lm head, the reference under the policy's autocast, fp32 master weights, and
+the configurations that cannot work (flash attention in fp32)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.trainer_helpers import REPO, losses, run, write_pairs
+
+
+def _head_grads(fn, hidden, weight, targets, g, amp: bool):
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        out = fn(h, w)
+    (out.float() * g).sum().backward()
+    return h.grad, w.grad
+
+
+@pytest.mark.parametrize("rows_per_block", [16, 1024])
+def test_fused_head_under_autocast_is_as_close_to_fp32_as_plain_autograd(rows_per_block):
+    """Before: the backward recomputed fp32 logits against the forward's bf16 normaliser (rel. error 2-3x plain)."""
+    from prefopt.models.logps import _block_shape, _fused_head_autocast
+
+    torch.manual_seed(0)
+    n, hidden_size, vocab = 64, 32, 500
+    hidden, weight = torch.randn(n, hidden_size) * 2, torch.randn(vocab, hidden_size) * 0.5
+    targets, g = torch.randint(0, vocab, (n,)), torch.randn(n)
+
+    def plain(h, w):
+        return torch.gather(torch.log_softmax((h @ w.T).float(), -1), 1, targets[:, None]).squeeze(1)
+
+    def fused(h, w):
+        return _fused_head_autocast(h, w, None, targets, _block_shape(n, rows_per_block, vocab), False)
+
+    exact = _head_grads(plain, hidden, weight, targets, g, amp=False)
+    plain_amp = _head_grads(plain, hidden, weight, targets, g, amp=True)
+    fused_amp = _head_grads(fused, hidden, weight, targets, g, amp=True)
+    for index, name in enumerate(("hidden", "weight")):
+        def rel(grads):
+            return ((grads[index] - exact[index]).norm() / exact[index].norm()).item()
+
+        assert rel(fused_amp) <= rel(plain_amp) * 1.0001 + 1e-7, name
+        assert rel(fused_amp) < 0.02, name  # bf16 GEMMs: ~0.7% here
+    # and the forward values are the autocast ones
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(fused(hidden, weight), plain(hidden, weight), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("reference", ["model", "adapter"])
+def test_bf16_autocast_dpo_starts_at_ln2_with_a_live_reference(tiny_model_dir, tmp_path, reference):
+    """The reference runs under the same autocast as the policy, so policy == reference at step 0 exactly."""
+    data = write_pairs(tmp_path / "pairs.jsonl", rows=16)
+    extra = ["model.peft.r=4", "model.peft.alpha=8"] if reference == "adapter" else []
+    run(tiny_model_dir, data, tmp_path / "out", "train.mixed_precision=bf16", "train.max_steps=1",
+        f"reference.mode={reference}", *extra)
+    assert losses(tmp_path / "out")[0] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_bf16_loaded_model_trains_at_small_learning_rate(tiny_model_dir, tmp_path):
+    """model.dtype=bfloat16 at lr 5e-7: AdamW on bf16 weights would round every update away; fp32 masters move."""
+    from safetensors.torch import load_file
+
+    data = write_pairs(tmp_path / "pairs.jsonl", rows=24)
+    result = run(tiny_model_dir, data, tmp_path / "out", "model.dtype=bfloat16", "train.mixed_precision=bf16",
+                 "train.learning_rate=5e-7", "train.max_steps=3", "train.lr_scheduler=constant")
+    trained = load_file(str(result.final_dir / "model.safetensors"))
+    initial = {k: v.to(torch.bfloat16).float() for k, v in load_file(str(tiny_model_dir / "model.safetensors")).items()}
+    assert all(t.dtype == torch.float32 for t in trained.values())  # the master weights are what was trained
+    changed = sum(int((trained[k] != initial[k]).sum()) for k in initial)
+    total = sum(v.numel() for v in initial.values())
+    assert changed > total // 2
+    # an update of ~lr per step, far below bf16 spacing (which would have rounded it away)
+    step = max((trained[k] - initial[k]).abs().max().item() for k in initial)
+    assert 1e-7 < step < 3 * 3 * 5e-7
+
+
+def test_flash_attention_with_fp32_is_a_config_error(tiny_model_dir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "prefopt", "train", str(REPO / "recipes/tiny/dpo.yaml"),
+         f"model.name_or_path={tiny_model_dir}", "model.attn_implementation=flash_attention_2",
+         f"output_dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120, cwd=REPO)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "model.attn_implementation" in result.stderr and "model.dtype=bfloat16" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_weight_decay_groups_by_name_survive_zero_init(tiny_model_dir):
+    """Under zero.Init every parameter is an empty 1-D partition; the grouping must not change."""
+    from transformers import AutoModelForCausalLM
+
+    from prefopt.trainer.setup import no_weight_decay_names
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    by_shape = {name for name, p in model.named_parameters() if p.ndim < 2}
+    assert no_weight_decay_names(model) == by_shape and by_shape  # the norms of the tiny Llama
+    for module in model.modules():
+        for name, parameter in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(parameter.new_empty(0)))  # what a ZeRO-3 partition looks like
+    assert no_weight_decay_names(model) == by_shape

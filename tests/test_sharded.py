@@ -1,0 +1,135 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3 with two CPU processes (torchrun, gloo) against a one-process run.
+
+Same global batch (4 per process x 2 vs 8), so every step sees the same pairs: the per-step losses must agree, and
+``final/`` must hold the full (gathered) trained weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.trainer_helpers import REPO, losses, run, write_pairs
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.filterwarnings("ignore")]
+deepspeed = pytest.importorskip("deepspeed")
+
+STEPS = 3
+COMMON = (f"train.max_steps={STEPS}", "train.save_steps=0")
+_PORTS = iter(range(29541, 29600))
+
+
+def torchrun(model_dir, data, out, *overrides: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 -m prefopt train recipes/tiny/dpo.yaml ...`` with no CPU flag set."""
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(next(_PORTS)),
+            "-m", "prefopt", "train", str(REPO / "recipes/tiny/dpo.yaml"),
+            f"model.name_or_path={model_dir}", f"data.train={data}", "data.eval=null", f"output_dir={out}",
+            "overwrite_output_dir=true", "logging.progress=false", "logging.logging_steps=1", "train.warmup_ratio=0",
+            "train.learning_rate=1e-3", "train.per_device_batch_size=4", *COMMON, *overrides]
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+
+
+def _state(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _check_run(result, out, single, stage: int) -> None:
+    assert result.returncode == 0, result.stderr[-4000:]
+    info = json.loads((out / "run_info.json").read_text())
+    assert (info["world_size"], info["distributed_type"]) == (2, "DistributedType.DEEPSPEED")
+    assert losses(out) == pytest.approx(losses(single), abs=1e-4)
+    assert len(losses(out)) == STEPS
+
+
+def _check_full_model(out, single, initial_dir) -> None:
+    """``final/`` loads with from_pretrained, every tensor full-size, trained, and equal to the 1-process run's."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    initial = AutoModelForCausalLM.from_pretrained(initial_dir).state_dict()
+    reference = AutoModelForCausalLM.from_pretrained(single / "final").state_dict()
+    moved = 0
+    for name, tensor in model.state_dict().items():
+        assert tensor.shape == initial[name].shape, name
+        # Adam's first steps move each weight by about lr (1e-3) in a sign-like way; fp32 sums in a different
+        # order can flip the update of a weight whose gradient is ~0, hence 2 * lr, and a mean-error check below.
+        torch.testing.assert_close(tensor, reference[name], atol=2e-3, rtol=0, msg=name)
+        moved += int(not torch.equal(tensor, initial[name]))
+    assert moved >= len(initial) // 2
+    error = [(model.state_dict()[n] - reference[n]).abs().mean().item() for n in reference]
+    assert max(error) < 1e-5
+
+
+def test_zero3_dpo_live_reference_matches_one_process(tiny_model_dir, tmp_path):
+    """ZeRO-3: policy and reference loaded under zero.Init (empty partitions), the reference wrapped by its own
+    DeepSpeed engine; losses equal the one-process run; final/ gathered."""
+    data = write_pairs(tmp_path / "pairs.jsonl", rows=64)
+    single = tmp_path / "single"
+    run(tiny_model_dir, data, single, *COMMON)
+    out = tmp_path / "zero3"
+    result = torchrun(tiny_model_dir, data, out, f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero3_cpu.json'}")
+    _check_run(result, out, single, 3)
+    _check_full_model(out, single, tiny_model_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_precomputed_reference_matches_one_process(tiny_model_dir, tmp_path, stage):
+    data = write_pairs(tmp_path / "pairs.jsonl", rows=63)  # odd: the ranks precompute different row counts
+    single = tmp_path / "single"
+    run(tiny_model_dir, data, single, *COMMON, "reference.mode=precomputed",
+        f"reference.cache_dir={tmp_path / 'cache1'}")
+    out = tmp_path / f"zero{stage}"
+    result = torchrun(tiny_model_dir, data, out, "reference.mode=precomputed", f"reference.cache_dir={tmp_path / 'c2'}",
+                      f"train.deepspeed={REPO / f'recipes/accelerate/ds_zero{stage}_cpu.json'}")
+    _check_run(result, out, single, stage)
+    _check_full_model(out, single, tiny_model_dir)
+
+
+@pytest.mark.slow
+def test_zero2_dpo_live_reference_matches_one_process(tiny_model_dir, tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl", rows=64)
+    single = tmp_path / "single"
+    run(tiny_model_dir, data, single, *COMMON)
+    out = tmp_path / "zero2"
+    result = torchrun(tiny_model_dir, data, out, f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero2_cpu.json'}")
+    _check_run(result, out, single, 2)
+    _check_full_model(out, single, tiny_model_dir)
+
+
+LORA = ("model.peft.r=8", "model.peft.alpha=16", "model.peft.target_modules=[q_proj,v_proj]",
+        "reference.mode=adapter")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_lora_adapter_reference_saves_gathered_adapter(tiny_model_dir, tmp_path, stage):
+    """LoRA with the adapter-disabled policy as reference; final/ is a PEFT adapter with full, trained tensors."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    data = write_pairs(tmp_path / "pairs.jsonl", rows=64)
+    single = tmp_path / "single"
+    run(tiny_model_dir, data, single, *COMMON, *LORA)
+    out = tmp_path / f"zero{stage}"
+    result = torchrun(tiny_model_dir, data, out, *LORA,
+                      f"train.deepspeed={REPO / f'recipes/accelerate/ds_zero{stage}_cpu.json'}")
+    _check_run(result, out, single, stage)
+    adapter = _state(out / "final" / "adapter_model.safetensors")
+    expected = _state(single / "final" / "adapter_model.safetensors")
+    assert sorted(adapter) == sorted(expected) and adapter
+    for name, tensor in adapter.items():
+        assert tensor.numel() > 0 and tensor.shape == expected[name].shape, name
+        torch.testing.assert_close(tensor, expected[name], atol=2e-3, rtol=0, msg=name)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "final")
+    lora_b = [p for n, p in loaded.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: non-zero means trained

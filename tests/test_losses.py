@@ -111,7 +111,7 @@ def test_loss_parameters_defaults():
     assert loss_parameters("hypo") == {"beta": 0.1, "kl_coef": 0.1, "samples_per_prompt": 2}
     assert loss_parameters("xpo") == {"beta": 0.1, "alpha": 1e-5}
     assert loss_parameters("rto")["value_loss_coef"] == 1.0 and loss_parameters("rto")["lam"] == 0.95
-    assert loss_parameters("sft") == {}
+    assert loss_parameters("sft") == {"reduction": "token_mean"}
     assert loss_parameters("reward_model") == {"center_rewards_coef": 0.0}
 
 
@@ -124,7 +124,7 @@ def test_loss_parameters_defaults():
             ["unknown loss 'dpoo'", "did you mean 'dpo'", "available losses:", "simpo", "reward_model"],
         ),
         ("dpo", {"betta": 0.2}, ["'betta'", "did you mean 'beta'", "Valid parameters:", "label_smoothing"]),
-        ("sft", {"beta": 0.1}, ["unknown parameter", "'beta'", "(none)"]),
+        ("sft", {"beta": 0.1}, ["unknown parameter", "'beta'", "reduction='token_mean'"]),
         ("fdpo", {"divergence": "kl"}, ["unknown divergence 'kl'", "reverse_kl, forward_kl, js, alpha"]),
         ("fdpo", {"divergence": "js_divergence"}, ["TRL's 'js_divergence' is 'js' here"]),
         (

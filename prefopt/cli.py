@@ -15,16 +15,7 @@ from typing import Optional, Sequence
 
 from prefopt.errors import UserInputError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def find_recipe(name: str) -> Path:
-    """A recipe path as given, or relative to the repository (so ``prefopt demo`` works from any directory)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    candidate = REPO_ROOT / name
-    return candidate if candidate.is_file() else path
+from prefopt.recipes import REPO_ROOT, find_recipe  # noqa: F401 - re-exported (``prefopt.cli.find_recipe``)
 
 
 # ----------------------------------------------------------------------------------------------------- commands

@@ -175,7 +175,7 @@ class TrainConfig(_Section):
     fused_optimizer: bool = True  # torch's fused AdamW (fewer temporaries: lower peak memory, faster)
     # Sparse input-embedding gradients with an exactly equal AdamW step (trainer/sparse_embedding.py): no dense
     # [vocab, hidden] gradient during the backward. "auto" = on for single-process runs with an untied embedding.
-    # Applies to the main loop (offline losses, HyPO, XPO, SFT, reward model); RTO's PPO stage keeps dense grads.
+    # Applies to the policy of every step kind (PPO's critic keeps dense gradients).
     sparse_embedding_grad: Literal["auto"] | bool = "auto"
     # glibc only: blocks of 1 MiB or more go straight back to the OS when freed (trainer/host_memory.py); lowers
     # the host process's peak memory. A process-wide malloc setting.
@@ -230,14 +230,18 @@ class IterationsConfig(_Section):
 
 
 class PPOConfig(_Section):
-    """The PPO step used by RTO: rollouts per step, passes over them, critic and DPO-policy locations."""
+    """The ``ppo`` step kind (RTO, PPO): prompts per rollout, passes over them, critic and DPO-policy locations.
+
+    Each optimizer update accumulates ``train.gradient_accumulation_steps`` micro-batches of ``minibatch_size``
+    rollouts; ``rollout_batch_size`` must be a multiple of ``minibatch_size * gradient_accumulation_steps``."""
 
     rollout_batch_size: Positive = 16  # prompts per rollout (per device)
-    epochs: Positive = 2
-    minibatch_size: Positive = 8
+    epochs: Positive = 1  # passes over each rollout batch (the RTO authors' released script: 1)
+    minibatch_size: Positive = 8  # rollouts per forward/backward (micro-batch)
     dpo_policy: Optional[str] = None  # stage-1 DPO model (RTO token rewards)
     dpo_adapter: Optional[str] = None  # the DPO policy as a LoRA adapter on the policy's base model
     critic: Optional[str] = None  # default: reward.name_or_path, else the policy with a fresh value head
+    # The critic's own learning rate (None: train.learning_rate). The RTO release used 9e-6 against the actor's 5e-7.
     critic_learning_rate: Optional[NonNegativeFloat] = None
     adaptive_kl_target: Optional[PositiveFloat] = None  # None: fixed kl_coef
     adaptive_kl_horizon: Positive = 10000
@@ -288,6 +292,7 @@ class Config(_Section):
         if "online" in loss.needs and self.reference.mode == "precomputed":
             raise ValueError(f"reference.mode: loss '{self.loss.name}' scores fresh samples with the reference, so it "
                              "needs a live one; use reference.mode=model or adapter")
+        self._check_reward_needs(loss)
         if self.reference.mode == "adapter" and self.model.peft is None:
             raise ValueError("reference.mode=adapter needs LoRA on the policy: set model.peft (e.g. model.peft.r=8)")
         if self.generation.backend == "vllm":
@@ -301,6 +306,19 @@ class Config(_Section):
         if self.iterations.count:
             _check_iterations(self, loss)
         return self
+
+    def _check_reward_needs(self, loss) -> None:
+        """What the loss declares it needs from the reward layer and the PPO section, checked before any run."""
+        kind, name = self.reward.kind, self.loss.name
+        if "reward" in loss.needs and kind in ("none", "judge"):
+            raise ValueError(f"reward.kind: loss '{name}' needs a scalar reward per sample, got '{kind}'; use "
+                             "reward.kind=model, function or implicit")
+        if "preference" in loss.needs and kind == "none":
+            raise ValueError(f"reward.kind: loss '{name}' orders its online samples with the reward layer; set "
+                             "reward.kind=judge (pairwise) or model, function, implicit (scores)")
+        if "dpo_policy" in loss.needs and not (self.ppo.dpo_policy or self.ppo.dpo_adapter):
+            raise ValueError(f"ppo.dpo_policy: loss '{name}' needs the stage-1 DPO model (or ppo.dpo_adapter with "
+                             "LoRA); loss.dpo_reward_scale=0 runs plain PPO with the sparse reward instead")
 
     def resolved_reference_mode(self) -> str:
         from prefopt.losses import get_loss

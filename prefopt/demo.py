@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 def run_demo(out: Path, steps: Optional[int] = None, eval_prompts: int = 100) -> int:
     from data_tools.synth import score, write_task
-    from prefopt.cli import find_recipe
+    from prefopt.recipes import find_recipe
     from prefopt.config import load_config
     from prefopt.evaluate import sample_policy, win_rate
     from prefopt.models.tiny import build_tiny_model

@@ -114,20 +114,21 @@ class StepClock:
 
 def child_prefopt(spec: dict) -> dict:
     from prefopt.config import load_config
-    from prefopt.trainer import loop, train
+    from prefopt.trainer import loop, train, updates
 
     clock = StepClock(spec["steps"])
-    original_run, original_step = loop.Trainer.run, loop.Trainer._optimizer_step
+    original_run, original_step = loop.Trainer.run, updates.Updater.optimizer_step
 
     def run(self):
         clock.begin()
         return original_run(self)
 
-    def optimizer_step(self, averager):
-        original_step(self, averager)
+    def optimizer_step(self):
+        applied = original_step(self)
         clock.step()
+        return applied
 
-    loop.Trainer.run, loop.Trainer._optimizer_step = run, optimizer_step
+    loop.Trainer.run, updates.Updater.optimizer_step = run, optimizer_step
     c = spec["config"]
     overrides = [
         f"model.name_or_path={spec['model']}", "model.dtype=float32", f"data.train={spec['data']}", "data.eval=null",

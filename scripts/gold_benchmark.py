@@ -58,10 +58,17 @@ METHODS = {
     "hypo": ("hypo.yaml", [], "pairs", None),
     "xpo": ("xpo.yaml", [], "prompts", None),
     "rto": ("rto.yaml", [], "prompts", "dpo"),  # RTO's stage 1 is the seed's DPO run
+<<<<<<< HEAD
     # the TRL catalogue (issue 16): each with its tiny recipe
     **{name: (f"{name}.yaml", [], "pairs", None) for name in (
         "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
         "apo_zero", "apo_down", "discopop", "sigmoid_norm", "orpo", "cpo", "mix")},
+=======
+    "copg": ("copg.yaml", [], "pairs", None),  # pairs_train.jsonl carries each completion's gold score
+    "tpo": ("tpo.yaml", [], "rated", None),  # triples: best / second / worst of 3 rated completions
+    "srpo": ("srpo.yaml", [], "pairs", None),  # evaluated on its first answer (no revision round)
+    "dno": ("dno.yaml", [], "iterations", None),  # 3 iterations on thirds of prompts_train.jsonl
+>>>>>>> main
 }
 # Methods run by default (the catalogue is opt-in with --methods: 16 more runs per seed).
 DEFAULT_METHODS = ["dpo", "simpo", "fdpo_js", "fdpo_alpha", "fdpo_forward_kl", "rpo", "hypo", "xpo", "rto"]
@@ -111,7 +118,7 @@ def prepare_seed(seed_dir: Path, seed: int) -> Path:
     from prefopt.models.tiny import build_tiny_model
 
     task, model, sft = seed_dir / "task", seed_dir / "tiny-model", seed_dir / "sft"
-    if not (task / "prompts_heldout.jsonl").exists():
+    if not (task / "rated_train.jsonl").exists():  # deterministic: rewriting leaves the older files byte-identical
         write_task(task, seed=seed)
     if not (model / "config.json").exists():
         build_tiny_model(model, seed=seed)
@@ -129,6 +136,10 @@ def method_overrides(method: str, seed_dir: Path, sft_final: Path, seed: int, ex
            "logging.progress=false", f"seed={seed}", *overrides]
     if kind == "pairs":
         out += [f"data.train={task / 'pairs_train.jsonl'}", f"data.eval={task / 'pairs_eval.jsonl'}"]
+    elif kind == "rated":
+        out += [f"data.train={task / 'rated_train.jsonl'}", f"data.eval={task / 'rated_eval.jsonl'}"]
+    elif kind == "iterations":
+        out += [f"iterations.prompts={task / 'prompts_train.jsonl'}"]
     else:
         out += [f"data.train={task / 'prompts_train.jsonl'}"]
     if stage1 is not None:

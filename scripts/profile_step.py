@@ -53,7 +53,6 @@ def main(argv=None) -> int:
     from prefopt.losses import LossInputs
     from prefopt.models.logps import sequence_totals
     from prefopt.trainer.loop import Trainer
-    from prefopt.trainer.metrics import MetricAverager
     from prefopt.trainer.setup import loss_from_config
     from prefopt.trainer.steps import _move
 
@@ -92,7 +91,7 @@ def main(argv=None) -> int:
         with record_function("## backward"):
             acc.backward(out.loss)
         with record_function("## optimizer"):
-            trainer._optimizer_step(MetricAverager())
+            trainer.updater.optimizer_step()
         return float(batch["attention_mask"].sum())
 
     batches = list(trainer.epoch_loader(0))

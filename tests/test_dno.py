@@ -1,4 +1,5 @@
-"""DNO: the large-margin pair builder (worked example), replay, judge checks, and iterations end to end on the tiny
+"""DNO: the large-margin pair builder (worked example), replay, judge checks, and iterations end to end on the
+tiny
 model (reference refreshed to the previous iterate: every iteration starts at ln 2; resumable)."""
 
 from __future__ import annotations
@@ -23,18 +24,31 @@ def test_pair_builder_worked_example():
     pairs = large_margin_pairs(candidates, min_positive=5, gold_margin=2, student_margin=1)
     named = [(candidates[i].text, candidates[j].text) for i, j in pairs]
     assert len(named) == 10
-    assert set(named) == {("gold", "s4"), ("gold", "s5"), ("s1", "gold"), ("s1", "s2"), ("s1", "s3"),
-                          ("s1", "s4"), ("s1", "s5"), ("s3", "s2"), ("s3", "s4"), ("s3", "s5")}
+    assert set(named) == {
+        ("gold", "s4"),
+        ("gold", "s5"),
+        ("s1", "gold"),
+        ("s1", "s2"),
+        ("s1", "s3"),
+        ("s1", "s4"),
+        ("s1", "s5"),
+        ("s3", "s2"),
+        ("s3", "s4"),
+        ("s3", "s5"),
+    }
     assert large_margin_pairs([Candidate("a", 1.0), Candidate("a", 0.0)]) == []  # same text never pairs
 
 
 def test_dno_loss_is_dpo_against_the_previous_iterate():
     # eta 0.1; logp / logp_t: y+ -40 / -41.5, y- -55 / -54 -> h = 2.5, loss 0.575939.
-    out = get_loss("dpo", beta=0.1)(LossInputs(
-        policy_chosen_logps=torch.tensor([-40.0], dtype=torch.float64),
-        policy_rejected_logps=torch.tensor([-55.0], dtype=torch.float64),
-        reference_chosen_logps=torch.tensor([-41.5], dtype=torch.float64),
-        reference_rejected_logps=torch.tensor([-54.0], dtype=torch.float64)))
+    out = get_loss("dpo", beta=0.1)(
+        LossInputs(
+            policy_chosen_logps=torch.tensor([-40.0], dtype=torch.float64),
+            policy_rejected_logps=torch.tensor([-55.0], dtype=torch.float64),
+            reference_chosen_logps=torch.tensor([-41.5], dtype=torch.float64),
+            reference_rejected_logps=torch.tensor([-54.0], dtype=torch.float64),
+        )
+    )
     assert out.loss.item() == pytest.approx(0.575939, abs=1e-6)
 
 
@@ -53,19 +67,40 @@ def test_judge_win_rates_and_non_probabilities():
 
     rates = judge_win_rates(judge, ["p"], [["aaa", "a", "aa"]], ["f.jsonl line 1"])
     assert rates == [[pytest.approx(0.9), pytest.approx(0.1), pytest.approx(0.5)]]
-    with pytest.raises(JudgeError, match=r"returned 1\.7 for f\.jsonl line 3, field \"prompt\" \(candidate 0 vs 1\)"):
+    with pytest.raises(
+        JudgeError, match=r"returned 1\.7 for f\.jsonl line 3, field \"prompt\" \(candidate 0 vs 1\)"
+    ):
         judge_win_rates(lambda p, a, b: 1.7, ["p"], [["x", "y"]], ["f.jsonl line 3"], judge="reward.function")
 
 
 def _dno(tmp_path, tiny_model_dir, *overrides) -> int:
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Notes on the {item} after work:"}) + "\n"
-                               for item in ["film", "cafe", "hotel", "park", "game", "bike", "train", "pizza"]))
-    return main(["train", str(REPO / "recipes/tiny/dno.yaml"), f"model.name_or_path={tiny_model_dir}",
-                 f"output_dir={tmp_path / 'dno'}", f"iterations.prompts={prompts}", "iterations.count=2",
-                 "iterations.samples_per_prompt=3", "iterations.student_margin=0.1", "generation.max_new_tokens=12",
-                 "generation.temperature=1.0", "generation.top_p=1.0", "train.per_device_batch_size=4",
-                 "logging.logging_steps=1", "logging.progress=false", "train.learning_rate=1e-3", *overrides])
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": f"Notes on the {item} after work:"}) + "\n"
+            for item in ["film", "cafe", "hotel", "park", "game", "bike", "train", "pizza"]
+        )
+    )
+    return main(
+        [
+            "train",
+            str(REPO / "recipes/tiny/dno.yaml"),
+            f"model.name_or_path={tiny_model_dir}",
+            f"output_dir={tmp_path / 'dno'}",
+            f"iterations.prompts={prompts}",
+            "iterations.count=2",
+            "iterations.samples_per_prompt=3",
+            "iterations.student_margin=0.1",
+            "generation.max_new_tokens=12",
+            "generation.temperature=1.0",
+            "generation.top_p=1.0",
+            "train.per_device_batch_size=4",
+            "logging.logging_steps=1",
+            "logging.progress=false",
+            "train.learning_rate=1e-3",
+            *overrides,
+        ]
+    )
 
 
 def test_dno_iterations_refresh_the_reference_and_resume(tmp_path, tiny_model_dir):
@@ -74,9 +109,13 @@ def test_dno_iterations_refresh_the_reference_and_resume(tmp_path, tiny_model_di
     state = json.loads((out / "iterations.json").read_text())["completed"]
     assert [r["iteration"] for r in state] == [1, 2]
     assert state[1]["reference"] == state[0]["policy"] == str(out / "iteration-1" / "run" / "final")
+    assert (out / "final").resolve() == (out / "iteration-2" / "run" / "final").resolve()
     for t in (1, 2):
-        records = [json.loads(line) for line in (out / f"iteration-{t}" / "run" / "metrics.jsonl").read_text().splitlines()
-                   if line]
+        records = [
+            json.loads(line)
+            for line in (out / f"iteration-{t}" / "run" / "metrics.jsonl").read_text().splitlines()
+            if line
+        ]
         # the reference is the previous iterate (the policy's own start): DPO starts at exactly ln 2 each time
         assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
         config = (out / f"iteration-{t}" / "run" / "config.yaml").read_text()
@@ -89,7 +128,8 @@ def test_dno_iterations_refresh_the_reference_and_resume(tmp_path, tiny_model_di
     samples = [json.loads(line) for line in (out / "iteration-2" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and all(len(s["candidates"]) == 3 for s in samples)  # half the prompts, K = 3
 
-    # An interrupted second iteration: rerunning with resume keeps iteration 1 as it was and redoes iteration 2.
+    # An interrupted second iteration: rerunning with resume keeps iteration 1 as it was and redoes iteration
+    # 2.
     first_samples = (out / "iteration-1" / "samples.jsonl").stat().st_mtime_ns
     (out / "iterations.json").write_text(json.dumps({"completed": state[:1]}))
     assert _dno(tmp_path, tiny_model_dir) == 2  # existing iterations and no resume: refuse

@@ -62,8 +62,8 @@ def random_pairs(batch: int = 5, seed: int = 0, dtype: torch.dtype = F64) -> Los
 
 
 def test_registry_lists_every_loss_with_valid_class_attributes():
-    assert set(available_losses()) >= {"dpo", "simpo", "fdpo", "rpo", "hypo", "xpo", "rto", "sft", "reward_model",
-                                       "copg", "tpo", "tpo_l", "srpo"}
+    assert set(available_losses()) >= {"dpo", "simpo", "fdpo", "rpo", "hypo", "xpo", "ppo", "rto", "sft",
+                                       "reward_model", "copg", "tpo", "tpo_l", "srpo"}
     for name in available_losses():
         cls = loss_class(name)
         assert issubclass(cls, PreferenceLoss) and cls.name == name
@@ -84,8 +84,9 @@ def test_declared_needs_and_steps():
         "fdpo": ({"reference"}, "pairs"),
         "rpo": ({"reference"}, "pairs"),
         "hypo": ({"reference", "online"}, "pairs+samples"),
-        "xpo": ({"reference", "online", "reward"}, "online_pairs"),
-        "rto": ({"reference", "online", "reward"}, "ppo"),
+        "xpo": ({"reference", "online", "preference"}, "online_pairs"),
+        "ppo": ({"reference", "online", "reward"}, "ppo"),
+        "rto": ({"reference", "online", "reward", "dpo_policy"}, "ppo"),
         "sft": (set(), "sft"),
         "reward_model": (set(), "reward_pairs"),
         "copg": ({"reference", "scores"}, "scored_pairs"),

@@ -1,4 +1,4 @@
-"""CoPG, TPO (and TPO-L) and SRPO: worked numbers (fp64, SEED_METHODS.md), gradients, reductions, TRL parity."""
+"""CoPG, TPO (and TPO-L) and SRPO: worked numbers (fp64, docs/losses.md), gradients, reductions."""
 
 from __future__ import annotations
 
@@ -15,13 +15,18 @@ def t(*values, grad: bool = False) -> torch.Tensor:
     return torch.tensor(values, dtype=D, requires_grad=grad)
 
 
-# --- CoPG -----------------------------------------------------------------------------------------------------
+# --- CoPG ---------------------------------------------------------------------------------------------------
 
 
 def copg_inputs(policy, reference, rewards) -> LossInputs:
-    return LossInputs(policy_chosen_logps=policy[0], policy_rejected_logps=policy[1],
-                      reference_chosen_logps=reference[0], reference_rejected_logps=reference[1],
-                      chosen_external_rewards=rewards[0], rejected_external_rewards=rewards[1])
+    return LossInputs(
+        policy_chosen_logps=policy[0],
+        policy_rejected_logps=policy[1],
+        reference_chosen_logps=reference[0],
+        reference_rejected_logps=reference[1],
+        chosen_external_rewards=rewards[0],
+        rejected_external_rewards=rewards[1],
+    )
 
 
 def test_copg_worked_number_and_gradients():
@@ -83,19 +88,25 @@ def test_copg_refuses_missing_or_nan_rewards():
         loss(inputs)
 
 
-# --- TPO ------------------------------------------------------------------------------------------------------
+# --- TPO ----------------------------------------------------------------------------------------------------
 
 
 def tpo_inputs(chosen, rejected, chosen_len, rejected_len, gold, gold_len) -> LossInputs:
-    return LossInputs(policy_chosen_logps=chosen, policy_rejected_logps=rejected,
-                      chosen_lengths=chosen_len, rejected_lengths=rejected_len,
-                      gold_logps=gold, gold_lengths=gold_len)
+    return LossInputs(
+        policy_chosen_logps=chosen,
+        policy_rejected_logps=rejected,
+        chosen_lengths=chosen_len,
+        rejected_lengths=rejected_len,
+        gold_logps=gold,
+        gold_lengths=gold_len,
+    )
 
 
 def test_tpo_worked_number():
     # Gold token logps [-0.5, -1, -0.2, -0.3] and [-2, -0.1]: sums -2.0 and -2.1 over 4 and 2 tokens.
-    inputs = tpo_inputs(t(-12.0, -20.0), t(-15.0, -18.0), t(10.0, 16.0), t(10.0, 12.0), t(-2.0, -2.1),
-                        t(4.0, 2.0))
+    inputs = tpo_inputs(
+        t(-12.0, -20.0), t(-15.0, -18.0), t(10.0, 16.0), t(10.0, 12.0), t(-2.0, -2.1), t(4.0, 2.0)
+    )
     out = get_loss("tpo", beta=0.01, alpha=1.0)(inputs)
     assert out.metrics["tpo/gold_nll"] == pytest.approx(4.1 / 6, abs=1e-12)  # 0.683333, a token mean
     preference = (-F.logsigmoid(t(0.03)) - F.logsigmoid(t(-0.02))).item() / 2
@@ -105,33 +116,46 @@ def test_tpo_worked_number():
 
 def test_tpo_l_worked_number():
     # Lengths (10,10), (16,12): average differences 0.3 and 0.25; beta 2, gamma 0.5; terms 0.644397, 0.693147.
-    inputs = tpo_inputs(t(-12.0, -20.0), t(-15.0, -18.0), t(10.0, 16.0), t(10.0, 12.0), t(-2.0, -2.1),
-                        t(4.0, 2.0))
+    inputs = tpo_inputs(
+        t(-12.0, -20.0), t(-15.0, -18.0), t(10.0, 16.0), t(10.0, 12.0), t(-2.0, -2.1), t(4.0, 2.0)
+    )
     out = get_loss("tpo_l", beta=2.0, gamma=0.5, alpha=0.0)(inputs)
     assert out.loss.item() == pytest.approx((0.644397 + 0.693147) / 2, abs=1e-6)
-    assert get_loss("tpo", loss_type="tpo-l", beta=2.0, gamma=0.5, alpha=0.0)(inputs).loss.item() == \
-        pytest.approx(out.loss.item(), abs=1e-15)
+    assert get_loss("tpo", loss_type="tpo-l", beta=2.0, gamma=0.5, alpha=0.0)(
+        inputs
+    ).loss.item() == pytest.approx(out.loss.item(), abs=1e-15)
 
 
 def test_tpo_without_gold_term_needs_no_gold():
     assert get_loss("tpo").needs == frozenset({"gold"})
     loss = get_loss("tpo", alpha=0.0)
     assert loss.needs == frozenset()
-    out = loss(LossInputs(policy_chosen_logps=t(-1.0), policy_rejected_logps=t(-2.0),
-                          chosen_lengths=t(1.0), rejected_lengths=t(1.0)))
+    out = loss(
+        LossInputs(
+            policy_chosen_logps=t(-1.0),
+            policy_rejected_logps=t(-2.0),
+            chosen_lengths=t(1.0),
+            rejected_lengths=t(1.0),
+        )
+    )
     assert "tpo/gold_nll" not in out.metrics
     with pytest.raises(ValueError, match="gold_logps"):
         get_loss("tpo")(LossInputs(policy_chosen_logps=t(-1.0), policy_rejected_logps=t(-2.0)))
 
 
-# --- SRPO -----------------------------------------------------------------------------------------------------
+# --- SRPO ---------------------------------------------------------------------------------------------------
 
 
 def srpo_inputs(a, b, c, e, g, h, grad: bool = False) -> LossInputs:
     revision = torch.tensor([[a, b, c, e]], dtype=D, requires_grad=grad)
-    return LossInputs(policy_chosen_logps=t(g, grad=grad), policy_rejected_logps=t(h, grad=grad),
-                      reference_chosen_logps=t(0.0), reference_rejected_logps=t(0.0),
-                      policy_revision_logps=revision, reference_revision_logps=torch.zeros(1, 4, dtype=D))
+    return LossInputs(
+        policy_chosen_logps=t(g, grad=grad),
+        policy_rejected_logps=t(h, grad=grad),
+        reference_chosen_logps=t(0.0),
+        reference_rejected_logps=t(0.0),
+        policy_revision_logps=revision,
+        reference_revision_logps=torch.zeros(1, 4, dtype=D),
+    )
 
 
 def test_srpo_worked_number():

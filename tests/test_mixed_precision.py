@@ -105,3 +105,17 @@ def test_weight_decay_groups_by_name_survive_zero_init(tiny_model_dir):
         for name, parameter in list(module.named_parameters(recurse=False)):
             setattr(module, name, torch.nn.Parameter(parameter.new_empty(0)))  # what a ZeRO-3 partition looks like
     assert no_weight_decay_names(model) == by_shape
+
+
+def test_fsdp_auto_wrap_sees_the_decoder_layers_through_the_wrapper(tiny_model_dir):
+    """recipes/accelerate/fsdp2.yaml wraps by transformer layer with no class named: accelerate reads
+    ``_no_split_modules`` from the prepared module, which is prefopt's wrapper."""
+    from transformers import AutoModelForCausalLM
+
+    from prefopt.models.loading import apply_lora
+    from prefopt.config import PeftConfig
+    from prefopt.models.logps import CompletionLogpModel
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert set(CompletionLogpModel(model)._no_split_modules) == {"LlamaDecoderLayer"}
+    assert set(CompletionLogpModel(apply_lora(model, PeftConfig(r=4)))._no_split_modules) == {"LlamaDecoderLayer"}

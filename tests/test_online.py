@@ -120,8 +120,8 @@ def test_ppo_resume_continues_the_adaptive_kl_coefficient(quick_sft, gold_task_d
               "ppo.minibatch_size=4", "ppo.dpo_policy=null", "loss.dpo_reward_scale=0", "loss.kl_coef=0.05",
               "ppo.adaptive_kl_target=0.001", "ppo.adaptive_kl_horizon=4", "train.save_steps=1"]
     _run("recipes/tiny/rto.yaml", quick_sft, out, *common, "train.max_steps=2")
-    logged = [m["rto/kl_coef"] for m in metrics(out) if "rto/kl_coef" in m]
-    saved = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["kl_coef"]
+    logged = [m["ppo/kl_coef"] for m in metrics(out) if "ppo/kl_coef" in m]
+    saved = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["step_state"]["kl_coef"]
     assert logged[0] == pytest.approx(0.05)
     assert saved != pytest.approx(0.05)  # adapted after step 1
     assert logged[1] == pytest.approx(saved)  # step 2 ran with it
@@ -129,4 +129,4 @@ def test_ppo_resume_continues_the_adaptive_kl_coefficient(quick_sft, gold_task_d
     shutil.copytree(out / "checkpoint-1", resumed / "checkpoint-1")
     _run("recipes/tiny/rto.yaml", quick_sft, resumed, *common, "train.max_steps=2", "overwrite_output_dir=false",
          "train.resume_from=latest")
-    assert [m["rto/kl_coef"] for m in metrics(resumed) if "rto/kl_coef" in m] == [pytest.approx(saved)]
+    assert [m["ppo/kl_coef"] for m in metrics(resumed) if "ppo/kl_coef" in m] == [pytest.approx(saved)]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from prefopt.losses import LossInputs, get_loss
+from prefopt.losses.ppo import RolloutTokens
 from prefopt.losses.rto import gae, masked_whiten, rto_token_rewards, sequence_mean
 
 F64 = torch.float64
@@ -35,8 +36,18 @@ def test_token_rewards_worked_example():
 
 def test_rto_loss_methods_use_its_parameters():
     loss = get_loss("rto")
-    rewards, _ = loss.token_rewards(LOGP_OLD, LOGP_REF, LOGP_DPO, RM, MASK)
+    rollout = RolloutTokens(policy_logps=LOGP_OLD, reference_logps=LOGP_REF, dpo_logps=LOGP_DPO, scores=RM, mask=MASK)
+    shaped = loss.token_rewards(rollout, loss.initial_kl_coef())
+    rewards = shaped.rewards
     assert rewards[0].tolist() == pytest.approx(REWARDS, abs=1e-12)
+    assert shaped.kl[0].tolist() == pytest.approx((LOGP_OLD - LOGP_REF)[0].tolist(), abs=1e-12)
+    # The coefficient is the step's (adaptive KL), passed in: doubling it doubles the KL part of the reward.
+    doubled = loss.token_rewards(rollout, 2 * loss.initial_kl_coef()).rewards
+    torch.testing.assert_close(rewards - doubled, 0.01 * (LOGP_OLD - LOGP_REF), rtol=0, atol=1e-12)
+    # Plain PPO is RTO without the DPO term.
+    ppo = get_loss("ppo").token_rewards(rollout, 0.01).rewards
+    no_dpo = get_loss("rto", dpo_reward_scale=0).token_rewards(rollout, 0.01).rewards
+    torch.testing.assert_close(ppo, no_dpo, rtol=0, atol=1e-12)
     whitened, returns = loss.advantages(rewards, V_OLD, MASK)
     assert (returns - V_OLD)[0].tolist() == pytest.approx(ADVANTAGES, abs=1e-6)
     assert whitened.mean().item() == pytest.approx(0.0, abs=1e-12)

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.multiproc, pytest.mark.filterwarnings("ignore")]
 deepspeed = pytest.importorskip("deepspeed")
 
 STEPS = 3
-COMMON = (f"train.max_steps={STEPS}", "train.save_steps=0")
+COMMON = (f"train.max_steps={STEPS}", "train.save_steps=null")
 _PORTS = iter(range(29541, 29600))
 
 

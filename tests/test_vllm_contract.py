@@ -186,7 +186,7 @@ def _setup(tied_model_dir, fake_vllm, **gen):
 
     policy = AutoModelForCausalLM.from_pretrained(tied_model_dir, dtype=torch.bfloat16).float()
     tokenizer = AutoTokenizer.from_pretrained(tied_model_dir)
-    cfg = GenerationConfig(backend="vllm", max_new_tokens=6, temperature=0.0, **gen)
+    cfg = GenerationConfig(backend="vllm", max_new_tokens=6, **gen)  # the stand-in decodes greedily
     generator = build_generator(cfg, policy, tokenizer, seed=1234, max_prompt_length=16)
     generator.weight_chunk_size = 1  # the hardest case for R1: one tensor per load_weights call
     return policy, tokenizer, generator, FakeLLM.instances[-1]

@@ -43,7 +43,7 @@ from prefopt.errors import DataError
 __all__ = ["build_datasets", "DataBundle", "DataReport", "PairCollator", "PromptCollator", "SFTCollator",
            "pad_sequences", "COLUMNS", "KINDS", "FORMATS", "Source", "load_rows", "detect_format"]
 
-KINDS = ("pairs", "prompts", "sft", "scored_pairs", "triples", "revision_pairs")
+KINDS = ("pairs", "prompts", "sft", "scored_pairs", "triples", "revision_pairs", "reset_prompts")
 _PAIR_COLUMNS = ("index", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "prompt_text", "chosen_text",
                  "rejected_text", "prompt_messages")
 COLUMNS = {
@@ -53,6 +53,8 @@ COLUMNS = {
     "scored_pairs": _PAIR_COLUMNS + ("chosen_score", "rejected_score"),
     "triples": _PAIR_COLUMNS + ("gold_input_ids", "gold_text"),
     "revision_pairs": _PAIR_COLUMNS + ("revise_chosen_prompt_input_ids", "revise_rejected_prompt_input_ids"),
+    # DR-PO: prompts with the dataset response whose prefixes rollouts restart from
+    "reset_prompts": ("index", "prompt_input_ids", "prompt_text", "prompt_messages", "completion_input_ids"),
     "prompts": ("index", "prompt_input_ids", "prompt_text", "prompt_messages"),
     "sft": ("index", "prompt_input_ids", "completion_input_ids", "prompt_text", "completion_text"),
 }
@@ -202,7 +204,7 @@ def _examples(rows: list[tuple[str, NormalRow]], kind: str) -> list[dict[str, An
                                         "rows; or set reward.* to score the pairs before training)")
                     example.update(chosen_score=pair.chosen_score, rejected_score=pair.rejected_score)
                 examples.append(example)
-        elif kind == "sft":
+        elif kind in ("sft", "reset_prompts"):
             examples.append({**base, "completion_text": row.completion})
         else:
             examples.append(base)

@@ -154,3 +154,13 @@ class RevisionPairCollator(PairCollator):
         for key in self.passthrough:
             batch[key] = [row.get(key, "") for row in rows]
         return batch
+
+
+class ResetPromptCollator(PromptCollator):
+    """DR-PO: :class:`PromptCollator` plus ``completion_input_ids`` (lists, EOS last), the dataset responses whose
+    prefixes rollouts restart from."""
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        batch = super().__call__(rows)
+        batch["completion_input_ids"] = [list(row["completion_input_ids"]) for row in rows]
+        return batch

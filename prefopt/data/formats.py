@@ -36,6 +36,7 @@ KIND_FORMATS = {
     "scored_pairs": PAIR_FORMATS,  # every pair must carry two scores; checked per row (prefopt.data._examples)
     "triples": ("triples", "rated"),
     "revision_pairs": PAIR_FORMATS,
+    "reset_prompts": ("sft",) + PAIR_FORMATS,  # DR-PO resets to prefixes of the row's completion
     "sft": ("sft",) + PAIR_FORMATS,
     "prompts": FORMATS,
 }
@@ -129,7 +130,7 @@ def check_kind(fmt: str, kind: str, source: str) -> None:
     if fmt not in KIND_FORMATS[kind]:
         need = {"pairs": "preference pairs", "sft": "completions", "prompts": "prompts",
                 "scored_pairs": "scored preference pairs", "triples": "gold/chosen/rejected triples",
-                "revision_pairs": "preference pairs"}[kind]
+                "revision_pairs": "preference pairs", "reset_prompts": "completions to reset to"}[kind]
         raise ValueError(
             f"{source}: data format '{fmt}' has no {need}, but this run needs '{kind}' data "
             f"(formats that give it: {', '.join(KIND_FORMATS[kind])})"

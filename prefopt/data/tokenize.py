@@ -25,7 +25,7 @@ TOKENIZATION_VERSION = "1"
 
 COMPLETIONS = {"pairs": ("chosen", "rejected"), "sft": ("completion",), "prompts": (),
                "scored_pairs": ("chosen", "rejected"), "triples": ("chosen", "rejected", "gold"),
-               "revision_pairs": ("chosen", "rejected")}
+               "revision_pairs": ("chosen", "rejected"), "reset_prompts": ("completion",)}
 
 
 def resolve_chat_template(tokenizer, override: Optional[str]) -> Optional[str]:

@@ -15,14 +15,21 @@ class Candidate:
     is_gold: bool = False  # the teacher's (dataset's) answer rather than a policy sample
 
 
-def large_margin_pairs(candidates: Sequence[Candidate], *, min_positive: Optional[float] = None,
-                       gold_margin: float = 0.0, student_margin: float = 0.0) -> list[tuple[int, int]]:
+def large_margin_pairs(
+    candidates: Sequence[Candidate],
+    *,
+    min_positive: Optional[float] = None,
+    gold_margin: float = 0.0,
+    student_margin: float = 0.0,
+) -> list[tuple[int, int]]:
     """Every ``(positive, negative)`` index pair DNO keeps for one prompt.
 
     A positive must score at least ``min_positive`` (the paper: 5 on its 6-point scale; None: no floor). Its
     negative must score at least ``gold_margin`` lower when the positive is the gold answer (paper: 2) and
-    ``student_margin`` lower when it is a policy sample (paper: 1), and always strictly lower. All qualifying pairs
-    are kept: gold over sample, sample over gold and sample over sample (dropping sample-over-gold, "DNO-Restrictive",
+    ``student_margin`` lower when it is a policy sample (paper: 1), and always strictly lower. All qualifying
+    pairs
+    are kept: gold over sample, sample over gold and sample over sample (dropping sample-over-gold,
+    "DNO-Restrictive",
     hurt in the paper). Identical texts never pair. Order: by positive, then negative, in candidate order.
     """
     pairs = []
@@ -37,7 +44,9 @@ def large_margin_pairs(candidates: Sequence[Candidate], *, min_positive: Optiona
     return pairs
 
 
-def replay(history: Sequence[Sequence[dict]], fractions: Sequence[float], new_count: int, seed: int) -> list[dict]:
+def replay(
+    history: Sequence[Sequence[dict]], fractions: Sequence[float], new_count: int, seed: int
+) -> list[dict]:
     """Pairs carried over from earlier iterations: ``fractions[k]`` x ``new_count`` pairs drawn without
     replacement from the pairs of iteration t-1-k (``history[-1]`` is t-1), at most all of them.
 

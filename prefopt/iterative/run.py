@@ -1,11 +1,15 @@
-"""DNO / DNO-Prct: iterations of sampling, judging, pair building and one-epoch DPO against the previous iterate.
+"""DNO / DNO-Prct: iterations of sampling, judging, pair building and one-epoch DPO against the previous
+iterate.
 
 Rosset et al. 2024, "Direct Nash Optimization: Teaching Language Models to Self-Improve with General
-Preferences" (arXiv 2404.03715), Alg. 2 (the practical version). ``prefopt train RECIPE`` with an ``iterations:``
+Preferences" (arXiv 2404.03715), Alg. 2 (the practical version). ``prefopt train RECIPE`` with an
+``iterations:``
 section (``iterations.count = T > 0``) runs, for t = 1..T, with pi_1 the recipe's model:
 
-1. the prompts of iteration t (``iterations.partition``: a disjoint 1/T share, as the paper splits UltraFeedback);
-2. K = ``iterations.samples_per_prompt`` samples per prompt from pi_t (the recipe's ``generation`` section), plus
+1. the prompts of iteration t (``iterations.partition``: a disjoint 1/T share, as the paper splits
+UltraFeedback);
+2. K = ``iterations.samples_per_prompt`` samples per prompt from pi_t (the recipe's ``generation`` section),
+plus
    the row's gold answer when ``iterations.include_gold`` and the row has one (sft / pair / rated rows);
 3. scores: ``reward.kind`` model / function / implicit score each candidate; ``judge`` ranks them by pairwise
    win-rate (a judge must return probabilities: anything else stops the run with exit 2);
@@ -14,8 +18,10 @@ section (``iterations.count = T > 0``) runs, for t = 1..T, with pi_1 the recipe'
 5. the recipe's pairwise loss (DPO: ``loss.beta`` is the paper's eta) for at most one epoch, from pi_t **with
    pi_t as the reference** (refreshed every iteration), giving pi_{t+1}.
 
-Each iteration keeps ``iteration-<t>/samples.jsonl`` (candidates and scores), ``pairs_new.jsonl``, ``pairs.jsonl``
-(what it trained on) and ``run/`` (a normal run directory with ``final/``). ``iterations.json`` records finished
+Each iteration keeps ``iteration-<t>/samples.jsonl`` (candidates and scores), ``pairs_new.jsonl``,
+``pairs.jsonl``
+(what it trained on) and ``run/`` (a normal run directory with ``final/``). ``iterations.json`` records
+finished
 iterations: rerun with ``train.resume_from=latest`` to continue after the last finished one.
 """
 
@@ -63,9 +69,11 @@ def _load_state(out: Path, config) -> dict:
     if not path.is_file():
         return {"completed": []}
     if config.train.resume_from is None and not config.overwrite_output_dir:
-        raise ConfigError(f"output_dir: '{out}' already holds iterations ({STATE_FILE}); set train.resume_from=latest "
-                          "to continue after the last finished one, overwrite_output_dir=true to start over, or "
-                          "choose another output_dir")
+        raise ConfigError(
+            f"output_dir: '{out}' already holds iterations ({STATE_FILE}); set train.resume_from=latest "
+            "to continue after the last finished one, overwrite_output_dir=true to start over, or "
+            "choose another output_dir"
+        )
     if config.overwrite_output_dir and config.train.resume_from is None:
         return {"completed": []}
     return json.loads(path.read_text())
@@ -92,8 +100,10 @@ def _partition(rows: list, t: int, count: int, partition: bool, seed: int) -> li
     random.Random(f"dno-partition-{seed}").shuffle(order)
     share = [rows[i] for k, i in enumerate(order) if k % count == t - 1]
     if not share:
-        raise ConfigError(f"iterations.partition: {len(rows)} prompts cannot give each of {count} iterations its own "
-                          "share; use fewer iterations, more prompts, or iterations.partition=false")
+        raise ConfigError(
+            f"iterations.partition: {len(rows)} prompts cannot give each of {count} iterations its own "
+            "share; use fewer iterations, more prompts, or iterations.partition=false"
+        )
     return share
 
 
@@ -111,18 +121,25 @@ def _sample_and_score(config, policy_path: str, rows: list, t: int, it_dir: Path
     prompts_file = it_dir / "prompts.jsonl"
     _write_jsonl(prompts_file, [{"prompt": prompt} for _, prompt, _ in rows])
     tokenizer = load_tokenizer(policy_path)
-    data_cfg = DataConfig(train=str(prompts_file), shuffle=False, chat_template=config.data.chat_template,
-                          max_prompt_length=config.data.max_prompt_length, max_length=config.data.max_length,
-                          truncation=config.data.truncation)
+    data_cfg = DataConfig(
+        train=str(prompts_file),
+        shuffle=False,
+        chat_template=config.data.chat_template,
+        max_prompt_length=config.data.max_prompt_length,
+        max_length=config.data.max_length,
+        truncation=config.data.truncation,
+    )
     bundle = build_datasets(data_cfg, tokenizer, "prompts", seed=config.seed)
-    model = load_frozen_causal_lm(policy_path, config.model.model_copy(update={"name_or_path": policy_path}),
-                                  key="model.name_or_path")
+    model = load_frozen_causal_lm(
+        policy_path, config.model.model_copy(update={"name_or_path": policy_path}), key="model.name_or_path"
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     generator = build_generator(config.generation, model, tokenizer)
-    rollouts = generator.generate(list(bundle.train["prompt_input_ids"]),
-                                  sampling_from_config(config.generation, n=it.samples_per_prompt,
-                                                       seed=config.seed * 1000 + t))
+    rollouts = generator.generate(
+        list(bundle.train["prompt_input_ids"]),
+        sampling_from_config(config.generation, n=it.samples_per_prompt, seed=config.seed * 1000 + t),
+    )
     texts, messages = list(bundle.train["prompt_text"]), list(bundle.train["prompt_messages"])
     candidates: list[list[str]] = [[] for _ in rows]
     finished: list[list[bool]] = [[] for _ in rows]
@@ -136,24 +153,44 @@ def _sample_and_score(config, policy_path: str, rows: list, t: int, it_dir: Path
             finished[i].append(True)
     del model, generator
     if config.reward.kind == "judge":
-        scores = judge_win_rates(import_callable(config.reward.function), texts, candidates,
-                                 [location for location, _, _ in rows], judge=f"reward.function {config.reward.function}")
+        scores = judge_win_rates(
+            import_callable(config.reward.function),
+            texts,
+            candidates,
+            [location for location, _, _ in rows],
+            judge=f"reward.function {config.reward.function}",
+        )
     else:
         scorer = build_reward(config.reward, device=device, policy_tokenizer=tokenizer)
         flat = [(i, c) for i, row in enumerate(candidates) for c in row]
-        values = scorer.score([texts[i] for i, _ in flat], [c for _, c in flat],
-                              prompt_messages=[messages[i] for i, _ in flat] if any(messages) else None,
-                              finished=torch.tensor([f for row in finished for f in row])).tolist()
+        values = scorer.score(
+            [texts[i] for i, _ in flat],
+            [c for _, c in flat],
+            prompt_messages=[messages[i] for i, _ in flat] if any(messages) else None,
+            finished=torch.tensor([f for row in finished for f in row]),
+        ).tolist()
         scores, k = [], 0
         for row in candidates:
-            scores.append(values[k:k + len(row)])
+            scores.append(values[k : k + len(row)])
             k += len(row)
     samples = []
     for i, (location, prompt, _) in enumerate(rows):
         count = len(candidates[i])
-        samples.append({"prompt": prompt, "source": location, "candidates": [
-            {"text": text, "score": float(score), "gold": gold[i] and j == count - 1, "finished": done}
-            for j, (text, score, done) in enumerate(zip(candidates[i], scores[i], finished[i]))]})
+        samples.append(
+            {
+                "prompt": prompt,
+                "source": location,
+                "candidates": [
+                    {
+                        "text": text,
+                        "score": float(score),
+                        "gold": gold[i] and j == count - 1,
+                        "finished": done,
+                    }
+                    for j, (text, score, done) in enumerate(zip(candidates[i], scores[i], finished[i]))
+                ],
+            }
+        )
     _write_jsonl(it_dir / "samples.jsonl", samples)
     return samples
 
@@ -164,22 +201,35 @@ def _pairs_from_samples(config, samples: list[dict], t: int) -> list[dict]:
     for sample in samples:
         candidates = [Candidate(c["text"], c["score"], c["gold"]) for c in sample["candidates"]]
         conversational = isinstance(sample["prompt"], list)
-        for i, j in large_margin_pairs(candidates, min_positive=it.min_positive_score, gold_margin=it.gold_margin,
-                                       student_margin=it.student_margin):
+        for i, j in large_margin_pairs(
+            candidates,
+            min_positive=it.min_positive_score,
+            gold_margin=it.gold_margin,
+            student_margin=it.student_margin,
+        ):
             chosen, rejected = candidates[i].text, candidates[j].text
             if conversational:
                 chosen = [{"role": "assistant", "content": chosen}]
                 rejected = [{"role": "assistant", "content": rejected}]
-            pairs.append({"prompt": sample["prompt"], "chosen": chosen, "rejected": rejected,
-                          "chosen_score": candidates[i].score, "rejected_score": candidates[j].score,
-                          "iteration": t, "chosen_is_gold": candidates[i].is_gold,
-                          "rejected_is_gold": candidates[j].is_gold})
+            pairs.append(
+                {
+                    "prompt": sample["prompt"],
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "chosen_score": candidates[i].score,
+                    "rejected_score": candidates[j].score,
+                    "iteration": t,
+                    "chosen_is_gold": candidates[i].is_gold,
+                    "rejected_is_gold": candidates[j].is_gold,
+                }
+            )
     return pairs
 
 
 def _train_config(config, policy_path: str, pairs_file: Path, run_dir: Path):
     update = {
-        "output_dir": str(run_dir), "overwrite_output_dir": True,
+        "output_dir": str(run_dir),
+        "overwrite_output_dir": True,
         "model": config.model.model_copy(update={"name_or_path": policy_path}),
         # The reference is refreshed to the previous iterate: DNO's DPO is against pi_t, not the SFT model.
         "reference": config.reference.model_copy(update={"name_or_path": policy_path}),
@@ -196,10 +246,10 @@ def train_iterations(config) -> IterationsResult:
 
     it = config.iterations
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state = _load_state(out, config)
+    rows = _prompt_rows(config)  # bad prompt rows stop the run before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
-    rows = _prompt_rows(config)
     policy_path, history, records, steps, last = str(config.model.name_or_path), [], [], 0, {}
     for t in range(1, it.count + 1):
         it_dir = out / f"iteration-{t}"
@@ -218,8 +268,13 @@ def train_iterations(config) -> IterationsResult:
         _write_jsonl(it_dir / "pairs_new.jsonl", new_pairs)
         _write_jsonl(it_dir / "pairs.jsonl", new_pairs + carried)
         history.append(new_pairs)
-        record = {"iteration": t, "prompts": len(share), "pairs": len(new_pairs), "replayed": len(carried),
-                  "reference": policy_path}
+        record = {
+            "iteration": t,
+            "prompts": len(share),
+            "pairs": len(new_pairs),
+            "replayed": len(carried),
+            "reference": policy_path,
+        }
         if new_pairs or carried:
             result = train(_train_config(config, policy_path, it_dir / "pairs.jsonl", it_dir / "run"))
             policy_path = str(result.final_dir)
@@ -234,6 +289,17 @@ def train_iterations(config) -> IterationsResult:
         tmp = out / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(out / STATE_FILE)
-        logger.info("iteration %d: %d prompts, %d new + %d replayed pairs -> %s", t, len(share), len(new_pairs),
-                    len(carried), policy_path)
-    return IterationsResult(out, Path(policy_path), steps, last, {}, records)
+        logger.info(
+            "iteration %d: %d prompts, %d new + %d replayed pairs -> %s",
+            t,
+            len(share),
+            len(new_pairs),
+            len(carried),
+            policy_path,
+        )
+    final = out / "final"  # output_dir/final, like every run: the last iterate
+    if final.is_symlink() or final.exists():
+        final.unlink()
+    if Path(policy_path).resolve() != final.resolve():
+        final.symlink_to(Path(policy_path).resolve(), target_is_directory=True)
+    return IterationsResult(out, final, steps, last, {}, records)

@@ -4,22 +4,56 @@ A loss is a pure function of tensors: it never sees a model, a tokenizer or a fi
 :class:`LossInputs` with what the loss says it ``needs`` and which kind of ``step`` it runs in, calls the loss, and
 back-propagates ``LossOutput.loss``. That is what lets ``loss.name=...`` swap methods without touching the trainer.
 
-Step kinds (``PreferenceLoss.step``) tell the trainer which batch to build:
+How a loss declares what its step needs (the trainer reads only these declarations, never a loss's name or its
+hyperparameter attributes):
 
-``"pairs"``          offline preference pairs: policy (and reference) logps of chosen and rejected.
-``"pairs+samples"``  offline pairs plus ``samples_per_prompt`` unlabelled policy samples per prompt (HyPO).
-``"online_pairs"``   prompt-only data; one policy and one reference sample per prompt, ordered by the reward layer (XPO).
-``"ppo"``            rollouts, token-level rewards, a critic (RTO / PPO).
-``"sft"``            supervised warm-up on prompt/completion rows (only ``policy_chosen_logps`` / ``chosen_lengths``).
-``"reward_pairs"``   reward-model training: scalar scores of chosen and rejected from a sequence classifier.
-``"scored_pairs"``   offline pairs plus a scalar reward of each completion from the data (CoPG).
-``"triples"``        offline pairs plus a gold completion scored by the policy (TPO).
-``"revision_pairs"`` offline pairs plus each completion scored as a revision of either one (SRPO).
+* ``step`` -- the step kind that builds its inputs (one of the kinds registered in ``prefopt/trainer/kinds.py``;
+  see ``prefopt/trainer/steps.py`` for how a step kind is written and registered):
+
+  ``"pairs"``          offline preference pairs: policy (and reference) logps of chosen and rejected.
+  ``"pairs+samples"``  offline pairs plus :meth:`PreferenceLoss.online_samples_per_prompt` unlabelled policy samples per
+                       prompt (HyPO).
+  ``"online_pairs"``   prompt-only data; one policy and one reference sample per prompt, ordered by the reward
+                       layer or a pairwise judge (XPO).
+  ``"ppo"``            rollouts, token-level rewards, a critic and several optimizer updates per rollout (RTO, PPO);
+                       the loss implements the rollout hooks of :class:`prefopt.losses.ppo.PPOLoss`.
+  ``"sft"``            supervised warm-up on prompt/completion rows (only ``policy_chosen_logps`` / ``chosen_lengths``).
+  ``"reward_pairs"``   reward-model training: scalar scores of chosen and rejected from a sequence classifier.
+  ``"scored_pairs"``   offline pairs plus a scalar reward of each completion from the data (CoPG).
+  ``"triples"``        offline pairs plus a gold completion scored by the policy (TPO).
+  ``"revision_pairs"`` offline pairs plus each completion scored as a revision of either one (SRPO).
+
+* ``needs`` -- a set drawn from :data:`NEEDS` (class attribute; an instance may narrow it in ``__init__``, e.g. RTO
+  drops ``"dpo_policy"`` when its DPO reward is switched off):
+
+  ``"reference"``   a reference model (or precomputed reference logps) -> ``reference_*`` fields.
+  ``"online"``      the policy samples while it trains (a generator is built; the reference must be live).
+  ``"reward"``      scalar scores from the reward layer (``reward.kind`` model, function or implicit).
+  ``"preference"``  something that orders two samples: a pairwise judge (``reward.kind=judge``) or any scorer.
+  ``"dpo_policy"``  a frozen stage-1 DPO policy for token rewards (``ppo.dpo_policy`` or ``ppo.dpo_adapter``).
+  ``"scores"``      a scalar reward per completion from the data (or the reward layer), CoPG.
+  ``"gold"``        a third, gold completion per pair scored by the policy, TPO.
+  ``"revisions"``   the pair's completions scored again as revisions of each other, SRPO.
+  ``"resets"``      prompt rows with a dataset completion whose prefixes rollouts restart from, DR-PO.
+
+  The config refuses, at load time, a recipe that cannot satisfy them (e.g. ``reward.kind=none`` for a loss that
+  needs a reward, exit status 2).
+
+* hooks the step may call, all with defaults here: :meth:`PreferenceLoss.online_samples_per_prompt` (online samples per
+  prompt, ``pairs+samples``), :meth:`PreferenceLoss.implicit_reward` (an :class:`ImplicitReward`, the reward
+  a pair loss implies, for metrics, diagnostics and evaluation), and for ``"ppo"`` the rollout hooks of ``PPOLoss`` (``token_rewards``,
+  ``advantages``, ``initial_kl_coef``; the adaptive-KL state lives in the step, which passes the current
+  coefficient to ``token_rewards``, so the loss object is never mutated by the trainer).
+
+To add a loss: subclass :class:`PreferenceLoss` (or ``PPOLoss``), set ``name``/``needs``/``step``/``summary``, take
+hyperparameters as keyword arguments of ``__init__`` (the registry reads the signature), implement :meth:`forward`,
+and add the class to ``prefopt/losses/registry.py``. Nothing in the trainer changes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, FrozenSet, Optional
 
@@ -27,10 +61,7 @@ import torch
 
 STEP_KINDS = ("pairs", "pairs+samples", "online_pairs", "ppo", "sft", "reward_pairs", "scored_pairs", "triples",
               "revision_pairs")
-NEEDS = ("reference", "online", "reward", "scores", "gold", "revisions")
-# "scores": a scalar reward per completion from the data (or the reward layer), CoPG.
-# "gold": a third, gold completion per pair scored by the policy, TPO.
-# "revisions": the pair's completions scored again as revisions of each other, SRPO.
+NEEDS = ("reference", "online", "reward", "preference", "dpo_policy", "scores", "gold", "revisions", "resets")
 
 
 @dataclass
@@ -83,6 +114,7 @@ class LossInputs:
     returns: Optional[torch.Tensor] = None  # [N, T]
     values: Optional[torch.Tensor] = None  # [N, T] current critic, with grad
     old_values: Optional[torch.Tensor] = None  # [N, T] critic at rollout time
+    reset_mask: Optional[torch.Tensor] = None  # [N, T] DR-PO: 1 on response tokens forced from a dataset prefix
 
     def require(self, *names: str) -> None:
         """Raise a ValueError naming every field a loss needs that the caller left as None."""
@@ -158,7 +190,7 @@ class ImplicitReward:
 
 
 class PreferenceLoss:
-    """Base class of every loss module.
+    """Base class of every loss module (the declaration contract is in this module's docstring).
 
     Subclasses set ``name``, ``needs``, ``step`` and ``summary``, take their hyperparameters as keyword
     arguments of ``__init__`` (with the defaults of docs/losses.md; the registry reads the signature to
@@ -166,7 +198,7 @@ class PreferenceLoss:
     """
 
     name: ClassVar[str] = ""
-    needs: ClassVar[FrozenSet[str]] = frozenset()
+    needs: FrozenSet[str] = frozenset()
     step: ClassVar[str] = "pairs"
     summary: ClassVar[str] = ""  # one line for `prefopt losses`
     paper: ClassVar[str] = ""  # authors, year, title, arXiv id (for `prefopt losses NAME`)
@@ -190,8 +222,20 @@ class PreferenceLoss:
     def __call__(self, inputs: LossInputs) -> LossOutput:
         return self.forward(inputs)
 
+    def online_samples_per_prompt(self) -> int:
+        """How many online policy samples per prompt a ``pairs+samples`` step draws for this loss (default 1)."""
+        return 1
+
+    @classmethod
+    def parameter_defaults(cls) -> dict[str, Any]:
+        """``{parameter: default}`` read from ``__init__``'s signature, in order (the loss's hyperparameters)."""
+        signature = inspect.signature(cls.__init__)
+        return {
+            param.name: param.default
+            for param in signature.parameters.values()
+            if param.name != "self" and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+        }
+
     def hyperparameters(self) -> dict[str, object]:
         """The parameters this instance was built with (for logs and config.yaml)."""
-        from prefopt.losses.registry import loss_parameters
-
-        return {key: getattr(self, key) for key in loss_parameters(self.name)}
+        return {key: getattr(self, key) for key in self.parameter_defaults()}

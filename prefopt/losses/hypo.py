@@ -43,7 +43,7 @@ class HyPOLoss(PreferenceLoss):
     ``L_DPO + kl_coef * KL_hat`` (log that as ``loss``).
 
     Defaults: ``beta=0.1``, ``kl_coef=0.1``, ``samples_per_prompt=2`` — prefopt defaults, not values verified
-    against the paper. The trainer reads ``samples_per_prompt`` to know how many samples to draw per prompt.
+    against the paper. The step draws :meth:`online_samples_per_prompt` samples per prompt.
     Reads: the DPO fields, plus ``sample_policy_logps`` ``[M]`` (with grad), ``sample_reference_logps``
     ``[M]`` and ``sample_prompt_index`` ``[M]`` (which prompt each sample answers; when None, samples are
     taken to come in consecutive blocks of ``samples_per_prompt``). When no samples are given at all (e.g.
@@ -68,6 +68,9 @@ class HyPOLoss(PreferenceLoss):
         self.beta = check_number(self.name, "beta", beta, low=0.0, low_open=True)
         self.kl_coef = check_number(self.name, "kl_coef", kl_coef, low=0.0)
         self.samples_per_prompt = check_int(self.name, "samples_per_prompt", samples_per_prompt, low=1)
+
+    def online_samples_per_prompt(self) -> int:
+        return self.samples_per_prompt
 
     def _prompt_index(self, inputs: LossInputs, num_samples: int) -> torch.Tensor:
         if inputs.sample_prompt_index is not None:

@@ -7,7 +7,6 @@ reads them from the signature, so there is no second list to keep in sync.
 from __future__ import annotations
 
 import difflib
-import inspect
 from typing import Any
 
 from prefopt.losses.aot import AOTLoss, AOTUnpairedLoss
@@ -22,10 +21,14 @@ from prefopt.losses.exo import EXOPairLoss
 from prefopt.losses.fdpo import FDPOLoss
 from prefopt.losses.hinge import HingeLoss
 from prefopt.losses.hypo import HyPOLoss
+<<<<<<< HEAD
 from prefopt.losses.ipo import IPOLoss
 from prefopt.losses.mixture import MixtureLoss
 from prefopt.losses.nca import NCAPairLoss
 from prefopt.losses.orpo import ORPOLoss
+=======
+from prefopt.losses.ppo import PPOLoss
+>>>>>>> main
 from prefopt.losses.reward_model import RewardModelLoss
 from prefopt.losses.robust import RobustDPOLoss
 from prefopt.losses.rpo import RPOLoss
@@ -40,11 +43,15 @@ from prefopt.losses.xpo import XPOLoss
 
 _LOSSES: dict[str, type[PreferenceLoss]] = {
     cls.name: cls
+<<<<<<< HEAD
     for cls in (
         DPOLoss, SimPOLoss, FDPOLoss, RPOLoss, HyPOLoss, XPOLoss, RTOLoss, SFTLoss, RewardModelLoss,
         IPOLoss, HingeLoss, RobustDPOLoss, EXOPairLoss, NCAPairLoss, BCOPairLoss, SPPOHardLoss, AOTLoss,
         AOTUnpairedLoss, APOZeroLoss, APODownLoss, DiscoPOPLoss, SigmoidNormLoss, ORPOLoss, CPOLoss, MixtureLoss,
     )
+=======
+    for cls in (DPOLoss, SimPOLoss, FDPOLoss, RPOLoss, HyPOLoss, XPOLoss, PPOLoss, RTOLoss, SFTLoss, RewardModelLoss)
+>>>>>>> main
 }
 _LOSSES.update({cls.name: cls for cls in (CoPGLoss, TPOLoss, TPOLLoss, SRPOLoss)})
 
@@ -74,12 +81,7 @@ def loss_class(name: str) -> type[PreferenceLoss]:
 
 def loss_parameters(name: str) -> dict[str, Any]:
     """``{parameter: default}`` of the loss ``name``, read from its ``__init__`` signature, in order."""
-    signature = inspect.signature(loss_class(name).__init__)
-    return {
-        param.name: param.default
-        for param in signature.parameters.values()
-        if param.name != "self" and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
-    }
+    return loss_class(name).parameter_defaults()
 
 
 def get_loss(name: str, **params: Any) -> PreferenceLoss:

@@ -1,29 +1,20 @@
-"""RTO: PPO with a dense token-level reward from a DPO policy (plus the pure PPO math the trainer calls).
+"""RTO: PPO with a dense token-level reward from a DPO policy.
 
-The module-level functions are the rollout-side math (token rewards, GAE, whitening); :class:`RTOLoss` is the
-per-minibatch PPO objective. All of it works on right-padded ``[N, T]`` tensors aligned to response tokens,
-with ``mask`` 1 on response tokens; values at masked positions are ignored (they may be garbage, even NaN).
+:func:`rto_token_rewards` is the rollout-side reward math; :class:`RTOLoss` is :class:`~prefopt.losses.ppo.PPOLoss`
+with that reward. GAE, whitening and the clipped objective live in ``prefopt/losses/ppo.py`` (re-exported here).
 """
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, FrozenSet, Optional
+from typing import ClassVar, FrozenSet
 
 import torch
 
 from prefopt.losses._checks import check_number, compute_dtype
-from prefopt.losses._metrics import batch_means
-from prefopt.losses.base import LossInputs, LossOutput, PreferenceLoss
+from prefopt.losses.ppo import (MAX_LOG_RATIO, RM_SCORE_CLIP, PPOLoss, RolloutTokens, TokenRewards, _masked, gae,
+                                masked_whiten, sequence_mean)
 
-RM_SCORE_CLIP = 10.0
-# exp(20) ~ 5e8: any ratio that far from 1 is clipped by PPO anyway; the cap only keeps exp (and 0 * inf in
-# the backward of the unselected branch) from producing inf/NaN when a stale rollout drifts very far.
-MAX_LOG_RATIO = 20.0
-
-
-def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # torch.where, not x * mask: 0 * NaN (e.g. -inf - -inf at padding) would still be NaN.
-    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+__all__ = ["MAX_LOG_RATIO", "RM_SCORE_CLIP", "RTOLoss", "gae", "masked_whiten", "rto_token_rewards", "sequence_mean"]
 
 
 def rto_token_rewards(
@@ -61,77 +52,7 @@ def rto_token_rewards(
     return _masked(rewards, mask), parts
 
 
-def gae(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation (Schulman et al. 2016) over right-padded responses.
-
-    ``delta_t = r_t + gamma * V_{t+1} - V_t`` with ``V`` past a response's end = 0, ``A_t = delta_t +
-    gamma * lam * A_{t+1}``, ``R_t = A_t + V_t``. Any position with ``mask`` 0 ends the recursion, so each
-    row's last response token bootstraps from 0 whatever its length. Returns ``(advantages, returns)``,
-    ``[N, T]``, zero outside ``mask``, without gradient.
-    """
-    mask = mask.bool()
-    rewards = _masked(compute_dtype(rewards.detach()), mask)
-    values = _masked(compute_dtype(values.detach()).to(rewards.dtype), mask)
-    advantages = torch.zeros_like(rewards)
-    next_value = rewards.new_zeros(rewards.shape[0])
-    next_advantage = rewards.new_zeros(rewards.shape[0])
-    for t in reversed(range(rewards.shape[1])):
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        advantage = _masked(delta + gamma * lam * next_advantage, mask[:, t])
-        advantages[:, t] = advantage
-        next_value, next_advantage = values[:, t], advantage
-    return advantages, _masked(advantages + values, mask)
-
-
-def masked_whiten(
-    x: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    shift_mean: bool = True,
-    mean: Optional[torch.Tensor | float] = None,
-    var: Optional[torch.Tensor | float] = None,
-    reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-    unbiased: bool = True,
-    eps: float = 1e-8,
-) -> torch.Tensor:
-    """``(x - mean) / sqrt(var + eps)`` over the positions where ``mask`` is 1; zero elsewhere.
-
-    ``shift_mean=False`` adds the mean back (rescale only). The statistics are over *all* response tokens of
-    the rollout batch: on several ranks either pass precomputed global ``mean``/``var``, or ``reduce``, a
-    callable that sums a tensor across ranks (e.g. ``lambda t: accelerator.reduce(t, reduction="sum")``); it
-    is called on a 2-vector (sum, count) and then on the sum of squared deviations. ``unbiased`` applies
-    Bessel's correction to the variance.
-    """
-    mask = mask.bool()
-    x_masked = _masked(x, mask)
-    totals = torch.stack([x_masked.sum(), mask.sum().to(x.dtype)])
-    if reduce is not None:
-        totals = reduce(totals)
-    count = totals[1]
-    if mean is None:
-        mean = totals[0] / count.clamp(min=1)
-    if var is None:
-        squares = _masked((x - mean) ** 2, mask).sum()
-        if reduce is not None:
-            squares = reduce(squares)
-        var = squares / ((count - 1) if unbiased else count).clamp(min=1)
-    whitened = (x - mean) * torch.rsqrt(torch.as_tensor(var, dtype=x.dtype, device=x.device) + eps)
-    if not shift_mean:
-        whitened = whitened + mean
-    return _masked(whitened, mask)
-
-
-def sequence_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over sequences of each sequence's masked token mean (sequences with no tokens are left out)."""
-    tokens = mask.sum(-1).to(x.dtype)
-    per_sequence = _masked(x, mask).sum(-1) / tokens.clamp(min=1)
-    has_tokens = (tokens > 0).to(x.dtype)
-    return (per_sequence * has_tokens).sum() / has_tokens.sum().clamp(min=1)
-
-
-class RTOLoss(PreferenceLoss):
+class RTOLoss(PPOLoss):
     """Reinforced Token Optimization — Zhong et al. 2024, "DPO Meets PPO: Reinforced Token Optimization for
     RLHF" (arXiv 2404.18922).
 
@@ -162,7 +83,7 @@ class RTOLoss(PreferenceLoss):
     """
 
     name: ClassVar[str] = "rto"
-    needs: ClassVar[FrozenSet[str]] = frozenset({"reference", "online", "reward"})
+    needs: FrozenSet[str] = frozenset({"reference", "online", "reward", "dpo_policy"})
     step: ClassVar[str] = "ppo"
     summary: ClassVar[str] = (
         "RTO (Zhong et al. 2024): PPO with dense DPO token rewards + sparse reward-model score"
@@ -191,95 +112,25 @@ class RTOLoss(PreferenceLoss):
         name = self.name
         self.dpo_reward_scale = check_number(name, "dpo_reward_scale", dpo_reward_scale, low=0.0)
         self.dpo_reward_clip = check_number(name, "dpo_reward_clip", dpo_reward_clip, low=0.0, low_open=True)
-        self.kl_coef = check_number(name, "kl_coef", kl_coef, low=0.0)
         self.rm_weight = check_number(name, "rm_weight", rm_weight, low=0.0)
-        self.clip_eps = check_number(name, "clip_eps", clip_eps, low=0.0, low_open=True)
-        self.value_clip_eps = check_number(name, "value_clip_eps", value_clip_eps, low=0.0, low_open=True)
-        self.gamma = check_number(name, "gamma", gamma, low=0.0, high=1.0)
-        self.lam = check_number(name, "lam", lam, low=0.0, high=1.0)
-        self.value_loss_coef = check_number(name, "value_loss_coef", value_loss_coef, low=0.0)
+        self._init_ppo(kl_coef, clip_eps, value_clip_eps, gamma, lam, value_loss_coef)
+        if self.dpo_reward_scale == 0.0:  # plain PPO with the sparse reward: no DPO policy to load
+            self.needs = self.needs - {"dpo_policy"}
 
-    def token_rewards(
-        self,
-        old_logps: torch.Tensor,
-        ref_logps: torch.Tensor,
-        dpo_logps: torch.Tensor,
-        rm_scores: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """:func:`rto_token_rewards` with this loss's reward parameters."""
-        return rto_token_rewards(
-            old_logps,
-            ref_logps,
+    def token_rewards(self, rollout: RolloutTokens, kl_coef: float) -> TokenRewards:
+        """:func:`rto_token_rewards` with this loss's reward parameters and the step's current ``kl_coef``."""
+        dpo_logps = rollout.dpo_logps if rollout.dpo_logps is not None else rollout.reference_logps
+        rewards, parts = rto_token_rewards(
+            rollout.policy_logps,
+            rollout.reference_logps,
             dpo_logps,
-            rm_scores,
-            mask,
+            rollout.scores,
+            rollout.mask,
             dpo_reward_scale=self.dpo_reward_scale,
             dpo_reward_clip=self.dpo_reward_clip,
-            kl_coef=self.kl_coef,
+            kl_coef=kl_coef,
             rm_weight=self.rm_weight,
         )
-
-    def advantages(
-        self,
-        rewards: torch.Tensor,
-        values: torch.Tensor,
-        mask: torch.Tensor,
-        reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """GAE with this loss's ``gamma``/``lam``, then whitening over the batch (``reduce``: across ranks).
-
-        Returns ``(whitened advantages, returns)``; the returns come from the raw advantages.
-        """
-        raw, returns = gae(rewards, values, mask, self.gamma, self.lam)
-        return masked_whiten(raw, mask, reduce=reduce), returns
-
-    def forward(self, inputs: LossInputs) -> LossOutput:
-        inputs.require("response_mask", "policy_token_logps", "old_token_logps", "advantages")
-        if (inputs.values is None) != (inputs.old_values is None):
-            raise ValueError(f"{self.name}: pass both values and old_values for the value loss, or neither")
-        if inputs.values is not None:
-            inputs.require("returns")
-        mask = inputs.response_mask.bool()
-        new_logps = compute_dtype(inputs.policy_token_logps)
-        for field_name in ("old_token_logps", "advantages", "returns", "values", "old_values"):
-            tensor = getattr(inputs, field_name)
-            if tensor is not None and tensor.shape != mask.shape:
-                raise ValueError(
-                    f"{self.name}: {field_name} has shape {tuple(tensor.shape)}, "
-                    f"expected {tuple(mask.shape)} like response_mask"
-                )
-        old_logps = compute_dtype(inputs.old_token_logps.detach())
-        advantages = compute_dtype(inputs.advantages.detach())
-
-        log_ratio = _masked(new_logps - old_logps, mask).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
-        ratio = torch.exp(log_ratio)
-        unclipped = -ratio * advantages
-        clipped = -ratio.clamp(1.0 - self.clip_eps, 1.0 + self.clip_eps) * advantages
-        policy_loss = sequence_mean(torch.maximum(unclipped, clipped), mask)
-        token_stats = {
-            "ppo/clip_fraction": (clipped > unclipped).to(new_logps.dtype),
-            "ppo/approx_kl": ((ratio - 1.0) - log_ratio).detach(),
-        }
-        loss = policy_loss
-        sequence_stats = {"ppo/policy_loss": policy_loss}
-
-        if inputs.values is not None:
-            values = compute_dtype(inputs.values)
-            old_values = compute_dtype(inputs.old_values.detach())
-            returns = compute_dtype(inputs.returns.detach())
-            values_clipped = old_values + (values - old_values).clamp(
-                -self.value_clip_eps, self.value_clip_eps
-            )
-            loss_unclipped = (values - returns) ** 2
-            loss_clipped = (values_clipped - returns) ** 2
-            value_loss = sequence_mean(0.5 * torch.maximum(loss_unclipped, loss_clipped), mask)
-            loss = loss + self.value_loss_coef * value_loss
-            sequence_stats["ppo/value_loss"] = value_loss
-            token_stats["ppo/value_clip_fraction"] = (loss_clipped > loss_unclipped).to(values.dtype)
-
-        # Token statistics are means over all response tokens of the minibatch.
-        count = mask.sum().clamp(min=1)
-        stats = {key: value.detach() for key, value in sequence_stats.items()}
-        stats.update({key: _masked(value, mask).sum() / count for key, value in token_stats.items()})
-        return LossOutput(loss=loss, metrics=batch_means(stats))
+        metrics = {"rto/dpo_reward": parts["dpo"].sum(-1), "rto/kl": parts["kl"].sum(-1),
+                   "rto/rm_score": parts["rm"], "rto/total_reward": rewards.sum(-1)}
+        return TokenRewards(rewards, parts["kl"], metrics)

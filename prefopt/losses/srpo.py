@@ -15,7 +15,8 @@ REVISION_COLUMNS = ("chosen|rejected", "rejected|rejected", "chosen|chosen", "re
 class SRPOLoss(PreferenceLoss):
     """Self-Improving Robust Preference Optimization — Choi et al., ICLR 2025 (arXiv 2406.01660).
 
-    One model plays two roles: the generator ``pi(y | x)`` (plain prompt) and the reviser ``pi(y' | x, y)`` (the
+    One model plays two roles: the generator ``pi(y | x)`` (plain prompt) and the reviser ``pi(y' | x, y)``
+    (the
     prompt, an answer ``y`` and a revision instruction, rendered by ``data.revision_template``). The paper's
     min-max objective ``min_pi max_pi' E[P(y' > y | x)] - beta KL(pi' || ref) + beta KL(pi || ref)`` has the
     fixed point ``beta lr'(y' | y) = P(y' > y) - beta log Z(y)`` and ``beta lr(y) = -beta log Z(y) + c``. With
@@ -39,7 +40,8 @@ class SRPOLoss(PreferenceLoss):
     Defaults: ``beta=0.1``, ``alpha=0.8`` (the PR's values). Reads: ``policy_{chosen,rejected}_logps``,
     ``reference_{chosen,rejected}_logps`` (g, h), ``policy_revision_logps`` and ``reference_revision_logps``
     ``[B, 4]`` with columns (a, b, c, e) in :data:`REVISION_COLUMNS` order.
-    Logs: ``rewards/*`` (``beta * lr`` of the generator), ``logps/*``, ``srpo/improve_loss``, ``srpo/generate_loss``,
+    Logs: ``rewards/*`` (``beta * lr`` of the generator), ``logps/*``, ``srpo/improve_loss``,
+    ``srpo/generate_loss``,
     ``srpo/revision_margin`` (``beta (a - b)``, the reviser's preference for y_w when revising y_l).
     """
 
@@ -50,7 +52,9 @@ class SRPOLoss(PreferenceLoss):
         "SRPO (Choi et al. 2025): generator + in-context reviser, (1-alpha)L_gen + alpha*L_imp (squared)"
     )
 
-    paper: ClassVar[str] = "Choi et al. 2025, Self-Improving Robust Preference Optimization (ICLR 2025, arXiv 2406.01660)"
+    paper: ClassVar[str] = (
+        "Choi et al. 2025, Self-Improving Robust Preference Optimization (ICLR 2025, arXiv 2406.01660)"
+    )
     formula: ClassVar[str] = (
         "L = (1-alpha)*(beta*(a+g-e-h) - 1)^2 + alpha*[(1/2 - beta*(a-b))^2 + (1/2 - beta*(c-e))^2]"
     )
@@ -65,19 +69,29 @@ class SRPOLoss(PreferenceLoss):
         policy_revision = compute_dtype(inputs.policy_revision_logps)
         reference_revision = compute_dtype(inputs.reference_revision_logps.detach())
         expected = (policy_chosen.shape[0], len(REVISION_COLUMNS))
-        for name, tensor in (("policy_revision_logps", policy_revision),
-                             ("reference_revision_logps", reference_revision)):
+        for name, tensor in (
+            ("policy_revision_logps", policy_revision),
+            ("reference_revision_logps", reference_revision),
+        ):
             if tuple(tensor.shape) != expected:
-                raise ValueError(f"{self.name}: {name} has shape {tuple(tensor.shape)}, expected {expected} "
-                                 f"(columns {', '.join(REVISION_COLUMNS)})")
+                raise ValueError(
+                    f"{self.name}: {name} has shape {tuple(tensor.shape)}, expected {expected} "
+                    f"(columns {', '.join(REVISION_COLUMNS)})"
+                )
         revision = policy_revision - reference_revision.to(policy_revision.device)
         a, b, c, e = revision.unbind(-1)
         improve_loss = (0.5 - self.beta * (a - b)) ** 2 + (0.5 - self.beta * (c - e)) ** 2
         generate_loss = (self.beta * (a + g - e - h) - 1.0) ** 2
         loss = ((1 - self.alpha) * generate_loss + self.alpha * improve_loss).mean()
         metrics = pairwise_metrics(
-            self.beta * g, self.beta * h, policy_chosen, policy_rejected,
-            {"srpo/improve_loss": improve_loss, "srpo/generate_loss": generate_loss,
-             "srpo/revision_margin": self.beta * (a - b)},
+            self.beta * g,
+            self.beta * h,
+            policy_chosen,
+            policy_rejected,
+            {
+                "srpo/improve_loss": improve_loss,
+                "srpo/generate_loss": generate_loss,
+                "srpo/revision_margin": self.beta * (a - b),
+            },
         )
         return LossOutput(loss=loss, metrics=metrics)

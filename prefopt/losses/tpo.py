@@ -15,7 +15,8 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "tpo-l")
 
 
 def gold_nll(loss: str, inputs: LossInputs) -> torch.Tensor:
-    """Batch token-mean NLL of the gold completions: ``-sum_i logp(g_i) / sum_i |g_i|`` (``nn.CrossEntropyLoss``
+    """Batch token-mean NLL of the gold completions: ``-sum_i logp(g_i) / sum_i |g_i|``
+    (``nn.CrossEntropyLoss``
     over every gold completion token of the batch, as the TPO code and TRL do; not a per-sequence mean)."""
     inputs.require("gold_logps")
     gold = compute_dtype(inputs.gold_logps)
@@ -41,10 +42,12 @@ class TPOLoss(PreferenceLoss):
     ``tpo-l``    ``-(1-e) logsigmoid(beta z - gamma) - e logsigmoid(-(beta z - gamma))``, mean logps (TPO-L;
                  the code subtracts ``gamma/beta`` from ``z``, the same thing)
 
-    ``alpha=0`` drops the gold term (and the gold forward). Defaults follow TRL and the v2 README for base models:
+    ``alpha=0`` drops the gold term (and the gold forward). Defaults follow TRL and the v2 README for base
+    models:
     ``beta=0.01``, ``alpha=1.0``, ``gamma=0.5``, ``label_smoothing=0``; the README uses beta 2-10 and gamma
     0.3-10 for TPO-L (``tpo_l`` defaults to beta 2.0). Training starts from the base model (no SFT stage).
-    Reads: ``policy_{chosen,rejected}_logps``, ``{chosen,rejected}_lengths``, ``gold_logps``, ``gold_lengths``.
+    Reads: ``policy_{chosen,rejected}_logps``, ``{chosen,rejected}_lengths``, ``gold_logps``,
+    ``gold_lengths``.
     Logs: ``rewards/*`` (``beta * logp``, sums or means as the loss uses), ``logps/*``, ``tpo/gold_nll``.
     """
 
@@ -52,14 +55,16 @@ class TPOLoss(PreferenceLoss):
     needs: ClassVar[FrozenSet[str]] = frozenset({"gold"})
     step: ClassVar[str] = "triples"
     summary: ClassVar[str] = (
-        "TPO (Saeidi et al. 2024): reference-free triples, -logsigmoid(beta*(logp_w - logp_l)) + alpha*NLL(gold)"
+        "TPO (Saeidi et al. 2024): reference-free, -logsigmoid(beta*(logp_w - logp_l)) + alpha*NLL(gold)"
     )
 
     paper: ClassVar[str] = (
         "Saeidi et al. 2024, Triple Preference Optimization: Achieving Better Alignment using a Single Step "
         "Optimization (arXiv 2405.16681)"
     )
-    formula: ClassVar[str] = "L = -logsigmoid(beta * (logp(y_w) - logp(y_l))) + alpha * NLL(gold) (token mean)"
+    formula: ClassVar[str] = (
+        "L = -logsigmoid(beta * (logp(y_w) - logp(y_l))) + alpha * NLL(gold) (token mean)"
+    )
 
     def __init__(
         self,
@@ -74,23 +79,27 @@ class TPOLoss(PreferenceLoss):
         self.loss_type = check_choice(self.name, "loss_type", loss_type, LOSS_TYPES)
         self.gamma = check_number(self.name, "gamma", gamma)
         self.label_smoothing = check_number(
-            self.name, "label_smoothing", label_smoothing, low=0.0, high=0.5, high_open=True)
+            self.name, "label_smoothing", label_smoothing, low=0.0, high=0.5, high_open=True
+        )
         # Without the NLL term the gold completions are not needed: plain pair data will do.
         self.needs = type(self).needs if self.alpha > 0 else frozenset()
         self.step = type(self).step if self.alpha > 0 else "pairs"
 
     def implicit_reward(self):
-        """``beta * logp`` (reference-free), per token for ``ipo`` / ``tpo-l`` — what the preference term compares."""
+        """``beta * logp`` (reference-free; per token for ``ipo`` / ``tpo-l``): what the loss compares."""
         from prefopt.losses.base import ImplicitReward
 
-        return ImplicitReward(scale=self.beta, uses_reference=False,
-                              length_normalized=self.loss_type in ("ipo", "tpo-l"))
+        return ImplicitReward(
+            scale=self.beta, uses_reference=False, length_normalized=self.loss_type in ("ipo", "tpo-l")
+        )
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         chosen, rejected, _, _ = pair_tensors(self.name, inputs, reference=False)
         if self.loss_type in ("ipo", "tpo-l"):
             chosen = chosen / lengths_as_float(self.name, "chosen_lengths", inputs.chosen_lengths, chosen)
-            rejected = rejected / lengths_as_float(self.name, "rejected_lengths", inputs.rejected_lengths, rejected)
+            rejected = rejected / lengths_as_float(
+                self.name, "rejected_lengths", inputs.rejected_lengths, rejected
+            )
         z = chosen - rejected
         e = self.label_smoothing
         if self.loss_type == "hinge":
@@ -115,11 +124,16 @@ class TPOLLoss(TPOLoss):
     and the v2 README's scale ``beta=2.0`` (it uses beta 2-10, gamma 0.3-10)."""
 
     name: ClassVar[str] = "tpo_l"
-    formula: ClassVar[str] = "L = -logsigmoid(beta * (avg(y_w) - avg(y_l)) - gamma) + alpha * NLL(gold) (token mean)"
+    formula: ClassVar[str] = (
+        "L = -logsigmoid(beta * (avg(y_w) - avg(y_l)) - gamma) + alpha * NLL(gold) (token mean)"
+    )
     summary: ClassVar[str] = (
         "TPO-L (Saeidi et al. 2024): -logsigmoid(beta*(avg_w - avg_l) - gamma) + alpha*NLL(gold)"
     )
 
-    def __init__(self, beta: float = 2.0, alpha: float = 1.0, gamma: float = 0.5,
-                 label_smoothing: float = 0.0) -> None:
-        super().__init__(beta=beta, alpha=alpha, loss_type="tpo-l", gamma=gamma, label_smoothing=label_smoothing)
+    def __init__(
+        self, beta: float = 2.0, alpha: float = 1.0, gamma: float = 0.5, label_smoothing: float = 0.0
+    ) -> None:
+        super().__init__(
+            beta=beta, alpha=alpha, loss_type="tpo-l", gamma=gamma, label_smoothing=label_smoothing
+        )

@@ -16,8 +16,9 @@ class XPOLoss(PreferenceLoss):
     """Exploratory Preference Optimization — Xie et al. 2024, "Exploratory Preference Optimization: Harnessing
     Implicit Q*-Approximation for Sample-Efficient RLHF" (arXiv 2405.21046).
 
-    Per prompt the trainer samples ``y ~ pi`` and ``y_ref ~ pi_ref``, lets the reward layer order them into
-    (chosen, rejected) — ties go to the policy sample — and passes them already ordered. Then::
+    Per prompt the trainer samples ``y ~ pi`` and ``y_ref ~ pi_ref``, lets the reward layer (raw scores of both
+    samples scored in one call) or a pairwise judge order them into (chosen, rejected) — ties go to the policy
+    sample — and passes them already ordered. Then::
 
         L = -logsigmoid(beta * (lr(y_w) - lr(y_l))) + alpha * logp_pi(y_ref)
 
@@ -35,7 +36,7 @@ class XPOLoss(PreferenceLoss):
     """
 
     name: ClassVar[str] = "xpo"
-    needs: ClassVar[FrozenSet[str]] = frozenset({"reference", "online", "reward"})
+    needs: FrozenSet[str] = frozenset({"reference", "online", "preference"})
     step: ClassVar[str] = "online_pairs"
     summary: ClassVar[str] = (
         "XPO (Xie et al. 2024): online DPO + alpha * logp(reference sample) exploration bonus"

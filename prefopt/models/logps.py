@@ -398,6 +398,14 @@ class CompletionLogpModel(torch.nn.Module):
         self.chunk_size = chunk_size
         self.head_impl = head_impl
 
+    @property
+    def _no_split_modules(self):
+        """The wrapped model's decoder-layer classes: accelerate's FSDP ``TRANSFORMER_BASED_WRAP`` with no layer
+        class reads ``model._no_split_modules`` of the prepared module (this wrapper); without it only the root
+        would be sharded, i.e. no sharding at all."""
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return getattr(inner, "_no_split_modules", None)
+
     def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, attention_bias=None) -> TokenLogps:
         return completion_token_logps(
             self.model, input_ids, attention_mask, completion_mask,

@@ -19,7 +19,7 @@ import logging
 import re
 import shutil
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -40,7 +40,17 @@ class TrainerState:
     batches_in_epoch: int = 0  # micro-batches this rank consumed in the current epoch
     skipped_steps: int = 0
     consecutive_skipped: int = 0
-    kl_coef: Optional[float] = None  # PPO's adaptive KL coefficient, so a resumed run continues from it
+    step_state: dict = field(default_factory=dict)  # the step kind's own state (PPO: the adaptive KL coefficient)
+
+
+def state_from_json(saved: dict) -> TrainerState:
+    """``trainer_state.json`` -> :class:`TrainerState`; a top-level ``kl_coef`` (checkpoints written before step
+    kinds owned their state) becomes the PPO step's ``step_state``."""
+    saved = dict(saved)
+    if "kl_coef" in saved:
+        kl_coef = saved.pop("kl_coef")
+        saved.setdefault("step_state", {} if kl_coef is None else {"kl_coef": kl_coef})
+    return TrainerState(**saved)
 
 
 def checkpoint_step(path: Path) -> Optional[int]:
@@ -99,8 +109,7 @@ def checkpoint_problem(path: Path) -> Optional[str]:
     """None when every file of the checkpoint looks complete, else what is wrong, naming the file."""
     path = Path(path)
     try:
-        state = json.loads((path / STATE_FILE).read_text())
-        TrainerState(**state)
+        state_from_json(json.loads((path / STATE_FILE).read_text()))
     except FileNotFoundError:
         return f"{STATE_FILE} is missing"
     except (ValueError, TypeError) as error:
@@ -210,7 +219,7 @@ def load_checkpoint(accelerator, path: Path) -> TrainerState:
         detail = detail or (lines[0] if lines else type(error).__name__)
         raise ConfigError(f"train.resume_from: {path} does not fit this run's model or optimizer: {detail[:300]}; "
                           "resume with the model and settings that wrote it") from None
-    return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+    return state_from_json(json.loads((path / STATE_FILE).read_text()))
 
 
 def last_good_checkpoint_note(output_dir: Path) -> str:

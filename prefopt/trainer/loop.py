@@ -1,4 +1,11 @@
-"""The training loop: one screen that says what a run does. Distribution comes from the launcher (accelerate)."""
+"""The run scaffold every step kind shares: one screen that says what a run does.
+
+Accelerator, output dir, data, policy, reference, optimizers (the policy's and any extra trainable the step kind
+declares, e.g. PPO's critic), the non-finite guard (``train.max_skipped_steps``), checkpoint/resume (step state
+included), eval, logging and the final save live here; what a step does with a batch lives in its step kind
+(``prefopt/trainer/steps.py`` explains how to add one). The scaffold looks the step kind up by ``loss.step``, never
+by the loss's name. Distribution comes from the launcher (accelerate).
+"""
 
 from __future__ import annotations
 
@@ -16,22 +23,22 @@ from torch.utils.data import DataLoader
 from prefopt.config import Config, save_config
 from prefopt.data import PairCollator, PromptCollator, SFTCollator, build_datasets
 from prefopt.data.collate import RevisionPairCollator, ScoredPairCollator, TripleCollator
+from prefopt.errors import ConfigError
 from prefopt.trainer import checkpoint as ckpt
-from prefopt.trainer.metrics import MetricAverager, RunLogger, Throughput
-from prefopt.trainer.run_dir import RunDir, run_fingerprint
-from prefopt.trainer.setup import (build_optimizer, build_policy, build_reference, load_run_tokenizer,
-                                   loss_from_config, make_accelerator, precompute_reference, total_optimizer_steps,
-                                   write_run_info)
 from prefopt.trainer import sparse_embedding
 from prefopt.trainer.distributed import engine_applied_step
 from prefopt.trainer.host_memory import return_freed_memory_to_os
-from prefopt.trainer.steps import StepContext, step_registry
+from prefopt.trainer.kinds import step_kind_for
+from prefopt.trainer.metrics import MetricAverager, RunLogger
+from prefopt.trainer.run_dir import RunDir, run_fingerprint
+from prefopt.trainer.setup import (build_optimizer, build_policy, build_reference, load_run_tokenizer,
+                                   loss_from_config, make_accelerator, precompute_reference, write_run_info)
+from prefopt.trainer.steps import StepContext
+from prefopt.trainer.updates import TrainedModule, TrainingDiverged, Updater
 
 logger = logging.getLogger(__name__)
 
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive optimizer steps with a non-finite loss or gradient."""
+__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "train"]
 
 
 @dataclass
@@ -55,15 +62,16 @@ def collator_for(data_kind: str, pad_token_id: int, packing: bool = False):
 
 
 def train(config: Config) -> TrainResult:
+    """Run a recipe end to end with the step kind its loss declares (``iterations.count > 0``: DNO-style rounds)."""
     if config.iterations.count:
         from prefopt.iterative.run import train_iterations
 
         return train_iterations(config)
     loss = loss_from_config(config)
-    if loss.step == "ppo":
-        from prefopt.trainer.ppo import train_ppo
+    if loss.step == "scored_pairs":  # per-completion rewards from the reward layer when the data has none
+        from prefopt.trainer.pair_scores import with_scored_pairs
 
-        return train_ppo(config, loss)
+        config = with_scored_pairs(config)
     return Trainer(config, loss).run()
 
 
@@ -75,9 +83,11 @@ def _hf_model(policy: torch.nn.Module) -> torch.nn.Module:
 
 
 class Trainer:
-    def __init__(self, config: Config, loss):
+    def __init__(self, config: Config, loss=None):
         self.config = config
-        self.loss = loss
+        self.loss = loss = loss if loss is not None else loss_from_config(config)
+        step_cls = step_kind_for(loss)
+        step_cls.check_config(config, loss)  # before anything is written
         if config.train.return_freed_host_memory:
             return_freed_memory_to_os()
         self.accelerator, trackers = make_accelerator(config)
@@ -85,8 +95,8 @@ class Trainer:
         out_dir = Path(config.output_dir)
         self.run_dir = RunDir.plan(config)  # checks output_dir and the checkpoint; writes nothing yet
         self.resume_path, self.output_dir = self.run_dir.resume_path, self.run_dir.path
-        step_cls = step_registry()[loss.step]
         self.tokenizer = load_run_tokenizer(config)
+        step_cls.check_models(config, self.tokenizer)
         self.bundle = build_datasets(config.data, self.tokenizer, step_cls.data_kind, seed=config.seed,
                                      cache_dir=str(out_dir.parent / ".prefopt_cache" / "data"))
         self.run_dir.open(acc, run_fingerprint(config, self.tokenizer, self.bundle))
@@ -97,58 +107,86 @@ class Trainer:
             for line in self.bundle.report.summary_lines():
                 logger.info(line)
         self.collator = collator_for(step_cls.data_kind, self.tokenizer.pad_token_id, config.data.packing)
-        model_kind = getattr(step_cls, "model_kind", "causal_lm")
-        policy = build_policy(config, model_kind, self.tokenizer)
+        policy = build_policy(config, step_cls.model_kind, self.tokenizer)
         reference = build_reference(config, lambda: self.accelerator.unwrap_model(self.policy).model, acc)
         if config.resolved_reference_mode() == "precomputed":
             reference = precompute_reference(config, acc, reference, self.bundle, self.collator)
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
         self.reference = reference
 
-        world = acc.num_processes
-        batch = config.train.per_device_batch_size
-        accum = config.train.gradient_accumulation_steps
-        # Each epoch is trimmed to whole optimizer steps so that every step sees the same number of pairs.
-        self.rows_per_epoch = len(self.bundle.train) // (batch * world * accum) * (batch * world * accum)
+        self.batch_size = step_cls.loader_batch_size(config)
+        batches_per_step = step_cls.batches_per_step(config)
+        rows_per_step = self.batch_size * acc.num_processes * batches_per_step
+        # Each epoch is trimmed to whole steps so that every step sees the same number of rows.
+        self.rows_per_epoch = len(self.bundle.train) // rows_per_step * rows_per_step
         if self.rows_per_epoch == 0:
-            from prefopt.errors import ConfigError
-
-            raise ConfigError(f"train.per_device_batch_size: {len(self.bundle.train)} training rows cannot fill one "
-                              f"optimizer step of {batch} x {world} processes x {accum} accumulation steps")
-        self.batches_per_epoch = self.rows_per_epoch // (batch * world)
-        self.total_steps = total_optimizer_steps(config, self.batches_per_epoch)
-        distributed = acc.num_processes > 1 or acc.distributed_type != DistributedType.NO
-        self.sparse_params = sparse_embedding.enable_sparse_embedding_grad(
-            _hf_model(policy), config.train.sparse_embedding_grad, distributed=distributed,
-            fp16=acc.mixed_precision == "fp16")
-        optimizer, scheduler = build_optimizer(config, policy, self.total_steps)
-        self.policy, self.optimizer, self.scheduler = acc.prepare(policy, optimizer, scheduler)
-        self.ctx = StepContext(acc, self.policy, loss, self.reference, self.tokenizer, config)
-        self._setup_online(model_kind)
-        self.step_fn = step_cls(self.ctx)
+            raise ConfigError(f"{step_cls.batch_size_key}: {len(self.bundle.train)} training rows cannot fill one "
+                              f"step of {self.batch_size} rows x {acc.num_processes} processes x {batches_per_step} "
+                              "accumulation steps")
+        self.batches_per_epoch = self.rows_per_epoch // (self.batch_size * acc.num_processes)
+        steps_per_epoch = self.batches_per_epoch // batches_per_step
+        self.total_steps = config.train.max_steps or max(math.ceil(config.train.num_epochs * steps_per_epoch), 1)
+        self.modules = self._prepare(step_cls, policy)
+        self.policy = self.modules[0].module
         self.state = ckpt.TrainerState()
+        self.ctx = StepContext(acc, self.policy, loss, self.reference, self.tokenizer, config,
+                               modules={m.name: m.module for m in self.modules[1:]}, extras=self._extras,
+                               global_step=lambda: self.state.global_step)
+        self._setup_online()
+        self.step_fn = step_cls(self.ctx)
         if self.resume_path is not None:
             self.state = ckpt.load_checkpoint(acc, self.resume_path)
+            self.step_fn.load_state_dict(self.state.step_state)
             logger.info("resumed from %s at step %d", self.resume_path, self.state.global_step)
+        self.updater = Updater(acc, self.modules, self.state, config, self.output_dir)
         if trackers:
             acc.init_trackers(config.logging.run_name or self.output_dir.name, config=config.model_dump(mode="json"))
         self.log = RunLogger(self.output_dir, acc, self.total_steps, progress=config.logging.progress,
                              trackers=bool(trackers), resume=self.resume_path is not None)
 
-    def _setup_online(self, model_kind: str) -> None:
-        if "online" not in self.loss.needs:
-            return
-        from prefopt.generation import build_generator
-        from prefopt.models.reward import build_reward
-        from prefopt.trainer.online import build_reference_generator
+    def _prepare(self, step_cls, policy) -> list[TrainedModule]:
+        """Optimizers and schedulers for the policy and the step's extra trainables, all through ``prepare``."""
+        acc, config = self.accelerator, self.config
+        distributed = acc.num_processes > 1 or acc.distributed_type != DistributedType.NO
+        sparse = sparse_embedding.enable_sparse_embedding_grad(
+            _hf_model(policy), config.train.sparse_embedding_grad, distributed=distributed,
+            fp16=acc.mixed_precision == "fp16")
+        self._extras: dict = {}
+        extra = step_cls.trainables(config, self.tokenizer, policy, acc, self.loss, self._extras)
+        updates = self.total_steps * step_cls.updates_per_step(config)
+        modules, optimizers, schedulers = [policy], [], []
+        optimizer, scheduler = build_optimizer(config, policy, updates)
+        optimizers.append(optimizer)
+        schedulers.append(scheduler)
+        for trainable in extra:
+            own = config.model_copy(update={"train": config.train.model_copy(
+                update={"learning_rate": trainable.learning_rate})})
+            optimizer, scheduler = build_optimizer(own, trainable.module, updates)
+            modules.append(trainable.module)
+            optimizers.append(optimizer)
+            schedulers.append(scheduler)
+        count = len(modules)
+        prepared = acc.prepare(*modules, *optimizers, *schedulers)
+        prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
+        names = ["policy", *(t.name for t in extra)]
+        return [TrainedModule(names[i], prepared[i], prepared[count + i], prepared[2 * count + i],
+                              sparse if i == 0 else []) for i in range(count)]
 
-        inner = self.accelerator.unwrap_model(self.policy).model
-        self.ctx.generator = build_generator(self.config.generation, inner, self.tokenizer, self.accelerator,
-                                             seed=self.config.seed, max_prompt_length=self.config.data.max_prompt_length)
-        if "reward" in self.loss.needs:
+    def _setup_online(self) -> None:
+        """A generator when the loss samples online; the reward layer when it needs scores or a judge."""
+        needs = self.loss.needs
+        if "online" in needs:
+            from prefopt.generation import build_generator
+
+            inner = self.accelerator.unwrap_model(self.policy).model
+            self.ctx.generator = build_generator(self.config.generation, inner, self.tokenizer, self.accelerator,
+                                                 seed=self.config.seed,
+                                                 max_prompt_length=self.config.data.max_prompt_length)
+        if needs & {"reward", "preference"}:
+            from prefopt.models.reward import build_reward
+
             self.ctx.reward = build_reward(self.config.reward, device=self.accelerator.device,
                                            policy_tokenizer=self.tokenizer)
-            self.ctx.reference_generator = build_reference_generator(self.ctx)
 
     def epoch_loader(self, epoch: int) -> DataLoader:
         dataset = self.bundle.train
@@ -157,18 +195,15 @@ class Trainer:
         if self.config.data.group_by_length and "chosen_input_ids" in dataset.column_names:
             from prefopt.data.packing import length_grouped_order, pair_lengths
 
-            order = length_grouped_order(pair_lengths(dataset), self.config.train.per_device_batch_size,
-                                         seed=self.config.seed + epoch)
+            order = length_grouped_order(pair_lengths(dataset), self.batch_size, seed=self.config.seed + epoch)
             dataset = dataset.select(order)
         dataset = dataset.select(range(self.rows_per_epoch))
-        loader = DataLoader(dataset, batch_size=self.config.train.per_device_batch_size, shuffle=False,
-                            drop_last=True, collate_fn=self.collator,
-                            num_workers=self.config.train.dataloader_num_workers)
+        loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False, drop_last=True,
+                            collate_fn=self.collator, num_workers=self.config.train.dataloader_num_workers)
         return self.accelerator.prepare_data_loader(loader)
 
     def run(self) -> TrainResult:
         acc, config, state = self.accelerator, self.config, self.state
-        averager, throughput = MetricAverager(), Throughput()
         eval_metrics: dict = {}
         try:
             while state.global_step < self.total_steps:
@@ -176,29 +211,23 @@ class Trainer:
                 if state.batches_in_epoch:
                     loader = acc.skip_first_batches(loader, state.batches_in_epoch)
                 for batch in loader:
-                    with acc.accumulate(self.policy):
-                        result = self.step_fn(batch)
-                        acc.backward(result.output.loss)
-                        state.batches_in_epoch += 1
-                        averager.add(self._step_metrics(result))
-                        throughput.add(result.tokens)
-                        if acc.sync_gradients:
-                            self._optimizer_step(averager)
-                    if not acc.sync_gradients:
+                    state.batches_in_epoch += 1
+                    result = self.step_fn.train_batch(batch, self.updater)
+                    if result is None:  # inside a gradient-accumulation window
                         continue
                     state.global_step += 1
                     self.log.advance(state.global_step)
                     if self.ctx.generator is not None:
                         self.ctx.generator.load_weights(acc.unwrap_model(self.policy).model)
                     if state.global_step % config.logging.logging_steps == 0 or state.global_step == self.total_steps:
-                        self._log_train(averager, throughput)
+                        self._log_train()
                     sample_every = config.logging.sample_steps
                     if result.samples and sample_every and state.global_step % sample_every == 0:
                         self.log.log_samples(state.global_step, result.samples[:8])
                     if config.train.eval_steps and state.global_step % config.train.eval_steps == 0:
                         eval_metrics = self.evaluate()
                     if config.train.save_steps and state.global_step % config.train.save_steps == 0:
-                        ckpt.save_checkpoint(acc, self.output_dir, state, config.train.save_total_limit)
+                        self.save_checkpoint()
                     if state.global_step >= self.total_steps:
                         break
                 else:
@@ -213,67 +242,34 @@ class Trainer:
             acc.end_training()
         return TrainResult(self.output_dir, final_dir, state.global_step, dict(self.log.last), eval_metrics)
 
-    def _step_metrics(self, result) -> dict:
-        metrics = dict(result.output.metrics)
-        reported = result.output.reported_loss
-        metrics["loss"] = float(reported if reported is not None else result.output.loss.detach())
-        return metrics
+    def save_checkpoint(self) -> Path:
+        self.state.step_state = self.step_fn.state_dict()
+        return ckpt.save_checkpoint(self.accelerator, self.output_dir, self.state, self.config.train.save_total_limit)
 
-    def _optimizer_step(self, averager: MetricAverager) -> None:
-        acc, state = self.accelerator, self.state
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        max_norm = self.config.train.max_grad_norm or float("inf")
-        if self.sparse_params:  # exact clipping and AdamW step without a dense embedding gradient
-            grad_norm = sparse_embedding.clip_grad_norm(params, max_norm)
-        else:
-            grad_norm = acc.clip_grad_norm_(params, max_norm)
-        finite = grad_norm is None or math.isfinite(float(grad_norm))
-        if finite:
-            sparse_embedding.optimizer_step(self.optimizer, self.sparse_params)
-            self.scheduler.step()
-            state.consecutive_skipped = 0
-            if grad_norm is not None:
-                averager.add({"grad_norm": float(grad_norm)})
-        elif engine_applied_step(acc):
-            raise TrainingDiverged(
-                f"step {state.global_step + 1}: non-finite loss or gradient, and DeepSpeed has already applied the "
-                "update (it steps inside backward); the weights may now be non-finite. The last good checkpoint in "
-                f"{self.output_dir} is intact; lower train.learning_rate or check the data.")
-        else:
-            state.skipped_steps += 1
-            state.consecutive_skipped += 1
-            logger.warning("step %d: non-finite loss or gradient; optimizer step skipped (%d in a row)",
-                           state.global_step + 1, state.consecutive_skipped)
-            if state.consecutive_skipped > self.config.train.max_skipped_steps:
-                raise TrainingDiverged(
-                    f"{state.consecutive_skipped} consecutive optimizer steps had a non-finite loss or gradient "
-                    f"(train.max_skipped_steps={self.config.train.max_skipped_steps}); stopping. "
-                    f"{ckpt.last_good_checkpoint_note(self.output_dir)}; lower train.learning_rate or check the data.")
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def _log_train(self, averager: MetricAverager, throughput: Throughput) -> None:
-        metrics = averager.reduce(self.accelerator)
+    def _log_train(self) -> None:
+        updater = self.updater
+        metrics = updater.averager.reduce(self.accelerator)
         record = {"step": self.state.global_step, "epoch": self.state.epoch, **metrics,
-                  "learning_rate": self.scheduler.get_last_lr()[0],
-                  "tokens_per_second": throughput.rate(self.accelerator),
+                  "learning_rate": updater.learning_rate(),
+                  "tokens_per_second": updater.throughput.rate(self.accelerator),
                   "train/skipped_steps": self.state.skipped_steps}
         self.log.log(record)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Same step and metrics on the eval split (every rank takes rows rank, rank+W, ...), prefixed ``eval/``."""
+        """The step's eval metrics on the eval split (every rank takes rows rank, rank+W, ...), prefixed ``eval/``."""
         acc = self.accelerator
         if self.bundle.eval is None:
             return {}
         shard = self.bundle.eval.shard(num_shards=acc.num_processes, index=acc.process_index, contiguous=False)
-        size = self.config.train.eval_batch_size or self.config.train.per_device_batch_size
+        size = self.config.train.eval_batch_size or self.batch_size
         averager = MetricAverager()
         split = getattr(self.reference, "use_split", None)
         context = split("eval") if split else contextlib.nullcontext()
         with context:
             for batch in DataLoader(shard, batch_size=size, shuffle=False, collate_fn=self.collator):
-                result = self.step_fn(batch)
-                averager.add(self._step_metrics(result), weight=len(batch["index"]))
+                metrics, weight = self.step_fn.eval_batch(batch)
+                averager.add(metrics, weight=weight)
         metrics = {f"eval/{k}": v for k, v in averager.reduce(self.accelerator, keys=None).items()}
         self.log.log({"step": self.state.global_step, **metrics})
         return metrics

@@ -14,7 +14,8 @@ from prefopt.data import PairCollator, SFTCollator
 from prefopt.generation import SamplingParams
 from prefopt.losses import LossInputs
 from prefopt.models.logps import sequence_totals
-from prefopt.trainer.steps import PairStep, StepContext, StepResult, _move
+from prefopt.errors import ConfigError
+from prefopt.trainer.steps import PairStep, StepContext, StepKind, StepResult, _move, register_step
 
 
 def sampling_params(ctx: StepContext, n: int) -> SamplingParams:
@@ -38,12 +39,24 @@ def stack_padded(batches: list[dict], pad_token_id: int) -> dict:
     return out
 
 
+@register_step("pairs+samples")
 class HyPOStep(PairStep):
     """DPO on the offline pair plus a reverse-KL penalty on fresh policy samples (docs/losses.md, hypo)."""
 
+    @classmethod
+    def check_config(cls, config, loss) -> None:
+        # The KL term's score-function gradient E_{y~pi}[(k - b) grad log pi(y)] is the KL gradient only when y is
+        # drawn from pi itself: temperature, top-p or top-k sampling draws from another distribution and biases it.
+        gen = config.generation
+        if gen.temperature != 1.0 or gen.top_p != 1.0 or gen.top_k != 0:
+            raise ConfigError(
+                f"generation: loss '{loss.name}' estimates KL(pi||ref) from samples of the policy itself, so it "
+                f"needs generation.temperature=1 top_p=1 top_k=0 (got temperature={gen.temperature}, "
+                f"top_p={gen.top_p}, top_k={gen.top_k}); other settings bias the KL gradient")
+
     def __call__(self, batch: dict) -> StepResult:
         ctx = self.ctx
-        n = int(getattr(ctx.loss, "samples_per_prompt", 1))
+        n = ctx.loss.online_samples_per_prompt()
         rollouts = ctx.generator.generate(batch["prompt_input_ids"], sampling_params(ctx, n))
         samples = SFTCollator(ctx.tokenizer.pad_token_id)([
             {"index": int(i), "prompt_input_ids": p, "completion_input_ids": c}
@@ -74,24 +87,24 @@ class HyPOStep(PairStep):
         return StepResult(output, tokens=tokens, samples=logged)
 
 
-class OnlinePairStep:
-    """Online DPO / XPO: a policy sample and a reference sample per prompt, ordered by the reward layer."""
+@register_step("online_pairs")
+class OnlinePairStep(StepKind):
+    """Online DPO / XPO: a policy sample and a reference sample per prompt, ordered by the reward layer (raw scores
+    of both samples, scored in one call) or by a pairwise judge (``reward.kind=judge``)."""
 
     data_kind = "prompts"
 
     def __init__(self, ctx: StepContext):
-        self.ctx = ctx
+        super().__init__(ctx)
+        self.reference_generator = build_reference_generator(ctx)
 
     def __call__(self, batch: dict) -> StepResult:
         ctx = self.ctx
         prompts = batch["prompt_input_ids"]
         params = sampling_params(ctx, 1)
         policy_rollouts = ctx.generator.generate(prompts, params)
-        reference_rollouts = ctx.reference_generator.generate(prompts, params)
-        policy_scores = self._score(batch, policy_rollouts)
-        reference_scores = self._score(batch, reference_rollouts)
-        # Ties go to the policy sample (docs/losses.md, xpo).
-        policy_wins = policy_scores >= reference_scores
+        reference_rollouts = self.reference_generator.generate(prompts, params)
+        policy_scores, reference_scores, policy_wins = self._order(batch, policy_rollouts, reference_rollouts)
         policy_tokens, reference_tokens = completion_tokens(policy_rollouts), completion_tokens(reference_rollouts)
         features = []
         for i, prompt in enumerate(prompts):
@@ -111,24 +124,40 @@ class OnlinePairStep:
             chosen_lengths=lengths[:half], rejected_lengths=lengths[half:],
             # The reference sample is whichever side the policy sample is not.
             reference_sample_policy_logps=torch.where(wins, sums[half:], sums[:half]),
-            policy_sample_scores=policy_scores.to(sums.device), reference_sample_scores=reference_scores.to(sums.device),
         )
+        if policy_scores is not None:
+            inputs.policy_sample_scores = policy_scores.to(sums.device)
+            inputs.reference_sample_scores = reference_scores.to(sums.device)
         inputs.reference_chosen_logps, inputs.reference_rejected_logps = ctx.reference.pair_logps(pairs)
         output = ctx.loss(inputs)
         output.metrics.setdefault("online/policy_win_rate", float(policy_wins.float().mean()))
         output.metrics.setdefault("online/response_length",
                                   float(policy_rollouts.completion_mask.sum(-1).float().mean()))
         output.metrics.setdefault("online/eos_rate", float(policy_rollouts.finished.float().mean()))
-        logged = [{"prompt": batch["prompt_text"][i], "completion": policy_rollouts.texts[i],
-                   "score": float(policy_scores[i]), "reference_completion": reference_rollouts.texts[i],
-                   "reference_score": float(reference_scores[i])} for i in range(len(prompts))]
+        logged = []
+        for i in range(len(prompts)):
+            row = {"prompt": batch["prompt_text"][i], "completion": policy_rollouts.texts[i],
+                   "reference_completion": reference_rollouts.texts[i], "policy_won": bool(policy_wins[i])}
+            if policy_scores is not None:
+                row.update(score=float(policy_scores[i]), reference_score=float(reference_scores[i]))
+            logged.append(row)
         return StepResult(output, tokens=float(pairs["attention_mask"].sum()), samples=logged)
 
-    def _score(self, batch: dict, rollouts) -> torch.Tensor:
-        prompts = [batch["prompt_text"][int(i)] for i in rollouts.prompt_index]
-        messages = [batch["prompt_messages"][int(i)] for i in rollouts.prompt_index]
-        return self.ctx.reward.score(prompts, rollouts.texts, prompt_messages=messages,
-                                     finished=rollouts.finished).float().cpu()
+    def _order(self, batch: dict, policy, reference):
+        """``(policy scores, reference scores, policy wins)``; scores are None with a pairwise judge.
+
+        Both sample sets are scored in ONE call: a normalising reward (``reward.normalize``) then applies the same
+        affine map to both, so the order is that of the raw scores. Ties go to the policy sample (docs/losses.md,
+        xpo; a judge's 0.5 is a tie)."""
+        prompts = [batch["prompt_text"][int(i)] for i in policy.prompt_index]
+        if self.ctx.config.reward.kind == "judge":
+            verdicts = self.ctx.reward.judge(prompts, policy.texts, reference.texts).float().cpu()
+            return None, None, verdicts >= 0.5
+        messages = [batch["prompt_messages"][int(i)] for i in policy.prompt_index]
+        scores = self.ctx.reward.score(prompts * 2, policy.texts + reference.texts, prompt_messages=messages * 2,
+                                       finished=torch.cat([policy.finished, reference.finished])).float().cpu()
+        policy_scores, reference_scores = scores[: len(prompts)], scores[len(prompts):]
+        return policy_scores, reference_scores, policy_scores >= reference_scores
 
 
 class _AdapterDisabledGenerator:

@@ -1,10 +1,16 @@
-"""The PPO step used by RTO (Zhong et al. 2024, "DPO Meets PPO"), reusable as plain PPO.
+"""The ``ppo`` step kind: RTO (Zhong et al. 2024, "DPO Meets PPO") and plain PPO, on the shared run scaffold.
 
-One iteration: sample responses for a batch of prompts, score them (token-level DPO reward from the frozen stage-1
-policy and the SFT reference, KL to the rollout policy, the reward model's score on the last token), estimate
-advantages with GAE against the critic, whiten them over every response token of every rank, then take
-``ppo.epochs`` passes of clipped policy/value updates over minibatches. With ``loss.dpo_reward_scale=0`` this is
-plain PPO with a sparse reward.
+One global step = one rollout batch of ``ppo.rollout_batch_size`` prompts per device: sample responses, score them
+(the loss's :meth:`~prefopt.losses.ppo.PPOLoss.token_rewards` hook turns rollout logps, reference logps, the DPO
+policy's logps when the loss needs ``"dpo_policy"``, and the reward layer's scores into per-token rewards), estimate
+advantages with GAE against the critic (whitened over every response token of every rank), then ``ppo.epochs``
+passes of clipped policy/value updates over shuffled minibatches; each optimizer update accumulates
+``train.gradient_accumulation_steps`` micro-batches of ``ppo.minibatch_size`` rollouts and goes through the
+scaffold's :class:`~prefopt.trainer.updates.Updater` (clipping, the non-finite guard, schedulers).
+
+The adaptive KL coefficient (Ziegler et al. 2019) is this step's state: it starts from the loss's
+``initial_kl_coef()``, adapts to the KL averaged over *all* ranks (so every rank keeps the same coefficient), is
+passed to ``token_rewards`` and is saved in every checkpoint.
 
 Five models can be involved: policy, reference (SFT), DPO policy, reward model, critic. Cheap layouts: with LoRA the
 reference is the policy with adapters off (``reference.mode=adapter``) and the DPO policy can be a second adapter on
@@ -14,216 +20,193 @@ the same base (``ppo.dpo_adapter``); a ``function`` reward needs no model at all
 from __future__ import annotations
 
 import logging
-import math
+from typing import Any, Optional
 
 import torch
-from torch.utils.data import DataLoader
 
-from prefopt.config import Config, save_config
-from prefopt.data import PromptCollator, build_datasets
+from prefopt.errors import ConfigError
 from prefopt.losses import LossInputs
-from prefopt.trainer import checkpoint as ckpt
-from prefopt.trainer.metrics import MetricAverager, RunLogger, Throughput
+from prefopt.losses.ppo import RolloutTokens
 from prefopt.trainer.online import sampling_params
-from prefopt.trainer.ppo_setup import build_critic, check_rto_lineage, dpo_scorer
-from prefopt.trainer.setup import (build_optimizer, build_policy, build_reference, load_run_tokenizer,
-                                   make_accelerator, write_run_info)
-from prefopt.trainer.run_dir import RunDir, run_fingerprint
-from prefopt.trainer.steps import StepContext
+from prefopt.trainer.ppo_setup import build_critic, check_critic_tokenizer, check_rto_lineage, dpo_scorer
+from prefopt.trainer.steps import StepKind, StepResult, Trainable, register_step
 
 logger = logging.getLogger(__name__)
 
+_MINIBATCH_KEYS = ("input_ids", "attention_mask", "completion_mask", "mask", "old_logps", "old_values",
+                   "advantages", "returns")
 
-def train_ppo(config: Config, loss):
-    return PPOTrainer(config, loss).run()
+
+class AdaptiveKL:
+    """Ziegler et al. 2019's proportional controller: ``kl_coef *= 1 + clip(KL / target - 1, +-0.2) * n / horizon``
+    with ``n`` the rollouts of the step over all ranks. Without a target the coefficient stays fixed."""
+
+    def __init__(self, initial: float, target: Optional[float], horizon: int, rollouts_per_step: int):
+        self.value, self.target, self.horizon, self.rollouts = float(initial), target, horizon, rollouts_per_step
+
+    def update(self, observed_kl: float) -> None:
+        if self.target is None:
+            return
+        error = max(min(observed_kl / self.target - 1.0, 0.2), -0.2)
+        self.value *= 1.0 + error * self.rollouts / self.horizon
 
 
-class PPOTrainer:
-    def __init__(self, config: Config, loss):
-        from prefopt.generation import build_generator
-        from prefopt.models.reward import build_reward
+@register_step("ppo")
+class PPOStep(StepKind):
+    data_kind = "prompts"
+    batch_size_key = "ppo.rollout_batch_size"
+    trains_several_models = True
 
-        self.config, self.loss = config, loss
-        self.accelerator, trackers = make_accelerator(config)
-        acc = self.accelerator
-        self.run_dir = RunDir.plan(config)  # checks output_dir and the checkpoint; writes nothing yet
-        self.resume_path, self.output_dir = self.run_dir.resume_path, self.run_dir.path
-        self.tokenizer = load_run_tokenizer(config)
-        self.bundle = build_datasets(config.data, self.tokenizer, "prompts", seed=config.seed)
-        self.run_dir.open(acc, run_fingerprint(config, self.tokenizer, self.bundle))
-        if acc.is_main_process:
-            save_config(config, self.output_dir / "config.yaml")
-            write_run_info(acc, self.output_dir, config)
-            self.bundle.write_report(self.output_dir)
-        check_rto_lineage(config, self.tokenizer, loss)
+    # ------------------------------------------------------------------------------------------ class hooks
 
-        policy = build_policy(config, "causal_lm", self.tokenizer)
-        critic = build_critic(config)
-        self.reference = build_reference(config, lambda: acc.unwrap_model(self.policy).model)
-        if getattr(self.reference, "model", None) is not None:
-            self.reference.model.to(acc.device)
-        self.dpo_logps = dpo_scorer(config, policy, acc, loss)
-        self.reward = build_reward(config.reward, device=acc.device, policy_tokenizer=self.tokenizer)
+    @classmethod
+    def check_config(cls, config, loss) -> None:
+        ppo, accum = config.ppo, config.train.gradient_accumulation_steps
+        if ppo.rollout_batch_size % (ppo.minibatch_size * accum):
+            raise ConfigError(
+                f"ppo.rollout_batch_size: {ppo.rollout_batch_size} rollouts do not split into whole optimizer "
+                f"updates of ppo.minibatch_size={ppo.minibatch_size} x train.gradient_accumulation_steps={accum}; "
+                "make it a multiple of their product")
+        if not hasattr(loss, "token_rewards"):
+            raise ConfigError(f"loss.name: '{loss.name}' declares step 'ppo' but has no PPO rollout hooks "
+                              "(subclass prefopt.losses.ppo.PPOLoss)")
 
-        world, ppo = acc.num_processes, config.ppo
-        self.prompts_per_iteration = ppo.rollout_batch_size
-        per_epoch = max(len(self.bundle.train) // (ppo.rollout_batch_size * world), 1)
-        self.iterations_per_epoch = per_epoch
-        self.total_steps = config.train.max_steps or max(math.ceil(config.train.num_epochs * per_epoch), 1)
-        updates = self.total_steps * ppo.epochs * math.ceil(ppo.rollout_batch_size / ppo.minibatch_size)
-        policy_opt, policy_sched = build_optimizer(config, policy, updates)
-        critic_cfg = config.model_copy(deep=True)
-        critic_cfg.train.learning_rate = ppo.critic_learning_rate or config.train.learning_rate
-        critic_opt, critic_sched = build_optimizer(critic_cfg, critic, updates)
-        (self.policy, self.critic, self.policy_opt, self.critic_opt, self.policy_sched,
-         self.critic_sched) = acc.prepare(policy, critic, policy_opt, critic_opt, policy_sched, critic_sched)
-        self.generator = build_generator(config.generation, acc.unwrap_model(self.policy).model, self.tokenizer, acc,
-                                         seed=config.seed, max_prompt_length=config.data.max_prompt_length)
-        self.ctx = StepContext(acc, self.policy, loss, self.reference, self.tokenizer, config, generator=self.generator)
-        self.state = ckpt.TrainerState()
-        if self.resume_path is not None:
-            self.state = ckpt.load_checkpoint(acc, self.resume_path)
-            if self.state.kl_coef is not None:
-                self.loss.kl_coef = self.state.kl_coef
-        if trackers:
-            acc.init_trackers(config.logging.run_name or self.output_dir.name, config=config.model_dump(mode="json"))
-        self.log = RunLogger(self.output_dir, acc, self.total_steps, progress=config.logging.progress,
-                             trackers=bool(trackers), resume=self.resume_path is not None)
+    @classmethod
+    def check_models(cls, config, tokenizer) -> None:
+        check_rto_lineage(config, tokenizer)
+        check_critic_tokenizer(config, tokenizer)
 
-    # ------------------------------------------------------------------------------------------------- rollouts
+    @classmethod
+    def loader_batch_size(cls, config) -> int:
+        return config.ppo.rollout_batch_size
 
-    def prompt_batches(self):
-        """Endless prompt batches, reshuffled every epoch with seed + epoch; resumes at the saved position."""
-        while True:
-            dataset = self.bundle.train
-            if self.state.epoch > 0 and self.config.data.shuffle:
-                dataset = dataset.shuffle(seed=self.config.seed + self.state.epoch)
-            loader = DataLoader(dataset, batch_size=self.prompts_per_iteration, shuffle=False, drop_last=True,
-                                collate_fn=PromptCollator())
-            loader = self.accelerator.prepare_data_loader(loader)
-            if self.state.batches_in_epoch:
-                loader = self.accelerator.skip_first_batches(loader, self.state.batches_in_epoch)
-            for batch in loader:
-                self.state.batches_in_epoch += 1
-                yield batch
-            self.state.epoch += 1
-            self.state.batches_in_epoch = 0
+    @classmethod
+    def batches_per_step(cls, config) -> int:
+        return 1
+
+    @classmethod
+    def updates_per_step(cls, config) -> int:
+        per_update = config.ppo.minibatch_size * config.train.gradient_accumulation_steps
+        return config.ppo.epochs * (config.ppo.rollout_batch_size // per_update)
+
+    @classmethod
+    def trainables(cls, config, tokenizer, policy, accelerator, loss, extras: dict[str, Any]) -> list[Trainable]:
+        if "dpo_policy" in loss.needs:
+            extras["dpo_logps"] = dpo_scorer(config, policy, accelerator)
+        learning_rate = config.ppo.critic_learning_rate or config.train.learning_rate
+        return [Trainable("critic", build_critic(config), learning_rate)]
+
+    # --------------------------------------------------------------------------------------------- instance
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        ppo = ctx.config.ppo
+        self.critic = ctx.modules["critic"]
+        self.dpo_logps = ctx.extras.get("dpo_logps")
+        self.kl = AdaptiveKL(ctx.loss.initial_kl_coef(), ppo.adaptive_kl_target, ppo.adaptive_kl_horizon,
+                             ppo.rollout_batch_size * ctx.accelerator.num_processes)
+
+    def state_dict(self) -> dict:
+        return {"kl_coef": self.kl.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kl_coef") is not None:
+            self.kl.value = float(state["kl_coef"])
+
+    def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        acc = self.ctx.accelerator
+        return acc.reduce(tensor, reduction="sum") if acc.num_processes > 1 else tensor
+
+    def _sample(self, batch: dict):
+        """Rollouts for the batch's prompts and their sequences on the device."""
+        ctx = self.ctx
+        rollouts = ctx.generator.generate(batch["prompt_input_ids"], sampling_params(ctx, 1))
+        seqs = {k: v.to(ctx.accelerator.device) for k, v in rollouts.to_sequences(ctx.tokenizer.pad_token_id).items()}
+        return rollouts, seqs
+
+    def _scores(self, batch: dict, rollouts) -> torch.Tensor:
+        prompts = [batch["prompt_text"][int(i)] for i in rollouts.prompt_index]
+        messages = [batch["prompt_messages"][int(i)] for i in rollouts.prompt_index]
+        return self.ctx.reward.score(prompts, rollouts.texts, prompt_messages=messages,
+                                     finished=rollouts.finished).float().to(self.ctx.accelerator.device)
 
     @torch.no_grad()
     def rollout(self, batch: dict) -> dict:
-        acc, loss = self.accelerator, self.loss
-        rollouts = self.generator.generate(batch["prompt_input_ids"], sampling_params(self.ctx, 1))
-        seqs = {k: v.to(acc.device) for k, v in rollouts.to_sequences(self.tokenizer.pad_token_id).items()}
+        ctx = self.ctx
+        rollouts, seqs = self._sample(batch)
         args = (seqs["input_ids"], seqs["attention_mask"], seqs["completion_mask"])
-        old = self.policy(*args)
+        old = ctx.policy(*args)
         mask = old.mask.bool()
-        reference = self.reference.token_logps(*args).token_logps
-        dpo = self.dpo_logps(*args)
         values = self.critic(seqs["input_ids"], seqs["attention_mask"])[:, :-1].float()
-        prompts = [batch["prompt_text"][int(i)] for i in rollouts.prompt_index]
-        messages = [batch["prompt_messages"][int(i)] for i in rollouts.prompt_index]
-        scores = self.reward.score(prompts, rollouts.texts, prompt_messages=messages,
-                                   finished=rollouts.finished).float().to(acc.device)
-        rewards, parts = loss.token_rewards(old.token_logps, reference, dpo, scores, mask)
-        reduce = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
-        if self.config.ppo.whiten_advantages:
-            advantages, returns = loss.advantages(rewards, values, mask, reduce=reduce)
-        else:
-            from prefopt.losses.rto import gae
-
-            advantages, returns = gae(rewards, values, mask, loss.gamma, loss.lam)
-        lengths = mask.sum(-1).float()
-        metrics = {
-            "rto/dpo_reward": float(parts["dpo"].sum(-1).mean()),
-            "rto/kl": float(parts["kl"].sum(-1).mean()),
-            "rto/rm_score": float(parts["rm"].mean()),
-            "rto/total_reward": float(rewards.sum(-1).mean()),
-            "rto/kl_coef": float(loss.kl_coef),
-            "ppo/returns": float((returns * mask).sum() / mask.sum().clamp(min=1)),
-            "ppo/values": float((values * mask).sum() / mask.sum().clamp(min=1)),
-            "online/response_length": float(lengths.mean()),
+        scores = self._scores(batch, rollouts)
+        tokens = RolloutTokens(policy_logps=old.token_logps, reference_logps=ctx.reference.token_logps(*args).token_logps,
+                               scores=scores, mask=mask,
+                               dpo_logps=self.dpo_logps(*args) if self.dpo_logps is not None else None)
+        shaped = ctx.loss.token_rewards(tokens, self.kl.value)
+        reduce = self._sum_over_ranks if ctx.accelerator.num_processes > 1 else None
+        advantages, returns = ctx.loss.advantages(shaped.rewards, values, mask, reduce=reduce,
+                                                  whiten=ctx.config.ppo.whiten_advantages)
+        # The controller's KL is the mean sequence KL over every rank's rollouts: each rank adapts identically.
+        kl_totals = self._sum_over_ranks(torch.stack([shaped.kl.sum().double(), mask.new_tensor(len(mask)).double()]))
+        observed_kl = float(kl_totals[0] / kl_totals[1].clamp(min=1))
+        token_count = mask.sum().clamp(min=1)
+        metrics = {key: float(value.float().mean()) for key, value in shaped.metrics.items()}
+        metrics.update({
+            "ppo/kl_coef": self.kl.value,
+            "ppo/returns": float((returns * mask).sum() / token_count),
+            "ppo/values": float((values * mask).sum() / token_count),
+            "online/response_length": float(mask.sum(-1).float().mean()),
             "online/eos_rate": float(rollouts.finished.float().mean()),
-        }
-        samples = [{"prompt": p, "completion": t, "score": float(s)}
-                   for p, t, s in zip(prompts, rollouts.texts, scores.tolist())]
+        })
+        samples = [{"prompt": batch["prompt_text"][int(i)], "completion": t, "score": float(s)}
+                   for i, t, s in zip(rollouts.prompt_index, rollouts.texts, scores.tolist())]
         return {**seqs, "mask": mask, "old_logps": old.token_logps, "old_values": values, "advantages": advantages,
-                "returns": returns, "metrics": metrics, "samples": samples, "tokens": float(seqs["attention_mask"].sum())}
+                "returns": returns, "metrics": metrics, "samples": samples, "observed_kl": observed_kl,
+                "tokens": float(seqs["attention_mask"].sum())}
 
-    # -------------------------------------------------------------------------------------------------- updates
+    def __call__(self, minibatch: dict) -> StepResult:
+        """The PPO loss of one micro-batch of rollouts (rows of :meth:`rollout`'s output)."""
+        new = self.ctx.policy(minibatch["input_ids"], minibatch["attention_mask"], minibatch["completion_mask"])
+        values = self.critic(minibatch["input_ids"], minibatch["attention_mask"])[:, :-1].float()
+        output = self.ctx.loss(LossInputs(
+            response_mask=minibatch["mask"], policy_token_logps=new.token_logps,
+            old_token_logps=minibatch["old_logps"], advantages=minibatch["advantages"],
+            returns=minibatch["returns"], values=values, old_values=minibatch["old_values"]))
+        return StepResult(output, tokens=0.0)
 
-    def update(self, data: dict, averager: MetricAverager) -> None:
-        acc, ppo = self.accelerator, self.config.ppo
+    def train_batch(self, batch: dict, updater) -> StepResult:
+        ctx, ppo = self.ctx, self.ctx.config.ppo
+        data = self.rollout(batch)
+        updater.record(metrics=data["metrics"], tokens=data["tokens"])
+        accum = ctx.config.train.gradient_accumulation_steps
         count = data["input_ids"].shape[0]
-        generator = torch.Generator().manual_seed(self.config.seed + self.state.global_step)
+        # Minibatch order: a fixed function of the seed and the step, so a resumed run replays it exactly.
+        generator = torch.Generator().manual_seed(ctx.config.seed + updater.state.global_step)
+        last = None
         for _ in range(ppo.epochs):
             order = torch.randperm(count, generator=generator)
-            for start in range(0, count, ppo.minibatch_size):
-                rows = order[start:start + ppo.minibatch_size].to(acc.device)
-                pick = {k: data[k][rows] for k in ("input_ids", "attention_mask", "completion_mask", "mask",
-                                                   "old_logps", "old_values", "advantages", "returns")}
-                new = self.policy(pick["input_ids"], pick["attention_mask"], pick["completion_mask"])
-                values = self.critic(pick["input_ids"], pick["attention_mask"])[:, :-1].float()
-                output = self.loss(LossInputs(
-                    response_mask=pick["mask"], policy_token_logps=new.token_logps, old_token_logps=pick["old_logps"],
-                    advantages=pick["advantages"], returns=pick["returns"], values=values,
-                    old_values=pick["old_values"]))
-                acc.backward(output.loss)
-                norm = acc.clip_grad_norm_(list(self.policy.parameters()), self.config.train.max_grad_norm or 1e9)
-                acc.clip_grad_norm_(list(self.critic.parameters()), self.config.train.max_grad_norm or 1e9)
-                if norm is None or math.isfinite(float(norm)):
-                    for optimizer, scheduler in ((self.policy_opt, self.policy_sched),
-                                                 (self.critic_opt, self.critic_sched)):
-                        optimizer.step()
-                        scheduler.step()
-                else:
-                    self.state.skipped_steps += 1
-                    logger.warning("non-finite PPO gradient; minibatch update skipped")
-                self.policy_opt.zero_grad(set_to_none=True)
-                self.critic_opt.zero_grad(set_to_none=True)
-                averager.add({**output.metrics, "loss": float(output.loss.detach())})
+            for start in range(0, count, ppo.minibatch_size * accum):
+                for k in range(accum):
+                    begin = start + k * ppo.minibatch_size
+                    rows = order[begin:begin + ppo.minibatch_size].to(ctx.accelerator.device)
+                    with updater.micro_batch(last=k == accum - 1):
+                        last = self({key: data[key][rows] for key in _MINIBATCH_KEYS})
+                        updater.backward(last.output.loss)
+                    updater.record(last)
+                updater.optimizer_step()
+        self.kl.update(data["observed_kl"])
+        return StepResult(last.output, tokens=data["tokens"], samples=data["samples"])
 
-    def adapt_kl(self, observed_kl: float) -> None:
-        """Adaptive KL controller (Ziegler et al. 2019) when ``ppo.adaptive_kl_target`` is set."""
-        target = self.config.ppo.adaptive_kl_target
-        if target is None:
-            return
-        error = max(min(observed_kl / target - 1.0, 0.2), -0.2)
-        steps = self.prompts_per_iteration * self.accelerator.num_processes
-        self.loss.kl_coef *= 1.0 + error * steps / self.config.ppo.adaptive_kl_horizon
-
-    # ------------------------------------------------------------------------------------------------------ run
-
-    def run(self):
-        from prefopt.trainer.loop import TrainResult
-
-        acc, config, state = self.accelerator, self.config, self.state
-        averager, throughput = MetricAverager(), Throughput()
-        batches = self.prompt_batches()
-        try:
-            while state.global_step < self.total_steps:
-                data = self.rollout(next(batches))
-                averager.add(data["metrics"])
-                throughput.add(data["tokens"])
-                self.update(data, averager)
-                self.adapt_kl(data["metrics"]["rto/kl"])
-                state.global_step += 1
-                self.generator.load_weights(acc.unwrap_model(self.policy).model)
-                self.log.advance(state.global_step)
-                if state.global_step % config.logging.logging_steps == 0 or state.global_step == self.total_steps:
-                    metrics = averager.reduce(acc)
-                    self.log.log({"step": state.global_step, "epoch": state.epoch, **metrics,
-                                  "learning_rate": self.policy_sched.get_last_lr()[0],
-                                  "tokens_per_second": throughput.rate(acc),
-                                  "train/skipped_steps": state.skipped_steps})
-                every = config.logging.sample_steps
-                if every and state.global_step % every == 0:
-                    self.log.log_samples(state.global_step, data["samples"][:8])
-                if config.train.save_steps and state.global_step % config.train.save_steps == 0:
-                    state.kl_coef = float(self.loss.kl_coef)
-                    ckpt.save_checkpoint(acc, self.output_dir, state, config.train.save_total_limit)
-            final_dir = ckpt.save_final_model(acc, self.policy, self.tokenizer, self.output_dir)
-        finally:
-            self.log.close()
-            acc.end_training()
-        return TrainResult(self.output_dir, final_dir, state.global_step, dict(self.log.last), {})
-
+    @torch.no_grad()
+    def eval_batch(self, batch: dict) -> tuple[dict[str, float], float]:
+        """Mean reward and mean sequence KL(pi || ref) of policy samples for the eval prompts."""
+        ctx = self.ctx
+        rollouts, seqs = self._sample(batch)
+        args = (seqs["input_ids"], seqs["attention_mask"], seqs["completion_mask"])
+        policy = ctx.policy(*args)
+        kl = torch.where(policy.mask.bool(), policy.token_logps - ctx.reference.token_logps(*args).token_logps,
+                         torch.zeros((), device=policy.token_logps.device)).sum(-1)
+        scores = self._scores(batch, rollouts)
+        metrics = {"reward": float(scores.mean()), "kl": float(kl.float().mean()),
+                   "response_length": float(policy.mask.sum(-1).float().mean())}
+        return metrics, float(len(rollouts))

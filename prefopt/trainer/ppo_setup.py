@@ -1,4 +1,4 @@
-"""What RTO's PPO stage needs beyond a policy: the critic, the frozen DPO policy, and the lineage checks."""
+"""What the ``ppo`` step needs beyond a policy: the critic, the frozen DPO policy (RTO), and the lineage checks."""
 
 from __future__ import annotations
 
@@ -26,6 +26,29 @@ def critic_source(config: Config):
     return None
 
 
+def check_critic_tokenizer(config: Config, tokenizer) -> None:
+    """The critic reads the policy's token ids, so its source must share the policy's tokenizer (exit 2 if not)."""
+    source = critic_source(config)
+    if source is None or Path(source).resolve() == Path(config.model.name_or_path).resolve():
+        return
+    key = "ppo.critic" if config.ppo.critic else "reward.name_or_path"
+    try:
+        other = load_tokenizer(source, key=key, trust_remote_code=config.reward.trust_remote_code)
+    except ConfigError:
+        from prefopt.models.value_head import CRITIC_WEIGHTS
+
+        if (Path(source) / CRITIC_WEIGHTS).is_file():  # a saved prefopt critic carries no tokenizer
+            logger.warning("ppo.critic: cannot verify that the critic '%s' shares the policy's tokenizer (no "
+                           "tokenizer files beside it); it reads the policy's token ids", source)
+            return
+        raise
+    if other.get_vocab() != tokenizer.get_vocab() or other.eos_token_id != tokenizer.eos_token_id:
+        raise ConfigError(
+            f"{key}: the critic is initialised from '{source}', whose tokenizer differs from the policy "
+            f"'{config.model.name_or_path}', but it reads the policy's token ids; set ppo.critic to a model "
+            f"with the policy's tokenizer (e.g. ppo.critic={config.model.name_or_path}: a fresh value head)")
+
+
 def build_critic(config: Config) -> torch.nn.Module:
     from prefopt.models.loading import resolve_dtype
     from prefopt.models.value_head import load_critic
@@ -46,7 +69,7 @@ def _run_config(model_path: str) -> dict | None:
     return None
 
 
-def check_rto_lineage(config: Config, tokenizer, loss) -> None:
+def check_rto_lineage(config: Config, tokenizer) -> None:
     """The DPO policy, the reference and the policy must share a tokenizer (error otherwise); the DPO policy
     should be trained from the same SFT model that is the PPO reference (warning when it is not, or unknown)."""
     dpo_path = config.ppo.dpo_policy or config.ppo.dpo_adapter
@@ -73,8 +96,10 @@ def check_rto_lineage(config: Config, tokenizer, loss) -> None:
                        dpo_path, dpo_base, reference_path)
 
 
-def dpo_scorer(config: Config, policy_module, accelerator, loss) -> Callable:
-    """A no-grad function returning the DPO policy's per-token logps ``[N, L-1]`` for RTO's token reward."""
+def dpo_scorer(config: Config, policy_module, accelerator) -> Callable:
+    """A no-grad function returning the DPO policy's per-token logps ``[N, L-1]`` for RTO's token reward
+    (``ppo.dpo_adapter`` on the LoRA policy, or the frozen model ``ppo.dpo_policy``; the config checks that one of
+    them is set when the loss needs ``"dpo_policy"``)."""
     chunk = config.train.logps_chunk_size
     if config.ppo.dpo_adapter:
         peft_model = policy_module.model
@@ -102,11 +127,4 @@ def dpo_scorer(config: Config, policy_module, accelerator, loss) -> Callable:
                                           chunk_size=chunk).token_logps
 
         return model_logps
-    if getattr(loss, "dpo_reward_scale", 0.0) != 0.0:
-        raise ConfigError("loss rto: set ppo.dpo_policy to the stage-1 DPO model (or ppo.dpo_adapter with LoRA); "
-                          "loss.dpo_reward_scale=0 runs plain PPO with the sparse reward instead")
-
-    def zero_logps(input_ids, attention_mask, completion_mask):
-        return torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, device=input_ids.device)
-
-    return zero_logps
+    raise ConfigError("ppo.dpo_policy: the loss needs the stage-1 DPO model; set ppo.dpo_policy (or ppo.dpo_adapter)")

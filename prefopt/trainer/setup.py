@@ -70,7 +70,7 @@ def make_accelerator(config: Config):
         raise ConfigError(f"the launcher started {launched} processes but accelerate set up "
                           f"{accelerator.num_processes} ({accelerator.distributed_type}); refusing to train N copies "
                           "side by side; launch with torchrun or accelerate launch without --cpu")
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and loss_from_config(config).step == "ppo":
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and _trains_several_models(config):
         from prefopt.errors import ConfigError
 
         # accelerate 1.15 accelerator.py, prepare(): "You can't use same `Accelerator()` instance with multiple
@@ -84,6 +84,13 @@ def make_accelerator(config: Config):
     _fill_deepspeed_autos(accelerator, config)
     set_seed(config.seed, device_specific=False)
     return accelerator, trackers
+
+
+def _trains_several_models(config: Config) -> bool:
+    """Whether the loss's step kind trains extra modules beside the policy (PPO's critic)."""
+    from prefopt.trainer.kinds import step_kind_for
+
+    return step_kind_for(loss_from_config(config)).trains_several_models
 
 
 def _fill_deepspeed_autos(accelerator, config: Config) -> None:
@@ -201,13 +208,6 @@ def no_weight_decay_names(model: torch.nn.Module) -> set[str]:
 
 def _fusable(parameter: torch.Tensor) -> bool:
     return parameter.is_floating_point() and parameter.device.type in ("cpu", "cuda")
-
-
-def total_optimizer_steps(config: Config, batches_per_epoch: int) -> int:
-    steps_per_epoch = max(batches_per_epoch // config.train.gradient_accumulation_steps, 1)
-    if config.train.max_steps:
-        return config.train.max_steps
-    return max(math.ceil(config.train.num_epochs * steps_per_epoch), 1)
 
 
 def prepare_output_dir(config: Config, accelerator, resuming: bool) -> Path:

@@ -58,20 +58,16 @@ METHODS = {
     "hypo": ("hypo.yaml", [], "pairs", None),
     "xpo": ("xpo.yaml", [], "prompts", None),
     "rto": ("rto.yaml", [], "prompts", "dpo"),  # RTO's stage 1 is the seed's DPO run
-<<<<<<< HEAD
-    # the TRL catalogue (issue 16): each with its tiny recipe
-    **{name: (f"{name}.yaml", [], "pairs", None) for name in (
-        "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-        "apo_zero", "apo_down", "discopop", "sigmoid_norm", "orpo", "cpo", "mix")},
-=======
     "copg": ("copg.yaml", [], "pairs", None),  # pairs_train.jsonl carries each completion's gold score
     "tpo": ("tpo.yaml", [], "rated", None),  # triples: best / second / worst of 3 rated completions
     "srpo": ("srpo.yaml", [], "pairs", None),  # evaluated on its first answer (no revision round)
     "dno": ("dno.yaml", [], "iterations", None),  # 3 iterations on thirds of prompts_train.jsonl
->>>>>>> main
 }
-# Methods run by default (the catalogue is opt-in with --methods: 16 more runs per seed).
-DEFAULT_METHODS = ["dpo", "simpo", "fdpo_js", "fdpo_alpha", "fdpo_forward_kl", "rpo", "hypo", "xpo", "rto"]
+# The TRL catalogue (issue 16), each with its tiny recipe; opt-in with --methods (16 more runs per seed).
+CATALOGUE = ("ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+             "apo_zero", "apo_down", "discopop", "sigmoid_norm", "orpo", "cpo", "mix")
+DEFAULT_METHODS = list(METHODS)
+METHODS.update({name: (f"{name}.yaml", [], "pairs", None) for name in CATALOGUE})
 BOOTSTRAP = 1000
 
 

@@ -21,14 +21,11 @@ from prefopt.losses.exo import EXOPairLoss
 from prefopt.losses.fdpo import FDPOLoss
 from prefopt.losses.hinge import HingeLoss
 from prefopt.losses.hypo import HyPOLoss
-<<<<<<< HEAD
 from prefopt.losses.ipo import IPOLoss
 from prefopt.losses.mixture import MixtureLoss
 from prefopt.losses.nca import NCAPairLoss
 from prefopt.losses.orpo import ORPOLoss
-=======
 from prefopt.losses.ppo import PPOLoss
->>>>>>> main
 from prefopt.losses.reward_model import RewardModelLoss
 from prefopt.losses.robust import RobustDPOLoss
 from prefopt.losses.rpo import RPOLoss
@@ -43,15 +40,11 @@ from prefopt.losses.xpo import XPOLoss
 
 _LOSSES: dict[str, type[PreferenceLoss]] = {
     cls.name: cls
-<<<<<<< HEAD
     for cls in (
-        DPOLoss, SimPOLoss, FDPOLoss, RPOLoss, HyPOLoss, XPOLoss, RTOLoss, SFTLoss, RewardModelLoss,
+        DPOLoss, SimPOLoss, FDPOLoss, RPOLoss, HyPOLoss, XPOLoss, PPOLoss, RTOLoss, SFTLoss, RewardModelLoss,
         IPOLoss, HingeLoss, RobustDPOLoss, EXOPairLoss, NCAPairLoss, BCOPairLoss, SPPOHardLoss, AOTLoss,
         AOTUnpairedLoss, APOZeroLoss, APODownLoss, DiscoPOPLoss, SigmoidNormLoss, ORPOLoss, CPOLoss, MixtureLoss,
     )
-=======
-    for cls in (DPOLoss, SimPOLoss, FDPOLoss, RPOLoss, HyPOLoss, XPOLoss, PPOLoss, RTOLoss, SFTLoss, RewardModelLoss)
->>>>>>> main
 }
 _LOSSES.update({cls.name: cls for cls in (CoPGLoss, TPOLoss, TPOLLoss, SRPOLoss)})
 

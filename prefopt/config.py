@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
@@ -184,6 +185,21 @@ class TrainConfig(_Section):
     # A DeepSpeed JSON config (ZeRO stage, offload...). Lets `torchrun -m prefopt train` use DeepSpeed without an
     # accelerate config; under `accelerate launch` with a DeepSpeed config, leave it unset.
     deepspeed: Optional[str] = None
+    # Upload final/ (model, tokenizer, model card) to the Hub repository hub_model_id when training ends.
+    push_to_hub: bool = False
+    hub_model_id: Optional[str] = None  # "user/name" or "org/name"
+    hub_private: bool = True  # a new repository is created private
+
+    @model_validator(mode="after")
+    def _check_push(self) -> "TrainConfig":
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("train.push_to_hub: set train.hub_model_id to the Hub repository, e.g. "
+                             "train.hub_model_id=your-name/tiny-dpo")
+        if self.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+            raise ValueError("train.push_to_hub: HF_HUB_OFFLINE is set, so nothing could be uploaded; run with "
+                             "HF_HUB_OFFLINE=0 (the Makefile sets 1), or drop train.push_to_hub and upload final/ "
+                             "later with `hf upload`")
+        return self
 
 
 class GenerationConfig(_Section):
@@ -253,7 +269,8 @@ class LoggingConfig(_Section):
     report_to: list[Literal["tensorboard", "wandb", "trackio"]] = Field(default_factory=list)
     sample_steps: Optional[NonNegative] = 10  # None or 0: no samples.jsonl
     progress: bool = True
-    run_name: Optional[str] = None
+    run_name: Optional[str] = None  # trackers' run name; default: the output directory's name
+    project: str = "prefopt"  # the wandb project
 
 
 class Config(_Section):

@@ -37,8 +37,8 @@ def event(label: str) -> bool:
 
 
 def _cut_and_kill(path) -> None:
-    path = Path(path)
-    if path.is_file():
+    if path is not None and Path(path).is_file():
+        path = Path(path)
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
     os.kill(os.getpid(), signal.SIGKILL)

@@ -45,14 +45,15 @@ def test_policy_loss_skips_the_forced_prefix():
 
 
 def test_token_rewards_are_the_kl_penalty_plus_the_final_score():
-    old = torch.tensor([[0.2, 0.1, 0.05, -0.1, 0.3]], dtype=D)  # KL = old - ref with ref = 0
     from prefopt.losses.ppo import RolloutTokens
 
+    old = torch.tensor([[0.2, 0.1, 0.05, -0.1, 0.3]], dtype=D)  # KL = old - ref with ref = 0
     loss = DRPOLoss(kl_coef=0.05)
     rollout = RolloutTokens(policy_logps=old, reference_logps=torch.zeros_like(old),
                             scores=torch.tensor([1.3], dtype=D), mask=torch.ones(1, 5, dtype=torch.bool))
     rewards = loss.token_rewards(rollout, loss.initial_kl_coef()).rewards
     assert rewards[0].tolist() == pytest.approx([-0.01, -0.005, -0.0025, 0.005, 1.285], abs=1e-12)
+    assert loss.reset_lengths([1, 5], random.Random(0))[0] == 0 and loss.prefix_in_response()
 
 
 def test_reset_lengths_are_uniform_on_1_to_l_minus_1():
@@ -121,3 +122,48 @@ def test_rollouts_continue_from_the_dataset_prefix(tiny_tokenizer, prefix_in_res
         [20, 21, 7, 8, 9], skip_special_tokens=True
     )  # the RM sees both
     assert out.reset_lengths == [2, 0]
+
+
+def _sft_rows(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _drpo(tmp_path, tiny_model_dir, data, *overrides):
+    from prefopt.cli import main
+    from tests.trainer_helpers import REPO
+
+    return main(["train", str(REPO / "recipes/tiny/drpo.yaml"), f"model.name_or_path={tiny_model_dir}",
+                 f"data.train={data}", f"output_dir={tmp_path / 'run'}", "train.max_steps=2",
+                 "ppo.rollout_batch_size=4", "ppo.minibatch_size=4", "ppo.epochs=1", "generation.max_new_tokens=10",
+                 "logging.logging_steps=1", "logging.sample_steps=1", "logging.progress=false", *overrides])
+
+
+@pytest.mark.parametrize("prefix", ["response", "context"])
+def test_drpo_rollouts_restart_from_dataset_prefixes(tmp_path, tiny_model_dir, prefix):
+    import json
+
+    completion = " the film was great and the music was lovely and the cast was superb."
+    rows = [{"prompt": f"Notes on the film {i}:", "completion": completion} for i in range(8)]
+    data = _sft_rows(tmp_path / "sft.jsonl", rows)
+    assert _drpo(tmp_path, tiny_model_dir, data, f"loss.reset_prefix={prefix}") == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "drpo/reset_share" in r]
+    assert train and all(r["drpo/reset_share"] == 1.0 for r in train)  # reset_prob 1, every response >= 2 tokens
+    if prefix == "response":
+        assert all(0 < r["drpo/reset_tokens"] < 1 for r in train)  # forced tokens: in the response, not in the loss
+    else:
+        assert all(r["drpo/reset_tokens"] == 0 for r in train)
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    texts = [s["completion"] for s in samples]
+    # what the reward scored starts with the dataset's first word: each rollout continued a dataset prefix
+    assert texts and all(text.lstrip().startswith("the") for text in texts)
+
+
+def test_drpo_row_without_a_completion_exits_2(tmp_path, tiny_model_dir, capsys):
+    data = _sft_rows(tmp_path / "sft.jsonl", [{"prompt": "p:", "completion": " the film."}, {"prompt": "q:"}])
+    assert _drpo(tmp_path, tiny_model_dir, data) == 2
+    err = capsys.readouterr().err
+    assert 'sft.jsonl line 2: field "completion" is missing' in err and "Traceback" not in err

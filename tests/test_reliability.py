@@ -66,8 +66,7 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     ("train.learning_rate=-1e-4", "train.learning_rate: -0.0001 is out of range; valid: >= 0"),
     ("train.per_device_batch_size=0", "train.per_device_batch_size: 0 is out of range; valid: > 0"),
     ("train.num_epochs=-1", "train.num_epochs: -1 is out of range; valid: > 0"),
-    ("data.max_prompt_length=32", "data.max_prompt_length: 32 leaves no room for the completion in "
-                                  "data.max_length=16"),
+    ("data.max_prompt_length=32", "data.max_prompt_length: 32 leaves no room for the completion in data.max_length=16"),
     ("train.warmup_ratio=1.5", "train.warmup_ratio: 1.5 is out of range; valid: [0, 1]"),
     ("generation.top_p=0", "generation.top_p: 0 is out of range; valid: (0, 1]"),
     ("train.save_total_limit=0", "train.save_total_limit: 0 is out of range; valid: > 0"),
@@ -247,6 +246,21 @@ def test_damaged_latest_checkpoint_falls_back_and_says_so(base_run, tiny_model_d
     # Resumed from step 2, the run redoes steps 3-4 exactly: same final weights, metrics without duplicates.
     assert tree_bytes(run / "final") == tree_bytes(base_run / "final")
     assert steady(run) == steady(base_run)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("pwned: a checkpoint ran code",))
+
+
+def test_a_pickle_that_runs_code_is_refused(base_run, tiny_model_dir, pairs, tmp_path, capsys):
+    import torch
+
+    run = copy_run(base_run, tmp_path)
+    torch.save({"payload": _RunsCode()}, run / "checkpoint-4" / "random_states_0.pkl")
+    code, err = train_cli(capsys, tiny_model_dir, pairs, run, "train.max_steps=4", "train.resume_from=latest")
+    assert code == 2 and "was refused (weights-only loading)" in err and "Traceback" not in err
+    assert "pwned" not in capsys.readouterr().out + err
 
 
 def test_checkpoint_problem_names_the_file(tmp_path):

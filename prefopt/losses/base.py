@@ -60,7 +60,7 @@ from typing import Any, ClassVar, FrozenSet, Optional
 import torch
 
 STEP_KINDS = ("pairs", "pairs+samples", "online_pairs", "ppo", "sft", "reward_pairs", "scored_pairs", "triples",
-              "revision_pairs")
+              "revision_pairs", "ppo_resets")
 NEEDS = ("reference", "online", "reward", "preference", "dpo_policy", "scores", "gold", "revisions", "resets")
 
 

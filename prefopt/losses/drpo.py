@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from typing import ClassVar, FrozenSet, Sequence
 
@@ -11,8 +10,7 @@ import torch
 from prefopt.losses._checks import check_choice, check_number, compute_dtype
 from prefopt.losses._metrics import batch_means
 from prefopt.losses.base import LossInputs, LossOutput
-from prefopt.losses.ppo import RolloutTokens, TokenRewards
-from prefopt.losses.rto import MAX_LOG_RATIO, RTOLoss, _masked, sequence_mean
+from prefopt.losses.ppo import MAX_LOG_RATIO, PPOLoss, _masked, sequence_mean
 
 RESET_PREFIX = ("response", "context")
 
@@ -34,7 +32,7 @@ def sample_reset_lengths(
     return lengths
 
 
-class DRPOLoss(RTOLoss):
+class DRPOLoss(PPOLoss):
     """Dataset Reset Policy Optimization — Chang et al. 2024, "Dataset Reset Policy Optimization for RLHF"
     (arXiv 2404.08495), Alg. 1; released code Cornell-RL/drpo ``src/tldr/drpo.py``.
 
@@ -45,7 +43,7 @@ class DRPOLoss(RTOLoss):
     response, and the policy samples the rest. Token rewards: ``-kl_coef * (logp_old - logp_ref)`` on every
     response token plus the reward-model score on the last (drpo.py:809-813); GAE and the clipped PPO policy
     and
-    value losses of :class:`RTOLoss`, without RTO's DPO term.
+    value losses of :class:`~prefopt.losses.ppo.PPOLoss`.
 
     ``reset_prefix`` chooses what the forced prefix is:
 
@@ -59,13 +57,13 @@ class DRPOLoss(RTOLoss):
 
     Defaults (Table 5 and the code): ``kl_coef=0.05`` (fixed), ``clip_eps=0.2``, ``value_clip_eps=0.2``,
     ``gamma=1.0``, ``lam=0.95``, ``value_loss_coef=0.1``, ``reset_prob=1.0`` (best of {.25, .5, .75, 1}).
-    Reads the PPO fields of :class:`RTOLoss` plus ``reset_mask`` ``[N, T]`` (1 on forced prefix tokens).
+    Reads the PPO fields of :class:`~prefopt.losses.ppo.PPOLoss` plus ``reset_mask`` ``[N, T]`` (1 on forced prefix tokens).
     Logs the PPO metrics and ``drpo/reset_tokens`` (share of response tokens that were forced).
     """
 
     name: ClassVar[str] = "drpo"
     needs: ClassVar[FrozenSet[str]] = frozenset({"reference", "online", "reward", "resets"})
-    step: ClassVar[str] = "ppo"
+    step: ClassVar[str] = "ppo_resets"
     summary: ClassVar[str] = (
         "DR-PO (Chang et al. 2024): PPO with rollouts reset to prefixes of dataset responses"
     )
@@ -77,7 +75,6 @@ class DRPOLoss(RTOLoss):
     def __init__(
         self,
         kl_coef: float = 0.05,
-        rm_weight: float = 1.0,
         clip_eps: float = 0.2,
         value_clip_eps: float = 0.2,
         gamma: float = 1.0,
@@ -86,16 +83,7 @@ class DRPOLoss(RTOLoss):
         reset_prob: float = 1.0,
         reset_prefix: str = "response",
     ) -> None:
-        super().__init__(
-            dpo_reward_scale=0.0,
-            kl_coef=kl_coef,
-            rm_weight=rm_weight,
-            clip_eps=clip_eps,
-            value_clip_eps=value_clip_eps,
-            gamma=gamma,
-            lam=lam,
-            value_loss_coef=value_loss_coef,
-        )
+        self._init_ppo(kl_coef, clip_eps, value_clip_eps, gamma, lam, value_loss_coef)
         self.reset_prob = check_number(self.name, "reset_prob", reset_prob, low=0.0, high=1.0)
         self.reset_prefix = check_choice(
             self.name,
@@ -105,9 +93,15 @@ class DRPOLoss(RTOLoss):
             hint="response: the released code's choice; context: the paper's",
         )
 
-    def token_rewards(self, rollout: RolloutTokens, kl_coef: float) -> TokenRewards:
-        """KL penalty on every response token plus the score on the last one (no DPO policy)."""
-        return super().token_rewards(dataclasses.replace(rollout, dpo_logps=None), kl_coef)
+    # ------------------------------------------------------------------ hooks the ``ppo_resets`` step calls
+
+    def reset_lengths(self, completion_lengths: Sequence[int], rng: random.Random) -> list[int]:
+        """How many dataset tokens each rollout is forced to (0: none), with this loss's ``reset_prob``."""
+        return sample_reset_lengths(completion_lengths, self.reset_prob, rng)
+
+    def prefix_in_response(self) -> bool:
+        """True: the forced prefix is part of the response (code); False: part of the prompt (paper)."""
+        return self.reset_prefix == "response"
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         inputs.require("response_mask", "policy_token_logps", "old_token_logps", "advantages")

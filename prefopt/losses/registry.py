@@ -16,6 +16,7 @@ from prefopt.losses.bco import BCOPairLoss
 from prefopt.losses.copg import CoPGLoss
 from prefopt.losses.cpo import CPOLoss
 from prefopt.losses.discopop import DiscoPOPLoss
+from prefopt.losses.drpo import DRPOLoss
 from prefopt.losses.dpo import DPOLoss
 from prefopt.losses.exo import EXOPairLoss
 from prefopt.losses.fdpo import FDPOLoss
@@ -46,7 +47,7 @@ _LOSSES: dict[str, type[PreferenceLoss]] = {
         AOTUnpairedLoss, APOZeroLoss, APODownLoss, DiscoPOPLoss, SigmoidNormLoss, ORPOLoss, CPOLoss, MixtureLoss,
     )
 }
-_LOSSES.update({cls.name: cls for cls in (CoPGLoss, TPOLoss, TPOLLoss, SRPOLoss)})
+_LOSSES.update({cls.name: cls for cls in (CoPGLoss, TPOLoss, TPOLLoss, SRPOLoss, DRPOLoss)})
 
 
 DEFAULT_LOSS = DPOLoss.name  # a recipe without loss.name trains this; diagnose falls back to its implicit reward

@@ -64,8 +64,9 @@ def _split_model(model: torch.nn.Module):
     """(decoder body, lm head) of a Hugging Face causal LM, seen through PEFT; None when logits need extra ops."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
-    # Gemma-style soft-capping and Cohere-style logit scaling change logits after the head: use the full forward.
-    if config is not None and (getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None)):
+    # Cohere-style logit scaling changes logits after the head in model code we do not mirror: full forward.
+    # Gemma-2-style soft-capping (cap * tanh(logits / cap)) is applied per chunk (``_softcap``).
+    if config is not None and getattr(config, "logit_scale", None):
         return None
     get_decoder = getattr(base, "get_decoder", None)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -75,8 +76,16 @@ def _split_model(model: torch.nn.Module):
     return decoder, head
 
 
-def _head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _softcap(model: torch.nn.Module) -> Optional[float]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(base, "config", None), "final_logit_softcapping", None) or None
+
+
+def _head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                softcap: Optional[float] = None) -> torch.Tensor:
     logits = head(hidden).float()
+    if softcap:  # Gemma-2 (transformers Gemma2ForCausalLM.forward): cap * tanh(logits / cap), in fp32 here
+        logits = torch.tanh(logits / softcap) * softcap
     return torch.gather(F.log_softmax(logits, dim=-1), 1, targets[:, None]).squeeze(1)
 
 
@@ -344,7 +353,8 @@ def completion_token_logps(
     impl = head_impl or _default_head_impl()
     if impl not in HEAD_IMPLS:
         raise ValueError(f"head_impl={impl!r}: expected one of {', '.join(HEAD_IMPLS)}")
-    if impl == "fused" and _plain_linear_weight(head):
+    softcap = _softcap(model)
+    if impl == "fused" and _plain_linear_weight(head) and not softcap:
         vocab, count = head.weight.shape[0], selected.shape[0]
         if torch.is_grad_enabled() and (selected.requires_grad or head.weight.requires_grad):
             keep = 0 < count * vocab * 4 <= _keep_budget_bytes()
@@ -361,9 +371,10 @@ def completion_token_logps(
         chunk = selected[start:start + chunk_size]
         if torch.is_grad_enabled() and chunk.requires_grad and not _zero3_frozen(head):
             # Recompute this chunk's logits in backward instead of keeping [chunk, vocab] floats alive.
-            pieces.append(checkpoint(_head_logps, head, chunk, targets[start:start + chunk_size], use_reentrant=False))
+            pieces.append(checkpoint(_head_logps, head, chunk, targets[start:start + chunk_size], softcap,
+                                     use_reentrant=False))
         else:
-            pieces.append(_head_logps(head, chunk, targets[start:start + chunk_size]))
+            pieces.append(_head_logps(head, chunk, targets[start:start + chunk_size], softcap))
     flat = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
     token_logps = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
     token_logps = token_logps.index_put((rows, cols), flat)

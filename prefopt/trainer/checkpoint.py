@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 import shutil
 import zipfile
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from prefopt.errors import ConfigError
+from prefopt.trainer.model_card import push_final_if_asked, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -209,17 +211,41 @@ def load_checkpoint(accelerator, path: Path) -> TrainerState:
     """Load a checkpoint into the prepared objects; a checkpoint that does not fit ends as a ConfigError."""
     import torch
 
+    _check_rng_state(path / f"random_states_{accelerator.process_index}.pkl")
     try:
         accelerator.load_state(str(path))
     except torch.OutOfMemoryError:
         raise
-    except (RuntimeError, KeyError, ValueError, EOFError, OSError, zipfile.BadZipFile) as error:
+    except (RuntimeError, KeyError, ValueError, EOFError, OSError, zipfile.BadZipFile,
+            pickle.UnpicklingError) as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         detail = next((line for line in lines if "size mismatch" in line or "Missing key" in line), None)
         detail = detail or (lines[0] if lines else type(error).__name__)
+        if isinstance(error, pickle.UnpicklingError):  # torch.load(weights_only=True) met a non-tensor object
+            raise ConfigError(f"train.resume_from: {path} holds objects that are not plain tensors and was refused "
+                              f"(weights-only loading): {detail[:200]}") from None
         raise ConfigError(f"train.resume_from: {path} does not fit this run's model or optimizer: {detail[:300]}; "
                           "resume with the model and settings that wrote it") from None
     return state_from_json(json.loads((path / STATE_FILE).read_text()))
+
+
+def _check_rng_state(file: Path) -> None:
+    """accelerate's ``load_state`` logs "Could not load random states" at info level and goes on with the current
+    RNG when this file fails (accelerate/checkpointing.py, ``load_accelerator_state``): the resume would silently
+    stop being exact, and a refused pickle would pass unnoticed. Load it first, the same way, and stop instead."""
+    from accelerate.utils.other import load
+
+    if not file.is_file():
+        raise ConfigError(f"train.resume_from: {file} is missing; the checkpoint cannot restore the random state")
+    try:
+        load(file)
+    except pickle.UnpicklingError as error:
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        raise ConfigError(f"train.resume_from: {file} holds objects that are not plain tensors and was refused "
+                          f"(weights-only loading): {first[:200]}") from None
+    except Exception as error:  # noqa: BLE001 - any failure here would be swallowed by accelerate
+        raise ConfigError(f"train.resume_from: {file} cannot be read ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0][:200] if str(error) else ''})") from None
 
 
 def last_good_checkpoint_note(output_dir: Path) -> str:
@@ -252,7 +278,10 @@ def save_final_model(accelerator, prepared_policy, tokenizer, output_dir: Path) 
         shutil.rmtree(partial, ignore_errors=True)
         model.save_pretrained(partial, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(partial)
+        write_model_card(partial, output_dir)
         remove_tree(final)
         partial.rename(final)
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        push_final_if_asked(final, output_dir)
     return final

@@ -18,10 +18,23 @@ from prefopt.errors import ConfigError
 from prefopt.trainer.steps import PairStep, StepContext, StepKind, StepResult, _move, register_step
 
 
-def sampling_params(ctx: StepContext, n: int) -> SamplingParams:
+def prompt_seeds(ctx: StepContext, indices, stream: str) -> list[int]:
+    """One sampling seed per prompt from the run seed, the optimizer step, the stream (``policy``, ``reference``,
+    ``eval``...) and the prompt's row index in the dataset: the same prompt gets the same samples whatever the
+    batch, the sub-batch or the rank it lands on (1 and N processes sample alike; a resumed run samples alike)."""
+    import hashlib
+
+    head = f"{ctx.config.seed}:{ctx.global_step()}:{stream}"
+    return [int.from_bytes(hashlib.blake2b(f"{head}:{int(i)}".encode(), digest_size=8).digest(), "little")
+            & (2**63 - 1) for i in indices]
+
+
+def sampling_params(ctx: StepContext, n: int, indices=None, stream: str = "policy") -> SamplingParams:
+    """The recipe's sampling settings; with ``indices`` (dataset row ids) every prompt gets its own seed."""
     gen = ctx.config.generation
+    seeds = prompt_seeds(ctx, indices, stream) if indices is not None else None
     return SamplingParams(n=n, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
-                          max_new_tokens=gen.max_new_tokens)
+                          max_new_tokens=gen.max_new_tokens, prompt_seeds=seeds)
 
 
 def completion_tokens(rollouts) -> list[list[int]]:
@@ -57,7 +70,7 @@ class HyPOStep(PairStep):
     def __call__(self, batch: dict) -> StepResult:
         ctx = self.ctx
         n = ctx.loss.online_samples_per_prompt()
-        rollouts = ctx.generator.generate(batch["prompt_input_ids"], sampling_params(ctx, n))
+        rollouts = ctx.generator.generate(batch["prompt_input_ids"], sampling_params(ctx, n, batch["index"]))
         samples = SFTCollator(ctx.tokenizer.pad_token_id)([
             {"index": int(i), "prompt_input_ids": p, "completion_input_ids": c}
             for i, p, c in zip(rollouts.prompt_index, rollouts.prompt_ids, completion_tokens(rollouts))
@@ -101,9 +114,9 @@ class OnlinePairStep(StepKind):
     def __call__(self, batch: dict) -> StepResult:
         ctx = self.ctx
         prompts = batch["prompt_input_ids"]
-        params = sampling_params(ctx, 1)
-        policy_rollouts = ctx.generator.generate(prompts, params)
-        reference_rollouts = self.reference_generator.generate(prompts, params)
+        policy_rollouts = ctx.generator.generate(prompts, sampling_params(ctx, 1, batch["index"], "policy"))
+        reference_rollouts = self.reference_generator.generate(
+            prompts, sampling_params(ctx, 1, batch["index"], "reference"))
         policy_scores, reference_scores, policy_wins = self._order(batch, policy_rollouts, reference_rollouts)
         policy_tokens, reference_tokens = completion_tokens(policy_rollouts), completion_tokens(reference_rollouts)
         features = []

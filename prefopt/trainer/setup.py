@@ -6,7 +6,6 @@ import contextlib
 import importlib.util
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from prefopt.models.logps import CompletionLogpModel
 from prefopt.trainer.distributed import launched_world_size
 from prefopt.models.reference import (AdapterReference, ModelReference, NoReference, PrecomputedReference,
                                       cache_key, precompute_table)
+from prefopt.trainer.trackers import build_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +31,7 @@ def make_accelerator(config: Config):
     precision = config.train.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    trackers = [name for name in config.logging.report_to if importlib.util.find_spec(
-        {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}[name]) is not None]
-    for missing in set(config.logging.report_to) - set(trackers):
-        logger.warning("logging.report_to: %s is not installed; not logging to it", missing)
+    trackers = build_trackers(config)
     plugin = None
     if config.train.deepspeed:
         from accelerate.utils import DeepSpeedPlugin
@@ -46,8 +43,9 @@ def make_accelerator(config: Config):
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError("train.deepspeed: DeepSpeed is not installed; pip install 'prefopt[deepspeed]'")
         plugin = DeepSpeedPlugin(hf_ds_config=config.train.deepspeed)
-    from prefopt.trainer.distributed import accelerator_process_kwargs
+    from prefopt.trainer.distributed import accelerator_process_kwargs, fresh_accelerator_state
 
+    fresh_accelerator_state()
     extra = accelerator_process_kwargs(use_deepspeed=plugin is not None)
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=False), *extra.pop("kwargs_handlers", [])]
     accelerator = Accelerator(
@@ -208,24 +206,6 @@ def no_weight_decay_names(model: torch.nn.Module) -> set[str]:
 
 def _fusable(parameter: torch.Tensor) -> bool:
     return parameter.is_floating_point() and parameter.device.type in ("cpu", "cuda")
-
-
-def prepare_output_dir(config: Config, accelerator, resuming: bool) -> Path:
-    from prefopt.errors import ConfigError
-
-    out = Path(config.output_dir)
-    if accelerator.is_main_process:
-        if out.exists() and not resuming and not config.overwrite_output_dir:
-            leftovers = [p.name for p in out.iterdir() if p.name in ("metrics.jsonl", "final") or
-                         p.name.startswith("checkpoint-")]
-            if leftovers:
-                raise ConfigError(f"output_dir: '{out}' already holds a run ({', '.join(sorted(leftovers))}); "
-                                  "set train.resume_from=latest to continue it, overwrite_output_dir=true to replace "
-                                  "it, or choose another output_dir")
-        out.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    os.makedirs(out, exist_ok=True)
-    return out
 
 
 def loss_from_config(config: Config):

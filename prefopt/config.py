@@ -173,6 +173,9 @@ class TrainConfig(_Section):
     max_skipped_steps: NonNegative = 5
     logps_chunk_size: Optional[Positive] = 1024  # positions per lm-head/log-softmax chunk; None = one pass
     logps_head: Literal["fused", "checkpoint"] = "fused"  # chunked lm-head implementation (models/logps.py)
+    # Pair batches: run each prompt through the decoder once for both completions (models/prefix_sharing.py);
+    # exact to the unshared forward, falls back to it where it does not apply (packing, flash attention...).
+    share_prompt: bool = True
     fused_optimizer: bool = True  # torch's fused AdamW (fewer temporaries: lower peak memory, faster)
     # Sparse input-embedding gradients with an exactly equal AdamW step (trainer/sparse_embedding.py): no dense
     # [vocab, hidden] gradient during the backward. "auto" = on for single-process runs with an untied embedding.
@@ -209,6 +212,9 @@ class GenerationConfig(_Section):
     top_k: NonNegative = 0
     max_new_tokens: Positive = 64
     batch_size: Positive = 32
+    # hf backend: "lean" = prefopt's sampling loop (generation/decode.py; same samples as model.generate, less
+    # Python per token), "generate" = model.generate.
+    hf_loop: Literal["lean", "generate"] = "lean"
     gpu_memory_utilization: Probability = 0.3
     vllm_sleep: bool = True
     vllm_max_model_len: Optional[Positive] = None

@@ -95,6 +95,7 @@ def test_declared_needs_and_steps():
         "rpo": ({"reference"}, "pairs"),
         "hypo": ({"reference", "online"}, "pairs+samples"),
         "xpo": ({"reference", "online", "preference"}, "online_pairs"),
+        "online_dpo": ({"reference", "online", "preference"}, "online_policy_pairs"),
         "ppo": ({"reference", "online", "reward"}, "ppo"),
         "rto": ({"reference", "online", "reward", "dpo_policy"}, "ppo"),
         "sft": (set(), "sft"),

@@ -70,6 +70,37 @@ def test_xpo_orders_pairs_by_the_reward(quick_sft, gold_task_dir, tmp_path):
         assert sample["score"] == pytest.approx(score(sample["prompt"], sample["completion"]), abs=1e-5)
 
 
+def test_online_dpo_orders_two_policy_samples_and_logs_trl_metrics(quick_sft, gold_task_dir, tmp_path):
+    """Online DPO (TRL's OnlineDPOTrainer): two policy samples per prompt ordered by the gold reward, TRL's metrics."""
+    _run("recipes/tiny/online_dpo.yaml", quick_sft, tmp_path, f"data.train={gold_task_dir / 'prompts_train.jsonl'}",
+         "train.max_steps=2", "train.per_device_batch_size=4")
+    records = metrics(tmp_path)
+    assert len(records) == 2
+    for key in ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+                "objective/scores", "objective/scores_margin", "rewards/accuracies", "logps/chosen", "beta",
+                "val/contain_eos_token"):
+        assert math.isfinite(records[-1][key]), key
+    assert records[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)  # policy == reference before the first update
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert records[0]["objective/scores_margin"] >= 0  # the chosen sample never scores below the rejected one
+    from data_tools.synth import score
+
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert samples
+    for sample in samples:  # both samples are scored with the gold reward; the first wins ties
+        assert sample["score"] == pytest.approx(score(sample["prompt"], sample["completion"]), abs=1e-5)
+        assert sample["second_score"] == pytest.approx(score(sample["prompt"], sample["second_completion"]), abs=1e-5)
+        assert sample["first_won"] == (sample["score"] >= sample["second_score"])
+
+
+def test_online_dpo_with_a_pairwise_judge(quick_sft, gold_task_dir, tmp_path):
+    _run("recipes/tiny/online_dpo.yaml", quick_sft, tmp_path, f"data.train={gold_task_dir / 'prompts_train.jsonl'}",
+         "train.max_steps=1", "train.per_device_batch_size=4", "reward.kind=judge",
+         "reward.function=data_tools.synth:judge")
+    record = metrics(tmp_path)[-1]
+    assert math.isfinite(record["loss"]) and "objective/scores" not in record and "objective/kl" in record
+
+
 def test_rto_ppo_stage_runs_with_token_rewards(quick_sft, gold_task_dir, tmp_path, caplog):
     dpo = tmp_path / "dpo"
     _run("recipes/tiny/dpo.yaml", quick_sft, dpo, f"data.train={gold_task_dir / 'pairs_train.jsonl'}",
@@ -122,7 +153,7 @@ def test_rto_lineage_and_plain_ppo(quick_sft, tiny_model_dir, gold_task_dir, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["xpo", "rto"])
+@pytest.mark.parametrize("method", ["xpo", "online_dpo", "rto"])
 def test_online_methods_raise_the_gold_reward(method, tmp_path):
     """Full-size gold task and SFT (minutes on 2 cores): the method beats its starting SFT model on held-out prompts."""
     from data_tools.synth import score, write_task

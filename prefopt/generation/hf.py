@@ -20,6 +20,7 @@ import torch
 
 from prefopt.generation.base import (Rollouts, SamplingParams, build_rollouts, eos_token_ids, pad_token_id,
                                      sample_seed)
+from prefopt.generation.decode import sample_tokens, supports_lean_loop
 
 
 def unwrap_model(model, accelerator=None):
@@ -116,13 +117,18 @@ class SeededSampler:
 class HFGenerator:
     """``Generator`` backed by ``model.generate`` on the (unwrapped) live policy, PEFT adapters active."""
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 32, accelerator=None):
+    def __init__(self, model, tokenizer, *, batch_size: int = 32, accelerator=None, loop: str = "lean"):
         if batch_size < 1:
             raise ValueError(f"generation.batch_size must be >= 1, got {batch_size}")
+        if loop not in ("lean", "generate"):
+            raise ValueError(f"generation.hf_loop must be 'lean' or 'generate', got {loop!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.accelerator = accelerator
+        # "lean": prefopt's sampling loop (generation/decode.py: the same samples, less work per token) where the
+        # model allows it; "generate": always model.generate.
+        self.loop = loop
 
     def load_weights(self, model) -> None:
         """Generation uses the live model; follow ``model`` if the trainer hands over a different object."""
@@ -169,6 +175,7 @@ class HFGenerator:
         config = self._generation_config(sampling, eos_ids, pad_id, per_call_n)
 
         completions: list[list[int]] = []
+        lean = self.loop == "lean" and supports_lean_loop(model)
         with contextlib.ExitStack() as stack:
             if sampling.seed is not None:
                 devices = [device] if device.type == "cuda" else []
@@ -179,10 +186,17 @@ class HFGenerator:
             for start in range(0, len(prompt_ids), self.batch_size):
                 chunk = prompt_ids[start : start + self.batch_size]
                 input_ids, attention_mask = left_pad(chunk, pad_id, device)
-                output = model.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, generation_config=config
-                )
-                generated = output[:, input_ids.shape[1] :].tolist()
+                if lean:
+                    rows = input_ids.repeat_interleave(per_call_n, 0), attention_mask.repeat_interleave(per_call_n, 0)
+                    generated = sample_tokens(
+                        model, *rows, max_new_tokens=sampling.max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+                        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                    ).tolist()
+                else:
+                    output = model.generate(
+                        input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+                    )
+                    generated = output[:, input_ids.shape[1] :].tolist()
                 if per_call_n != sampling.n:
                     generated = [tokens for tokens in generated for _ in range(sampling.n)]
                 completions.extend(generated)
@@ -211,9 +225,15 @@ class HFGenerator:
             for start in range(0, len(rows), self.batch_size):
                 chunk = rows[start : start + self.batch_size]
                 input_ids, attention_mask = left_pad(chunk, pad_id, device)
-                processors = LogitsProcessorList([SeededSampler(seeds[start : start + self.batch_size], sampling)])
+                sampler = SeededSampler(seeds[start : start + self.batch_size], sampling)
+                if self.loop == "lean" and supports_lean_loop(model):  # the same draws, less work per token
+                    completions.extend(sample_tokens(
+                        model, input_ids, attention_mask, max_new_tokens=sampling.max_new_tokens, eos_ids=eos_ids,
+                        pad_id=pad_id, draw=lambda logits, sampler=sampler: sampler(None, logits).argmax(dim=-1),
+                    ).tolist())
+                    continue
                 output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                        logits_processor=processors)
+                                        logits_processor=LogitsProcessorList([sampler]))
                 completions.extend(output[:, input_ids.shape[1] :].tolist())
         return build_rollouts(prompt_ids, completions, sampling.n, eos_ids=eos_ids, pad_id=pad_id,
                               tokenizer=self.tokenizer, device=device)

@@ -26,6 +26,7 @@ from prefopt.losses.ipo import IPOLoss
 from prefopt.losses.mixture import MixtureLoss
 from prefopt.losses.nca import NCAPairLoss
 from prefopt.losses.orpo import ORPOLoss
+from prefopt.losses.online_dpo import OnlineDPOLoss
 from prefopt.losses.ppo import PPOLoss
 from prefopt.losses.reward_model import RewardModelLoss
 from prefopt.losses.robust import RobustDPOLoss
@@ -42,7 +43,7 @@ from prefopt.losses.xpo import XPOLoss
 _LOSSES: dict[str, type[PreferenceLoss]] = {
     cls.name: cls
     for cls in (
-        DPOLoss, SimPOLoss, FDPOLoss, RPOLoss, HyPOLoss, XPOLoss, PPOLoss, RTOLoss, SFTLoss, RewardModelLoss,
+        DPOLoss, SimPOLoss, FDPOLoss, RPOLoss, HyPOLoss, XPOLoss, OnlineDPOLoss, PPOLoss, RTOLoss, SFTLoss, RewardModelLoss,
         IPOLoss, HingeLoss, RobustDPOLoss, EXOPairLoss, NCAPairLoss, BCOPairLoss, SPPOHardLoss, AOTLoss,
         AOTUnpairedLoss, APOZeroLoss, APODownLoss, DiscoPOPLoss, SigmoidNormLoss, ORPOLoss, CPOLoss, MixtureLoss,
     )

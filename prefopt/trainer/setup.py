@@ -126,7 +126,7 @@ def build_policy(config: Config, model_kind: str, tokenizer) -> torch.nn.Module:
             model.config.pad_token_id = tokenizer.pad_token_id
         return model
     return CompletionLogpModel(load_policy(config.model), chunk_size=config.train.logps_chunk_size,
-                               head_impl=config.train.logps_head)
+                               head_impl=config.train.logps_head, share_prompt=config.train.share_prompt)
 
 
 def build_reference(config: Config, policy_getter, accelerator=None) -> Any:
@@ -137,14 +137,14 @@ def build_reference(config: Config, policy_getter, accelerator=None) -> Any:
         return NoReference()
     autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
     if mode == "adapter":
-        return AdapterReference(policy_getter, chunk, autocast)
+        return AdapterReference(policy_getter, chunk, autocast, share_prompt=config.train.share_prompt)
     path = config.reference.name_or_path or config.model.name_or_path
     model = load_frozen_causal_lm(path, config.model, key="reference.name_or_path")
     if accelerator is not None:
         from prefopt.trainer.distributed import prepare_frozen
 
         model = prepare_frozen(accelerator, model)
-    return ModelReference(model, chunk, autocast)
+    return ModelReference(model, chunk, autocast, share_prompt=config.train.share_prompt)
 
 
 def precompute_reference(config: Config, accelerator, live_reference, bundle, collator) -> PrecomputedReference:

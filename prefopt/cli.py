@@ -57,12 +57,22 @@ def _print_summary(result) -> None:
 
 def cmd_losses(args: argparse.Namespace) -> int:
     from rich.console import Console
+
+    from prefopt.losses import available_losses, loss_class
+
+    console = Console(width=args.width, highlight=False)
+    if args.name is not None:
+        try:
+            loss_class(args.name)
+        except ValueError as error:
+            raise UserInputError(f"prefopt losses: {error}") from None
+        console.print(_loss_detail(args.name))
+        return 0
     from rich.table import Table
     from rich.text import Text
 
-    from prefopt.losses import available_losses, loss_class, loss_parameters
+    from prefopt.losses import loss_parameters
 
-    console = Console(width=args.width)
     rows = []
     for name in available_losses():
         cls = loss_class(name)
@@ -86,6 +96,57 @@ def cmd_losses(args: argparse.Namespace) -> int:
         table.add_row(*row)
     console.print(table)
     return 0
+
+
+def _needs(cls) -> str:
+    return f"{', '.join(sorted(cls.needs)) or 'policy only'}; step: {cls.step}"
+
+
+def _parameter_list(name: str) -> str:
+    from prefopt.losses import loss_parameters
+
+    return ", ".join(f"{k}={v!r}" for k, v in loss_parameters(name).items()) or "no parameters"
+
+
+def _loss_detail(name: str):
+    """Everything about one loss: summary, paper, formula, parameters with defaults, needs, implicit reward."""
+    import inspect
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    from prefopt.losses import get_loss, loss_class, loss_parameters
+
+    cls = loss_class(name)
+    try:
+        reward = get_loss(name).implicit_reward()
+        reward_text = reward.formula() if reward is not None else "none"
+    except ValueError:  # a mixture: its first part's
+        reward_text = "the first part's that has one"
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
+    grid.add_row("loss", f"{name}: {escape(cls.summary)}")
+    grid.add_row("paper", escape(cls.paper))
+    grid.add_row("formula", escape(cls.formula))
+    parameters = loss_parameters(name)
+    grid.add_row("parameters", "\n".join(f"{k} = {v!r}" for k, v in parameters.items()) or "none")
+    grid.add_row("needs", _needs(cls))
+    grid.add_row("implicit reward", reward_text)
+    grid.add_row("reference", f"docs/losses.md#{name}")
+    grid.add_row("", "")
+    grid.add_row("details", escape(_reflow(inspect.getdoc(cls) or "")))
+    return grid
+
+
+def _reflow(doc: str) -> str:
+    """Join the hard-wrapped lines of each prose paragraph so the terminal wraps them; keep indented blocks."""
+    paragraphs = []
+    for block in doc.split("\n\n"):
+        lines = block.splitlines()
+        indented = any(line.startswith((" ", "=")) for line in lines)
+        paragraphs.append(block if indented else " ".join(line.strip() for line in lines))
+    return "\n\n".join(paragraphs)
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -125,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     losses = sub.add_parser("losses", help="list every loss, its parameters, defaults and needs")
-    losses.add_argument("--width", type=int, default=None, help="table width (default: terminal)")
+    losses.add_argument("name", nargs="?", help="show this loss in full: formula, parameters, defaults, paper")
+    losses.add_argument("--width", type=int, default=None, help="output width (default: terminal)")
     losses.set_defaults(func=cmd_losses)
 
     tiny = sub.add_parser("tiny-model", help="build the offline tiny Llama + BPE tokenizer with a chat template")

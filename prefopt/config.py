@@ -8,6 +8,7 @@ wrong type and invalid choice raises :class:`~prefopt.errors.ConfigError` naming
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
 from pathlib import Path
@@ -19,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from prefopt.data.revision import DEFAULT_REVISION_INSTRUCTION, DEFAULT_REVISION_TEMPLATE, check_template
 from prefopt.errors import ConfigError
 from prefopt.losses.registry import DEFAULT_LOSS
+
+logger = logging.getLogger(__name__)
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -123,10 +126,22 @@ class DataConfig(_Section):
 
 
 class LossConfig(BaseModel):
-    """``name`` plus the loss's own hyperparameters, validated by the loss registry."""
+    """``name`` plus the loss's own hyperparameters, validated by the loss registry.
+
+    ``loss: {mix: [{name: dpo, weight: 0.8}, ...]}`` without a name is the weighted mixture (``name: mix``).
+    """
 
     model_config = ConfigDict(extra="allow")
     name: str = DEFAULT_LOSS
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mixture_without_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "mix" in data and "name" not in data:
+            from prefopt.losses.mixture import MixtureLoss
+
+            data = {"name": MixtureLoss.name, **data}
+        return data
 
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -289,6 +304,9 @@ class Config(_Section):
             loss = get_loss(self.loss.name, **self.loss.params())
         except (TypeError, ValueError) as error:
             raise ValueError(f"loss: {error}") from None
+        # Every parameter with its resolved value (defaults included), so config.yaml reproduces the run even
+        # if a default changes later. Set on the extras directly: assigning the section would re-validate.
+        self.loss.__pydantic_extra__ = dict(loss.hyperparameters())
         if "reference" in loss.needs and self.reference.mode == "none":
             raise ValueError(
                 f"reference.mode: loss '{self.loss.name}' needs a reference model; "
@@ -326,11 +344,12 @@ class Config(_Section):
                              "LoRA); loss.dpo_reward_scale=0 runs plain PPO with the sparse reward instead")
 
     def resolved_reference_mode(self) -> str:
-        from prefopt.losses import loss_class
+        from prefopt.losses import get_loss
 
         if self.reference.mode != "auto":
             return self.reference.mode
-        if "reference" not in loss_class(self.loss.name).needs:
+        # the instance's needs: a mixture needs what its parts need
+        if "reference" not in get_loss(self.loss.name, **self.loss.params()).needs:
             return "none"
         return "adapter" if self.model.peft is not None else "model"
 
@@ -511,8 +530,41 @@ def load_config(path: str | Path | None, overrides: Optional[list[str]] = None) 
             raise ConfigError(f"{path}: not valid YAML: {error}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
-    data = apply_overrides(data, overrides or [])
+    data = drop_foreign_loss_parameters(data, apply_overrides(data, overrides or []), overrides or [])
     return config_from_dict(data, source)
+
+
+def drop_foreign_loss_parameters(recipe: dict[str, Any], data: dict[str, Any], overrides: list[str]
+                                 ) -> dict[str, Any]:
+    """Swapping the loss with ``loss.name=X``: drop the recipe's loss parameters that X does not take.
+
+    One warning line names them. A parameter given on the command line is kept whatever the loss, so a
+    parameter X does not take still fails validation (exit 2): only the recipe's leftovers are forgiving.
+    """
+    from prefopt.losses import available_losses, loss_parameters
+
+    section = data.get("loss")
+    if not isinstance(section, dict) or not isinstance(recipe.get("loss"), dict):
+        return data
+    try:
+        name = LossConfig.model_validate(section).name
+    except ValidationError:
+        return data  # the validator reports it with the key
+    if name not in available_losses():
+        return data  # the validator names the unknown loss
+    from_command_line = {path[1] for path, _ in map(parse_override, overrides) if len(path) >= 2
+                         and path[0] == "loss"}
+    valid = loss_parameters(name)
+    foreign = [key for key in section if key != "name" and key not in valid and key not in from_command_line
+               and key in recipe["loss"]]
+    if not foreign:
+        return data
+    logger.warning("loss '%s' does not take the recipe's loss parameter(s) %s: dropped", name,
+                   ", ".join(f"{key}={section[key]!r}" for key in foreign))
+    data = copy.deepcopy(data)
+    for key in foreign:
+        del data["loss"][key]
+    return data
 
 
 def config_to_yaml(config: Config) -> str:

@@ -63,6 +63,11 @@ METHODS = {
     "srpo": ("srpo.yaml", [], "pairs", None),  # evaluated on its first answer (no revision round)
     "dno": ("dno.yaml", [], "iterations", None),  # 3 iterations on thirds of prompts_train.jsonl
 }
+# The TRL catalogue (issue 16), each with its tiny recipe; opt-in with --methods (16 more runs per seed).
+CATALOGUE = ("ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+             "apo_zero", "apo_down", "discopop", "sigmoid_norm", "orpo", "cpo", "mix")
+DEFAULT_METHODS = list(METHODS)
+METHODS.update({name: (f"{name}.yaml", [], "pairs", None) for name in CATALOGUE})
 BOOTSTRAP = 1000
 
 
@@ -70,7 +75,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one seed (the first of --seeds)")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated; default: {','.join(DEFAULT_METHODS)}; all: {','.join(METHODS)}")
     p.add_argument("--out", default="runs/gold-bench")
     p.add_argument("--max-prompts", type=int, default=100, help="held-out prompts evaluated (task has 200)")
     p.add_argument("--samples", type=int, default=4, help="samples per held-out prompt")

@@ -60,6 +60,36 @@ def test_losses_in_a_narrow_terminal_prints_one_readable_block_per_loss(capsys):
             assert text in blocks[name], (name, text)
 
 
+def test_losses_list_is_readable_at_80_columns(capsys):
+    from prefopt.losses import available_losses, loss_parameters
+
+    assert main(["losses", "--width", "80"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    flat = " ".join(out.split())
+    for name in available_losses():  # every name whole, every parameter with its default
+        assert f" {name} " in flat, name
+        for key, default in loss_parameters(name).items():
+            assert f"{key}={default!r}" in out.replace("\n", ""), (name, key)
+
+
+def test_losses_name_shows_one_loss_in_full(capsys):
+    assert main(["losses", "robust", "--width", "80"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    flat = " ".join(out.split())
+    for text in ("paper Chowdhury et al. 2024", "arXiv 2403.00409", "formula L = ((1-e)(-logsigmoid(z))",
+                 "beta = 0.1", "label_smoothing = 0.1", "divergence = 'reverse_kl'", "alpha = 0.5",
+                 "needs reference; step: pairs", "implicit reward beta * (logp - logp_ref)",
+                 "docs/losses.md#robust"):
+        assert text in flat, text
+
+
+def test_losses_unknown_name_exits_2(capsys):
+    assert main(["losses", "dpoo"]) == 2
+    assert "did you mean 'dpo'" in capsys.readouterr().err
+
+
 def test_bad_key_exits_2_without_traceback():
     result = run_cli("train", "recipes/tiny/dpo.yaml", "train.learning_rte=1")
     assert result.returncode == 2

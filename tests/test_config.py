@@ -32,7 +32,9 @@ def test_dotted_overrides_parse_yaml_scalars():
 
 def test_override_swaps_the_loss_and_keeps_the_rest():
     config = load_config(RECIPES / "tiny" / "dpo.yaml", ["loss.name=simpo", "loss.beta=2.0"])
-    assert config.loss.name == "simpo" and config.loss.params() == {"beta": 2.0}
+    # every parameter is recorded with its resolved value, defaults included
+    assert config.loss.name == "simpo" and config.loss.params() == {
+        "beta": 2.0, "gamma": None, "gamma_beta_ratio": None, "sft_weight": 0.0}
     assert config.resolved_reference_mode() == "none"
     base = load_config(RECIPES / "tiny" / "dpo.yaml")
     assert config.train == base.train and config.data == base.data

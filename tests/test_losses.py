@@ -79,6 +79,9 @@ def test_registry_lists_every_loss_with_valid_class_attributes():
         assert issubclass(cls, PreferenceLoss) and cls.name == name
         assert cls.step in STEP_KINDS and set(cls.needs) <= set(NEEDS)
         assert cls.summary and "\n" not in cls.summary
+        assert cls.paper and cls.formula, name  # shown by `prefopt losses NAME`
+        if name == "mix":  # a mixture has no parts by default; tests/test_losses_catalogue.py covers it
+            continue
         loss = get_loss(name)
         assert loss.hyperparameters() == loss_parameters(name)
         assert type(get_loss(name, **loss.hyperparameters())) is cls
@@ -138,7 +141,7 @@ def test_loss_parameters_defaults():
             ["unknown loss 'dpoo'", "did you mean 'dpo'", "available losses:", "simpo", "reward_model"],
         ),
         ("dpo", {"betta": 0.2}, ["'betta'", "did you mean 'beta'", "Valid parameters:", "label_smoothing"]),
-        ("sft", {"beta": 0.1}, ["unknown parameter", "'beta'", "(none)"]),
+        ("sft", {"beta": 0.1}, ["unknown parameter", "'beta'", "reduction='token_mean'"]),
         ("fdpo", {"divergence": "kl"}, ["unknown divergence 'kl'", "reverse_kl, forward_kl, js, alpha"]),
         ("fdpo", {"divergence": "js_divergence"}, ["TRL's 'js_divergence' is 'js' here"]),
         (

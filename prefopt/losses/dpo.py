@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, FrozenSet
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from prefopt.losses._checks import check_number, log_ratios
-from prefopt.losses._metrics import pairwise_metrics
-from prefopt.losses.base import LossInputs, LossOutput, PreferenceLoss
+from prefopt.losses._checks import check_number
+from prefopt.losses.reward_difference import PairTerms, RewardDifferenceLoss
 
 
 def sigmoid_preference_loss(logits: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -23,7 +22,7 @@ def sigmoid_preference_loss(logits: torch.Tensor, label_smoothing: float = 0.0) 
     return losses
 
 
-class DPOLoss(PreferenceLoss):
+class DPOLoss(RewardDifferenceLoss):
     """Direct Preference Optimization — Rafailov et al. 2023, "Direct Preference Optimization:
     Your Language Model is Secretly a Reward Model" (arXiv 2305.18290).
 
@@ -33,22 +32,25 @@ class DPOLoss(PreferenceLoss):
         L = -(1 - e) * logsigmoid(beta * h) - e * logsigmoid(-beta * h)        (cDPO, e = label_smoothing)
 
     averaged over pairs. cDPO assumes each label is flipped with probability ``e``; TRL calls the same
-    parameter ``label_smoothing``.
+    parameter ``label_smoothing``. With ``divergence`` other than ``reverse_kl``, ``h = s(lr_w) - s(lr_l)``
+    with the divergence's score (:mod:`prefopt.losses.divergence`; ``fdpo`` is the same loss under its own name).
 
-    Defaults: ``beta=0.1``, ``label_smoothing=0.0`` (must lie in [0, 0.5)).
+    Defaults: ``beta=0.1``, ``label_smoothing=0.0`` (must lie in [0, 0.5)), ``divergence="reverse_kl"``,
+    ``alpha=0.5``. TRL: ``loss_type="sigmoid"``.
     Reads: ``policy_{chosen,rejected}_logps``, ``reference_{chosen,rejected}_logps``.
     Logs: ``rewards/*`` (``beta * lr``), ``logps/*`` (sums).
     """
 
     name: ClassVar[str] = "dpo"
-    needs: ClassVar[FrozenSet[str]] = frozenset({"reference"})
-    step: ClassVar[str] = "pairs"
-    summary: ClassVar[str] = (
-        "DPO (Rafailov et al. 2023): -logsigmoid(beta*(lr_w - lr_l)); cDPO via label_smoothing"
-    )
+    summary: ClassVar[str] = "DPO: -logsigmoid(beta*(lr_w - lr_l)); cDPO via label_smoothing"
+    paper: ClassVar[str] = ("Rafailov et al. 2023, Direct Preference Optimization: Your Language Model is "
+                            "Secretly a Reward Model (arXiv 2305.18290)")
+    formula: ClassVar[str] = "L = -(1-e) logsigmoid(beta h) - e logsigmoid(-beta h),  h = s(lr_w) - s(lr_l)"
 
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0) -> None:
-        self.beta = check_number(self.name, "beta", beta, low=0.0, low_open=True)
+    def __init__(
+        self, beta: float = 0.1, label_smoothing: float = 0.0, divergence: str = "reverse_kl", alpha: float = 0.5
+    ) -> None:
+        self._setup(beta, divergence, alpha)
         self.label_smoothing = check_number(
             self.name,
             "label_smoothing",
@@ -59,11 +61,5 @@ class DPOLoss(PreferenceLoss):
             hint="It is the probability that a label is flipped; 0.5 would make the loss constant.",
         )
 
-    def forward(self, inputs: LossInputs) -> LossOutput:
-        policy_chosen, policy_rejected, chosen_logratios, rejected_logratios = log_ratios(self.name, inputs)
-        logits = self.beta * (chosen_logratios - rejected_logratios)
-        loss = sigmoid_preference_loss(logits, self.label_smoothing).mean()
-        metrics = pairwise_metrics(
-            self.beta * chosen_logratios, self.beta * rejected_logratios, policy_chosen, policy_rejected
-        )
-        return LossOutput(loss=loss, metrics=metrics)
+    def pair_losses(self, terms: PairTerms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return sigmoid_preference_loss(self.beta * terms.delta, self.label_smoothing), {}

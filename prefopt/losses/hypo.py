@@ -55,6 +55,14 @@ class HyPOLoss(PreferenceLoss):
     needs: ClassVar[FrozenSet[str]] = frozenset({"reference", "online"})
     step: ClassVar[str] = "pairs+samples"
     summary: ClassVar[str] = "HyPO (Song et al. 2024): offline DPO + kl_coef * KL(pi||ref) on online samples"
+    paper: ClassVar[str] = (
+        "Song et al. 2024, Understanding Preference Fine-Tuning Through the Lens of Coverage (arXiv"
+        " 2406.01462)"
+    )
+    formula: ClassVar[str] = (
+        "L = L_DPO + kl_coef KL(pi || pi_ref), KL estimated on policy samples (RLOO score-function "
+        "gradient)"
+    )
 
     def __init__(self, beta: float = 0.1, kl_coef: float = 0.1, samples_per_prompt: int = 2) -> None:
         self.beta = check_number(self.name, "beta", beta, low=0.0, low_open=True)

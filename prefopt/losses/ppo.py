@@ -182,6 +182,11 @@ class PPOLoss(PreferenceLoss):
     needs: FrozenSet[str] = frozenset({"reference", "online", "reward"})
     step: ClassVar[str] = "ppo"
     summary: ClassVar[str] = "PPO (Schulman et al. 2017) on a sparse reward with a KL penalty to the reference"
+    paper: ClassVar[str] = (
+        "Schulman et al. 2017, Proximal Policy Optimization Algorithms (arXiv 1707.06347); RLHF form of "
+        "Ziegler et al. 2019 (arXiv 1909.08593)"
+    )
+    formula: ClassVar[str] = "L = mean -min(ratio A, clip(ratio, 1-eps, 1+eps) A) + value_loss_coef L_value"
 
     def __init__(
         self,

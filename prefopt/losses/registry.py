@@ -9,27 +9,44 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
+from prefopt.losses.aot import AOTLoss, AOTUnpairedLoss
+from prefopt.losses.apo import APODownLoss, APOZeroLoss
 from prefopt.losses.base import PreferenceLoss
+from prefopt.losses.bco import BCOPairLoss
 from prefopt.losses.copg import CoPGLoss
+from prefopt.losses.cpo import CPOLoss
+from prefopt.losses.discopop import DiscoPOPLoss
 from prefopt.losses.drpo import DRPOLoss
 from prefopt.losses.dpo import DPOLoss
+from prefopt.losses.exo import EXOPairLoss
 from prefopt.losses.fdpo import FDPOLoss
+from prefopt.losses.hinge import HingeLoss
 from prefopt.losses.hypo import HyPOLoss
+from prefopt.losses.ipo import IPOLoss
+from prefopt.losses.mixture import MixtureLoss
+from prefopt.losses.nca import NCAPairLoss
+from prefopt.losses.orpo import ORPOLoss
 from prefopt.losses.online_dpo import OnlineDPOLoss
 from prefopt.losses.ppo import PPOLoss
 from prefopt.losses.reward_model import RewardModelLoss
+from prefopt.losses.robust import RobustDPOLoss
 from prefopt.losses.rpo import RPOLoss
 from prefopt.losses.rto import RTOLoss
 from prefopt.losses.sft import SFTLoss
+from prefopt.losses.sigmoid_norm import SigmoidNormLoss
 from prefopt.losses.simpo import SimPOLoss
+from prefopt.losses.sppo import SPPOHardLoss
 from prefopt.losses.srpo import SRPOLoss
 from prefopt.losses.tpo import TPOLLoss, TPOLoss
 from prefopt.losses.xpo import XPOLoss
 
 _LOSSES: dict[str, type[PreferenceLoss]] = {
     cls.name: cls
-    for cls in (DPOLoss, SimPOLoss, FDPOLoss, RPOLoss, HyPOLoss, XPOLoss, OnlineDPOLoss, PPOLoss, RTOLoss, SFTLoss,
-                RewardModelLoss)
+    for cls in (
+        DPOLoss, SimPOLoss, FDPOLoss, RPOLoss, HyPOLoss, XPOLoss, OnlineDPOLoss, PPOLoss, RTOLoss, SFTLoss, RewardModelLoss,
+        IPOLoss, HingeLoss, RobustDPOLoss, EXOPairLoss, NCAPairLoss, BCOPairLoss, SPPOHardLoss, AOTLoss,
+        AOTUnpairedLoss, APOZeroLoss, APODownLoss, DiscoPOPLoss, SigmoidNormLoss, ORPOLoss, CPOLoss, MixtureLoss,
+    )
 }
 _LOSSES.update({cls.name: cls for cls in (CoPGLoss, TPOLoss, TPOLLoss, SRPOLoss, DRPOLoss)})
 

@@ -33,6 +33,10 @@ class RewardModelLoss(PreferenceLoss):
     needs: ClassVar[FrozenSet[str]] = frozenset()
     step: ClassVar[str] = "reward_pairs"
     summary: ClassVar[str] = "Bradley-Terry reward model: -logsigmoid(s_w - s_l), optional reward centring"
+    paper: ClassVar[str] = (
+        "Bradley & Terry 1952; reward models for RLHF as in Ouyang et al. 2022 (arXiv 2203.02155)"
+    )
+    formula: ClassVar[str] = "L = -logsigmoid(s_w - s_l) + center_rewards_coef (s_w + s_l)^2"
 
     def __init__(self, center_rewards_coef: float = 0.0) -> None:
         self.center_rewards_coef = check_number(

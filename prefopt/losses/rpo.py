@@ -36,6 +36,13 @@ class RPOLoss(PreferenceLoss):
     needs: ClassVar[FrozenSet[str]] = frozenset({"reference"})
     step: ClassVar[str] = "pairs"
     summary: ClassVar[str] = "RPO (Liu et al. 2024): DPO + eta * SFT loss on the chosen response"
+    paper: ClassVar[str] = (
+        "Liu et al. 2024, Provably Mitigating Overoptimization in RLHF: Your SFT Loss is Implicitly"
+        " an Adversarial Regularizer (arXiv 2405.16436)"
+    )
+    formula: ClassVar[str] = (
+        "L = L_DPO + eta beta (-logp_w)   (nll='sum');   L_DPO + eta (-logp_w/|y_w|)   (nll='mean')"
+    )
 
     def __init__(self, beta: float = 0.1, eta: float = 0.005, nll: str = "sum") -> None:
         self.beta = check_number(self.name, "beta", beta, low=0.0, low_open=True)

@@ -88,6 +88,14 @@ class RTOLoss(PPOLoss):
     summary: ClassVar[str] = (
         "RTO (Zhong et al. 2024): PPO with dense DPO token rewards + sparse reward-model score"
     )
+    paper: ClassVar[str] = (
+        "Zhong et al. 2024, DPO Meets PPO: Reinforced Token Optimization for RLHF (arXiv "
+        "2404.18922)"
+    )
+    formula: ClassVar[str] = (
+        "PPO with token reward clamp(scale (logp_dpo_t - logp_ref_t)) - kl_coef kl_t + [last] "
+        "rm_weight RM(x, y)"
+    )
 
     def __init__(
         self,

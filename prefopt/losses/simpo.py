@@ -40,6 +40,14 @@ class SimPOLoss(PreferenceLoss):
     summary: ClassVar[str] = (
         "SimPO (Meng et al. 2024): reference-free, -logsigmoid(beta*(avg_w - avg_l) - gamma)"
     )
+    paper: ClassVar[str] = (
+        "Meng et al. 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward "
+        "(arXiv 2405.14734)"
+    )
+    formula: ClassVar[str] = (
+        "L = -logsigmoid(beta (avg_w - avg_l) - gamma) + sft_weight (-avg_w),  gamma = beta "
+        "gamma_beta_ratio"
+    )
 
     def __init__(
         self,

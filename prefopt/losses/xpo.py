@@ -41,6 +41,11 @@ class XPOLoss(PreferenceLoss):
     summary: ClassVar[str] = (
         "XPO (Xie et al. 2024): online DPO + alpha * logp(reference sample) exploration bonus"
     )
+    paper: ClassVar[str] = "Xie et al. 2024, Exploratory Preference Optimization (arXiv 2405.21046)"
+    formula: ClassVar[str] = (
+        "L = -logsigmoid(beta (lr_w - lr_l)) + alpha logp_pi(y_ref), pairs ordered by the reward "
+        "layer"
+    )
 
     def __init__(self, beta: float = 0.1, alpha: float = 1e-5) -> None:
         self.beta = check_number(self.name, "beta", beta, low=0.0, low_open=True)

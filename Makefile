@@ -9,7 +9,7 @@ EXTRAS ?= test
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test test-all clean
+.PHONY: venv demo test test-all lint readme-check clean
 
 venv: $(VENV)/.installed
 
@@ -32,6 +32,15 @@ test: venv
 
 test-all: venv
 	$(PY) -m pytest -q -m "slow or not slow"
+
+# ruff's settings are in pyproject.toml ([tool.ruff]); `ruff format .` then `ruff check --fix .` fix most findings.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Every command of README.md, in order, on a fresh copy of the repository (scripts/check_readme.py).
+readme-check: venv
+	$(PY) scripts/check_readme.py
 
 clean:
 	rm -rf runs .prefopt_cache

@@ -10,12 +10,16 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import Optional, Sequence
 
 from prefopt.errors import UserInputError
 
 from prefopt.recipes import REPO_ROOT, find_recipe  # noqa: F401 - re-exported (``prefopt.cli.find_recipe``)
+
+# Below this many columns `prefopt losses` prints one block per loss instead of a table.
+WIDE_TABLE_COLUMNS = 140
 
 
 # ----------------------------------------------------------------------------------------------------- commands
@@ -54,17 +58,33 @@ def _print_summary(result) -> None:
 def cmd_losses(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from prefopt.losses import available_losses, loss_class, loss_parameters
 
-    table = Table(title="prefopt losses (loss.name=... in a recipe)")
-    for column in ("name", "what it is", "parameters (defaults)", "needs", "step"):
-        table.add_column(column)
+    console = Console(width=args.width)
+    rows = []
     for name in available_losses():
         cls = loss_class(name)
-        params = ", ".join(f"{k}={v!r}" for k, v in loss_parameters(name).items())
-        table.add_row(name, cls.summary, params, ", ".join(sorted(cls.needs)) or "policy only", cls.step)
-    Console(width=args.width).print(table)
+        params = ", ".join(f"{k}={v!r}" for k, v in loss_parameters(name).items()) or "(none)"
+        rows.append((name, cls.summary, params, ", ".join(sorted(cls.needs)) or "policy only", cls.step))
+    if console.width < WIDE_TABLE_COLUMNS:
+        # A five-column table squeezed into a narrow terminal cuts every cell to a few characters: one block
+        # per loss instead, each field on its own wrapped line.
+        console.print("prefopt losses: loss.name=... in a recipe; formulas, defaults: docs/losses.md\n")
+        for name, summary, params, needs, step in rows:
+            console.print(Text.assemble((name, "bold"), f"  needs: {needs}; step: {step}"))
+            for line in (summary, f"parameters: {params}"):
+                wrapped = textwrap.fill(line, width=console.width, initial_indent="  ", subsequent_indent="    ")
+                console.print(wrapped, markup=False, highlight=False, soft_wrap=True)
+            console.print()
+        return 0
+    table = Table(title="prefopt losses (loss.name=... in a recipe; formulas and defaults: docs/losses.md)")
+    for column in ("name", "what it is", "parameters (defaults)", "needs", "step"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
     return 0
 
 
@@ -117,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=cmd_tiny_model)
 
     demo = sub.add_parser("demo", help="build the tiny model and the synthetic task, train DPO, print a summary")
-    demo.add_argument("--out", default="runs/demo", help="where everything goes (default: runs/demo)")
+    demo.add_argument("--out", default="runs",
+                      help="where everything goes (default: runs, where the tiny recipes read their inputs)")
     demo.add_argument("--max-steps", type=int, default=None, help="cap the SFT and DPO runs (default: the recipes')")
     demo.add_argument("--eval-prompts", type=int, default=100, help="held-out prompts for the gold evaluation")
     demo.set_defaults(func=cmd_demo)

@@ -8,6 +8,7 @@ wrong type and invalid choice raises :class:`~prefopt.errors.ConfigError` naming
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
@@ -157,6 +158,9 @@ class TrainConfig(_Section):
     max_skipped_steps: NonNegative = 5
     logps_chunk_size: Optional[Positive] = 1024  # positions per lm-head/log-softmax chunk; None = one pass
     logps_head: Literal["fused", "checkpoint"] = "fused"  # chunked lm-head implementation (models/logps.py)
+    # Pair batches: run each prompt through the decoder once for both completions (models/prefix_sharing.py);
+    # exact to the unshared forward, falls back to it where it does not apply (packing, flash attention...).
+    share_prompt: bool = True
     fused_optimizer: bool = True  # torch's fused AdamW (fewer temporaries: lower peak memory, faster)
     # Sparse input-embedding gradients with an exactly equal AdamW step (trainer/sparse_embedding.py): no dense
     # [vocab, hidden] gradient during the backward. "auto" = on for single-process runs with an untied embedding.
@@ -169,6 +173,21 @@ class TrainConfig(_Section):
     # A DeepSpeed JSON config (ZeRO stage, offload...). Lets `torchrun -m prefopt train` use DeepSpeed without an
     # accelerate config; under `accelerate launch` with a DeepSpeed config, leave it unset.
     deepspeed: Optional[str] = None
+    # Upload final/ (model, tokenizer, model card) to the Hub repository hub_model_id when training ends.
+    push_to_hub: bool = False
+    hub_model_id: Optional[str] = None  # "user/name" or "org/name"
+    hub_private: bool = True  # a new repository is created private
+
+    @model_validator(mode="after")
+    def _check_push(self) -> "TrainConfig":
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("train.push_to_hub: set train.hub_model_id to the Hub repository, e.g. "
+                             "train.hub_model_id=your-name/tiny-dpo")
+        if self.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+            raise ValueError("train.push_to_hub: HF_HUB_OFFLINE is set, so nothing could be uploaded; run with "
+                             "HF_HUB_OFFLINE=0 (the Makefile sets 1), or drop train.push_to_hub and upload final/ "
+                             "later with `hf upload`")
+        return self
 
 
 class GenerationConfig(_Section):
@@ -178,6 +197,9 @@ class GenerationConfig(_Section):
     top_k: NonNegative = 0
     max_new_tokens: Positive = 64
     batch_size: Positive = 32
+    # hf backend: "lean" = prefopt's sampling loop (generation/decode.py; same samples as model.generate, less
+    # Python per token), "generate" = model.generate.
+    hf_loop: Literal["lean", "generate"] = "lean"
     gpu_memory_utilization: Probability = 0.3
     vllm_sleep: bool = True
     vllm_max_model_len: Optional[Positive] = None
@@ -238,7 +260,8 @@ class LoggingConfig(_Section):
     report_to: list[Literal["tensorboard", "wandb", "trackio"]] = Field(default_factory=list)
     sample_steps: Optional[NonNegative] = 10  # None or 0: no samples.jsonl
     progress: bool = True
-    run_name: Optional[str] = None
+    run_name: Optional[str] = None  # trackers' run name; default: the output directory's name
+    project: str = "prefopt"  # the wandb project
 
 
 class Config(_Section):

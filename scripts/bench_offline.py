@@ -16,6 +16,11 @@ steps; the first step is a warm-up and is not counted. Tokens are real (non-padd
     python scripts/bench_offline.py --configs small --steps 6 --repeats 3 --json out.json
     python scripts/bench_offline.py --configs small --variants default,checkpoint-head,full-logits,packing
     python scripts/bench_offline.py --quick --configs tiny --steps 2
+    python scripts/bench_offline.py --no-trl --configs ratio-1:4,ratio-1:1,ratio-4:1 --variants no-share-prompt,default
+
+FLOPs: "executed" counts the matmul FLOPs each trainer actually runs (padding, attention, the lm head where it is
+computed, the reference forward, head recomputation; scripts/bench_flops.py), next to the conventional 6N figure;
+both as a share of the fp32 matmul throughput the script measures on this machine at its start and end.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_flops import ModelShape, conventional_flops, keeps_softmax, step_flops  # noqa: E402
 
 # Model shapes and data lengths (in tokens: every generated word is one token of the config's tokenizer).
 CONFIGS = {
@@ -42,6 +50,14 @@ CONFIGS = {
                   prompt=(64, 160), completion=(128, 320), max_length=512, max_prompt=192),
     "large-vocab": dict(vocab=128000, hidden=256, layers=4, heads=4, intermediate=704, batch=2,
                         prompt=(64, 160), completion=(128, 320), max_length=512, max_prompt=192),
+    # Prompt/completion length ratios 1:4, 1:1, 4:1 (~400 tokens a sequence) on the small model: the shared-prompt
+    # A/B (variants default,no-share-prompt).
+    "ratio-1:4": dict(model="small", vocab=32000, hidden=384, layers=4, heads=6, intermediate=1024, batch=2,
+                      prompt=(48, 112), completion=(256, 384), max_length=512, max_prompt=384),
+    "ratio-1:1": dict(model="small", vocab=32000, hidden=384, layers=4, heads=6, intermediate=1024, batch=2,
+                      prompt=(160, 240), completion=(160, 240), max_length=512, max_prompt=384),
+    "ratio-4:1": dict(model="small", vocab=32000, hidden=384, layers=4, heads=6, intermediate=1024, batch=2,
+                      prompt=(256, 384), completion=(48, 112), max_length=512, max_prompt=384),
 }
 MODES = ("live", "precomputed")
 LEARNING_RATE = 1e-4  # large enough that the losses move visibly within a few steps
@@ -49,6 +65,7 @@ SEED = 42
 # prefopt ablations: (config overrides, environment). "default" is what a user gets.
 VARIANTS = {
     "default": ([], {}),
+    "no-share-prompt": (["train.share_prompt=false"], {}),  # every prompt twice per pair (before the third round)
     "recompute": ([], {"PREFOPT_LOGPS_KEEP_MB": "0"}),  # fused head, always recomputing the logits in backward
     "checkpoint-head": ([], {"PREFOPT_LOGPS_HEAD": "checkpoint"}),  # the previous chunked head (recompute + autograd)
     "full-logits": (["train.logps_chunk_size=null"], {}),  # plain forward: [2B, L, V] logits
@@ -58,8 +75,9 @@ VARIANTS = {
     "dense-embedding-grad": (["train.sparse_embedding_grad=false"], {}),
     "glibc-adaptive": (["train.return_freed_host_memory=false"], {}),  # glibc's adaptive mmap threshold
     "rows-only-128MB": ([], {"PREFOPT_LOGPS_TILE_VOCAB": "0", "PREFOPT_LOGPS_BLOCK_MB": "128"}),  # the earlier head
-    "previous": (["train.sparse_embedding_grad=false", "train.return_freed_host_memory=false"],
-                 {"PREFOPT_LOGPS_TILE_VOCAB": "0", "PREFOPT_LOGPS_BLOCK_MB": "128"}),  # before this change
+    "previous": (["train.sparse_embedding_grad=false", "train.return_freed_host_memory=false",
+                  "train.share_prompt=false"],
+                 {"PREFOPT_LOGPS_TILE_VOCAB": "0", "PREFOPT_LOGPS_BLOCK_MB": "128"}),  # before the second round
 }
 CHILD_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
              "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
@@ -280,7 +298,7 @@ def build_data(name: str, model_dir: Path, workdir: Path, rows: int, order: str,
 
     c = CONFIGS[name]
     base = workdir / "data" / f"{name}-{rows}-{order}"
-    info_file = base / "info.json"
+    info_file = base / "info-v2.json"
     if info_file.is_file():
         return json.loads(info_file.read_text())
     base.mkdir(parents=True, exist_ok=True)
@@ -315,7 +333,7 @@ def build_data(name: str, model_dir: Path, workdir: Path, rows: int, order: str,
 
     # Same ids, masks and order in both trainers' batches: prefopt's PairCollator against TRL's collator.
     ours, theirs = PairCollator(tokenizer.pad_token_id), DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)
-    tokens, padded = [], []
+    tokens, padded, step_pairs = [], [], []
     for start in range(0, rows, c["batch"]):
         rows_ = [train[i] for i in range(start, start + c["batch"])]
         a = ours(rows_)
@@ -325,11 +343,14 @@ def build_data(name: str, model_dir: Path, workdir: Path, rows: int, order: str,
             if not bool((a[key] == b[key]).all()):
                 raise RuntimeError(f"{name}: prefopt and TRL batches differ in {key} at row {start}")
         tokens.append(int(a["attention_mask"].sum()))
+        step_pairs.append([[len(r["prompt_input_ids"]), len(r["chosen_input_ids"]), len(r["rejected_input_ids"])]
+                           for r in rows_])
         padded.append(int(a["attention_mask"].numel()))
     lengths = [len(p) + len(x) for p, ch, rj in zip(train["prompt_input_ids"], train["chosen_input_ids"],
                                                     train["rejected_input_ids"]) for x in (ch, rj)]
     completion = sum(len(ch) + len(rj) for ch, rj in zip(train["chosen_input_ids"], train["rejected_input_ids"]))
     info = {"jsonl": str(jsonl), "trl": str(base / "trl"), "tokens_per_step": tokens, "padded_per_step": padded,
+            "pairs_per_step": step_pairs,
             "sequence_length": [min(lengths), statistics.mean(lengths), max(lengths)],
             "completion_share": completion / sum(lengths), "pad_token_id": tokenizer.pad_token_id}
     info_file.write_text(json.dumps(info))
@@ -370,43 +391,77 @@ def matmul_tflops(size: int = 2048, seconds: float = 3.0) -> float:
 # Summary
 # --------------------------------------------------------------------------------------------------------------
 
+def flop_options(trainer: str, variant: str) -> dict:
+    """How a run computes (``bench_flops.step_flops`` options, less ``recompute_head``) and its keep budget."""
+    if trainer == "trl":  # TRL 1.16 on CPU: the lm head at every position, nothing shared, nothing recomputed
+        return {"head": "all", "share_prompt": False, "packing": False, "keep_mb": float("inf"), "checkpoint": False}
+    overrides, env = VARIANTS[variant]
+    packing = "data.packing=true" in overrides
+    return {"head": "all" if "train.logps_chunk_size=null" in overrides else "completion",
+            "share_prompt": "train.share_prompt=false" not in overrides and not packing, "packing": packing,
+            "keep_mb": float(env.get("PREFOPT_LOGPS_KEEP_MB", 256)),
+            "checkpoint": env.get("PREFOPT_LOGPS_HEAD") == "checkpoint"}
+
+
+def run_flops(meta_config: dict, shape: ModelShape, mode: str, trainer: str, variant: str) -> list[float]:
+    """Executed matmul FLOPs of each step of a run (``scripts/bench_flops.py``)."""
+    options = flop_options(trainer, variant)
+    keep_mb, checkpointed = options.pop("keep_mb"), options.pop("checkpoint")
+    flops = []
+    for pairs in meta_config["pairs_per_step"]:
+        rows = sum(c + r for _, c, r in pairs)
+        recompute = options["head"] == "completion" and (checkpointed or not keeps_softmax(shape, rows, keep_mb))
+        flops.append(step_flops(shape, [tuple(p) for p in pairs], reference=mode, recompute_head=recompute,
+                                **options)["total"])
+    return flops
+
+
 def summarise(results: list[dict], meta: dict) -> list[dict]:
     rows = []
     keys = sorted({(r["config"], r["mode"]) for r in results}, key=lambda k: (list(CONFIGS).index(k[0]), k[1]))
+    peak_tflops = max(meta["matmul_tflops"], meta.get("matmul_tflops_end", 0.0))
     for config, mode in keys:
         group = [r for r in results if r["config"] == config and r["mode"] == mode]
-        trl = [r for r in group if r["trainer"] == "trl"]
         tokens = meta[config]["tokens_per_step"]
         params = meta[config]["params"]["matmul"]
-        flops_per_token = (6 + (2 if mode == "live" else 0)) * params
+        shape = ModelShape.from_dir(meta[config]["model"])
 
         def stats(runs, tokens=tokens):
-            rates, steps, peaks = [], [], []
+            rates, steps, peaks, executed = [], [], [], []
             for run in runs:
                 times = run["step_times"][1:]  # step 1 is a warm-up
                 rates.append(sum(tokens[1:len(times) + 1]) / sum(times))
+                flops = run_flops(meta[config], shape, mode, run["trainer"], run["variant"])
+                executed.append(sum(flops[1:len(times) + 1]) / sum(times))
                 steps.extend(times)
                 peaks.append(run["peak_rss_mib"])
-            return statistics.median(rates), statistics.median(steps), statistics.median(peaks), rates
+            return statistics.median(rates), statistics.median(steps), statistics.median(peaks), rates, executed
 
-        _, _, trl_peak, trl_rates = stats(trl)
-        for label in ["trl"] + sorted({r["variant"] for r in group if r["trainer"] == "prefopt"},
-                                      key=lambda v: list(VARIANTS).index(v)):
-            runs = trl if label == "trl" else [r for r in group if r["trainer"] == "prefopt" and r["variant"] == label]
-            rate, step, peak, rates = stats(runs)
+        labels = [("trl", "default")] if any(r["trainer"] == "trl" for r in group) else []
+        labels += [("prefopt", v) for v in sorted({r["variant"] for r in group if r["trainer"] == "prefopt"},
+                                                  key=lambda v: list(VARIANTS).index(v))]
+        baseline_runs = [r for r in group if (r["trainer"], r["variant"]) == labels[0]]
+        _, _, base_peak, base_rates, _ = stats(baseline_runs)
+        base_losses = baseline_runs
+        for trainer, variant in labels:
+            runs = [r for r in group if (r["trainer"], r["variant"]) == (trainer, variant)]
+            rate, step, peak, rates, executed = stats(runs)
             loss_diff = logps_diff = None
-            if label != "trl":
-                pairs = list(zip(runs, trl))
+            if (trainer, variant) != labels[0]:
+                pairs = list(zip(runs, base_losses))
                 loss_diff = max(max(abs(a - b) for a, b in zip(p["losses"], t["losses"])) for p, t in pairs)
                 logps_diff = max(abs(p["logps_chosen"][0] - t["logps_chosen"][0]) for p, t in pairs)
-            # Paired ratio: each prefopt run against the TRL run of the same repeat (they ran back to back).
-            paired = [a / b for a, b in zip(rates, trl_rates)] if label != "trl" else [1.0]
+            # Paired ratio: each run against the baseline run of the same repeat (they ran back to back).
+            paired = [a / b for a, b in zip(rates, base_rates)]
+            conventional = rate * conventional_flops(params, 1, mode)
             rows.append({
-                "config": config, "reference": mode, "trainer": "TRL" if label == "trl" else f"prefopt/{label}",
+                "config": config, "reference": mode, "trainer": "TRL" if trainer == "trl" else f"prefopt/{variant}",
+                "baseline": "TRL" if labels[0][0] == "trl" else f"prefopt/{labels[0][1]}",
                 "tokens_per_s": rate, "s_per_step": step, "peak_rss_mib": peak,
-                "speed_vs_trl": statistics.median(paired), "memory_vs_trl": peak / trl_peak,
-                "achieved_gflops": rate * flops_per_token / 1e9,
-                "mfu": rate * flops_per_token / (meta["matmul_tflops"] * 1e12),
+                "speed_vs_baseline": statistics.median(paired), "memory_vs_baseline": peak / base_peak,
+                "conventional_gflops": conventional / 1e9, "conventional_mfu": conventional / (peak_tflops * 1e12),
+                "executed_gflops": statistics.median(executed) / 1e9,
+                "executed_mfu": statistics.median(executed) / (peak_tflops * 1e12),
                 "max_loss_diff": loss_diff, "step0_logps_diff": logps_diff, "repeats": len(runs),
                 "setup_s": statistics.median(r["setup_s"] for r in runs),
                 "rss_start_mib": statistics.median(r["rss_start_mib"] for r in runs),
@@ -416,27 +471,34 @@ def summarise(results: list[dict], meta: dict) -> list[dict]:
 
 def print_table(rows: list[dict], meta: dict, log) -> None:
     log("")
-    log(f"matmul peak (fp32 2048^2, this process): {meta['matmul_tflops'] * 1e3:.1f} GFLOP/s; "
-        f"threads {meta['threads']}; {meta['steps']} steps per run (first = warm-up; tiny x4), {meta['repeats']} repeats; "
-        f"AdamW {meta['adam']}; data order {meta['order']}")
+    log(f"matmul throughput (fp32 2048^2, best of 3 s, this process): {meta['matmul_tflops'] * 1e3:.1f} GFLOP/s at the "
+        f"start, {meta.get('matmul_tflops_end', float('nan')) * 1e3:.1f} at the end (shares use the higher); "
+        f"threads {meta['threads']}; load average {meta.get('load_start', '?')} -> {meta.get('load_end', '?')}; "
+        f"{meta['steps']} steps per run (first = warm-up; tiny x4), {meta['repeats']} repeats; AdamW {meta['adam']}; "
+        f"data order {meta['order']}")
     for config in CONFIGS:
         if config in meta:
             m = meta[config]
             lo, mean, hi = m["sequence_length"]
+            prompt = statistics.mean(p for step in m["pairs_per_step"] for p, _, _ in step)
+            completion = statistics.mean(x for step in m["pairs_per_step"] for _, c, r in step for x in (c, r))
             log(f"{config}: {m['params']['total'] / 1e6:.1f}M params ({m['params']['matmul'] / 1e6:.1f}M without the "
                 f"input embedding), batch {CONFIGS[config]['batch']} pairs, sequences {lo}-{hi} tokens (mean "
-                f"{mean:.0f}), completion share {m['completion_share']:.2f}, padding "
-                f"{1 - sum(m['tokens_per_step']) / sum(m['padded_per_step']):.2f}")
+                f"{mean:.0f}; prompt {prompt:.0f} : completion {completion:.0f}), completion share "
+                f"{m['completion_share']:.2f}, padding {1 - sum(m['tokens_per_step']) / sum(m['padded_per_step']):.2f}")
     log("")
-    log("| config | reference | trainer | real tok/s | s/step (median) | peak RSS MiB | speed vs TRL | memory vs TRL "
-        "| GFLOP/s (MFU) | max loss diff | step-0 logps diff |")
-    log("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    log("| config | reference | trainer | real tok/s | s/step (median) | peak RSS MiB | speed vs baseline "
+        "| memory vs baseline | executed GFLOP/s (% of matmul peak) | 6N GFLOP/s (%) | max loss diff "
+        "| step-0 logps diff |")
+    log("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         diff = "" if r["max_loss_diff"] is None else f"{r['max_loss_diff']:.1e}"
         logps = "" if r["step0_logps_diff"] is None else f"{r['step0_logps_diff']:.1e}"
         log(f"| {r['config']} | {r['reference']} | {r['trainer']} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.3f} "
-            f"| {r['peak_rss_mib']:.0f} | {r['speed_vs_trl']:.2f}x | {r['memory_vs_trl']:.2f}x "
-            f"| {r['achieved_gflops']:.1f} ({100 * r['mfu']:.0f}%) | {diff} | {logps} |")
+            f"| {r['peak_rss_mib']:.0f} | {r['speed_vs_baseline']:.2f}x | {r['memory_vs_baseline']:.2f}x "
+            f"| {r['executed_gflops']:.1f} ({100 * r['executed_mfu']:.0f}%) "
+            f"| {r['conventional_gflops']:.1f} ({100 * r['conventional_mfu']:.0f}%) | {diff} | {logps} |")
+    log("(baseline: TRL where it ran, else the first prefopt variant listed; executed FLOPs: scripts/bench_flops.py)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -456,6 +518,8 @@ def main(argv=None) -> int:
                              "train.fused_optimizer=false)")
     parser.add_argument("--json", help="write all runs and the summary here")
     parser.add_argument("--quick", action="store_true", help="one repeat, live reference only")
+    parser.add_argument("--no-trl", action="store_true",
+                        help="prefopt variants only (ratios against the first variant), e.g. the shared-prompt A/B")
     parser.add_argument("--workdir", default=os.environ.get("PREFOPT_BENCH_DIR", "/tmp/prefopt-bench"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -485,8 +549,9 @@ def main(argv=None) -> int:
     meta: dict = {"threads": torch.get_num_threads(), "steps": args.steps, "repeats": repeats, "order": args.order,
                   "adam": args.adam}
     meta["matmul_tflops"] = matmul_tflops()
+    meta["load_start"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     for name in configs:
-        model_dir = build_model(name, workdir, log)
+        model_dir = build_model(CONFIGS[name].get("model", name), workdir, log)
         steps = args.steps * CONFIGS[name].get("steps_scale", 1)  # milliseconds per tiny step: run more of them
         info = build_data(name, model_dir, workdir, CONFIGS[name]["batch"] * steps, args.order, log)
         meta[name] = {**info, "model": str(model_dir), "params": model_params(model_dir), "steps": steps}
@@ -497,7 +562,7 @@ def main(argv=None) -> int:
         for name in configs:
             for mode in modes:
                 # Alternate who goes first from one repeat to the next, so drift in machine load cancels out.
-                order = [("prefopt", v) for v in variants] + [("trl", "default")]
+                order = [("prefopt", v) for v in variants] + ([] if args.no_trl else [("trl", "default")])
                 if repeat % 2:
                     order.reverse()
                 for trainer, variant in order:
@@ -513,6 +578,8 @@ def main(argv=None) -> int:
                     result = run_child(spec, workdir, log)
                     results.append({**result, "trainer": trainer, "variant": variant, "config": name, "mode": mode,
                                     "repeat": repeat})
+    meta["matmul_tflops_end"] = matmul_tflops()
+    meta["load_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     rows = summarise(results, meta)
     print_table(rows, meta, log)
     if args.json:

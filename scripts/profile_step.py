@@ -58,7 +58,7 @@ def main(argv=None) -> int:
 
     workdir = Path(args.workdir)
     c = bench.CONFIGS[args.config]
-    model_dir = bench.build_model(args.config, workdir, print)
+    model_dir = bench.build_model(c.get("model", args.config), workdir, print)
     info = bench.build_data(args.config, model_dir, workdir, c["batch"] * (args.steps + 1), "file", print)
     config = load_config(REPO / "recipes/tiny/dpo.yaml", [
         f"model.name_or_path={model_dir}", f"data.train={info['jsonl']}", "data.eval=null", "data.shuffle=false",
@@ -146,7 +146,11 @@ COMPARE = {
     "inference-mode-ref": ({"PREFOPT_BENCH_REF_INFERENCE_MODE": "1"}, "keep", "padded"),
     "packing": ({}, "keep", "packed"),
     "bucketed": ({}, "keep", "padded-bucketed"),  # batches of similar length (length_grouped_order)
+    "no-share-prompt": ({}, "keep", "padded"),  # every prompt twice per pair (train.share_prompt=false)
+    "share-prompt": ({}, "keep", "padded"),  # each prompt once per pair (train.share_prompt=true)
 }
+# Variants that set the policy's and the reference's share_prompt; every other variant uses the config's value.
+SHARE_PROMPT = {"no-share-prompt": False, "share-prompt": True}
 
 
 def compare(args, trainer, step, batches, info) -> int:
@@ -164,6 +168,7 @@ def compare(args, trainer, step, batches, info) -> int:
     policy = trainer.accelerator.unwrap_model(trainer.policy)
     reference = trainer.reference
     default_chunk = policy.chunk_size
+    default_share = trainer.config.train.share_prompt
     pad = info["pad_token_id"]
     rows = [trainer.bundle.train[i] for i in range(len(trainer.bundle.train))]
     size = trainer.config.train.per_device_batch_size
@@ -181,8 +186,10 @@ def compare(args, trainer, step, batches, info) -> int:
             os.environ.pop(key, None)
         os.environ.update(env)
         policy.chunk_size = default_chunk if chunk == "keep" else chunk
+        policy.share_prompt = SHARE_PROMPT.get(name, default_share)
         if hasattr(reference, "chunk_size"):
             reference.chunk_size = policy.chunk_size
+            reference.share_prompt = policy.share_prompt
         if collator == "padded-bucketed":
             group = bucketed[groups.index(group) % len(bucketed)]
         batch = collate[collator](group)
@@ -204,13 +211,33 @@ def compare(args, trainer, step, batches, info) -> int:
     for key, value in saved_env.items():
         os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
     base = names[0]
-    print(f"\n{args.config}, reference {args.reference}: {args.rounds} rounds, variants interleaved")
-    print("| variant | real tok/s (median) | vs " + base + " | step peak above start MiB (median) |")
-    print("|---|---:|---:|---:|")
+    shape = bench.ModelShape.from_dir(trainer.config.model.name_or_path)
+    lengths = [[(len(r["prompt_input_ids"]), len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in g]
+               for g in groups[1:args.rounds + 1]]
+
+    def flops(name):  # executed matmul GFLOP per step (scripts/bench_flops.py), mean over the measured batches
+        env, chunk, collator = COMPARE[name]
+        share = SHARE_PROMPT.get(name, default_share) and collator != "packed"
+        keep_mb = float(env.get("PREFOPT_LOGPS_KEEP_MB", 256))
+        totals = []
+        for pairs in lengths:
+            rows = sum(c + r for _, c, r in pairs)
+            recompute = chunk is not None and (env.get("PREFOPT_LOGPS_HEAD") == "checkpoint"
+                                               or not bench.keeps_softmax(shape, rows, keep_mb))
+            totals.append(bench.step_flops(shape, pairs, reference=args.reference, share_prompt=share,
+                                           packing=collator == "packed", recompute_head=recompute,
+                                           head="all" if chunk is None else "completion")["total"])
+        return statistics.mean(totals) / 1e9
+
+    print(f"\n{args.config}, reference {args.reference}: {args.rounds} rounds, variants interleaved; load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print("| variant | real tok/s (median) | vs " + base + " | step peak above start MiB (median) "
+          "| executed GFLOP/step |")
+    print("|---|---:|---:|---:|---:|")
     for name in names:
         rate = statistics.median(times[name])
         ratio = statistics.median(a / b for a, b in zip(times[name], times[base]))
-        print(f"| {name} | {rate:.0f} | {ratio:.2f}x | {statistics.median(peaks[name]):.0f} |")
+        print(f"| {name} | {rate:.0f} | {ratio:.2f}x | {statistics.median(peaks[name]):.0f} | {flops(name):.1f} |")
     return 0
 
 

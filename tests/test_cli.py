@@ -22,14 +22,42 @@ def test_help_on_each_subcommand(command, capsys):
     assert "usage: prefopt " + command in capsys.readouterr().out
 
 
-def test_losses_table_lists_every_loss(capsys):
-    from prefopt.losses import available_losses
+def _expected_rows() -> dict[str, list[str]]:
+    """Per loss, the texts its row must show: every parameter with its default, its needs and step kind."""
+    from prefopt.losses import available_losses, loss_class, loss_parameters
 
-    assert main(["losses", "--width", "250"]) == 0
+    return {
+        name: [f"{key}={value!r}" for key, value in loss_parameters(name).items()]
+        + [*sorted(loss_class(name).needs), loss_class(name).step]
+        for name in available_losses()
+    }
+
+
+def test_losses_table_has_one_complete_row_per_loss(capsys):
+    assert main(["losses", "--width", "400"]) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():
+        cells = [cell.strip() for cell in line.split("│")]
+        if len(cells) > 2 and cells[1]:
+            rows[cells[1]] = line
+    expected = _expected_rows()
+    assert set(expected) <= set(rows), f"missing rows: {set(expected) - set(rows)}"
+    for name, texts in expected.items():
+        for text in texts:
+            assert text in rows[name], (name, text)
+
+
+def test_losses_in_a_narrow_terminal_prints_one_readable_block_per_loss(capsys):
+    assert main(["losses", "--width", "80"]) == 0
     out = capsys.readouterr().out
-    for name in available_losses():
-        assert name in out
-    assert "label_smoothing" in out and "divergence" in out and "gamma_beta_ratio" in out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert "│" not in out  # no squeezed table
+    blocks = {block.split()[0]: " ".join(block.split()) for block in out.split("\n\n")[1:] if block.strip()}
+    expected = _expected_rows()
+    assert set(blocks) == set(expected)
+    for name, texts in expected.items():
+        for text in texts:
+            assert text in blocks[name], (name, text)
 
 
 def test_bad_key_exits_2_without_traceback():

@@ -304,3 +304,48 @@ def test_rollouts_from_vllm_shaped_outputs(tokenizer):
     assert rollouts.finished.tolist() == [True, False, True, True]
     assert rollouts.completion_mask.sum(1).tolist() == [3, 3, 2, 2]  # EOS restored for the third sample
     assert rollouts.completion_ids[2, :2].tolist() == [45, eos]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8)])
+def test_lean_loop_gives_model_generate_tokens(model, tokenizer, prompt_ids, temperature, top_k, top_p):
+    """prefopt's sampling loop (generation/decode.py) against model.generate: the same tokens, token for token,
+    with the same seed (left-padded batch, n=2, EOS reached by some rows and not by others)."""
+    _boost_eos(model, tokenizer.eos_token_id, bias=3.0)
+    sampling = SamplingParams(n=2, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=12, seed=7)
+    lean = HFGenerator(model, tokenizer, loop="lean").generate(prompt_ids, sampling)
+    plain = HFGenerator(model, tokenizer, loop="generate").generate(prompt_ids, sampling)
+    assert torch.equal(lean.completion_mask, plain.completion_mask)
+    assert torch.equal(lean.completion_ids, plain.completion_ids)
+    assert lean.texts == plain.texts and torch.equal(lean.finished, plain.finished)
+    if temperature == 1.0:
+        assert 0 < int(lean.finished.sum()) < len(lean)  # both kinds of rows were exercised
+
+
+def test_lean_loop_with_peft_adapters_matches_generate(model, tokenizer, prompt_ids):
+    peft_model = _peft_model(model)
+    sampling = SamplingParams(n=1, max_new_tokens=8, seed=3)
+    lean = HFGenerator(peft_model, tokenizer, loop="lean").generate(prompt_ids, sampling)
+    plain = HFGenerator(peft_model, tokenizer, loop="generate").generate(prompt_ids, sampling)
+    assert torch.equal(lean.completion_ids, plain.completion_ids)
+    with peft_model.disable_adapter():
+        off = HFGenerator(peft_model, tokenizer, loop="lean").generate(prompt_ids, sampling)
+    assert not torch.equal(off.completion_ids, lean.completion_ids)
+
+
+def test_filter_logits_matches_transformers_warpers():
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from prefopt.generation.decode import filter_logits
+
+    scores = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    expected = TopPLogitsWarper(0.7)(None, TopKLogitsWarper(10)(None, TemperatureLogitsWarper(0.5)(None, scores)))
+    assert torch.equal(filter_logits(scores, 0.5, 10, 0.7), expected)
+
+
+def test_lean_loop_gives_the_seeded_samples_of_model_generate(model, tokenizer, prompt_ids):
+    """Per-prompt seeded sampling (Gumbel-max over per-row generators) through the lean loop and model.generate."""
+    _boost_eos(model, tokenizer.eos_token_id, bias=3.0)
+    sampling = SamplingParams(n=2, temperature=0.9, top_k=20, max_new_tokens=10, prompt_seeds=[5, 6, 7, 8])
+    lean = HFGenerator(model, tokenizer, loop="lean").generate(prompt_ids, sampling)
+    plain = HFGenerator(model, tokenizer, loop="generate").generate(prompt_ids, sampling)
+    assert torch.equal(lean.completion_ids, plain.completion_ids) and lean.texts == plain.texts

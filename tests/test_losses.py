@@ -61,11 +61,19 @@ def random_pairs(batch: int = 5, seed: int = 0, dtype: torch.dtype = F64) -> Los
 # --- registry -----------------------------------------------------------------------------------------------
 
 
+# The losses prefopt has shipped: none may disappear. New ones are welcome (they are checked generically below,
+# trained end to end by tests/test_loss_e2e.py and must have a section in docs/losses.md).
+SHIPPED_LOSSES = [
+    "dpo", "simpo", "fdpo", "rpo", "hypo", "xpo", "ppo", "rto", "sft", "reward_model", "copg", "tpo", "tpo_l",
+    "srpo", "drpo",
+]
+
+
 def test_registry_lists_every_loss_with_valid_class_attributes():
-    assert available_losses() == sorted(
-        ["dpo", "simpo", "fdpo", "rpo", "hypo", "xpo", "ppo", "rto", "sft", "reward_model"]
-        + ["copg", "tpo", "tpo_l", "srpo", "drpo"]
-    )
+    names = available_losses()
+    assert names == sorted(names) and len(set(names)) == len(names)
+    missing = set(SHIPPED_LOSSES) - set(names)
+    assert not missing, f"shipped losses no longer registered: {missing}"
     for name in available_losses():
         cls = loss_class(name)
         assert issubclass(cls, PreferenceLoss) and cls.name == name
@@ -84,6 +92,7 @@ def test_declared_needs_and_steps():
         "rpo": ({"reference"}, "pairs"),
         "hypo": ({"reference", "online"}, "pairs+samples"),
         "xpo": ({"reference", "online", "preference"}, "online_pairs"),
+        "online_dpo": ({"reference", "online", "preference"}, "online_policy_pairs"),
         "ppo": ({"reference", "online", "reward"}, "ppo"),
         "rto": ({"reference", "online", "reward", "dpo_policy"}, "ppo"),
         "sft": (set(), "sft"),
@@ -100,20 +109,24 @@ def test_declared_needs_and_steps():
 
 
 def test_loss_parameters_defaults():
-    assert loss_parameters("dpo") == {"beta": 0.1, "label_smoothing": 0.0}
-    assert loss_parameters("simpo") == {
-        "beta": 2.0,
-        "gamma": None,
-        "gamma_beta_ratio": None,
-        "sft_weight": 0.0,
+    """The documented defaults (docs/losses.md) of the shipped losses do not change. A new parameter may be added
+    (its default must then leave the loss as it was, which the worked-number tests check)."""
+    documented = {
+        "dpo": {"beta": 0.1, "label_smoothing": 0.0},
+        "simpo": {"beta": 2.0, "gamma": None, "gamma_beta_ratio": None, "sft_weight": 0.0},
+        "fdpo": {"beta": 0.1, "divergence": "reverse_kl", "alpha": 0.5},
+        "rpo": {"beta": 0.1, "eta": 0.005, "nll": "sum"},
+        "hypo": {"beta": 0.1, "kl_coef": 0.1, "samples_per_prompt": 2},
+        "xpo": {"beta": 0.1, "alpha": 1e-5},
+        "rto": {"dpo_reward_scale": 0.05, "dpo_reward_clip": 0.05, "kl_coef": 0.01, "rm_weight": 1.0,
+                "clip_eps": 0.2, "value_clip_eps": 0.2, "gamma": 1.0, "lam": 0.95, "value_loss_coef": 1.0},
+        "sft": {},
+        "reward_model": {"center_rewards_coef": 0.0},
     }
-    assert loss_parameters("fdpo") == {"beta": 0.1, "divergence": "reverse_kl", "alpha": 0.5}
-    assert loss_parameters("rpo") == {"beta": 0.1, "eta": 0.005, "nll": "sum"}
-    assert loss_parameters("hypo") == {"beta": 0.1, "kl_coef": 0.1, "samples_per_prompt": 2}
-    assert loss_parameters("xpo") == {"beta": 0.1, "alpha": 1e-5}
-    assert loss_parameters("rto")["value_loss_coef"] == 1.0 and loss_parameters("rto")["lam"] == 0.95
-    assert loss_parameters("sft") == {}
-    assert loss_parameters("reward_model") == {"center_rewards_coef": 0.0}
+    for name, defaults in documented.items():
+        params = loss_parameters(name)
+        changed = {key: params.get(key, "<removed>") for key, value in defaults.items() if params.get(key) != value}
+        assert not changed, f"{name}: documented defaults changed: {changed} (expected {defaults})"
 
 
 @pytest.mark.parametrize(

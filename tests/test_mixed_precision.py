@@ -119,3 +119,36 @@ def test_fsdp_auto_wrap_sees_the_decoder_layers_through_the_wrapper(tiny_model_d
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert set(CompletionLogpModel(model)._no_split_modules) == {"LlamaDecoderLayer"}
     assert set(CompletionLogpModel(apply_lora(model, PeftConfig(r=4)))._no_split_modules) == {"LlamaDecoderLayer"}
+
+
+def test_packed_batches_build_no_4d_mask_for_flash_attention():
+    from prefopt.trainer.loop import collator_for
+
+    rows = [{"prompt_input_ids": [5, 6], "chosen_input_ids": [7, 8, 9], "rejected_input_ids": [10], "index": 0}]
+    assert "attention_bias" in collator_for("pairs", 0, packing=True, attn_implementation="sdpa")(rows)
+    flash = collator_for("pairs", 0, packing=True, attn_implementation="flash_attention_2")(rows)
+    assert "attention_bias" not in flash and "position_ids" in flash
+
+
+def test_soft_capped_logits_are_chunked_and_equal_the_full_forward():
+    """Gemma-2-style final_logit_softcapping: chunked head (no [B, L, V] fp32 logits) equals the model's forward."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from prefopt.models.logps import completion_token_logps
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0,
+                          attn_implementation="eager")
+    model = Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # logits well beyond the cap, so capping matters
+    ids = torch.randint(0, 97, (2, 12))
+    mask = torch.ones_like(ids)
+    completion = torch.zeros_like(ids)
+    completion[:, 6:] = 1
+    full = completion_token_logps(model, ids, mask, completion, chunk_size=None)
+    chunked = completion_token_logps(model, ids, mask, completion, chunk_size=3)
+    torch.testing.assert_close(chunked.token_logps, full.token_logps, atol=1e-5, rtol=1e-5)
+    uncapped = torch.log_softmax(model.lm_head(model.model(ids).last_hidden_state), -1)  # the cap matters here
+    assert not torch.allclose(full.token_logps[:, 5:], uncapped[:, 5:-1].gather(-1, ids[:, 6:, None]).squeeze(-1))

@@ -57,10 +57,16 @@ def test_readme_torchrun_command_runs_two_processes_on_cpu(tiny_model_dir, gold_
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PET_MASTER_PORT="29537",  # torchrun reads PET_<flag>
                PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
                PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
-    result = subprocess.run("torchrun --nproc_per_node 2 -m prefopt train recipes/tiny/dpo.yaml", shell=True,
-                            capture_output=True, text=True, env=env, timeout=500, cwd=tmp_path)
+    # The command exactly as README.md's multi-process section writes it (its first torchrun line).
+    lines = (REPO / "README.md").read_text().splitlines()
+    start = lines.index("## Multi-process training and hardware support")
+    command = next(line.split("#")[0].strip() for line in lines[start:] if line.startswith("torchrun "))
+    assert command.startswith("torchrun --nproc_per_node 2 -m prefopt train recipes/tiny/dpo.yaml"), command
+    result = subprocess.run(command, shell=True, capture_output=True, text=True, env=env, timeout=500, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    out = tmp_path / "runs" / "tiny-dpo"
+    output_dir = next((arg.split("=", 1)[1] for arg in command.split() if arg.startswith("output_dir=")),
+                      "runs/tiny-dpo")
+    out = tmp_path / output_dir
     info = json.loads((out / "run_info.json").read_text())
     assert (info["world_size"], info["distributed_type"]) == (2, "DistributedType.MULTI_CPU")
     # 128 pairs / (16 per process x 2 processes) = 4 optimizer steps, one epoch.

@@ -133,3 +133,26 @@ def test_zero_lora_adapter_reference_saves_gathered_adapter(tiny_model_dir, tmp_
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "final")
     lora_b = [p for n, p in loaded.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: non-zero means trained
+
+
+@pytest.mark.slow
+def test_zero3_online_xpo_with_frozen_implicit_reward_models(tiny_model_dir, gold_task_dir, tmp_path):
+    """XPO under ZeRO-3: HF generation on the sharded policy, live reference and the implicit reward's two frozen
+    models each in its own engine (their from_pretrained runs under zero.Init). Sampling differs from one
+    process, so this checks that it runs and the numbers are sane, not parity."""
+    out = tmp_path / "xpo"
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(next(_PORTS)),
+         "-m", "prefopt", "train", str(REPO / "recipes/tiny/xpo.yaml"), f"model.name_or_path={tiny_model_dir}",
+         f"data.train={gold_task_dir / 'prompts_train.jsonl'}", f"output_dir={out}", "overwrite_output_dir=true",
+         "logging.progress=false", "logging.logging_steps=1", "train.max_steps=2", "train.per_device_batch_size=4",
+         "generation.max_new_tokens=16", f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero3_cpu.json'}",
+         "reward.kind=implicit", f"reward.policy={tiny_model_dir}", f"reward.reference={tiny_model_dir}"],
+        capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert json.loads((out / "run_info.json").read_text())["world_size"] == 2
+    steps = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    assert len(steps) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in steps)
+    assert steps[0]["dpo/loss"] == pytest.approx(0.693147, abs=1e-5)  # policy == reference at step 0

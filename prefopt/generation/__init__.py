@@ -31,7 +31,8 @@ def build_generator(gen_cfg, model, tokenizer, accelerator=None, *, seed: int = 
     sequences the run never makes, inside ``gpu_memory_utilization``.
     """
     if gen_cfg.backend == "hf":
-        return HFGenerator(model, tokenizer, batch_size=gen_cfg.batch_size, accelerator=accelerator)
+        return HFGenerator(model, tokenizer, batch_size=gen_cfg.batch_size, accelerator=accelerator,
+                           loop=getattr(gen_cfg, "hf_loop", "lean"))
     if gen_cfg.backend == "vllm":
         from prefopt.generation.vllm import VLLMGenerator, check_vllm_available
 

@@ -18,7 +18,11 @@ import torch
 @dataclass
 class SamplingParams:
     """How to sample. ``temperature == 0`` means greedy decoding; ``top_k == 0`` and ``top_p == 1`` disable those
-    filters. ``seed`` makes one ``generate`` call reproducible without touching the trainer's RNG stream."""
+    filters. ``seed`` makes one ``generate`` call reproducible without touching the trainer's RNG stream.
+
+    ``prompt_seeds`` (one per prompt) gives every prompt its own random stream (sample ``j`` of prompt ``i`` from
+    :func:`sample_seed` of ``prompt_seeds[i]`` and ``j``): the samples then do not depend on which other prompts
+    share the call, the sub-batch or the rank, so 1 and N data-parallel processes draw the same samples."""
 
     n: int = 1
     temperature: float = 1.0
@@ -26,6 +30,7 @@ class SamplingParams:
     top_k: int = 0
     max_new_tokens: int = 64
     seed: int | None = None
+    prompt_seeds: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -42,6 +47,14 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def sample_seed(prompt_seed: int, sample: int) -> int:
+    """The seed of sample ``sample`` of a prompt whose seed is ``prompt_seed`` (a 63-bit mix of the two)."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{prompt_seed}:{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 @dataclass

@@ -18,7 +18,9 @@ from collections.abc import Iterator
 
 import torch
 
-from prefopt.generation.base import Rollouts, SamplingParams, build_rollouts, eos_token_ids, pad_token_id
+from prefopt.generation.base import (Rollouts, SamplingParams, build_rollouts, eos_token_ids, pad_token_id,
+                                     sample_seed)
+from prefopt.generation.decode import sample_tokens, supports_lean_loop
 
 
 def unwrap_model(model, accelerator=None):
@@ -86,16 +88,47 @@ def left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Te
     return input_ids.to(device), attention_mask.to(device)
 
 
+class SeededSampler:
+    """A logits processor that samples each row from its own ``torch.Generator`` by the Gumbel-max trick.
+
+    ``generate`` runs greedy search over ``log_softmax(filtered logits / T) + Gumbel noise``; the argmax of that is
+    an exact draw from the filtered, tempered distribution (Gumbel 1954; e.g. Maddison et al. 2014). Every row
+    draws one noise vector per decoding step from its own generator, so a row's tokens depend only on its seed and
+    its prompt, not on the other rows of the batch (up to float round-off in the logits of a padded batch)."""
+
+    def __init__(self, seeds: list[int], sampling: SamplingParams):
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self.sampling = sampling
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+        scores = scores.float() / self.sampling.temperature
+        if self.sampling.top_k > 0:
+            scores = TopKLogitsWarper(self.sampling.top_k)(input_ids, scores)
+        if self.sampling.top_p < 1.0:
+            scores = TopPLogitsWarper(self.sampling.top_p)(input_ids, scores)
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64)
+                               for g in self.generators])
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-300))).to(scores.device, torch.float32)
+        return torch.log_softmax(scores, dim=-1) + gumbel
+
+
 class HFGenerator:
     """``Generator`` backed by ``model.generate`` on the (unwrapped) live policy, PEFT adapters active."""
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 32, accelerator=None):
+    def __init__(self, model, tokenizer, *, batch_size: int = 32, accelerator=None, loop: str = "lean"):
         if batch_size < 1:
             raise ValueError(f"generation.batch_size must be >= 1, got {batch_size}")
+        if loop not in ("lean", "generate"):
+            raise ValueError(f"generation.hf_loop must be 'lean' or 'generate', got {loop!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.accelerator = accelerator
+        # "lean": prefopt's sampling loop (generation/decode.py: the same samples, less work per token) where the
+        # model allows it; "generate": always model.generate.
+        self.loop = loop
 
     def load_weights(self, model) -> None:
         """Generation uses the live model; follow ``model`` if the trainer hands over a different object."""
@@ -134,12 +167,15 @@ class HFGenerator:
         device = _device_of(model, self.accelerator)
         eos_ids = eos_token_ids(self.tokenizer, model)
         pad_id = pad_token_id(self.tokenizer, model)
+        if sampling.prompt_seeds is not None and not sampling.greedy:
+            return self._generate_seeded(model, device, prompt_ids, sampling, eos_ids, pad_id)
         # Greedy decoding gives n identical samples; generate once and repeat (generate refuses
         # num_return_sequences > 1 without sampling).
         per_call_n = 1 if sampling.greedy else sampling.n
         config = self._generation_config(sampling, eos_ids, pad_id, per_call_n)
 
         completions: list[list[int]] = []
+        lean = self.loop == "lean" and supports_lean_loop(model)
         with contextlib.ExitStack() as stack:
             if sampling.seed is not None:
                 devices = [device] if device.type == "cuda" else []
@@ -150,10 +186,17 @@ class HFGenerator:
             for start in range(0, len(prompt_ids), self.batch_size):
                 chunk = prompt_ids[start : start + self.batch_size]
                 input_ids, attention_mask = left_pad(chunk, pad_id, device)
-                output = model.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, generation_config=config
-                )
-                generated = output[:, input_ids.shape[1] :].tolist()
+                if lean:
+                    rows = input_ids.repeat_interleave(per_call_n, 0), attention_mask.repeat_interleave(per_call_n, 0)
+                    generated = sample_tokens(
+                        model, *rows, max_new_tokens=sampling.max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+                        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                    ).tolist()
+                else:
+                    output = model.generate(
+                        input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+                    )
+                    generated = output[:, input_ids.shape[1] :].tolist()
                 if per_call_n != sampling.n:
                     generated = [tokens for tokens in generated for _ in range(sampling.n)]
                 completions.extend(generated)
@@ -166,3 +209,31 @@ class HFGenerator:
             tokenizer=self.tokenizer,
             device=device,
         )
+
+    def _generate_seeded(self, model, device, prompt_ids, sampling: SamplingParams, eos_ids, pad_id) -> Rollouts:
+        """Per-prompt seeded sampling: greedy search over :class:`SeededSampler`'s Gumbel-perturbed scores."""
+        from transformers import LogitsProcessorList
+
+        if len(sampling.prompt_seeds) != len(prompt_ids):
+            raise ValueError(f"{len(sampling.prompt_seeds)} prompt seeds for {len(prompt_ids)} prompts")
+        rows = [prompt for prompt in prompt_ids for _ in range(sampling.n)]  # prompt-major, like Rollouts
+        seeds = [sample_seed(seed, j) for seed in sampling.prompt_seeds for j in range(sampling.n)]
+        greedy = SamplingParams(temperature=0, max_new_tokens=sampling.max_new_tokens)
+        config = self._generation_config(greedy, eos_ids, pad_id, 1)
+        completions: list[list[int]] = []
+        with eval_mode(model), gathered_parameters(model, self.accelerator):
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start : start + self.batch_size]
+                input_ids, attention_mask = left_pad(chunk, pad_id, device)
+                sampler = SeededSampler(seeds[start : start + self.batch_size], sampling)
+                if self.loop == "lean" and supports_lean_loop(model):  # the same draws, less work per token
+                    completions.extend(sample_tokens(
+                        model, input_ids, attention_mask, max_new_tokens=sampling.max_new_tokens, eos_ids=eos_ids,
+                        pad_id=pad_id, draw=lambda logits, sampler=sampler: sampler(None, logits).argmax(dim=-1),
+                    ).tolist())
+                    continue
+                output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                        logits_processor=LogitsProcessorList([sampler]))
+                completions.extend(output[:, input_ids.shape[1] :].tolist())
+        return build_rollouts(prompt_ids, completions, sampling.n, eos_ids=eos_ids, pad_id=pad_id,
+                              tokenizer=self.tokenizer, device=device)

@@ -26,6 +26,7 @@ vLLM cannot be installed where this was written (no GPU), so:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 from collections.abc import Iterable, Iterator
@@ -404,6 +405,14 @@ class VLLMGenerator:
             detokenize=False,  # texts are decoded by build_rollouts, identically to the HF backend
         )
 
+    def _request_params(self, sampling: SamplingParams):
+        """One ``SamplingParams`` for the call, or with ``prompt_seeds`` one per prompt carrying its own seed (vLLM
+        seeds each request's sampler: the samples then do not depend on the batch or the rank)."""
+        if sampling.prompt_seeds is None:
+            return self._sampling_params(sampling)
+        return [self._sampling_params(dataclasses.replace(sampling, seed=seed, prompt_seeds=None))
+                for seed in sampling.prompt_seeds]
+
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> Rollouts:
         with preserved_rng():
             if self._state == "asleep":
@@ -418,7 +427,7 @@ class VLLMGenerator:
                     self._wake(["kv_cache"])
                 self._state = "awake"
                 outputs = self.llm.generate(
-                    _tokens_prompts(prompt_ids), sampling_params=self._sampling_params(sampling), use_tqdm=False
+                    _tokens_prompts(prompt_ids), sampling_params=self._request_params(sampling), use_tqdm=False
                 )
             finally:
                 self.sleep()

@@ -15,6 +15,8 @@ hyperparameter attributes):
                        prompt (HyPO).
   ``"online_pairs"``   prompt-only data; one policy and one reference sample per prompt, ordered by the reward
                        layer or a pairwise judge (XPO).
+  ``"online_policy_pairs"`` prompt-only data; two policy samples per prompt, ordered by the reward layer or a
+                       pairwise judge (online DPO, as TRL's ``OnlineDPOTrainer``).
   ``"ppo"``            rollouts, token-level rewards, a critic and several optimizer updates per rollout (RTO, PPO);
                        the loss implements the rollout hooks of :class:`prefopt.losses.ppo.PPOLoss`.
   ``"sft"``            supervised warm-up on prompt/completion rows (only ``policy_chosen_logps`` / ``chosen_lengths``).
@@ -59,8 +61,8 @@ from typing import Any, ClassVar, FrozenSet, Optional
 
 import torch
 
-STEP_KINDS = ("pairs", "pairs+samples", "online_pairs", "ppo", "sft", "reward_pairs", "scored_pairs", "triples",
-              "revision_pairs", "ppo_resets")
+STEP_KINDS = ("pairs", "pairs+samples", "online_pairs", "online_policy_pairs", "ppo", "sft", "reward_pairs",
+              "scored_pairs", "triples", "revision_pairs", "ppo_resets")
 NEEDS = ("reference", "online", "reward", "preference", "dpo_policy", "scores", "gold", "revisions", "resets")
 
 
@@ -90,9 +92,10 @@ class LossInputs:
     policy_sample_scores: Optional[torch.Tensor] = None  # [B] reward of the policy sample (logged only)
     reference_sample_scores: Optional[torch.Tensor] = None  # [B] reward of the reference sample (logged only)
 
-    # Reward-model training ----------------------------------------------------------------------------------
-    chosen_scores: Optional[torch.Tensor] = None  # [B], with grad
-    rejected_scores: Optional[torch.Tensor] = None  # [B], with grad
+    # Scores of chosen and rejected: reward-model training (the model's outputs, with grad); online DPO (the
+    # reward layer's scores of the two policy samples, logged only) --------------------------------------------
+    chosen_scores: Optional[torch.Tensor] = None  # [B]
+    rejected_scores: Optional[torch.Tensor] = None  # [B]
 
     # CoPG: a scalar reward per completion, from the data or the reward layer; constants (no grad) -------------
     chosen_external_rewards: Optional[torch.Tensor] = None  # [B]

@@ -15,6 +15,7 @@ from prefopt.losses.drpo import DRPOLoss
 from prefopt.losses.dpo import DPOLoss
 from prefopt.losses.fdpo import FDPOLoss
 from prefopt.losses.hypo import HyPOLoss
+from prefopt.losses.online_dpo import OnlineDPOLoss
 from prefopt.losses.ppo import PPOLoss
 from prefopt.losses.reward_model import RewardModelLoss
 from prefopt.losses.rpo import RPOLoss
@@ -27,7 +28,8 @@ from prefopt.losses.xpo import XPOLoss
 
 _LOSSES: dict[str, type[PreferenceLoss]] = {
     cls.name: cls
-    for cls in (DPOLoss, SimPOLoss, FDPOLoss, RPOLoss, HyPOLoss, XPOLoss, PPOLoss, RTOLoss, SFTLoss, RewardModelLoss)
+    for cls in (DPOLoss, SimPOLoss, FDPOLoss, RPOLoss, HyPOLoss, XPOLoss, OnlineDPOLoss, PPOLoss, RTOLoss, SFTLoss,
+                RewardModelLoss)
 }
 _LOSSES.update({cls.name: cls for cls in (CoPGLoss, TPOLoss, TPOLLoss, SRPOLoss, DRPOLoss)})
 

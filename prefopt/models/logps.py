@@ -64,8 +64,9 @@ def _split_model(model: torch.nn.Module):
     """(decoder body, lm head) of a Hugging Face causal LM, seen through PEFT; None when logits need extra ops."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
-    # Gemma-style soft-capping and Cohere-style logit scaling change logits after the head: use the full forward.
-    if config is not None and (getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None)):
+    # Cohere-style logit scaling changes logits after the head in model code we do not mirror: full forward.
+    # Gemma-2-style soft-capping (cap * tanh(logits / cap)) is applied per chunk (``_softcap``).
+    if config is not None and getattr(config, "logit_scale", None):
         return None
     get_decoder = getattr(base, "get_decoder", None)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -75,8 +76,16 @@ def _split_model(model: torch.nn.Module):
     return decoder, head
 
 
-def _head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _softcap(model: torch.nn.Module) -> Optional[float]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(base, "config", None), "final_logit_softcapping", None) or None
+
+
+def _head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                softcap: Optional[float] = None) -> torch.Tensor:
     logits = head(hidden).float()
+    if softcap:  # Gemma-2 (transformers Gemma2ForCausalLM.forward): cap * tanh(logits / cap), in fp32 here
+        logits = torch.tanh(logits / softcap) * softcap
     return torch.gather(F.log_softmax(logits, dim=-1), 1, targets[:, None]).squeeze(1)
 
 
@@ -317,13 +326,24 @@ def completion_token_logps(
     position_ids: Optional[torch.Tensor] = None,
     attention_bias: Optional[torch.Tensor] = None,
     head_impl: Optional[str] = None,
+    share_prompt: bool = False,
 ) -> TokenLogps:
     """Log-probs of the completion tokens of each row. ``completion_mask`` is unshifted (marks completion tokens).
 
     ``chunk_size=None`` computes full logits in one pass (the reference implementation tests compare against).
     ``attention_bias``: an optional 4D boolean/additive mask that replaces ``attention_mask`` (packed sequences).
     ``head_impl``: ``"fused"`` or ``"checkpoint"`` (module docstring); None reads ``PREFOPT_LOGPS_HEAD``.
+    ``share_prompt``: the batch is a pair batch (rows ``i`` and ``i + B`` share a prompt): run each prompt through
+    the decoder once (``prefopt/models/prefix_sharing.py``); falls back to the plain forward where that does not
+    apply (packed rows, flash attention, gradient checkpointing, an empty prompt, rows that differ in the prompt).
     """
+    if share_prompt and chunk_size is not None and attention_bias is None and position_ids is None:
+        from prefopt.models.prefix_sharing import can_share_prompt, pair_layout, shared_prompt_token_logps
+
+        layout = pair_layout(input_ids, attention_mask, completion_mask) if can_share_prompt(model) else None
+        if layout is not None:
+            return shared_prompt_token_logps(model, input_ids, attention_mask, completion_mask, layout,
+                                             chunk_size=chunk_size, head_impl=head_impl)
     labels = input_ids[:, 1:]
     mask = completion_mask[:, 1:].to(torch.float32)
     model_mask = attention_mask
@@ -340,34 +360,42 @@ def completion_token_logps(
                      use_cache=False).last_hidden_state
     rows, cols = completion_mask[:, 1:].nonzero(as_tuple=True)  # positions t+1 holding a completion token
     selected = hidden[rows, cols]  # hidden state at t predicts token t+1
-    targets = labels[rows, cols]
+    flat = head_token_logps(head, selected, labels[rows, cols], chunk_size, head_impl, _softcap(model))
+    token_logps = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+    return TokenLogps(token_logps.index_put((rows, cols), flat), mask)
+
+
+def head_token_logps(head: torch.nn.Module, selected: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                     head_impl: Optional[str] = None, softcap: Optional[float] = None) -> torch.Tensor:
+    """``log_softmax(head(selected))[targets]`` in fp32 for ``[n, H]`` predictor rows, ``[n]``, block by block.
+
+    The chunked lm head shared by :func:`completion_token_logps` and the shared-prompt path
+    (``prefopt/models/prefix_sharing.py``): the fused autograd function when the head is a plain linear layer,
+    else checkpointed ``lm_head`` + ``log_softmax`` per ``chunk_size`` rows.
+    """
     impl = head_impl or _default_head_impl()
     if impl not in HEAD_IMPLS:
         raise ValueError(f"head_impl={impl!r}: expected one of {', '.join(HEAD_IMPLS)}")
-    if impl == "fused" and _plain_linear_weight(head):
+    if impl == "fused" and _plain_linear_weight(head) and not softcap:  # soft-capping: the per-chunk path
         vocab, count = head.weight.shape[0], selected.shape[0]
         if torch.is_grad_enabled() and (selected.requires_grad or head.weight.requires_grad):
             keep = 0 < count * vocab * 4 <= _keep_budget_bytes()
             shape = _block_shape(count, chunk_size, vocab, keep=keep)
-            flat = _fused_head_autocast(selected, head.weight, head.bias, targets, shape, keep)
-        else:  # reference model / evaluation: nothing to keep for backward
-            with _head_precision(selected) as cast:
-                flat = _fused_head_forward(*cast(selected, head.weight, head.bias), targets,
-                                           _block_shape(count, chunk_size, vocab))[0]
-        token_logps = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
-        return TokenLogps(token_logps.index_put((rows, cols), flat), mask)
+            return _fused_head_autocast(selected, head.weight, head.bias, targets, shape, keep)
+        # reference model / evaluation: nothing to keep for backward
+        with _head_precision(selected) as cast:
+            return _fused_head_forward(*cast(selected, head.weight, head.bias), targets,
+                                       _block_shape(count, chunk_size, vocab))[0]
     pieces = []
     for start in range(0, selected.shape[0], chunk_size):
         chunk = selected[start:start + chunk_size]
         if torch.is_grad_enabled() and chunk.requires_grad and not _zero3_frozen(head):
             # Recompute this chunk's logits in backward instead of keeping [chunk, vocab] floats alive.
-            pieces.append(checkpoint(_head_logps, head, chunk, targets[start:start + chunk_size], use_reentrant=False))
+            pieces.append(checkpoint(_head_logps, head, chunk, targets[start:start + chunk_size], softcap,
+                                     use_reentrant=False))
         else:
-            pieces.append(_head_logps(head, chunk, targets[start:start + chunk_size]))
-    flat = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-    token_logps = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
-    token_logps = token_logps.index_put((rows, cols), flat)
-    return TokenLogps(token_logps, mask)
+            pieces.append(_head_logps(head, chunk, targets[start:start + chunk_size], softcap))
+    return torch.cat(pieces) if pieces else selected.new_zeros(0, dtype=torch.float32)
 
 
 def sequence_totals(logps: TokenLogps, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -392,11 +420,15 @@ def sequence_totals(logps: TokenLogps, batch: dict) -> tuple[torch.Tensor, torch
 class CompletionLogpModel(torch.nn.Module):
     """``forward(batch-like kwargs) -> TokenLogps``; the module accelerate prepares for training."""
 
-    def __init__(self, model: torch.nn.Module, chunk_size: Optional[int] = 1024, head_impl: Optional[str] = None):
+    def __init__(self, model: torch.nn.Module, chunk_size: Optional[int] = 1024, head_impl: Optional[str] = None,
+                 share_prompt: bool = False):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.head_impl = head_impl
+        # Exact whenever it applies (rows i and i + B share their prompt, checked per batch), so it can be a
+        # property of the module: SFT or mixed batches simply fail the check and take the plain forward.
+        self.share_prompt = share_prompt
 
     @property
     def _no_split_modules(self):
@@ -406,9 +438,10 @@ class CompletionLogpModel(torch.nn.Module):
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         return getattr(inner, "_no_split_modules", None)
 
-    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, attention_bias=None) -> TokenLogps:
+    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, attention_bias=None,
+                share_prompt: Optional[bool] = None) -> TokenLogps:
         return completion_token_logps(
             self.model, input_ids, attention_mask, completion_mask,
             chunk_size=self.chunk_size, position_ids=position_ids, attention_bias=attention_bias,
-            head_impl=self.head_impl,
+            head_impl=self.head_impl, share_prompt=self.share_prompt if share_prompt is None else share_prompt,
         )

@@ -62,7 +62,8 @@ class ModelReference(Reference):
     mode = "model"
     supports_online = True
 
-    def __init__(self, model: torch.nn.Module, chunk_size: Optional[int], autocast: Callable = contextlib.nullcontext):
+    def __init__(self, model: torch.nn.Module, chunk_size: Optional[int], autocast: Callable = contextlib.nullcontext,
+                 share_prompt: bool = False):
         # ``autocast``: the policy's mixed-precision context (``accelerator.autocast``); the policy runs under it
         # (accelerate wraps the prepared forward), so the reference must too, or DPO does not start at ln 2.
         self.autocast = autocast
@@ -71,9 +72,11 @@ class ModelReference(Reference):
         self.engine = model
         self.model = getattr(model, "module", model)
         self.chunk_size = chunk_size
+        self.share_prompt = share_prompt  # pair batches: each prompt through the decoder once (prefix_sharing.py)
 
     @torch.no_grad()
     def token_logps(self, input_ids, attention_mask, completion_mask, **kwargs) -> TokenLogps:
+        kwargs.setdefault("share_prompt", self.share_prompt)
         with self.autocast():
             return completion_token_logps(self.model, input_ids, attention_mask, completion_mask,
                                           chunk_size=self.chunk_size, **kwargs)
@@ -86,13 +89,15 @@ class AdapterReference(Reference):
     supports_online = True
 
     def __init__(self, get_peft_model: Callable[[], torch.nn.Module], chunk_size: Optional[int],
-                 autocast: Callable = contextlib.nullcontext):
+                 autocast: Callable = contextlib.nullcontext, share_prompt: bool = False):
         self._get_peft_model = get_peft_model  # unwrapped lazily: accelerate may rewrap the policy after setup
         self.chunk_size = chunk_size
         self.autocast = autocast  # the unwrapped model runs outside accelerate's autocast wrapper
+        self.share_prompt = share_prompt  # pair batches: each prompt through the decoder once (prefix_sharing.py)
 
     @torch.no_grad()
     def token_logps(self, input_ids, attention_mask, completion_mask, **kwargs) -> TokenLogps:
+        kwargs.setdefault("share_prompt", self.share_prompt)
         peft_model = self._get_peft_model()
         with peft_model.disable_adapter(), self.autocast():
             return completion_token_logps(peft_model, input_ids, attention_mask, completion_mask,

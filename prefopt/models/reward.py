@@ -244,11 +244,14 @@ class ModelReward:
         max_length: int = 1024,
         dtype: str = "float32",
         trust_remote_code: bool = False,
+        prepare=None,
     ):
         self.device = torch.device(device)
-        self.model = load_reward_model(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code).to(
-            self.device
-        )
+        model = load_reward_model(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        # ``prepare``: the trainer's frozen-model placement (a ZeRO-3 engine, see trainer/distributed.py); the
+        # engine is kept alive for its hooks and calls go to its module.
+        self._engine = prepare(model) if prepare is not None else model.to(self.device)
+        self.model = getattr(self._engine, "module", self._engine)
         self.tokenizer = load_tokenizer(
             name_or_path, trust_remote_code=trust_remote_code, key="reward.name_or_path"
         )
@@ -429,7 +432,7 @@ class ImplicitReward:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _implicit_from_config(reward_cfg, device, policy_tokenizer) -> ImplicitReward:
+def _implicit_from_config(reward_cfg, device, policy_tokenizer, prepare=None) -> ImplicitReward:
     from prefopt.config import ModelConfig
     from prefopt.models.loading import load_frozen_causal_lm
 
@@ -444,6 +447,8 @@ def _implicit_from_config(reward_cfg, device, policy_tokenizer) -> ImplicitRewar
             trust_remote_code=reward_cfg.trust_remote_code,
         )
         models.append(load_frozen_causal_lm(model_cfg.name_or_path, model_cfg, key=f"reward.{key}"))
+    engines = [prepare(model) for model in models] if prepare is not None else models
+    models = [getattr(engine, "module", engine) for engine in engines]
     has_tokenizer = any(
         (Path(reward_cfg.policy) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")
     )
@@ -453,7 +458,7 @@ def _implicit_from_config(reward_cfg, device, policy_tokenizer) -> ImplicitRewar
         tokenizer = load_tokenizer(
             reward_cfg.policy, trust_remote_code=reward_cfg.trust_remote_code, key="reward.policy"
         )
-    return ImplicitReward(
+    reward = ImplicitReward(
         models[0],
         models[1],
         tokenizer,
@@ -462,10 +467,16 @@ def _implicit_from_config(reward_cfg, device, policy_tokenizer) -> ImplicitRewar
         batch_size=reward_cfg.batch_size,
         max_length=reward_cfg.max_length,
     )
+    reward._engines = engines  # ZeRO-3: the engines' hooks gather the modules' partitions
+    return reward
 
 
-def build_reward(reward_cfg, *, device, policy_tokenizer=None):
-    """The scorer (or judge, for ``kind=judge``) a recipe's ``reward`` section describes; None for ``kind=none``."""
+def build_reward(reward_cfg, *, device, policy_tokenizer=None, prepare=None):
+    """The scorer (or judge, for ``kind=judge``) a recipe's ``reward`` section describes; None for ``kind=none``.
+
+    ``prepare``: how the trainer places a frozen model (``partial(prepare_frozen, accelerator)``: a DeepSpeed
+    engine under ZeRO-3, where ``from_pretrained`` leaves empty partitions; else a move to the device).
+    """
     kind = reward_cfg.kind
     if kind == "none":
         return None
@@ -491,11 +502,12 @@ def build_reward(reward_cfg, *, device, policy_tokenizer=None):
             max_length=reward_cfg.max_length,
             dtype=reward_cfg.dtype,
             trust_remote_code=reward_cfg.trust_remote_code,
+            prepare=prepare,
         )
     elif kind == "function":
         scorer = FunctionReward(import_callable(reward_cfg.function), device=device)
     elif kind == "implicit":
-        scorer = _implicit_from_config(reward_cfg, device, policy_tokenizer)
+        scorer = _implicit_from_config(reward_cfg, device, policy_tokenizer, prepare)
     else:
         raise ConfigError(
             f"reward.kind: invalid value {kind!r}; valid: none, model, function, implicit, judge"

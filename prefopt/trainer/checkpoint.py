@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from prefopt.errors import ConfigError
+from prefopt.trainer.model_card import push_final_if_asked, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -277,7 +278,10 @@ def save_final_model(accelerator, prepared_policy, tokenizer, output_dir: Path) 
         shutil.rmtree(partial, ignore_errors=True)
         model.save_pretrained(partial, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(partial)
+        write_model_card(partial, output_dir)
         remove_tree(final)
         partial.rename(final)
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        push_final_if_asked(final, output_dir)
     return final

@@ -160,3 +160,17 @@ def ensure_fp32_master_weights(model: torch.nn.Module) -> int:
         logger.info("%d trainable half-precision parameters kept in fp32 for AdamW (master weights); compute "
                     "precision follows train.mixed_precision", count)
     return count
+
+
+def fresh_accelerator_state() -> None:
+    """Forget the accelerate state a previous run in this process left behind (tests, notebooks, iterative rounds).
+
+    accelerate keeps its state in process-wide singletons and refuses a second ``Accelerator`` with another mixed
+    precision ("AcceleratorState has already been initialized and cannot be changed"). The transformers Trainer
+    resets it the same way for every ``TrainingArguments`` (``training_args.py``, ``_setup_devices``:
+    ``AcceleratorState._reset_state(reset_partial_state=True)``). The process-group part is kept while a
+    process group is up: it cannot be initialised twice.
+    """
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())

@@ -35,6 +35,7 @@ from prefopt.trainer.setup import (build_optimizer, build_policy, build_referenc
                                    loss_from_config, make_accelerator, precompute_reference, write_run_info)
 from prefopt.trainer.steps import StepContext
 from prefopt.trainer.updates import TrainedModule, TrainingDiverged, Updater
+from prefopt.trainer.trackers import start_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +51,14 @@ class TrainResult:
     eval_metrics: dict = field(default_factory=dict)
 
 
-def collator_for(data_kind: str, pad_token_id: int, packing: bool = False):
+def collator_for(data_kind: str, pad_token_id: int, packing: bool = False, attn_implementation: str | None = None):
     if packing and data_kind == "pairs":
         from prefopt.data.packing import PackedPairCollator
 
-        return PackedPairCollator(pad_token_id)
+        # flash / flex attention take the sequences from the restarting position_ids and ignore a 4D mask:
+        # building the [N, N] mask (and moving it to the GPU) would only cost memory.
+        uses_mask = not (attn_implementation or "").startswith(("flash", "flex"))
+        return PackedPairCollator(pad_token_id, attention_bias=uses_mask)
     variants = {"scored_pairs": ScoredPairCollator, "triples": TripleCollator, "revision_pairs": RevisionPairCollator}
     if data_kind in variants:
         return variants[data_kind](pad_token_id)
@@ -108,7 +112,8 @@ class Trainer:
             self.bundle.write_report(self.output_dir)
             for line in self.bundle.report.summary_lines():
                 logger.info(line)
-        self.collator = collator_for(step_cls.data_kind, self.tokenizer.pad_token_id, config.data.packing)
+        self.collator = collator_for(step_cls.data_kind, self.tokenizer.pad_token_id, config.data.packing,
+                                     config.model.attn_implementation)
         policy = build_policy(config, step_cls.model_kind, self.tokenizer)
         reference = build_reference(config, lambda: self.accelerator.unwrap_model(self.policy).model, acc)
         if config.resolved_reference_mode() == "precomputed":
@@ -142,7 +147,7 @@ class Trainer:
             logger.info("resumed from %s at step %d", self.resume_path, self.state.global_step)
         self.updater = Updater(acc, self.modules, self.state, config, self.output_dir)
         if trackers:
-            acc.init_trackers(config.logging.run_name or self.output_dir.name, config=config.model_dump(mode="json"))
+            start_trackers(acc, config)
         self.log = RunLogger(self.output_dir, acc, self.total_steps, progress=config.logging.progress,
                              trackers=bool(trackers), resume=self.resume_path is not None)
 
@@ -187,8 +192,11 @@ class Trainer:
         if needs & {"reward", "preference"}:
             from prefopt.models.reward import build_reward
 
+            from prefopt.trainer.distributed import prepare_frozen
+
             self.ctx.reward = build_reward(self.config.reward, device=self.accelerator.device,
-                                           policy_tokenizer=self.tokenizer)
+                                           policy_tokenizer=self.tokenizer,
+                                           prepare=lambda model: prepare_frozen(self.accelerator, model))
 
     def epoch_loader(self, epoch: int) -> DataLoader:
         dataset = self.bundle.train
@@ -255,6 +263,8 @@ class Trainer:
                   "learning_rate": updater.learning_rate(),
                   "tokens_per_second": updater.throughput.rate(self.accelerator),
                   "train/skipped_steps": self.state.skipped_steps}
+        for trained in self.modules[1:]:  # extra trainables (PPO's critic) have their own learning rate
+            record[f"{trained.name}/learning_rate"] = trained.scheduler.get_last_lr()[0]
         self.log.log(record)
 
     @torch.no_grad()

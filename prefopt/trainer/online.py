@@ -1,8 +1,9 @@
 """Online step kinds: the policy samples while it trains.
 
 ``pairs+samples`` (HyPO): an offline pair batch plus ``samples_per_prompt`` unlabelled policy samples for its
-prompts. ``online_pairs`` (XPO, online DPO): per prompt one policy sample and one reference sample, ordered by the
-reward layer. In both, every sequence of the step goes through ONE policy forward: DDP expects one forward per
+prompts. ``online_pairs`` (XPO): per prompt one policy sample and one reference sample, ordered by the reward
+layer. ``online_policy_pairs`` (online DPO, as TRL's ``OnlineDPOTrainer``): two policy samples per prompt, ordered
+by the reward layer. In both, every sequence of the step goes through ONE policy forward: DDP expects one forward per
 backward, and one padded batch is faster than two.
 """
 
@@ -18,10 +19,23 @@ from prefopt.errors import ConfigError
 from prefopt.trainer.steps import PairStep, StepContext, StepKind, StepResult, _move, register_step
 
 
-def sampling_params(ctx: StepContext, n: int) -> SamplingParams:
+def prompt_seeds(ctx: StepContext, indices, stream: str) -> list[int]:
+    """One sampling seed per prompt from the run seed, the optimizer step, the stream (``policy``, ``reference``,
+    ``eval``...) and the prompt's row index in the dataset: the same prompt gets the same samples whatever the
+    batch, the sub-batch or the rank it lands on (1 and N processes sample alike; a resumed run samples alike)."""
+    import hashlib
+
+    head = f"{ctx.config.seed}:{ctx.global_step()}:{stream}"
+    return [int.from_bytes(hashlib.blake2b(f"{head}:{int(i)}".encode(), digest_size=8).digest(), "little")
+            & (2**63 - 1) for i in indices]
+
+
+def sampling_params(ctx: StepContext, n: int, indices=None, stream: str = "policy") -> SamplingParams:
+    """The recipe's sampling settings; with ``indices`` (dataset row ids) every prompt gets its own seed."""
     gen = ctx.config.generation
+    seeds = prompt_seeds(ctx, indices, stream) if indices is not None else None
     return SamplingParams(n=n, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
-                          max_new_tokens=gen.max_new_tokens)
+                          max_new_tokens=gen.max_new_tokens, prompt_seeds=seeds)
 
 
 def completion_tokens(rollouts) -> list[list[int]]:
@@ -57,7 +71,7 @@ class HyPOStep(PairStep):
     def __call__(self, batch: dict) -> StepResult:
         ctx = self.ctx
         n = ctx.loss.online_samples_per_prompt()
-        rollouts = ctx.generator.generate(batch["prompt_input_ids"], sampling_params(ctx, n))
+        rollouts = ctx.generator.generate(batch["prompt_input_ids"], sampling_params(ctx, n, batch["index"]))
         samples = SFTCollator(ctx.tokenizer.pad_token_id)([
             {"index": int(i), "prompt_input_ids": p, "completion_input_ids": c}
             for i, p, c in zip(rollouts.prompt_index, rollouts.prompt_ids, completion_tokens(rollouts))
@@ -101,9 +115,9 @@ class OnlinePairStep(StepKind):
     def __call__(self, batch: dict) -> StepResult:
         ctx = self.ctx
         prompts = batch["prompt_input_ids"]
-        params = sampling_params(ctx, 1)
-        policy_rollouts = ctx.generator.generate(prompts, params)
-        reference_rollouts = self.reference_generator.generate(prompts, params)
+        policy_rollouts = ctx.generator.generate(prompts, sampling_params(ctx, 1, batch["index"], "policy"))
+        reference_rollouts = self.reference_generator.generate(
+            prompts, sampling_params(ctx, 1, batch["index"], "reference"))
         policy_scores, reference_scores, policy_wins = self._order(batch, policy_rollouts, reference_rollouts)
         policy_tokens, reference_tokens = completion_tokens(policy_rollouts), completion_tokens(reference_rollouts)
         features = []
@@ -158,6 +172,66 @@ class OnlinePairStep(StepKind):
                                        finished=torch.cat([policy.finished, reference.finished])).float().cpu()
         policy_scores, reference_scores = scores[: len(prompts)], scores[len(prompts):]
         return policy_scores, reference_scores, policy_scores >= reference_scores
+
+
+@register_step("online_policy_pairs")
+class OnlinePolicyPairStep(StepKind):
+    """Online DPO as TRL's ``OnlineDPOTrainer`` runs it: two policy samples per prompt, drawn in ONE ``generate``
+    call (``n=2``), scored in one reward call (or judged pairwise), the higher-scored one chosen, ties to the first
+    sample (``trl/experimental/online_dpo/online_dpo_trainer.py``, ``training_step``). The pair batch goes through
+    one policy forward and one reference forward; its two rows share their prompt, which the shared-prompt path
+    (``train.share_prompt``) computes once."""
+
+    data_kind = "prompts"
+
+    def __call__(self, batch: dict) -> StepResult:
+        ctx = self.ctx
+        prompts = batch["prompt_input_ids"]
+        # Prompt-major rows 2i, 2i + 1; per-prompt seeds: 1 and N processes draw the same samples.
+        rollouts = ctx.generator.generate(prompts, sampling_params(ctx, 2, batch["index"]))
+        texts = rollouts.texts
+        if ctx.config.reward.kind == "judge":
+            first_wins = ctx.reward.judge(list(batch["prompt_text"]), texts[0::2], texts[1::2]).float().cpu() >= 0.5
+            scores = None
+        else:  # both samples of every prompt scored in one call (a normalising reward maps them alike)
+            rows = [int(i) for i in rollouts.prompt_index]
+            scores = ctx.reward.score([batch["prompt_text"][i] for i in rows], texts,
+                                      prompt_messages=[batch["prompt_messages"][i] for i in rows],
+                                      finished=rollouts.finished).float().cpu()
+            first_wins = scores[0::2] >= scores[1::2]  # ties: the first sample (TRL: first_half >= second_half)
+        tokens = completion_tokens(rollouts)
+        features = []
+        for i, prompt in enumerate(prompts):
+            a, b = tokens[2 * i], tokens[2 * i + 1]
+            chosen, rejected = (a, b) if first_wins[i] else (b, a)
+            features.append({"index": int(batch["index"][i]), "prompt_input_ids": prompt,
+                             "chosen_input_ids": chosen, "rejected_input_ids": rejected,
+                             "prompt_text": batch["prompt_text"][i], "prompt_messages": batch["prompt_messages"][i],
+                             "chosen_text": "", "rejected_text": ""})
+        pairs = _move(PairCollator(ctx.tokenizer.pad_token_id)(features), ctx.accelerator.device)
+        logps = ctx.policy(pairs["input_ids"], pairs["attention_mask"], pairs["completion_mask"])
+        sums, lengths = sequence_totals(logps, pairs)
+        half = sums.shape[0] // 2
+        inputs = LossInputs(policy_chosen_logps=sums[:half], policy_rejected_logps=sums[half:],
+                            chosen_lengths=lengths[:half], rejected_lengths=lengths[half:])
+        if scores is not None:
+            first, second = scores[0::2], scores[1::2]
+            inputs.chosen_scores = torch.where(first_wins, first, second).to(sums.device)
+            inputs.rejected_scores = torch.where(first_wins, second, first).to(sums.device)
+        inputs.reference_chosen_logps, inputs.reference_rejected_logps = ctx.reference.pair_logps(pairs)
+        output = ctx.loss(inputs)
+        eos = float(rollouts.finished.float().mean())
+        output.metrics.setdefault("val/contain_eos_token", eos)  # TRL's name for it
+        output.metrics.setdefault("online/eos_rate", eos)
+        output.metrics.setdefault("online/response_length", float(rollouts.completion_mask.sum(-1).float().mean()))
+        logged = []
+        for i in range(len(prompts)):
+            row = {"prompt": batch["prompt_text"][i], "completion": texts[2 * i],
+                   "second_completion": texts[2 * i + 1], "first_won": bool(first_wins[i])}
+            if scores is not None:
+                row.update(score=float(scores[2 * i]), second_score=float(scores[2 * i + 1]))
+            logged.append(row)
+        return StepResult(output, tokens=float(pairs["attention_mask"].sum()), samples=logged)
 
 
 class _AdapterDisabledGenerator:

@@ -118,10 +118,10 @@ class PPOStep(StepKind):
         acc = self.ctx.accelerator
         return acc.reduce(tensor, reduction="sum") if acc.num_processes > 1 else tensor
 
-    def _sample(self, batch: dict):
-        """Rollouts for the batch's prompts and their sequences on the device."""
+    def _sample(self, batch: dict, stream: str = "policy"):
+        """Rollouts for the batch's prompts (a seed per prompt) and their sequences on the device."""
         ctx = self.ctx
-        rollouts = ctx.generator.generate(batch["prompt_input_ids"], sampling_params(ctx, 1))
+        rollouts = ctx.generator.generate(batch["prompt_input_ids"], sampling_params(ctx, 1, batch["index"], stream))
         seqs = {k: v.to(ctx.accelerator.device) for k, v in rollouts.to_sequences(ctx.tokenizer.pad_token_id).items()}
         return rollouts, seqs
 
@@ -162,7 +162,7 @@ class PPOStep(StepKind):
         samples = [{"prompt": batch["prompt_text"][int(i)], "completion": t, "score": float(s)}
                    for i, t, s in zip(rollouts.prompt_index, rollouts.texts, scores.tolist())]
         return {**seqs, "mask": mask, "old_logps": old.token_logps, "old_values": values, "advantages": advantages,
-                "returns": returns, "metrics": metrics, "samples": samples, "observed_kl": observed_kl,
+                "returns": returns, "rewards": shaped.rewards, "metrics": metrics, "samples": samples, "observed_kl": observed_kl,
                 "tokens": float(seqs["attention_mask"].sum())}
 
     def __call__(self, minibatch: dict) -> StepResult:
@@ -202,7 +202,7 @@ class PPOStep(StepKind):
     def eval_batch(self, batch: dict) -> tuple[dict[str, float], float]:
         """Mean reward and mean sequence KL(pi || ref) of policy samples for the eval prompts."""
         ctx = self.ctx
-        rollouts, seqs = self._sample(batch)
+        rollouts, seqs = self._sample(batch, "eval")
         args = (seqs["input_ids"], seqs["attention_mask"], seqs["completion_mask"])
         policy = ctx.policy(*args)
         kl = torch.where(policy.mask.bool(), policy.token_logps - ctx.reference.token_logps(*args).token_logps,

@@ -31,9 +31,9 @@ class ResetPPOStep(PPOStep):
         super().__init__(ctx)
         self._resets = True
 
-    def _sample(self, batch: dict):
+    def _sample(self, batch: dict, stream: str = "policy"):
         if not self._resets:
-            return super()._sample(batch)
+            return super()._sample(batch, stream)
         ctx = self.ctx
         # Per rank and step, so a resumed run draws the same resets.
         rng = random.Random(f"drpo-{ctx.config.seed}-{ctx.global_step()}-{ctx.accelerator.process_index}")

@@ -19,6 +19,7 @@ from prefopt.models.logps import CompletionLogpModel
 from prefopt.trainer.distributed import launched_world_size
 from prefopt.models.reference import (AdapterReference, ModelReference, NoReference, PrecomputedReference,
                                       cache_key, precompute_table)
+from prefopt.trainer.trackers import build_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +31,7 @@ def make_accelerator(config: Config):
     precision = config.train.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    trackers = [name for name in config.logging.report_to if importlib.util.find_spec(
-        {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}[name]) is not None]
-    for missing in set(config.logging.report_to) - set(trackers):
-        logger.warning("logging.report_to: %s is not installed; not logging to it", missing)
+    trackers = build_trackers(config)
     plugin = None
     if config.train.deepspeed:
         from accelerate.utils import DeepSpeedPlugin
@@ -45,8 +43,9 @@ def make_accelerator(config: Config):
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError("train.deepspeed: DeepSpeed is not installed; pip install 'prefopt[deepspeed]'")
         plugin = DeepSpeedPlugin(hf_ds_config=config.train.deepspeed)
-    from prefopt.trainer.distributed import accelerator_process_kwargs
+    from prefopt.trainer.distributed import accelerator_process_kwargs, fresh_accelerator_state
 
+    fresh_accelerator_state()
     extra = accelerator_process_kwargs(use_deepspeed=plugin is not None)
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=False), *extra.pop("kwargs_handlers", [])]
     accelerator = Accelerator(
@@ -127,7 +126,7 @@ def build_policy(config: Config, model_kind: str, tokenizer) -> torch.nn.Module:
             model.config.pad_token_id = tokenizer.pad_token_id
         return model
     return CompletionLogpModel(load_policy(config.model), chunk_size=config.train.logps_chunk_size,
-                               head_impl=config.train.logps_head)
+                               head_impl=config.train.logps_head, share_prompt=config.train.share_prompt)
 
 
 def build_reference(config: Config, policy_getter, accelerator=None) -> Any:
@@ -138,14 +137,14 @@ def build_reference(config: Config, policy_getter, accelerator=None) -> Any:
         return NoReference()
     autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
     if mode == "adapter":
-        return AdapterReference(policy_getter, chunk, autocast)
+        return AdapterReference(policy_getter, chunk, autocast, share_prompt=config.train.share_prompt)
     path = config.reference.name_or_path or config.model.name_or_path
     model = load_frozen_causal_lm(path, config.model, key="reference.name_or_path")
     if accelerator is not None:
         from prefopt.trainer.distributed import prepare_frozen
 
         model = prepare_frozen(accelerator, model)
-    return ModelReference(model, chunk, autocast)
+    return ModelReference(model, chunk, autocast, share_prompt=config.train.share_prompt)
 
 
 def precompute_reference(config: Config, accelerator, live_reference, bundle, collator) -> PrecomputedReference:

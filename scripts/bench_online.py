@@ -1,0 +1,451 @@
+#!/usr/bin/env python
+"""Online preference optimisation on CPU: prefopt's online DPO and XPO against TRL's ``OnlineDPOTrainer``.
+
+The same work on both sides: the same tiny SFT model (``prefopt.models.tiny`` + ``recipes/tiny/sft.yaml`` on the
+synthetic gold task), the same prompts in the same order (prefopt's tokenization; TRL gets the prompt text, and the
+script checks that TRL's tokenizer call gives the same ids), the same reward (``data_tools.synth:score``), the same
+sampling (temperature 1, no top-k/top-p, 48 new tokens, KV cache), the same batch of prompts, beta, AdamW (fused,
+constant lr, no warmup, no weight decay), gradient clipping at 1.0, fp32, no gradient checkpointing, no dropout.
+What differs is each method's own definition: TRL's online DPO and prefopt's ``online_dpo`` draw two policy
+samples per prompt; prefopt's XPO one policy and one reference sample (``--methods``).
+
+Every run is a fresh child process; prefopt and TRL runs alternate. Per optimizer step we time generation (every
+sampling call of the step, the reference's included) and the rest (scoring, the forwards, backward, optimizer)
+separately; the first step is a warm-up and is not counted. Peak RSS is the kernel's peak of the child from its
+first sampling call on. After training, the parent samples the held-out prompts from each final model with one
+fixed seed and scores them with the gold reward: a fast but wrong trainer cannot win.
+
+    python scripts/bench_online.py                                   # online_dpo, xpo, TRL; 12 steps, 2 repeats
+    python scripts/bench_online.py --methods xpo --steps 6 --repeats 1 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_offline import CHILD_ENV, _status_mib, reset_peak_rss
+
+SEED = 42
+LEARNING_RATE = 2e-4  # recipes/tiny/xpo.yaml
+BETA = 0.1
+MAX_NEW_TOKENS = 48
+METHODS = ("online_dpo", "xpo")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Timing (children)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class OnlineClock:
+    """Generation time and optimizer-step ends. Step ends are the learning-rate scheduler's ``step()`` calls
+    (both trainers call it once per optimizer step, after the optimizer); calls before the first sampling call
+    (the scheduler's construction) are ignored. Peak RSS is reset at the first sampling call."""
+
+    def __init__(self):
+        self.started = None
+        self.rss_start = None
+        self.step_ends: list[float] = []
+        self.generation: list[tuple[float, float]] = []  # (start, end) of every sampling call
+
+    def generation_started(self):
+        if self.started is None:
+            self.rss_start = reset_peak_rss()
+            self.started = time.perf_counter()
+        return time.perf_counter()
+
+    def generation_ended(self, start):
+        self.generation.append((start, time.perf_counter()))
+
+    def step_ended(self):
+        if self.started is not None:
+            self.step_ends.append(time.perf_counter())
+
+    def result(self) -> dict:
+        edges = [self.started, *self.step_ends]
+        steps, generation = [], []
+        for begin, end in itertools.pairwise(edges):
+            steps.append(end - begin)
+            generation.append(sum(b - a for a, b in self.generation if a >= begin and b <= end))
+        return {
+            "step_times": steps,
+            "generation_times": generation,
+            "peak_rss_mib": _status_mib("VmHWM"),
+            "rss_start_mib": self.rss_start,
+        }
+
+
+def install_scheduler_clock(clock: OnlineClock) -> None:
+    import torch
+
+    original = torch.optim.lr_scheduler.LRScheduler.step
+
+    def step(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        clock.step_ended()
+        return out
+
+    torch.optim.lr_scheduler.LRScheduler.step = step
+
+
+def child_prefopt(spec: dict) -> dict:
+    from prefopt.config import load_config
+    from prefopt.generation.hf import HFGenerator
+    from prefopt.trainer import train
+
+    clock = OnlineClock()
+    install_scheduler_clock(clock)
+    original = HFGenerator.generate
+
+    def generate(self, *args, **kwargs):
+        start = clock.generation_started()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            clock.generation_ended(start)
+
+    HFGenerator.generate = generate
+    overrides = [
+        f"model.name_or_path={spec['model']}",
+        "model.dtype=float32",
+        f"data.train={spec['prompts']}",
+        "data.eval=null",
+        "data.shuffle=false",
+        f"output_dir={spec['out']}",
+        "overwrite_output_dir=true",
+        f"seed={SEED}",
+        f"loss.name={spec['method']}",
+        f"loss.beta={BETA}",
+        "reward.kind=function",
+        "reward.function=data_tools.synth:score",
+        "generation.backend=hf",
+        "generation.temperature=1.0",
+        "generation.top_k=0",
+        "generation.top_p=1.0",
+        f"generation.max_new_tokens={MAX_NEW_TOKENS}",
+        f"train.learning_rate={LEARNING_RATE}",
+        "train.lr_scheduler=constant",
+        "train.warmup_ratio=0",
+        "train.warmup_steps=0",
+        "train.weight_decay=0",
+        "train.max_grad_norm=1.0",
+        "train.mixed_precision='no'",
+        f"train.per_device_batch_size={spec['batch']}",
+        "train.gradient_accumulation_steps=1",
+        f"train.max_steps={spec['steps']}",
+        "train.eval_steps=null",
+        "train.save_steps=null",
+        "logging.logging_steps=1",
+        "logging.progress=false",
+        "logging.sample_steps=null",
+        *spec["overrides"],
+    ]
+    config = load_config(REPO / "recipes/tiny" / f"{spec['method']}.yaml", overrides)  # every method has a recipe
+    train(config)
+    records = [
+        json.loads(line) for line in (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines() if line
+    ]
+    return {
+        **clock.result(),
+        "losses": [r["loss"] for r in records if "loss" in r],
+        "final": str(Path(spec["out"]) / "final"),
+    }
+
+
+def child_trl(spec: dict) -> dict:
+    import datasets
+    from transformers import AutoTokenizer
+    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    from data_tools.synth import score
+
+    clock = OnlineClock()
+    install_scheduler_clock(clock)
+    losses: list[float] = []
+
+    class TimedOnlineDPOTrainer(OnlineDPOTrainer):
+        def _generate(self, *args, **kwargs):
+            start = clock.generation_started()
+            try:
+                return super()._generate(*args, **kwargs)
+            finally:
+                clock.generation_ended(start)
+
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            losses.append(float(loss.detach()))
+            return loss
+
+    def gold(prompts, completions, **kwargs):
+        return [float(score(p, c)) for p, c in zip(prompts, completions)]
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    dataset = datasets.Dataset.from_dict({"prompt": spec["prompt_texts"]})
+    args = OnlineDPOConfig(
+        output_dir=spec["out"],
+        seed=SEED,
+        per_device_train_batch_size=spec["batch"],
+        gradient_accumulation_steps=1,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch_fused",
+        max_steps=spec["steps"],
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        disable_tqdm=True,
+        beta=[BETA],
+        loss_type="sigmoid",
+        max_new_tokens=MAX_NEW_TOKENS,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        model_init_kwargs={"dtype": "float32"},
+    )
+    trainer = TimedOnlineDPOTrainer(
+        model=spec["model"], reward_funcs=gold, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    trainer.train()
+    trainer.save_model(str(Path(spec["out"]) / "final"))
+    tokenizer.save_pretrained(str(Path(spec["out"]) / "final"))
+    return {**clock.result(), "losses": losses, "final": str(Path(spec["out"]) / "final")}
+
+
+def run_child(spec: dict, workdir: Path, log) -> dict:
+    spec_file = workdir / "runs" / f"{spec['name']}.json"
+    spec_file.parent.mkdir(parents=True, exist_ok=True)
+    spec_file.write_text(json.dumps(spec))
+    env = {**CHILD_ENV, **os.environ, **spec.get("env", {})}
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", str(spec_file)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    result_file = Path(spec["result"])
+    if proc.returncode != 0 or not result_file.is_file():
+        raise RuntimeError(
+            f"run {spec['name']} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}"
+        )
+    result = json.loads(result_file.read_text())
+    result["wall_s"] = time.perf_counter() - started
+    steps = result["step_times"][1:] or result["step_times"]
+    log(
+        f"  {spec['name']:<40} {result['wall_s']:6.1f}s  median step {statistics.median(steps):.3f}s  "
+        f"peak {result['peak_rss_mib']:.0f} MiB"
+    )
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Assets and evaluation (parent)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_assets(workdir: Path, rows: int, log) -> dict:
+    """Gold task, tiny model, its SFT; the training prompts (ids and text) checked against TRL's tokenization."""
+    from transformers import AutoTokenizer
+
+    from data_tools.synth import write_task
+    from prefopt.config import DataConfig, load_config
+    from prefopt.data import build_datasets
+    from prefopt.models.tiny import build_tiny_model
+    from prefopt.trainer import train
+
+    task, model, sft = workdir / "gold-task", workdir / "tiny-model", workdir / "tiny-sft"
+    if not (task / "task.json").is_file():
+        log(f"writing the gold task to {task}")
+        write_task(task, seed=0)
+    if not (model / "config.json").is_file():
+        build_tiny_model(model)
+    if not (sft / "final" / "config.json").is_file():
+        log(f"SFT of the tiny model ({sft})")
+        train(
+            load_config(
+                REPO / "recipes/tiny/sft.yaml",
+                [
+                    f"model.name_or_path={model}",
+                    f"data.train={task / 'sft.jsonl'}",
+                    "data.eval=null",
+                    f"output_dir={sft}",
+                    "overwrite_output_dir=true",
+                    "logging.progress=false",
+                ],
+            )
+        )
+    tokenizer = AutoTokenizer.from_pretrained(sft / "final")
+    prompts = task / "prompts_train.jsonl"
+    subset = workdir / f"prompts-{rows}.jsonl"
+    subset.write_text("".join(prompts.read_text().splitlines(keepends=True)[:rows]))
+    data_cfg = DataConfig(train=str(subset), shuffle=False, max_prompt_length=32, max_length=96)
+    bundle = build_datasets(data_cfg, tokenizer, "prompts", seed=SEED, cache_dir=None)
+    texts = list(bundle.train["prompt_text"])
+    ids = list(bundle.train["prompt_input_ids"])
+    trl_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if trl_ids != [list(x) for x in ids]:
+        raise RuntimeError("TRL's tokenization of the prompt text differs from prefopt's prompt ids")
+    heldout = [
+        json.loads(line)["prompt"] for line in (task / "prompts_heldout.jsonl").read_text().splitlines()
+    ]
+    return {"sft": str(sft / "final"), "prompts": str(subset), "prompt_texts": texts, "heldout": heldout}
+
+
+def gold_reward(model_dir: str, prompts: list[str], samples: int) -> float:
+    """Mean gold reward of ``samples`` samples per held-out prompt (temperature 1, 48 tokens, fixed seed)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data_tools.synth import score
+    from prefopt.generation import HFGenerator, SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    rollouts = HFGenerator(model, tokenizer, batch_size=64).generate(
+        ids, SamplingParams(n=samples, temperature=1.0, max_new_tokens=MAX_NEW_TOKENS, seed=SEED)
+    )
+    texts = [prompts[int(i)] for i in rollouts.prompt_index]
+    return statistics.mean(score(p, c) for p, c in zip(texts, rollouts.texts))
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def summarise(results: list[dict], log) -> list[dict]:
+    rows = []
+    trl = [r for r in results if r["trainer"] == "trl"]
+    labels = (["trl"] if trl else []) + sorted({r["trainer"] for r in results if r["trainer"] != "trl"})
+    base_rates = [1 / statistics.median(r["step_times"][1:]) for r in (trl or results)]
+    base_peaks = [r["peak_rss_mib"] for r in (trl or results)]
+    for label in labels:
+        runs = [r for r in results if r["trainer"] == label]
+        step = statistics.median(t for r in runs for t in r["step_times"][1:])
+        generation = statistics.median(t for r in runs for t in r["generation_times"][1:])
+        rates = [1 / statistics.median(r["step_times"][1:]) for r in runs]
+        rows.append(
+            {
+                "trainer": "TRL OnlineDPOTrainer" if label == "trl" else f"prefopt {label}",
+                "s_per_step": step,
+                "generation_s": generation,
+                "rest_s": step - generation,
+                "steps_per_s_vs_trl": statistics.median(a / b for a, b in zip(rates, base_rates)),
+                "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs),
+                "memory_vs_trl": statistics.median(r["peak_rss_mib"] / b for r, b in zip(runs, base_peaks)),
+                "gold": statistics.mean(r["gold"] for r in runs),
+                "final_loss": statistics.mean(r["losses"][-1] for r in runs),
+            }
+        )
+    log(
+        "| trainer | s/step (median) | generation s | rest s | steps/s vs TRL | peak RSS MiB | memory vs TRL "
+        "| gold reward after training | last loss |"
+    )
+    log("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        log(
+            f"| {r['trainer']} | {r['s_per_step']:.3f} | {r['generation_s']:.3f} | {r['rest_s']:.3f} "
+            f"| {r['steps_per_s_vs_trl']:.2f}x | {r['peak_rss_mib']:.0f} | {r['memory_vs_trl']:.2f}x "
+            f"| {r['gold']:.3f} | {r['final_loss']:.3f} |"
+        )
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"prefopt losses: {', '.join(METHODS)}")
+    parser.add_argument(
+        "--steps", type=int, default=12, help="optimizer steps per run (the first is a warm-up)"
+    )
+    parser.add_argument("--batch", type=int, default=8, help="prompts per optimizer step")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-trl", action="store_true")
+    parser.add_argument(
+        "--eval-samples", type=int, default=2, help="samples per held-out prompt for the gold reward"
+    )
+    parser.add_argument(
+        "--overrides", default="", help="extra prefopt overrides, space-separated (key=value)"
+    )
+    parser.add_argument("--json", help="write all runs and the summary here")
+    parser.add_argument(
+        "--workdir", default=os.environ.get("PREFOPT_BENCH_DIR", "/tmp/prefopt-bench") + "/online"
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        spec = json.loads(Path(args.child).read_text())
+        result = (child_trl if spec["trainer"] == "trl" else child_prefopt)(spec)
+        Path(spec["result"]).write_text(json.dumps(result))
+        return 0
+
+    for key, value in CHILD_ENV.items():
+        os.environ.setdefault(key, value)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = lambda text: print(text, flush=True)
+    methods = [m for m in args.methods.split(",") if m]
+    assets = build_assets(workdir, args.batch * args.steps, log)
+    log(
+        f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; batch {args.batch} prompts, {args.steps} "
+        f"steps (first = warm-up), {args.repeats} repeats, {MAX_NEW_TOKENS} new tokens, temperature 1"
+    )
+    results = []
+    stamp = time.strftime("%H%M%S")
+    for repeat in range(args.repeats):
+        order = methods + ([] if args.no_trl else ["trl"])
+        if repeat % 2:
+            order.reverse()
+        for trainer in order:
+            tag = f"{stamp}-{trainer}-r{repeat}"
+            spec = {
+                "name": tag,
+                "trainer": trainer,
+                "method": trainer,
+                "model": assets["sft"],
+                "prompts": assets["prompts"],
+                "prompt_texts": assets["prompt_texts"],
+                "batch": args.batch,
+                "steps": args.steps,
+                "out": str(workdir / "out" / tag),
+                "overrides": args.overrides.split(),
+                "result": str(workdir / "runs" / f"{tag}.result.json"),
+            }
+            result = run_child(spec, workdir, log)
+            result["gold"] = gold_reward(result["final"], assets["heldout"], args.eval_samples)
+            results.append({**result, "trainer": trainer, "repeat": repeat})
+    sft_gold = gold_reward(assets["sft"], assets["heldout"], args.eval_samples)
+    log(
+        f"\nload average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; gold reward of the SFT model "
+        f"(the starting point): {sft_gold:.3f}"
+    )
+    rows = summarise(results, log)
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"summary": rows, "sft_gold": sft_gold, "runs": results}, indent=1)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,10 +19,23 @@ from tests.trainer_helpers import REPO, metrics, write_pairs
 TIMING_KEYS = ("tokens_per_second",)
 
 
-def cli_args(model: Path, data: Path, out: Path, *overrides: str, recipe: str = "recipes/tiny/dpo.yaml") -> list:
-    return ["train", str(REPO / recipe), f"model.name_or_path={model}", f"data.train={data}", "data.eval=null",
-            f"output_dir={out}", "logging.progress=false", "logging.logging_steps=1", "train.warmup_ratio=0",
-            "train.learning_rate=1e-3", "train.per_device_batch_size=8", *overrides]
+def cli_args(
+    model: Path, data: Path, out: Path, *overrides: str, recipe: str = "recipes/tiny/dpo.yaml"
+) -> list:
+    return [
+        "train",
+        str(REPO / recipe),
+        f"model.name_or_path={model}",
+        f"data.train={data}",
+        "data.eval=null",
+        f"output_dir={out}",
+        "logging.progress=false",
+        "logging.logging_steps=1",
+        "train.warmup_ratio=0",
+        "train.learning_rate=1e-3",
+        "train.per_device_batch_size=8",
+        *overrides,
+    ]
 
 
 def train_cli(capsys, *args, **kwargs) -> tuple[int, str]:
@@ -36,7 +49,9 @@ def steady(out: Path) -> list[dict]:
 
 
 def tree_bytes(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +61,21 @@ def pairs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_run(tiny_model_dir, pairs, tmp_path_factory) -> Path:
-    """4 steps, a checkpoint every 2, all kept: the run the resume tests continue or corrupt (copies of it)."""
+    """4 steps, a checkpoint every 2, all kept: the run the resume tests continue or damage (copies of it)."""
     out = tmp_path_factory.mktemp("base") / "run"
-    assert main(cli_args(tiny_model_dir, pairs, out, "train.max_steps=4", "train.save_steps=2",
-                         "train.save_total_limit=null")) == 0
+    assert (
+        main(
+            cli_args(
+                tiny_model_dir,
+                pairs,
+                out,
+                "train.max_steps=4",
+                "train.save_steps=2",
+                "train.save_total_limit=null",
+            )
+        )
+        == 0
+    )
     return out
 
 
@@ -59,18 +85,24 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     return target
 
 
-# ------------------------------------------------------------------------------------- exit 2, nothing written
+# ------------------------------------------------------------------------------------ exit 2, nothing written
 
 
-@pytest.mark.parametrize("override, says", [
-    ("train.learning_rate=-1e-4", "train.learning_rate: -0.0001 is out of range; valid: >= 0"),
-    ("train.per_device_batch_size=0", "train.per_device_batch_size: 0 is out of range; valid: > 0"),
-    ("train.num_epochs=-1", "train.num_epochs: -1 is out of range; valid: > 0"),
-    ("data.max_prompt_length=32", "data.max_prompt_length: 32 leaves no room for the completion in data.max_length=16"),
-    ("train.warmup_ratio=1.5", "train.warmup_ratio: 1.5 is out of range; valid: [0, 1]"),
-    ("generation.top_p=0", "generation.top_p: 0 is out of range; valid: (0, 1]"),
-    ("train.save_total_limit=0", "train.save_total_limit: 0 is out of range; valid: > 0"),
-])
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("train.learning_rate=-1e-4", "train.learning_rate: -0.0001 is out of range; valid: >= 0"),
+        ("train.per_device_batch_size=0", "train.per_device_batch_size: 0 is out of range; valid: > 0"),
+        ("train.num_epochs=-1", "train.num_epochs: -1 is out of range; valid: > 0"),
+        (
+            "data.max_prompt_length=32",
+            "data.max_prompt_length: 32 leaves no room for the completion in data.max_length=16",
+        ),
+        ("train.warmup_ratio=1.5", "train.warmup_ratio: 1.5 is out of range; valid: [0, 1]"),
+        ("generation.top_p=0", "generation.top_p: 0 is out of range; valid: (0, 1]"),
+        ("train.save_total_limit=0", "train.save_total_limit: 0 is out of range; valid: > 0"),
+    ],
+)
 def test_out_of_range_values_exit_2_before_any_file(tiny_model_dir, pairs, tmp_path, capsys, override, says):
     extra = ["data.max_length=16"] if override.startswith("data.max_prompt") else []
     code, err = train_cli(capsys, tiny_model_dir, pairs, tmp_path / "out", override, *extra)
@@ -106,28 +138,50 @@ def test_model_without_tokenizer_files_exits_2(tiny_model_dir, pairs, tmp_path, 
 
 
 def test_early_data_error_leaves_no_output_dir(tiny_model_dir, tmp_path, capsys, write_jsonl):
-    data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p"}])
+    data = write_jsonl(
+        tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p"}]
+    )
     code, err = train_cli(capsys, tiny_model_dir, data, tmp_path / "out", "train.max_steps=1")
     assert code == 2 and "bad.jsonl line 2" in err
     assert not (tmp_path / "out").exists()
 
 
-# ---------------------------------------------------------------------------------------- overwrite: no data loss
+# ------------------------------------------------------------------------------------ overwrite: no data loss
 
 
 def test_overwrite_replaces_the_old_run_so_resume_cannot_mix(tiny_model_dir, pairs, tmp_path, capsys):
-    """The issue's repro (30 steps there, 6 here: same mechanism): the old run's checkpoint-4/6 used to survive."""
+    """The issue's repro (30 steps there, 6 here, same mechanism): the old checkpoint-4/6 used to survive."""
     out = tmp_path / "D"
     assert train_cli(capsys, tiny_model_dir, pairs, out, "train.max_steps=6", "train.save_steps=2")[0] == 0
-    assert train_cli(capsys, tiny_model_dir, pairs, out, "train.max_steps=4", "train.save_steps=2",
-                     "overwrite_output_dir=true")[0] == 0
+    assert (
+        train_cli(
+            capsys,
+            tiny_model_dir,
+            pairs,
+            out,
+            "train.max_steps=4",
+            "train.save_steps=2",
+            "overwrite_output_dir=true",
+        )[0]
+        == 0
+    )
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
     assert not list(tmp_path.glob(".D.overwritten-*"))  # moved aside, then deleted
     new_final, new_metrics = tree_bytes(out / "final"), steady(out)
     # Resuming "latest" now continues the NEW run: nothing to do at max_steps=4, and final/ keeps its weights.
-    assert train_cli(capsys, tiny_model_dir, pairs, out, "train.max_steps=4", "train.save_steps=2",
-                     "train.resume_from=latest")[0] == 0
+    assert (
+        train_cli(
+            capsys,
+            tiny_model_dir,
+            pairs,
+            out,
+            "train.max_steps=4",
+            "train.save_steps=2",
+            "train.resume_from=latest",
+        )[0]
+        == 0
+    )
     assert tree_bytes(out / "final") == new_final and steady(out) == new_metrics
 
 
@@ -141,7 +195,9 @@ def test_overwrite_refuses_a_directory_holding_the_inputs(tiny_model_dir, tmp_pa
     assert data.is_file()
 
 
-def test_existing_run_without_overwrite_or_resume_is_refused(base_run, tiny_model_dir, pairs, tmp_path, capsys):
+def test_existing_run_without_overwrite_or_resume_is_refused(
+    base_run, tiny_model_dir, pairs, tmp_path, capsys
+):
     run = copy_run(base_run, tmp_path)
     before = tree_bytes(run)
     code, err = train_cli(capsys, tiny_model_dir, pairs, run, "train.max_steps=4")
@@ -152,7 +208,9 @@ def test_existing_run_without_overwrite_or_resume_is_refused(base_run, tiny_mode
 # ------------------------------------------------------------------------------------------ resume: same run
 
 
-def test_resume_after_a_kill_truncates_metrics_and_is_exact(base_run, tiny_model_dir, pairs, tmp_path, capsys):
+def test_resume_after_a_kill_truncates_metrics_and_is_exact(
+    base_run, tiny_model_dir, pairs, tmp_path, capsys
+):
     """A run killed after logging step 3 (checkpoint-2 saved): its step-3 line, a half-written line and a
     .partial save are dropped, and the resumed run ends bit-identical to the uninterrupted one."""
     run = copy_run(base_run, tmp_path)
@@ -161,8 +219,16 @@ def test_resume_after_a_kill_truncates_metrics_and_is_exact(base_run, tiny_model
     shutil.copytree(run / "checkpoint-2", run / "checkpoint-4.partial")
     lines = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:40])
-    code, _ = train_cli(capsys, tiny_model_dir, pairs, run, "train.max_steps=4", "train.save_steps=2",
-                        "train.save_total_limit=null", "train.resume_from=latest")
+    code, _ = train_cli(
+        capsys,
+        tiny_model_dir,
+        pairs,
+        run,
+        "train.max_steps=4",
+        "train.save_steps=2",
+        "train.save_total_limit=null",
+        "train.resume_from=latest",
+    )
     assert code == 0
     assert steady(run) == steady(base_run)
     assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4]
@@ -170,16 +236,20 @@ def test_resume_after_a_kill_truncates_metrics_and_is_exact(base_run, tiny_model
     assert not (run / "checkpoint-4.partial").exists()
 
 
-@pytest.mark.parametrize("override, says", [
-    ("loss.name=simpo", "loss dpo -> simpo"),
-    ("loss.beta=0.5", "loss.beta 0.1 -> 0.5"),
-    ("data.max_length=80", "data fingerprint"),
-])
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("loss.name=simpo", "loss dpo -> simpo"),
+        ("loss.beta=0.5", "loss.beta 0.1 -> 0.5"),
+        ("data.max_length=80", "data fingerprint"),
+    ],
+)
 def test_resume_of_another_run_is_refused(base_run, tiny_model_dir, pairs, tmp_path, capsys, override, says):
     run = copy_run(base_run, tmp_path)
     before = tree_bytes(run)
-    code, err = train_cli(capsys, tiny_model_dir, pairs, run, "train.max_steps=6", "train.resume_from=latest",
-                          override)
+    code, err = train_cli(
+        capsys, tiny_model_dir, pairs, run, "train.max_steps=6", "train.resume_from=latest", override
+    )
     assert code == 2 and "belongs to a different run" in err and says in err
     assert "train.resume_allow=[" in err
     assert tree_bytes(run) == before  # refused before any file is written
@@ -190,16 +260,30 @@ def test_resume_with_other_data_is_refused_unless_allowed(base_run, tiny_model_d
     other = write_pairs(tmp_path / "other.jsonl", rows=32, seed=7)
     code, err = train_cli(capsys, tiny_model_dir, other, run, "train.max_steps=6", "train.resume_from=latest")
     assert code == 2 and "data fingerprint" in err and "train.resume_allow=[data]" in err
-    code, _ = train_cli(capsys, tiny_model_dir, other, run, "train.max_steps=5", "train.resume_from=latest",
-                        "train.resume_allow=[data]")
+    code, _ = train_cli(
+        capsys,
+        tiny_model_dir,
+        other,
+        run,
+        "train.max_steps=5",
+        "train.resume_from=latest",
+        "train.resume_allow=[data]",
+    )
     assert code == 0 and [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5]
 
 
 def test_resume_with_another_tokenizer_is_refused(base_run, tiny_model_dir, pairs, tmp_path, capsys):
     run = copy_run(base_run, tmp_path)
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    code, err = train_cli(capsys, tiny_model_dir, pairs, run, "train.max_steps=6", "train.resume_from=latest",
-                          f"data.chat_template={template}")
+    code, err = train_cli(
+        capsys,
+        tiny_model_dir,
+        pairs,
+        run,
+        "train.max_steps=6",
+        "train.resume_from=latest",
+        f"data.chat_template={template}",
+    )
     assert code == 2 and "tokenizer fingerprint" in err
 
 
@@ -213,8 +297,15 @@ def test_resume_with_a_different_size_model_exits_2(base_run, pairs, tmp_path, c
     assert code == 2 and "belongs to a different run" in err and "model.policy" in err
     assert tree_bytes(run) == before
     # Told to ignore the model change, the checkpoint still cannot fit: one line, no traceback.
-    code, err = train_cli(capsys, small, pairs, run, "train.max_steps=6", "train.resume_from=latest",
-                          "train.resume_allow=[model]")
+    code, err = train_cli(
+        capsys,
+        small,
+        pairs,
+        run,
+        "train.max_steps=6",
+        "train.resume_from=latest",
+        "train.resume_allow=[model]",
+    )
     assert code == 2 and "does not fit this run's model" in err and "size mismatch" in err
     assert "Traceback" not in err
 
@@ -228,17 +319,28 @@ def _truncate(path: Path) -> None:
 
 
 @pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.bin"])
-def test_damaged_latest_checkpoint_falls_back_and_says_so(base_run, tiny_model_dir, pairs, tmp_path, capsys, caplog,
-                                                          damaged):
+def test_damaged_latest_checkpoint_falls_back_and_says_so(
+    base_run, tiny_model_dir, pairs, tmp_path, capsys, caplog, damaged
+):
     run = copy_run(base_run, tmp_path)
     _truncate(run / "checkpoint-4" / damaged)
     shutil.rmtree(run / "final")
     explicit = run / "checkpoint-4"
-    code, err = train_cli(capsys, tiny_model_dir, pairs, run, "train.max_steps=4", f"train.resume_from={explicit}")
+    code, err = train_cli(
+        capsys, tiny_model_dir, pairs, run, "train.max_steps=4", f"train.resume_from={explicit}"
+    )
     assert code == 2 and f"{damaged} is truncated" in err and str(explicit) in err
     with caplog.at_level(logging.WARNING, logger="prefopt.trainer.checkpoint"):
-        code, _ = train_cli(capsys, tiny_model_dir, pairs, run, "train.max_steps=4", "train.save_steps=2",
-                            "train.save_total_limit=null", "train.resume_from=latest")
+        code, _ = train_cli(
+            capsys,
+            tiny_model_dir,
+            pairs,
+            run,
+            "train.max_steps=4",
+            "train.save_steps=2",
+            "train.save_total_limit=null",
+            "train.resume_from=latest",
+        )
     assert code == 0
     warning = " ".join(r.getMessage() for r in caplog.records)
     assert "checkpoint-4 is unusable" in warning and f"{damaged} is truncated" in warning
@@ -280,7 +382,7 @@ def test_checkpoint_problem_names_the_file(tmp_path):
     assert ckpt.checkpoint_problem(path).startswith("model.safetensors is truncated")
 
 
-# -------------------------------------------------------------------------------------------- the stop message
+# ------------------------------------------------------------------------------------------- the stop message
 
 
 def test_non_finite_stop_message_is_true_without_a_checkpoint(tiny_model_dir, pairs, tmp_path, monkeypatch):
@@ -289,8 +391,11 @@ def test_non_finite_stop_message_is_true_without_a_checkpoint(tiny_model_dir, pa
     from tests.trainer_helpers import run
 
     original = DPOLoss.forward
-    monkeypatch.setattr(DPOLoss, "forward", lambda self, i: type(original(self, i))(
-        loss=original(self, i).loss * float("nan"), metrics={}))
+    monkeypatch.setattr(
+        DPOLoss,
+        "forward",
+        lambda self, i: type(original(self, i))(loss=original(self, i).loss * float("nan"), metrics={}),
+    )
     with pytest.raises(TrainingDiverged) as stopped:
         run(tiny_model_dir, pairs, tmp_path / "none", "train.max_steps=6", "train.max_skipped_steps=1")
     assert "No checkpoint was saved in this run" in str(stopped.value)
@@ -306,13 +411,19 @@ def test_non_finite_stop_message_is_true_without_a_checkpoint(tiny_model_dir, pa
 
     monkeypatch.setattr(DPOLoss, "forward", nan_after_two_steps)
     with pytest.raises(TrainingDiverged) as stopped:
-        run(tiny_model_dir, pairs, tmp_path / "some", "train.max_steps=6", "train.max_skipped_steps=1",
-            "train.save_steps=1")
+        run(
+            tiny_model_dir,
+            pairs,
+            tmp_path / "some",
+            "train.max_steps=6",
+            "train.max_skipped_steps=1",
+            "train.save_steps=1",
+        )
     last = ckpt.list_checkpoints(tmp_path / "some")[-1]  # a skipped step changes no weight: still a good one
     assert f"The last good checkpoint, {last}, is intact" in str(stopped.value)
 
 
-# ---------------------------------------------------------------------------------------------------- data rows
+# -------------------------------------------------------------------------------------------------- data rows
 
 
 def test_every_source_counts_from_1(tmp_path):
@@ -326,44 +437,91 @@ def test_every_source_counts_from_1(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps([good, bad]))
     (tmp_path / "d.csv").write_text("prompt,chosen,rejected\np,a,b\np,a,\n")
     pq.write_table(pa.Table.from_pylist([good, {**bad, "rejected": None}]), tmp_path / "d.parquet")
-    where = {name: load_rows(Source(str(tmp_path / name))).reasons[0].split(":")[0] for name in
-             ("d.jsonl", "d.json", "d.csv", "d.parquet")}
-    assert where == {"d.jsonl": f"{tmp_path / 'd.jsonl'} line 2", "d.json": f"{tmp_path / 'd.json'} row 2",
-                     "d.csv": f"{tmp_path / 'd.csv'} line 3", "d.parquet": f"{tmp_path / 'd.parquet'} row 2"}
+    where = {
+        name: load_rows(Source(str(tmp_path / name))).reasons[0].split(":")[0]
+        for name in ("d.jsonl", "d.json", "d.csv", "d.parquet")
+    }
+    assert where == {
+        "d.jsonl": f"{tmp_path / 'd.jsonl'} line 2",
+        "d.json": f"{tmp_path / 'd.json'} row 2",
+        "d.csv": f"{tmp_path / 'd.csv'} line 3",
+        "d.parquet": f"{tmp_path / 'd.parquet'} row 2",
+    }
 
 
-@pytest.mark.parametrize("prompt, says", [
-    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
-     'message 2: role "user" follows another "user" message'),
-    ([{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}],
-     'message 1: the conversation starts with an "assistant" turn'),
-    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}],
-     'message 2: a "system" message is only allowed first'),
-    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
-     'the prompt ends with an "assistant" turn'),
-])
+@pytest.mark.parametrize(
+    "prompt, says",
+    [
+        (
+            [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+            'message 2: role "user" follows another "user" message',
+        ),
+        (
+            [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}],
+            'message 1: the conversation starts with an "assistant" turn',
+        ),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {"role": "system", "content": "b"},
+                {"role": "user", "content": "c"},
+            ],
+            'message 2: a "system" message is only allowed first',
+        ),
+        (
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+            'the prompt ends with an "assistant" turn',
+        ),
+    ],
+)
 def test_conversational_roles_must_alternate(prompt, says):
     from prefopt.data.formats import RowError, normalize_row
 
-    row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "yes"}],
-           "rejected": [{"role": "assistant", "content": "no"}]}
+    row = {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": "yes"}],
+        "rejected": [{"role": "assistant", "content": "no"}],
+    }
     with pytest.raises(RowError, match=says):
         normalize_row(row, "conversational")
-    fine = [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
-            {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    fine = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
     assert normalize_row({**row, "prompt": fine}, "conversational").prompt == fine
 
 
-# ----------------------------------------------------------------------------------------------------- diagnose
+# --------------------------------------------------------------------------------------------------- diagnose
 
 
 def test_diagnose_hint_names_its_own_flag(tiny_model_dir, tmp_path, capsys, write_jsonl):
-    data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p"},
-                                                {"prompt": "q"}])
-    code = main(["diagnose", "--policy", str(tiny_model_dir), "--reference", str(tiny_model_dir), "--data",
-                 str(data), "--out", str(tmp_path / "diag"), "--no-progress"])
+    data = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p"}, {"prompt": "q"}],
+    )
+    code = main(
+        [
+            "diagnose",
+            "--policy",
+            str(tiny_model_dir),
+            "--reference",
+            str(tiny_model_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "diag"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
-    assert code == 2 and "bad.jsonl line 2" in err and "--on-invalid skip" in err and "data.on_invalid" not in err
+    assert (
+        code == 2
+        and "bad.jsonl line 2" in err
+        and "--on-invalid skip" in err
+        and "data.on_invalid" not in err
+    )
 
 
 def test_diagnose_reference_with_another_vocabulary_exits_2(tiny_model_dir, tmp_path, capsys, write_jsonl):
@@ -371,8 +529,20 @@ def test_diagnose_reference_with_another_vocabulary_exits_2(tiny_model_dir, tmp_
 
     other = build_tiny_model(tmp_path / "small-vocab", vocab_size=512)
     data = write_pairs(tmp_path / "pairs.jsonl", rows=8)
-    code = main(["diagnose", "--policy", str(tiny_model_dir), "--reference", str(other), "--data", str(data),
-                 "--out", str(tmp_path / "diag"), "--no-progress"])
+    code = main(
+        [
+            "diagnose",
+            "--policy",
+            str(tiny_model_dir),
+            "--reference",
+            str(other),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "diag"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--reference" in err and "vocabulary of" in err and "Traceback" not in err
     assert not (tmp_path / "diag").exists()

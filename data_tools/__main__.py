@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from prefopt.errors import UserInputError
 
@@ -13,8 +14,11 @@ def build_parser() -> argparse.ArgumentParser:
     import data_tools
     from data_tools import convert, stats, synth, validate
 
-    parser = argparse.ArgumentParser(prog="python -m data_tools", description=data_tools.__doc__ or "Dataset tools.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m data_tools",
+        description=data_tools.__doc__ or "Dataset tools.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (convert, validate, stats, synth):
         module.add_parser(subparsers)

@@ -21,17 +21,27 @@ from prefopt.errors import DataError
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("convert", help="convert a dataset to standard or conversational JSONL",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert a dataset to standard or conversational JSONL",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("input", metavar="IN", help="input file, saved dataset directory or Hub name")
     parser.add_argument("output", metavar="OUT", help="output .jsonl file")
-    parser.add_argument("--to", choices=("standard", "conversational"), default="standard",
-                        help="output form (default standard)")
+    parser.add_argument(
+        "--to",
+        choices=("standard", "conversational"),
+        default="standard",
+        help="output form (default standard)",
+    )
     add_source_args(parser)
-    parser.add_argument("--tokenizer", help="tokenizer whose chat template renders multi-message prompts (--to "
-                                            "standard)")
-    parser.add_argument("--skip-invalid", action="store_true",
-                        help="leave invalid rows out (counted) instead of failing")
+    parser.add_argument(
+        "--tokenizer", help="tokenizer whose chat template renders multi-message prompts (--to standard)"
+    )
+    parser.add_argument(
+        "--skip-invalid", action="store_true", help="leave invalid rows out (counted) instead of failing"
+    )
     parser.set_defaults(handler=run)
 
 
@@ -44,8 +54,10 @@ class _Renderer:
         if len(messages) == 1 and messages[0]["role"] == "user":
             return messages[0]["content"]
         if not self.tokenizer_path:
-            raise ValueError(f"the prompt has {len(messages)} messages; converting multi-message prompts to standard "
-                             "form needs --tokenizer PATH (its chat template renders them)")
+            raise ValueError(
+                f"the prompt has {len(messages)} messages; converting multi-message prompts to standard "
+                "form needs --tokenizer PATH (its chat template renders them)"
+            )
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -69,8 +81,11 @@ def convert_row(row: NormalRow, fmt: str, to: str, renderer: _Renderer) -> list[
 
         def reply(text: str) -> Any:
             return text
+
     if fmt in PAIR_FORMATS:
-        return [{"prompt": prompt, "chosen": reply(p.chosen), "rejected": reply(p.rejected)} for p in row.pairs]
+        return [
+            {"prompt": prompt, "chosen": reply(p.chosen), "rejected": reply(p.rejected)} for p in row.pairs
+        ]
     if fmt == "sft":
         return [{"prompt": prompt, "completion": reply(row.completion)}]
     return [{"prompt": prompt}]
@@ -103,8 +118,11 @@ def run(args: argparse.Namespace) -> int:
             invalid += 1
             reasons.append(f"{location}: {error}")
     if invalid and not args.skip_invalid:
-        more = f" ({invalid - 1} more; --skip-invalid leaves them out)" if invalid > 1 else " (--skip-invalid leaves " \
-                                                                                            "it out)"
+        more = (
+            f" ({invalid - 1} more; --skip-invalid leaves them out)"
+            if invalid > 1
+            else " (--skip-invalid leaves it out)"
+        )
         raise DataError(reasons[0] + more)
     if not rows:
         raise DataError(f"{args.input}: nothing to convert ({result.rows_read} rows read, {invalid} invalid)")

@@ -20,11 +20,19 @@ PERCENTILES = (50, 90, 99)
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("stats", help="dataset statistics", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("file", help="a .jsonl/.json/.csv/.parquet file, a saved dataset directory or a Hub name")
+    parser = subparsers.add_parser(
+        "stats",
+        help="dataset statistics",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "file", help="a .jsonl/.json/.csv/.parquet file, a saved dataset directory or a Hub name"
+    )
     add_source_args(parser)
-    parser.add_argument("--tokenizer", help="tokenizer directory or name: adds token lengths and truncation rates")
+    parser.add_argument(
+        "--tokenizer", help="tokenizer directory or name: adds token lengths and truncation rates"
+    )
     parser.add_argument("--max-length", type=int, default=512, help="prompt+completion tokens (default 512)")
     parser.add_argument("--max-prompt-length", type=int, default=256, help="prompt tokens (default 256)")
     parser.add_argument("--truncation", choices=("keep_end", "keep_start"), default="keep_end")
@@ -48,8 +56,11 @@ def percentiles(values: list[float]) -> dict[str, Optional[float]]:
 
 
 def _examples(result) -> tuple[list[str], list[dict[str, Any]]]:
-    fields = ["prompt", "chosen", "rejected"] if result.format in PAIR_FORMATS else (
-        ["prompt", "completion"] if result.format == "sft" else ["prompt"])
+    fields = (
+        ["prompt", "chosen", "rejected"]
+        if result.format in PAIR_FORMATS
+        else (["prompt", "completion"] if result.format == "sft" else ["prompt"])
+    )
     examples = []
     for _, row in result.rows:
         base = {"prompt": row.prompt, "prompt_messages": json.dumps(row.prompt) if row.conversational else ""}
@@ -66,12 +77,22 @@ def _chars(value: Any) -> int:
     return sum(len(m["content"]) for m in value) if isinstance(value, list) else len(value)
 
 
-def compute(result, tokenizer=None, max_length: int = 512, max_prompt_length: int = 256,
-            truncation: str = "keep_end", chat_template: Optional[str] = None) -> dict[str, Any]:
+def compute(
+    result,
+    tokenizer=None,
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+    truncation: str = "keep_end",
+    chat_template: Optional[str] = None,
+) -> dict[str, Any]:
     fields, examples = _examples(result)
     stats: dict[str, Any] = {
-        "file": result.source, "format": result.format, "rows": result.rows_read, "valid": len(result.rows),
-        "invalid": result.invalid, "examples": len(examples),
+        "file": result.source,
+        "format": result.format,
+        "rows": result.rows_read,
+        "valid": len(result.rows),
+        "invalid": result.invalid,
+        "examples": len(examples),
         "identical_pairs": result.invalid_codes.get("identical", 0),
         "first_invalid_reasons": result.reasons[:5],
     }
@@ -83,8 +104,9 @@ def compute(result, tokenizer=None, max_length: int = 512, max_prompt_length: in
     stats["length_chars"] = {f: percentiles(v) for f, v in chars.items()}
     tokens = None
     if tokenizer is not None:
-        tokens = _token_lengths(examples, fields, tokenizer, max_length, max_prompt_length, truncation, chat_template,
-                                stats)
+        tokens = _token_lengths(
+            examples, fields, tokenizer, max_length, max_prompt_length, truncation, chat_template, stats
+        )
     if "rejected" in fields and examples:
         stats["length_bias"] = {"chars": _bias(chars["chosen"], chars["rejected"])}
         if tokens:
@@ -92,28 +114,49 @@ def compute(result, tokenizer=None, max_length: int = 512, max_prompt_length: in
     return stats
 
 
-def _token_lengths(examples, fields, tokenizer, max_length, max_prompt_length, truncation, chat_template, stats):
+def _token_lengths(
+    examples, fields, tokenizer, max_length, max_prompt_length, truncation, chat_template, stats
+):
     from prefopt.data.tokenize import COMPLETIONS, ExampleTokenizer, fit_lengths, resolve_chat_template
 
     kind = "pairs" if "rejected" in fields else "sft" if "completion" in fields else "prompts"
     template = resolve_chat_template(tokenizer, chat_template)
     encoder = ExampleTokenizer(tokenizer, kind, max_length, max_prompt_length, truncation, template)
-    texts = [encoder.render_prompt(e["prompt"] if not e["prompt_messages"] else "", e["prompt_messages"])
-             for e in examples]
+    texts = [
+        encoder.render_prompt(e["prompt"] if not e["prompt_messages"] else "", e["prompt_messages"])
+        for e in examples
+    ]
     prompt_ids = encoder.encode_prompts(texts, [bool(e["prompt_messages"]) for e in examples])
     names = COMPLETIONS[kind]
-    completion_ids = {n: encoder.encode_completions([encoder.strip_eos(e[n]) for e in examples]) for n in names}
-    tokens = {"prompt": [len(ids) for ids in prompt_ids], **{n: [len(ids) for ids in completion_ids[n]]
-                                                            for n in names}}
+    completion_ids = {
+        n: encoder.encode_completions([encoder.strip_eos(e[n]) for e in examples]) for n in names
+    }
+    tokens = {
+        "prompt": [len(ids) for ids in prompt_ids],
+        **{n: [len(ids) for ids in completion_ids[n]] for n in names},
+    }
     stats["length_tokens"] = {f: percentiles(v) for f, v in tokens.items()}
-    fitted = [fit_lengths(prompt_ids[i], [completion_ids[n][i] for n in names], max_length, max_prompt_length,
-                          truncation, names) for i in range(len(examples))]
+    fitted = [
+        fit_lengths(
+            prompt_ids[i],
+            [completion_ids[n][i] for n in names],
+            max_length,
+            max_prompt_length,
+            truncation,
+            names,
+        )
+        for i in range(len(examples))
+    ]
     count = max(len(fitted), 1)
     stats["truncation"] = {
-        "max_length": max_length, "max_prompt_length": max_prompt_length, "truncation": truncation,
+        "max_length": max_length,
+        "max_prompt_length": max_prompt_length,
+        "truncation": truncation,
         "prompts_truncated": round(sum(f.prompt_truncated for f in fitted) / count, 4),
-        **{f"{n}_truncated": round(sum(f.completion_truncated[j] for f in fitted) / count, 4)
-           for j, n in enumerate(names)},
+        **{
+            f"{n}_truncated": round(sum(f.completion_truncated[j] for f in fitted) / count, 4)
+            for j, n in enumerate(names)
+        },
         "dropped": round(sum(f.dropped is not None for f in fitted) / count, 4),
     }
     return tokens
@@ -121,9 +164,11 @@ def _token_lengths(examples, fields, tokenizer, max_length, max_prompt_length, t
 
 def _bias(chosen: list[int], rejected: list[int]) -> dict[str, float]:
     n = len(chosen)
-    return {"chosen_longer": round(sum(c > r for c, r in zip(chosen, rejected)) / n, 4),
-            "chosen_shorter": round(sum(c < r for c, r in zip(chosen, rejected)) / n, 4),
-            "mean_difference": round(sum(c - r for c, r in zip(chosen, rejected)) / n, 2)}
+    return {
+        "chosen_longer": round(sum(c > r for c, r in zip(chosen, rejected)) / n, 4),
+        "chosen_shorter": round(sum(c < r for c, r in zip(chosen, rejected)) / n, 4),
+        "mean_difference": round(sum(c - r for c, r in zip(chosen, rejected)) / n, 2),
+    }
 
 
 def _load_tokenizer(path: str):
@@ -140,10 +185,12 @@ def print_table(stats: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console()
-    console.print(f"[bold]{stats['file']}[/bold]: format {stats['format']}, {stats['rows']} rows, {stats['valid']} "
-                  f"valid, {stats['invalid']} invalid, {stats['examples']} examples, {stats['distinct_prompts']} "
-                  f"distinct prompts, {stats['duplicate_examples']} duplicate examples, {stats['identical_pairs']} "
-                  "identical pairs (chosen == rejected)")
+    console.print(
+        f"[bold]{stats['file']}[/bold]: format {stats['format']}, {stats['rows']} rows, {stats['valid']} "
+        f"valid, {stats['invalid']} invalid, {stats['examples']} examples, {stats['distinct_prompts']} "
+        f"distinct prompts, {stats['duplicate_examples']} duplicate examples, {stats['identical_pairs']} "
+        "identical pairs (chosen == rejected)"
+    )
     for unit in ("chars", "tokens"):
         lengths = stats.get(f"length_{unit}")
         if not lengths:
@@ -156,12 +203,18 @@ def print_table(stats: dict[str, Any]) -> None:
         console.print(table)
     if "truncation" in stats:
         t = stats["truncation"]
-        rates = ", ".join(f"{k.removesuffix('_truncated')} {v:.1%}" for k, v in t.items() if k.endswith("_truncated"))
-        console.print(f"truncation at max_length={t['max_length']}, max_prompt_length={t['max_prompt_length']}: "
-                      f"{rates}; dropped {t['dropped']:.1%}")
+        rates = ", ".join(
+            f"{k.removesuffix('_truncated')} {v:.1%}" for k, v in t.items() if k.endswith("_truncated")
+        )
+        console.print(
+            f"truncation at max_length={t['max_length']}, max_prompt_length={t['max_prompt_length']}: "
+            f"{rates}; dropped {t['dropped']:.1%}"
+        )
     for unit, bias in stats.get("length_bias", {}).items():
-        console.print(f"length bias ({unit}): chosen longer in {bias['chosen_longer']:.1%} of pairs, shorter in "
-                      f"{bias['chosen_shorter']:.1%}; mean chosen - rejected = {bias['mean_difference']}")
+        console.print(
+            f"length bias ({unit}): chosen longer in {bias['chosen_longer']:.1%} of pairs, shorter in "
+            f"{bias['chosen_shorter']:.1%}; mean chosen - rejected = {bias['mean_difference']}"
+        )
     for reason in stats["first_invalid_reasons"]:
         console.print(f"invalid: {reason}", markup=False)
 
@@ -169,10 +222,15 @@ def print_table(stats: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     result = load_source(args, args.file)
     if not result.rows:
-        raise DataError(f"{args.file}: no usable rows ({result.rows_read} read, {result.invalid} invalid"
-                        + (f"; first: {result.reasons[0]}" if result.reasons else "") + ")")
+        raise DataError(
+            f"{args.file}: no usable rows ({result.rows_read} read, {result.invalid} invalid"
+            + (f"; first: {result.reasons[0]}" if result.reasons else "")
+            + ")"
+        )
     tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else None
-    stats = compute(result, tokenizer, args.max_length, args.max_prompt_length, args.truncation, args.chat_template)
+    stats = compute(
+        result, tokenizer, args.max_length, args.max_prompt_length, args.truncation, args.chat_template
+    )
     if args.json:
         print(json.dumps(stats, indent=2, ensure_ascii=False))
     else:

@@ -39,31 +39,113 @@ import random
 import re
 import statistics
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 TASK_VERSION = 1
 DEFAULT_BT_TEMPERATURE = 0.1
 
-ITEMS = ("hotel", "film", "novel", "cafe", "phone", "album", "game", "bike", "museum", "laptop", "concert", "pizza",
-         "park", "train", "show", "camera")
-OPENINGS = ("My review of the", "Here is what I think of the", "A few words about the", "Honest thoughts on the",
-            "Quick review of the", "Let me tell you about the", "I just tried the", "Notes on the")
-CONTEXTS = ("from last week", "on a rainy day", "with my family", "after work", "for the first time", "on holiday",
-            "with friends", "this morning", "at the weekend", "after a long wait")
+ITEMS = (
+    "hotel",
+    "film",
+    "novel",
+    "cafe",
+    "phone",
+    "album",
+    "game",
+    "bike",
+    "museum",
+    "laptop",
+    "concert",
+    "pizza",
+    "park",
+    "train",
+    "show",
+    "camera",
+)
+OPENINGS = (
+    "My review of the",
+    "Here is what I think of the",
+    "A few words about the",
+    "Honest thoughts on the",
+    "Quick review of the",
+    "Let me tell you about the",
+    "I just tried the",
+    "Notes on the",
+)
+CONTEXTS = (
+    "from last week",
+    "on a rainy day",
+    "with my family",
+    "after work",
+    "for the first time",
+    "on holiday",
+    "with friends",
+    "this morning",
+    "at the weekend",
+    "after a long wait",
+)
 
-POSITIVE_ADJECTIVES = ("great", "wonderful", "excellent", "lovely", "amazing", "brilliant", "superb", "charming",
-                       "delightful", "pleasant", "fantastic", "good")
-NEGATIVE_ADJECTIVES = ("awful", "terrible", "boring", "poor", "bad", "dull", "horrible", "weak", "disappointing",
-                       "bland", "noisy", "slow")
-NEUTRAL_ADJECTIVES = ("okay", "fine", "average", "ordinary", "normal", "typical", "usual", "simple", "standard", "new")
+POSITIVE_ADJECTIVES = (
+    "great",
+    "wonderful",
+    "excellent",
+    "lovely",
+    "amazing",
+    "brilliant",
+    "superb",
+    "charming",
+    "delightful",
+    "pleasant",
+    "fantastic",
+    "good",
+)
+NEGATIVE_ADJECTIVES = (
+    "awful",
+    "terrible",
+    "boring",
+    "poor",
+    "bad",
+    "dull",
+    "horrible",
+    "weak",
+    "disappointing",
+    "bland",
+    "noisy",
+    "slow",
+)
+NEUTRAL_ADJECTIVES = (
+    "okay",
+    "fine",
+    "average",
+    "ordinary",
+    "normal",
+    "typical",
+    "usual",
+    "simple",
+    "standard",
+    "new",
+)
 POSITIVE_VERBS = ("loved", "enjoyed", "liked", "adored")
 NEGATIVE_VERBS = ("hated", "disliked", "regretted")
 NEUTRAL_VERBS = ("saw", "tried", "used", "visited", "watched")
 RECOMMEND = {"pos": ("recommend",), "neg": ("avoid",), "neu": ("remember",)}
 ADVERBS = ("really", "quite", "very", "rather", "truly", "fairly", "pretty", "somewhat")
-ASPECTS = ("staff", "price", "story", "sound", "service", "design", "ending", "place", "music", "food", "view",
-           "screen")
+ASPECTS = (
+    "staff",
+    "price",
+    "story",
+    "sound",
+    "service",
+    "design",
+    "ending",
+    "place",
+    "music",
+    "food",
+    "view",
+    "screen",
+)
 GLUE = ("the", "was", "it", "i", "felt", "seemed", "would", "and", "overall", "so")
 
 POSITIVE_WORDS = frozenset(POSITIVE_ADJECTIVES + POSITIVE_VERBS + RECOMMEND["pos"])
@@ -75,8 +157,14 @@ _SPECIAL = re.compile(r"<\|[^|>]*\|>|</?s>")
 _WORD = re.compile(r"[a-z]+")
 
 # Clause templates: A adjective, V verb, R recommendation (sentiment-bearing); D adverb; S subject (item or aspect).
-CLAUSES = ("the {S} was {A}", "the {S} seemed {D} {A}", "i {V} the {S}", "it felt {D} {A}", "i would {R} it",
-           "{D} {A} overall")
+CLAUSES = (
+    "the {S} was {A}",
+    "the {S} seemed {D} {A}",
+    "i {V} the {S}",
+    "it felt {D} {A}",
+    "i would {R} it",
+    "{D} {A} overall",
+)
 CONNECTORS = (", ", " and ", ". ", ", so ")
 
 
@@ -124,8 +212,13 @@ def score(prompt: Any, completion: Any) -> float:
     parts = score_parts(prompt, completion)
     if parts["words"] == 0:
         return -1.0
-    value = (0.8 * parts["balance"] + 0.2 * parts["on_topic"] - 0.2 * parts["off_topic"]
-             - min(0.6, 0.15 * parts["repeats"]) - 0.04 * max(0.0, parts["words"] - 20))
+    value = (
+        0.8 * parts["balance"]
+        + 0.2 * parts["on_topic"]
+        - 0.2 * parts["off_topic"]
+        - min(0.6, 0.15 * parts["repeats"])
+        - 0.04 * max(0.0, parts["words"] - 20)
+    )
     return max(-1.0, min(1.0, value))
 
 
@@ -179,9 +272,11 @@ def sample_completion(rng: random.Random, item: str) -> str:
             return pick(ADVERBS)
         r = rng.random()
         polarity = 0 if r < p_pos else 1 if r < p_pos + p_neg else 2
-        table = {"A": (POSITIVE_ADJECTIVES, NEGATIVE_ADJECTIVES, NEUTRAL_ADJECTIVES),
-                 "V": (POSITIVE_VERBS, NEGATIVE_VERBS, NEUTRAL_VERBS),
-                 "R": (RECOMMEND["pos"], RECOMMEND["neg"], RECOMMEND["neu"])}[slot]
+        table = {
+            "A": (POSITIVE_ADJECTIVES, NEGATIVE_ADJECTIVES, NEUTRAL_ADJECTIVES),
+            "V": (POSITIVE_VERBS, NEGATIVE_VERBS, NEUTRAL_VERBS),
+            "R": (RECOMMEND["pos"], RECOMMEND["neg"], RECOMMEND["neu"]),
+        }[slot]
         return pick(table[polarity])
 
     if rng.random() < 0.02 + 0.06 * happy:
@@ -202,8 +297,14 @@ def corpus_lines() -> list[str]:
     """Sentences covering the task's vocabulary, for training the tiny tokenizer (keeps the words whole tokens)."""
     rng = random.Random("gold-task-corpus")
     prompts = all_prompts()
-    lines = [" ".join(sorted(POSITIVE_WORDS)), " ".join(sorted(NEGATIVE_WORDS)),
-             " ".join(NEUTRAL_WORDS), " ".join(ITEMS), " ".join(OPENINGS), " ".join(CONTEXTS)]
+    lines = [
+        " ".join(sorted(POSITIVE_WORDS)),
+        " ".join(sorted(NEGATIVE_WORDS)),
+        " ".join(NEUTRAL_WORDS),
+        " ".join(ITEMS),
+        " ".join(OPENINGS),
+        " ".join(CONTEXTS),
+    ]
     lines += prompts[::7]
     for _ in range(400):
         item = rng.choice(ITEMS)
@@ -216,13 +317,22 @@ def corpus_lines() -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def build_task(seed: int, n_sft: int = 2000, n_pairs: int = 2000, n_eval: int = 200, n_heldout: int = 200,
-               n_prompts: int = 1000, temperature: float = DEFAULT_BT_TEMPERATURE,
-               conversational: bool = False) -> dict[str, Any]:
+def build_task(
+    seed: int,
+    n_sft: int = 2000,
+    n_pairs: int = 2000,
+    n_eval: int = 200,
+    n_heldout: int = 200,
+    n_prompts: int = 1000,
+    temperature: float = DEFAULT_BT_TEMPERATURE,
+    conversational: bool = False,
+) -> dict[str, Any]:
     """The task's files as ``{name: rows}`` plus ``task.json``'s content (no I/O)."""
     prompts = all_prompts()
     if not 0 < n_heldout < len(prompts):
-        raise ValueError(f"--n-heldout must be between 1 and {len(prompts) - 1} (there are {len(prompts)} prompts)")
+        raise ValueError(
+            f"--n-heldout must be between 1 and {len(prompts) - 1} (there are {len(prompts)} prompts)"
+        )
     if min(n_sft, n_pairs, n_eval, n_prompts) < 1 or temperature <= 0:
         raise ValueError("--n-sft, --n-pairs, --n-eval, --n-prompts and --bt-temperature must be positive")
     random.Random(f"{seed}-split").shuffle(prompts)
@@ -241,8 +351,13 @@ def build_task(seed: int, n_sft: int = 2000, n_pairs: int = 2000, n_eval: int = 
     for _ in range(n_sft):
         prompt = rng.choice(train_pool)
         text = sample_completion(rng, prompt_item(prompt))
-        sft.append({"prompt": prompt_field(prompt), "completion": completion_field(text),
-                    "gold_score": round(score(prompt, text), 4)})
+        sft.append(
+            {
+                "prompt": prompt_field(prompt),
+                "completion": completion_field(text),
+                "gold_score": round(score(prompt, text), 4),
+            }
+        )
 
     def pairs(count: int, pool: Sequence[str], stream: str) -> tuple[list[dict], dict[str, float]]:
         rng = random.Random(f"{seed}-{stream}")
@@ -260,11 +375,20 @@ def build_task(seed: int, n_sft: int = 2000, n_pairs: int = 2000, n_eval: int = 
             agree += sc > sr
             longer += len(chosen.split()) > len(rejected.split())
             shorter += len(chosen.split()) < len(rejected.split())
-            rows.append({"prompt": prompt_field(prompt), "chosen": completion_field(chosen),
-                         "rejected": completion_field(rejected), "chosen_score": round(sc, 4),
-                         "rejected_score": round(sr, 4)})
-        return rows, {"label_agrees_with_gold": round(agree / count, 4), "chosen_longer": round(longer / count, 4),
-                      "chosen_shorter": round(shorter / count, 4)}
+            rows.append(
+                {
+                    "prompt": prompt_field(prompt),
+                    "chosen": completion_field(chosen),
+                    "rejected": completion_field(rejected),
+                    "chosen_score": round(sc, 4),
+                    "rejected_score": round(sr, 4),
+                }
+            )
+        return rows, {
+            "label_agrees_with_gold": round(agree / count, 4),
+            "chosen_longer": round(longer / count, 4),
+            "chosen_shorter": round(shorter / count, 4),
+        }
 
     def rated(count: int, pool: Sequence[str], stream: str) -> list[dict]:
         # Three distinct completions scored by the gold reward (no label noise), as UltraFeedback's ratings are
@@ -274,12 +398,21 @@ def build_task(seed: int, n_sft: int = 2000, n_pairs: int = 2000, n_eval: int = 
         for _ in range(count):
             prompt = rng.choice(pool)
             texts: list[str] = []
-            while len(texts) < 3:  # distinct texts with distinct scores: best, second and worst are well defined
+            while (
+                len(texts) < 3
+            ):  # distinct texts with distinct scores: best, second and worst are well defined
                 text = sample_completion(rng, prompt_item(prompt))
                 if text not in texts and all(score(prompt, text) != score(prompt, t) for t in texts):
                     texts.append(text)
-            rows.append({"prompt": prompt_field(prompt), "completions": [
-                {"text": completion_field(text), "score": round(score(prompt, text), 4)} for text in texts]})
+            rows.append(
+                {
+                    "prompt": prompt_field(prompt),
+                    "completions": [
+                        {"text": completion_field(text), "score": round(score(prompt, text), 4)}
+                        for text in texts
+                    ],
+                }
+            )
         return rows
 
     pairs_train, train_stats = pairs(n_pairs, train_pool, "pairs-train")
@@ -296,15 +429,21 @@ def build_task(seed: int, n_sft: int = 2000, n_pairs: int = 2000, n_eval: int = 
         "prompts_heldout.jsonl": [{"prompt": prompt_field(p)} for p in heldout],
     }
     task = {
-        "name": "gold-task", "version": TASK_VERSION, "seed": seed,
+        "name": "gold-task",
+        "version": TASK_VERSION,
+        "seed": seed,
         "format": "conversational" if conversational else "standard",
-        "reward_function": "data_tools.synth:score", "judge_function": "data_tools.synth:judge",
+        "reward_function": "data_tools.synth:score",
+        "judge_function": "data_tools.synth:judge",
         "bt_temperature": temperature,
         "counts": {name: len(rows) for name, rows in files.items()},
         "prompts": {"total": len(prompts), "train_pool": len(train_pool), "heldout": len(heldout)},
-        "stats": {"sft_gold_mean": round(statistics.fmean(sft_scores), 4),
-                  "sft_gold_std": round(statistics.pstdev(sft_scores), 4),
-                  "pairs_train": train_stats, "pairs_eval": eval_stats},
+        "stats": {
+            "sft_gold_mean": round(statistics.fmean(sft_scores), 4),
+            "sft_gold_std": round(statistics.pstdev(sft_scores), 4),
+            "pairs_train": train_stats,
+            "pairs_eval": eval_stats,
+        },
     }
     return {"files": files, "task": task}
 
@@ -343,17 +482,29 @@ def write_task(out_dir: str | os.PathLike, seed: int, **kwargs: Any) -> dict[str
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     task, counts, stats = built["task"], built["task"]["counts"], built["task"]["stats"]
-    texts = {name: "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-             for name, rows in built["files"].items()}
+    texts = {
+        name: "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        for name, rows in built["files"].items()
+    }
     texts["task.json"] = json.dumps(task, indent=2) + "\n"
     texts["README.md"] = README.format(
-        seed=seed, format=task["format"], n_items=len(ITEMS), temperature=task["bt_temperature"],
-        sft=counts["sft.jsonl"], pairs_train=counts["pairs_train.jsonl"], pairs_eval=counts["pairs_eval.jsonl"],
-        prompts_train=counts["prompts_train.jsonl"], prompts_heldout=counts["prompts_heldout.jsonl"],
-        rated_train=counts["rated_train.jsonl"], rated_eval=counts["rated_eval.jsonl"],
-        agree=stats["pairs_train"]["label_agrees_with_gold"], longer=stats["pairs_train"]["chosen_longer"],
+        seed=seed,
+        format=task["format"],
+        n_items=len(ITEMS),
+        temperature=task["bt_temperature"],
+        sft=counts["sft.jsonl"],
+        pairs_train=counts["pairs_train.jsonl"],
+        pairs_eval=counts["pairs_eval.jsonl"],
+        prompts_train=counts["prompts_train.jsonl"],
+        prompts_heldout=counts["prompts_heldout.jsonl"],
+        rated_train=counts["rated_train.jsonl"],
+        rated_eval=counts["rated_eval.jsonl"],
+        agree=stats["pairs_train"]["label_agrees_with_gold"],
+        longer=stats["pairs_train"]["chosen_longer"],
         shorter=stats["pairs_train"]["chosen_shorter"],
-        mean=stats["sft_gold_mean"], std=stats["sft_gold_std"])
+        mean=stats["sft_gold_mean"],
+        std=stats["sft_gold_std"],
+    )
     for name, text in texts.items():
         tmp = out / f".{name}.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8", newline="\n") as stream:
@@ -363,20 +514,33 @@ def write_task(out_dir: str | os.PathLike, seed: int, **kwargs: Any) -> dict[str
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("synth", help="generate synthetic tasks", description="Generate synthetic tasks.")
+    parser = subparsers.add_parser(
+        "synth", help="generate synthetic tasks", description="Generate synthetic tasks."
+    )
     tasks = parser.add_subparsers(dest="task", required=True, metavar="TASK")
-    gold = tasks.add_parser("gold-task", help="the synthetic sentiment task with a programmatic gold reward",
-                            description=__doc__.split("\n\n")[0] + " Gold reward: data_tools.synth:score.")
+    gold = tasks.add_parser(
+        "gold-task",
+        help="the synthetic sentiment task with a programmatic gold reward",
+        description=__doc__.split("\n\n")[0] + " Gold reward: data_tools.synth:score.",
+    )
     gold.add_argument("--out", required=True, help="output directory")
     gold.add_argument("--seed", type=int, default=0)
     gold.add_argument("--n-sft", type=int, default=2000, help="SFT rows (default 2000)")
     gold.add_argument("--n-pairs", type=int, default=2000, help="training pairs (default 2000)")
     gold.add_argument("--n-eval", type=int, default=200, help="eval pairs, on held-out prompts (default 200)")
     gold.add_argument("--n-heldout", type=int, default=200, help="held-out prompts (default 200)")
-    gold.add_argument("--n-prompts", type=int, default=1000, help="training prompts for online methods (default 1000)")
-    gold.add_argument("--bt-temperature", type=float, default=DEFAULT_BT_TEMPERATURE,
-                      help=f"Bradley-Terry temperature of the labels (default {DEFAULT_BT_TEMPERATURE})")
-    gold.add_argument("--conversational", action="store_true", help="write message lists instead of plain strings")
+    gold.add_argument(
+        "--n-prompts", type=int, default=1000, help="training prompts for online methods (default 1000)"
+    )
+    gold.add_argument(
+        "--bt-temperature",
+        type=float,
+        default=DEFAULT_BT_TEMPERATURE,
+        help=f"Bradley-Terry temperature of the labels (default {DEFAULT_BT_TEMPERATURE})",
+    )
+    gold.add_argument(
+        "--conversational", action="store_true", help="write message lists instead of plain strings"
+    )
     gold.set_defaults(handler=run)
 
 
@@ -384,9 +548,17 @@ def run(args: argparse.Namespace) -> int:
     from prefopt.errors import DataError
 
     try:
-        task = write_task(args.out, args.seed, n_sft=args.n_sft, n_pairs=args.n_pairs, n_eval=args.n_eval,
-                          n_heldout=args.n_heldout, n_prompts=args.n_prompts, temperature=args.bt_temperature,
-                          conversational=args.conversational)
+        task = write_task(
+            args.out,
+            args.seed,
+            n_sft=args.n_sft,
+            n_pairs=args.n_pairs,
+            n_eval=args.n_eval,
+            n_heldout=args.n_heldout,
+            n_prompts=args.n_prompts,
+            temperature=args.bt_temperature,
+            conversational=args.conversational,
+        )
     except ValueError as error:
         raise DataError(f"synth gold-task: {error}") from None
     counts = ", ".join(f"{name} {n}" for name, n in task["counts"].items())

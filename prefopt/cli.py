@@ -11,11 +11,11 @@ import logging
 import os
 import sys
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from prefopt.errors import UserInputError
-
 from prefopt.recipes import REPO_ROOT, find_recipe  # noqa: F401 - re-exported (``prefopt.cli.find_recipe``)
 
 # Below this many columns `prefopt losses` prints one block per loss instead of a table.
@@ -46,9 +46,20 @@ def _print_summary(result) -> None:
         return
     metrics = {**result.last_metrics, **result.eval_metrics}
     console = Console()
-    console.print(f"[bold green]done[/]: {result.global_step} optimizer steps; outputs in {result.output_dir}")
-    for key in ("loss", "rewards/accuracies", "rewards/margins", "eval/loss", "eval/rewards/accuracies",
-                "eval/rewards/margins", "online/kl", "ppo/policy_loss", "rto/rm_score"):
+    console.print(
+        f"[bold green]done[/]: {result.global_step} optimizer steps; outputs in {result.output_dir}"
+    )
+    for key in (
+        "loss",
+        "rewards/accuracies",
+        "rewards/margins",
+        "eval/loss",
+        "eval/rewards/accuracies",
+        "eval/rewards/margins",
+        "online/kl",
+        "ppo/policy_loss",
+        "rto/rm_score",
+    ):
         if key in metrics:
             console.print(f"  {key:<26} {metrics[key]:.4f}")
     if result.final_dir is not None:
@@ -85,7 +96,9 @@ def cmd_losses(args: argparse.Namespace) -> int:
         for name, summary, params, needs, step in rows:
             console.print(Text.assemble((name, "bold"), f"  needs: {needs}; step: {step}"))
             for line in (summary, f"parameters: {params}"):
-                wrapped = textwrap.fill(line, width=console.width, initial_indent="  ", subsequent_indent="    ")
+                wrapped = textwrap.fill(
+                    line, width=console.width, initial_indent="  ", subsequent_indent="    "
+                )
                 console.print(wrapped, markup=False, highlight=False, soft_wrap=True)
             console.print()
         return 0
@@ -152,8 +165,13 @@ def _reflow(doc: str) -> str:
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from prefopt.models.tiny import build_tiny_model
 
-    path = build_tiny_model(args.out, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
-                            num_layers=args.layers, seed=args.seed)
+    path = build_tiny_model(
+        args.out,
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        num_layers=args.layers,
+        seed=args.seed,
+    )
     print(f"tiny model and tokenizer saved to {path}")
     return 0
 
@@ -174,23 +192,34 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prefopt", description="Preference optimization for language models.")
+    parser = argparse.ArgumentParser(
+        prog="prefopt", description="Preference optimization for language models."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = sub.add_parser("train", help="train from a recipe", description=(
-        "Train from a YAML recipe. Override any key with dotted KEY=VALUE, e.g. "
-        "`prefopt train recipes/tiny/dpo.yaml loss.name=simpo loss.beta=2.0`. Multi-process: "
-        "`accelerate launch -m prefopt train ...` or `torchrun --nproc_per_node N -m prefopt train ...`."))
+    train = sub.add_parser(
+        "train",
+        help="train from a recipe",
+        description=(
+            "Train from a YAML recipe. Override any key with dotted KEY=VALUE, e.g. "
+            "`prefopt train recipes/tiny/dpo.yaml loss.name=simpo loss.beta=2.0`. Multi-process: "
+            "`accelerate launch -m prefopt train ...` or `torchrun --nproc_per_node N -m prefopt train ...`."
+        ),
+    )
     train.add_argument("recipe", help="recipe YAML file")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
     train.set_defaults(func=cmd_train)
 
     losses = sub.add_parser("losses", help="list every loss, its parameters, defaults and needs")
-    losses.add_argument("name", nargs="?", help="show this loss in full: formula, parameters, defaults, paper")
+    losses.add_argument(
+        "name", nargs="?", help="show this loss in full: formula, parameters, defaults, paper"
+    )
     losses.add_argument("--width", type=int, default=None, help="output width (default: terminal)")
     losses.set_defaults(func=cmd_losses)
 
-    tiny = sub.add_parser("tiny-model", help="build the offline tiny Llama + BPE tokenizer with a chat template")
+    tiny = sub.add_parser(
+        "tiny-model", help="build the offline tiny Llama + BPE tokenizer with a chat template"
+    )
     tiny.add_argument("out", help="output directory")
     tiny.add_argument("--vocab-size", type=int, default=1024)
     tiny.add_argument("--hidden-size", type=int, default=64)
@@ -198,11 +227,20 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_tiny_model)
 
-    demo = sub.add_parser("demo", help="build the tiny model and the synthetic task, train DPO, print a summary")
-    demo.add_argument("--out", default="runs",
-                      help="where everything goes (default: runs, where the tiny recipes read their inputs)")
-    demo.add_argument("--max-steps", type=int, default=None, help="cap the SFT and DPO runs (default: the recipes')")
-    demo.add_argument("--eval-prompts", type=int, default=100, help="held-out prompts for the gold evaluation")
+    demo = sub.add_parser(
+        "demo", help="build the tiny model and the synthetic task, train DPO, print a summary"
+    )
+    demo.add_argument(
+        "--out",
+        default="runs",
+        help="where everything goes (default: runs, where the tiny recipes read their inputs)",
+    )
+    demo.add_argument(
+        "--max-steps", type=int, default=None, help="cap the SFT and DPO runs (default: the recipes')"
+    )
+    demo.add_argument(
+        "--eval-prompts", type=int, default=100, help="held-out prompts for the gold evaluation"
+    )
     demo.set_defaults(func=cmd_demo)
 
     try:

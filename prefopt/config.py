@@ -102,26 +102,30 @@ class DataConfig(_Section):
     curriculum: bool = False  # rated pairs ordered easy-to-hard by score gap (Curry-DPO)
     num_proc: Optional[Positive] = None
     packing: bool = False  # padding-free packing of pairs (pays off with varlen flash attention on GPUs)
-    group_by_length: bool = False  # batches of similar-length pairs: less padding (changes which pairs share a step)
+    group_by_length: bool = (
+        False  # batches of similar-length pairs: less padding (changes which pairs share a step)
+    )
     # SRPO's revision prompt (prefopt/data/revision.py): plain rows fill {prompt} and {answer}; conversational rows
     # add the answer as an assistant turn and the instruction as a user turn.
     revision_template: str = DEFAULT_REVISION_TEMPLATE
     revision_instruction: str = DEFAULT_REVISION_INSTRUCTION
 
     @model_validator(mode="after")
-    def _check_revision_template(self) -> "DataConfig":
+    def _check_revision_template(self) -> DataConfig:
         check_template(self.revision_template)
         return self
 
     @model_validator(mode="after")
-    def _check_lengths(self) -> "DataConfig":
+    def _check_lengths(self) -> DataConfig:
         if "max_prompt_length" not in self.model_fields_set and self.max_prompt_length >= self.max_length:
             # Only max_length was lowered: the default prompt budget follows it (half), instead of an error.
             object.__setattr__(self, "max_prompt_length", max(self.max_length // 2, 1))
         if self.max_prompt_length >= self.max_length:
-            raise ValueError(f"data.max_prompt_length: {self.max_prompt_length} leaves no room for the completion in "
-                             f"data.max_length={self.max_length} (which counts prompt and completion); valid: 1 to "
-                             f"{self.max_length - 1}, or raise data.max_length")
+            raise ValueError(
+                f"data.max_prompt_length: {self.max_prompt_length} leaves no room for the completion in "
+                f"data.max_length={self.max_length} (which counts prompt and completion); valid: 1 to "
+                f"{self.max_length - 1}, or raise data.max_length"
+            )
         return self
 
 
@@ -194,14 +198,18 @@ class TrainConfig(_Section):
     hub_private: bool = True  # a new repository is created private
 
     @model_validator(mode="after")
-    def _check_push(self) -> "TrainConfig":
+    def _check_push(self) -> TrainConfig:
         if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("train.push_to_hub: set train.hub_model_id to the Hub repository, e.g. "
-                             "train.hub_model_id=your-name/tiny-dpo")
+            raise ValueError(
+                "train.push_to_hub: set train.hub_model_id to the Hub repository, e.g. "
+                "train.hub_model_id=your-name/tiny-dpo"
+            )
         if self.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-            raise ValueError("train.push_to_hub: HF_HUB_OFFLINE is set, so nothing could be uploaded; run with "
-                             "HF_HUB_OFFLINE=0 (the Makefile sets 1), or drop train.push_to_hub and upload final/ "
-                             "later with `hf upload`")
+            raise ValueError(
+                "train.push_to_hub: HF_HUB_OFFLINE is set, so nothing could be uploaded; run with "
+                "HF_HUB_OFFLINE=0 (the Makefile sets 1), or drop train.push_to_hub and upload final/ "
+                "later with `hf upload`"
+            )
         return self
 
 
@@ -295,11 +303,13 @@ class Config(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
-    def _check_loss(self) -> "Config":
+    def _check_loss(self) -> Config:
         from prefopt.losses import available_losses, get_loss
 
         if self.loss.name not in available_losses():
-            raise ValueError(f"loss.name: unknown loss '{self.loss.name}'; valid: {', '.join(available_losses())}")
+            raise ValueError(
+                f"loss.name: unknown loss '{self.loss.name}'; valid: {', '.join(available_losses())}"
+            )
         try:
             loss = get_loss(self.loss.name, **self.loss.params())
         except (TypeError, ValueError) as error:
@@ -313,19 +323,25 @@ class Config(_Section):
                 "use reference.mode=auto, model, adapter or precomputed"
             )
         if "online" in loss.needs and self.reference.mode == "precomputed":
-            raise ValueError(f"reference.mode: loss '{self.loss.name}' scores fresh samples with the reference, so it "
-                             "needs a live one; use reference.mode=model or adapter")
+            raise ValueError(
+                f"reference.mode: loss '{self.loss.name}' scores fresh samples with the reference, so it "
+                "needs a live one; use reference.mode=model or adapter"
+            )
         self._check_reward_needs(loss)
         if self.reference.mode == "adapter" and self.model.peft is None:
-            raise ValueError("reference.mode=adapter needs LoRA on the policy: set model.peft (e.g. model.peft.r=8)")
+            raise ValueError(
+                "reference.mode=adapter needs LoRA on the policy: set model.peft (e.g. model.peft.r=8)"
+            )
         if self.generation.backend == "vllm":
             _check_vllm_available()
         attn = self.model.attn_implementation or ""
         if attn.startswith("flash") and (self.model.dtype == "float32" or self.train.mixed_precision == "no"):
-            raise ValueError(f"model.attn_implementation: {attn} takes only bf16/fp16 queries, and the reference "
-                             "forward and generation run outside autocast; set model.dtype=bfloat16 (trainable "
-                             "weights stay fp32 for AdamW) with train.mixed_precision=bf16, or "
-                             "model.attn_implementation=sdpa")
+            raise ValueError(
+                f"model.attn_implementation: {attn} takes only bf16/fp16 queries, and the reference "
+                "forward and generation run outside autocast; set model.dtype=bfloat16 (trainable "
+                "weights stay fp32 for AdamW) with train.mixed_precision=bf16, or "
+                "model.attn_implementation=sdpa"
+            )
         if self.iterations.count:
             _check_iterations(self, loss)
         return self
@@ -334,14 +350,20 @@ class Config(_Section):
         """What the loss declares it needs from the reward layer and the PPO section, checked before any run."""
         kind, name = self.reward.kind, self.loss.name
         if "reward" in loss.needs and kind in ("none", "judge"):
-            raise ValueError(f"reward.kind: loss '{name}' needs a scalar reward per sample, got '{kind}'; use "
-                             "reward.kind=model, function or implicit")
+            raise ValueError(
+                f"reward.kind: loss '{name}' needs a scalar reward per sample, got '{kind}'; use "
+                "reward.kind=model, function or implicit"
+            )
         if "preference" in loss.needs and kind == "none":
-            raise ValueError(f"reward.kind: loss '{name}' orders its online samples with the reward layer; set "
-                             "reward.kind=judge (pairwise) or model, function, implicit (scores)")
+            raise ValueError(
+                f"reward.kind: loss '{name}' orders its online samples with the reward layer; set "
+                "reward.kind=judge (pairwise) or model, function, implicit (scores)"
+            )
         if "dpo_policy" in loss.needs and not (self.ppo.dpo_policy or self.ppo.dpo_adapter):
-            raise ValueError(f"ppo.dpo_policy: loss '{name}' needs the stage-1 DPO model (or ppo.dpo_adapter with "
-                             "LoRA); loss.dpo_reward_scale=0 runs plain PPO with the sparse reward instead")
+            raise ValueError(
+                f"ppo.dpo_policy: loss '{name}' needs the stage-1 DPO model (or ppo.dpo_adapter with "
+                "LoRA); loss.dpo_reward_scale=0 runs plain PPO with the sparse reward instead"
+            )
 
     def resolved_reference_mode(self) -> str:
         from prefopt.losses import get_loss
@@ -354,22 +376,30 @@ class Config(_Section):
         return "adapter" if self.model.peft is not None else "model"
 
 
-def _check_iterations(config: "Config", loss) -> None:
+def _check_iterations(config: Config, loss) -> None:
     it = config.iterations
     if not it.prompts:
         raise ValueError("iterations.prompts: the prompt file each iteration samples from is required")
     if loss.step != "pairs":
-        raise ValueError(f"iterations: each iteration trains a pairwise loss on its pairs (e.g. loss.name=dpo, as DNO "
-                         f"does); loss '{config.loss.name}' runs a '{loss.step}' step")
+        raise ValueError(
+            f"iterations: each iteration trains a pairwise loss on its pairs (e.g. loss.name=dpo, as DNO "
+            f"does); loss '{config.loss.name}' runs a '{loss.step}' step"
+        )
     if config.reward.kind == "none":
-        raise ValueError("reward.kind: iterations score their samples; set reward.kind=model, function, implicit or "
-                         "judge (a judge function returning P(a beats b))")
+        raise ValueError(
+            "reward.kind: iterations score their samples; set reward.kind=model, function, implicit or "
+            "judge (a judge function returning P(a beats b))"
+        )
     if config.reference.mode == "adapter":
-        raise ValueError("reference.mode=adapter: iterations refresh the reference to the previous iterate's saved "
-                         "model; use reference.mode=model or precomputed")
+        raise ValueError(
+            "reference.mode=adapter: iterations refresh the reference to the previous iterate's saved "
+            "model; use reference.mode=model or precomputed"
+        )
     if config.train.num_epochs > 1 or config.train.max_steps:
-        raise ValueError("train.num_epochs: DNO trains each iteration for at most one epoch (train.num_epochs <= 1, "
-                         "no train.max_steps)")
+        raise ValueError(
+            "train.num_epochs: DNO trains each iteration for at most one epoch (train.num_epochs <= 1, "
+            "no train.max_steps)"
+        )
     if any(not 0 <= share <= 1 for share in it.replay):
         raise ValueError(f"iterations.replay: shares must lie in [0, 1], got {it.replay}")
 
@@ -380,7 +410,9 @@ def _check_vllm_available() -> None:
     import torch
 
     if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
-        why = "vLLM is not installed" if importlib.util.find_spec("vllm") is None else "no CUDA GPU is visible"
+        why = (
+            "vLLM is not installed" if importlib.util.find_spec("vllm") is None else "no CUDA GPU is visible"
+        )
         raise ValueError(
             f"generation.backend: 'vllm' needs vLLM and a GPU ({why}); install prefopt[vllm] on a GPU machine "
             "or use generation.backend=hf"
@@ -534,8 +566,9 @@ def load_config(path: str | Path | None, overrides: Optional[list[str]] = None) 
     return config_from_dict(data, source)
 
 
-def drop_foreign_loss_parameters(recipe: dict[str, Any], data: dict[str, Any], overrides: list[str]
-                                 ) -> dict[str, Any]:
+def drop_foreign_loss_parameters(
+    recipe: dict[str, Any], data: dict[str, Any], overrides: list[str]
+) -> dict[str, Any]:
     """Swapping the loss with ``loss.name=X``: drop the recipe's loss parameters that X does not take.
 
     One warning line names them. A parameter given on the command line is kept whatever the loss, so a
@@ -552,15 +585,22 @@ def drop_foreign_loss_parameters(recipe: dict[str, Any], data: dict[str, Any], o
         return data  # the validator reports it with the key
     if name not in available_losses():
         return data  # the validator names the unknown loss
-    from_command_line = {path[1] for path, _ in map(parse_override, overrides) if len(path) >= 2
-                         and path[0] == "loss"}
+    from_command_line = {
+        path[1] for path, _ in map(parse_override, overrides) if len(path) >= 2 and path[0] == "loss"
+    }
     valid = loss_parameters(name)
-    foreign = [key for key in section if key != "name" and key not in valid and key not in from_command_line
-               and key in recipe["loss"]]
+    foreign = [
+        key
+        for key in section
+        if key != "name" and key not in valid and key not in from_command_line and key in recipe["loss"]
+    ]
     if not foreign:
         return data
-    logger.warning("loss '%s' does not take the recipe's loss parameter(s) %s: dropped", name,
-                   ", ".join(f"{key}={section[key]!r}" for key in foreign))
+    logger.warning(
+        "loss '%s' does not take the recipe's loss parameter(s) %s: dropped",
+        name,
+        ", ".join(f"{key}={section[key]!r}" for key in foreign),
+    )
     data = copy.deepcopy(data)
     for key in foreign:
         del data["loss"][key]

@@ -6,8 +6,9 @@ Used by ``prefopt demo``, the online methods' end-to-end tests and ``scripts/gol
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -44,16 +45,26 @@ class PolicySamples:
         return sum(self.kl_per_sample) / len(self.kl_per_sample) if self.kl_per_sample else None
 
     def summary(self) -> dict:
-        return {"mean_reward": self.mean_reward, "mean_length": self.mean_length, "eos_rate": self.eos_rate,
-                "kl": self.kl, "samples": len(self.rewards)}
+        return {
+            "mean_reward": self.mean_reward,
+            "mean_length": self.mean_length,
+            "eos_rate": self.eos_rate,
+            "kl": self.kl,
+            "samples": len(self.rewards),
+        }
 
 
 def load_prompts(path: str, tokenizer, *, max_prompts: Optional[int] = None, max_prompt_length: int = 64):
     """Prompt ids/texts of a prefopt-readable file, tokenized exactly as training tokenizes them."""
     from prefopt.data import build_datasets
 
-    config = DataConfig(train=path, shuffle=False, max_samples=max_prompts, max_prompt_length=max_prompt_length,
-                        max_length=max_prompt_length + 1)
+    config = DataConfig(
+        train=path,
+        shuffle=False,
+        max_samples=max_prompts,
+        max_prompt_length=max_prompt_length,
+        max_length=max_prompt_length + 1,
+    )
     bundle = build_datasets(config, tokenizer, "prompts", seed=0)
     return list(bundle.train["prompt_input_ids"]), list(bundle.train["prompt_text"])
 
@@ -61,8 +72,9 @@ def load_prompts(path: str, tokenizer, *, max_prompts: Optional[int] = None, max
 def _load(model_or_path, dtype: str = "float32"):
     if isinstance(model_or_path, torch.nn.Module):
         return model_or_path
-    return load_frozen_causal_lm(str(model_or_path), ModelConfig(name_or_path=str(model_or_path), dtype=dtype),
-                                 key="model")
+    return load_frozen_causal_lm(
+        str(model_or_path), ModelConfig(name_or_path=str(model_or_path), dtype=dtype), key="model"
+    )
 
 
 @torch.no_grad()
@@ -87,14 +99,22 @@ def sample_policy(
         raise ValueError("pass the policy as a path so its tokenizer can be loaded")
     prompt_ids, prompt_texts = load_prompts(prompts_path, tokenizer, max_prompts=max_prompts)
     generator = HFGenerator(model, tokenizer, batch_size=batch_size)
-    rollouts = generator.generate(prompt_ids, SamplingParams(n=samples_per_prompt, temperature=temperature,
-                                                             max_new_tokens=max_new_tokens, seed=seed))
+    rollouts = generator.generate(
+        prompt_ids,
+        SamplingParams(
+            n=samples_per_prompt, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed
+        ),
+    )
     index = [int(i) for i in rollouts.prompt_index]
     prompts = [prompt_texts[i] for i in index]
     samples = PolicySamples(
-        prompts=prompts, completions=list(rollouts.texts), prompt_index=index,
+        prompts=prompts,
+        completions=list(rollouts.texts),
+        prompt_index=index,
         rewards=[float(reward_fn(p, c)) for p, c in zip(prompts, rollouts.texts)],
-        lengths=[int(n) for n in rollouts.completion_mask.sum(-1)], finished=[bool(f) for f in rollouts.finished])
+        lengths=[int(n) for n in rollouts.completion_mask.sum(-1)],
+        finished=[bool(f) for f in rollouts.finished],
+    )
     if reference is not None:
         ref_model = _load(reference)
         seqs = rollouts.to_sequences(tokenizer.pad_token_id)
@@ -144,23 +164,34 @@ def sample_with_revisions(
     template = template or RevisionTemplate()
     tokenizer = load_tokenizer(str(policy))
     model = _load(policy)
-    config = DataConfig(train=prompts_path, shuffle=False, max_samples=max_prompts, max_prompt_length=64,
-                        max_length=65)
+    config = DataConfig(
+        train=prompts_path, shuffle=False, max_samples=max_prompts, max_prompt_length=64, max_length=65
+    )
     bundle = build_datasets(config, tokenizer, "prompts", seed=0)
-    prompt_ids, texts, messages = (list(bundle.train[c]) for c in ("prompt_input_ids", "prompt_text",
-                                                                    "prompt_messages"))
+    prompt_ids, texts, messages = (
+        list(bundle.train[c]) for c in ("prompt_input_ids", "prompt_text", "prompt_messages")
+    )
     generator = HFGenerator(model, tokenizer, batch_size=batch_size)
-    rollouts = generator.generate(prompt_ids, SamplingParams(n=samples_per_prompt, temperature=temperature,
-                                                             max_new_tokens=max_new_tokens, seed=seed))
+    rollouts = generator.generate(
+        prompt_ids,
+        SamplingParams(
+            n=samples_per_prompt, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed
+        ),
+    )
     index = [int(i) for i in rollouts.prompt_index]
     rounds = []
     for round_number in range(revisions + 1):
         prompts = [texts[i] for i in index]
-        rounds.append(PolicySamples(
-            prompts=prompts, completions=list(rollouts.texts), prompt_index=index,
-            rewards=[float(reward_fn(p, c)) for p, c in zip(prompts, rollouts.texts)],
-            lengths=[int(n) for n in rollouts.completion_mask.sum(-1)],
-            finished=[bool(f) for f in rollouts.finished]))
+        rounds.append(
+            PolicySamples(
+                prompts=prompts,
+                completions=list(rollouts.texts),
+                prompt_index=index,
+                rewards=[float(reward_fn(p, c)) for p, c in zip(prompts, rollouts.texts)],
+                lengths=[int(n) for n in rollouts.completion_mask.sum(-1)],
+                finished=[bool(f) for f in rollouts.finished],
+            )
+        )
         if round_number == revisions:
             break
         revision_ids = []
@@ -168,6 +199,10 @@ def sample_with_revisions(
             text = template.render(texts[i], messages[i], answer, tokenizer)
             ids = tokenizer(text, add_special_tokens=not messages[i])["input_ids"]
             revision_ids.append(ids[-max_revision_prompt_length:])
-        rollouts = generator.generate(revision_ids, SamplingParams(
-            n=1, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + round_number + 1))
+        rollouts = generator.generate(
+            revision_ids,
+            SamplingParams(
+                n=1, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + round_number + 1
+            ),
+        )
     return rounds

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_offline import CHILD_ENV, _status_mib, reset_peak_rss
+from bench_offline import CHILD_ENV, _status_mib, reset_peak_rss  # noqa: E402 (needs the path above)
 
 SEED = 42
 LEARNING_RATE = 2e-4  # recipes/tiny/xpo.yaml
@@ -152,7 +152,9 @@ def child_prefopt(spec: dict) -> dict:
         "logging.sample_steps=null",
         *spec["overrides"],
     ]
-    config = load_config(REPO / "recipes/tiny" / f"{spec['method']}.yaml", overrides)  # every method has a recipe
+    config = load_config(
+        REPO / "recipes/tiny" / f"{spec['method']}.yaml", overrides
+    )  # every method has a recipe
     train(config)
     records = [
         json.loads(line) for line in (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines() if line
@@ -403,7 +405,10 @@ def main(argv=None) -> int:
         os.environ.setdefault(key, value)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    log = lambda text: print(text, flush=True)
+
+    def log(text):
+        print(text, flush=True)
+
     methods = [m for m in args.methods.split(",") if m]
     assets = build_assets(workdir, args.batch * args.steps, log)
     log(

@@ -82,8 +82,10 @@ def parse_readme(text: str) -> list[Block]:
         above = index - 1
         while above >= 0 and lines[above].strip().startswith("<!--"):
             if "readme-check:" in lines[above] and not DIRECTIVE.search(lines[above]):
-                raise ValueError(f"README.md:{above + 1}: malformed readme-check directive (a reason is required): "
-                                 f"{lines[above].strip()}")
+                raise ValueError(
+                    f"README.md:{above + 1}: malformed readme-check directive (a reason is required): "
+                    f"{lines[above].strip()}"
+                )
             for kind, text_match, reason in DIRECTIVE.findall(lines[above]):
                 if kind == "fresh":
                     block.fresh = reason
@@ -113,8 +115,13 @@ def parse_readme(text: str) -> list[Block]:
 
 def copy_repository(destination: Path) -> None:
     """The files a fresh clone has (tracked, plus new files not yet committed and not ignored), times kept."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.split("\0")
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
     for name in filter(None, listed):
         source = REPO / name
         if source.is_file():
@@ -133,7 +140,11 @@ def make_venv(clone: Path) -> None:
     venv_bin = clone / ".venv" / "bin"
     venv_bin.mkdir(parents=True)
     path_line = f'export PYTHONPATH="{clone}${{PYTHONPATH:+:$PYTHONPATH}}"\n'
-    wrappers = {"python": sys.executable, "python3": sys.executable, "prefopt": f"{sys.executable} -m prefopt"}
+    wrappers = {
+        "python": sys.executable,
+        "python3": sys.executable,
+        "prefopt": f"{sys.executable} -m prefopt",
+    }
     for tool in ("accelerate", "torchrun", "pytest", "ruff"):
         if (real_bin / tool).is_file():
             wrappers[tool] = str(real_bin / tool)
@@ -142,7 +153,8 @@ def make_venv(clone: Path) -> None:
         script.write_text(f'#!/usr/bin/env bash\n{path_line}exec {target} "$@"\n')
         script.chmod(0o755)
     (venv_bin / "activate").write_text(
-        f'export VIRTUAL_ENV="{clone / ".venv"}"\nexport PATH="{venv_bin}:$PATH"\n{path_line}')
+        f'export VIRTUAL_ENV="{clone / ".venv"}"\nexport PATH="{venv_bin}:$PATH"\n{path_line}'
+    )
     (clone / ".venv" / ".installed").touch()
 
 
@@ -151,8 +163,8 @@ def bash_script(clone: Path, commands: list[Command]) -> str:
     for command in commands:
         shown = shlex.quote(f"README.md:{command.line}: {command.text}")
         lines += [
-            f"echo; echo \">>> \"{shown}; _start=$SECONDS",
-            f"{{\n{command.text}\n}} || {{ _status=$?; echo \"readme-check: FAILED (exit $_status) \"{shown} >&2; "
+            f'echo; echo ">>> "{shown}; _start=$SECONDS',
+            f'{{\n{command.text}\n}} || {{ _status=$?; echo "readme-check: FAILED (exit $_status) "{shown} >&2; '
             "exit 1; }",
             'echo "<<< ok in $((SECONDS - _start)) s"',
         ]
@@ -170,17 +182,25 @@ def run_session(commands: list[Command], workdir: Path, label: str) -> bool:
     print(f"== {label}: {len(commands)} commands in {clone}", flush=True)
     started = time.perf_counter()
     result = subprocess.run(["bash", "-c", bash_script(clone, commands)], env=env)
-    print(f"== {label}: {'ok' if result.returncode == 0 else 'FAILED'} in {time.perf_counter() - started:.0f} s",
-          flush=True)
+    print(
+        f"== {label}: {'ok' if result.returncode == 0 else 'FAILED'} in {time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
     return result.returncode == 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--readme", type=Path, default=REPO / "README.md")
-    parser.add_argument("--list", action="store_true", help="print what would run and what is left out, then stop")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="scratch directory to keep (default: a temporary one, removed afterwards)")
+    parser.add_argument(
+        "--list", action="store_true", help="print what would run and what is left out, then stop"
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="scratch directory to keep (default: a temporary one, removed afterwards)",
+    )
     args = parser.parse_args(argv)
 
     blocks = parse_readme(args.readme.read_text())

@@ -64,8 +64,24 @@ METHODS = {
     "dno": ("dno.yaml", [], "iterations", None),  # 3 iterations on thirds of prompts_train.jsonl
 }
 # The TRL catalogue (issue 16), each with its tiny recipe; opt-in with --methods (16 more runs per seed).
-CATALOGUE = ("ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-             "apo_zero", "apo_down", "discopop", "sigmoid_norm", "orpo", "cpo", "mix")
+CATALOGUE = (
+    "ipo",
+    "hinge",
+    "robust",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+    "orpo",
+    "cpo",
+    "mix",
+)
 DEFAULT_METHODS = list(METHODS)
 METHODS.update({name: (f"{name}.yaml", [], "pairs", None) for name in CATALOGUE})
 BOOTSTRAP = 1000
@@ -75,18 +91,28 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one seed (the first of --seeds)")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated; default: {','.join(DEFAULT_METHODS)}; all: {','.join(METHODS)}")
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated; default: {','.join(DEFAULT_METHODS)}; all: {','.join(METHODS)}",
+    )
     p.add_argument("--out", default="runs/gold-bench")
     p.add_argument("--max-prompts", type=int, default=100, help="held-out prompts evaluated (task has 200)")
     p.add_argument("--samples", type=int, default=4, help="samples per held-out prompt")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--plot", default="docs/gold_frontier.png")
-    p.add_argument("--report-only", action="store_true",
-                   help="train nothing: rebuild the table and plot from the finished runs under --out")
-    p.add_argument("--override", action="append", default=[],
-                   help="extra override for every method run, e.g. train.learning_rate=5e-5 (changes the result "
-                        "directory only if you change --out)")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: rebuild the table and plot from the finished runs under --out",
+    )
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="extra override for every method run, e.g. train.learning_rate=5e-5 (changes the result "
+        "directory only if you change --out)",
+    )
     return p.parse_args(argv)
 
 
@@ -114,22 +140,38 @@ def prepare_seed(seed_dir: Path, seed: int) -> Path:
     from prefopt.models.tiny import build_tiny_model
 
     task, model, sft = seed_dir / "task", seed_dir / "tiny-model", seed_dir / "sft"
-    if not (task / "rated_train.jsonl").exists():  # deterministic: rewriting leaves the older files byte-identical
+    if not (
+        task / "rated_train.jsonl"
+    ).exists():  # deterministic: rewriting leaves the older files byte-identical
         write_task(task, seed=seed)
     if not (model / "config.json").exists():
         build_tiny_model(model, seed=seed)
     if not (sft / "final").exists():
-        _train(RECIPES / "sft.yaml", [f"model.name_or_path={model}", f"data.train={task / 'sft.jsonl'}",
-                                      f"output_dir={sft}", "overwrite_output_dir=true", "logging.progress=false",
-                                      f"seed={seed}"])
+        _train(
+            RECIPES / "sft.yaml",
+            [
+                f"model.name_or_path={model}",
+                f"data.train={task / 'sft.jsonl'}",
+                f"output_dir={sft}",
+                "overwrite_output_dir=true",
+                "logging.progress=false",
+                f"seed={seed}",
+            ],
+        )
     return sft / "final"
 
 
 def method_overrides(method: str, seed_dir: Path, sft_final: Path, seed: int, extra: list[str]) -> list[str]:
     _, overrides, kind, stage1 = METHODS[method]
     task = seed_dir / "task"
-    out = [f"model.name_or_path={sft_final}", f"output_dir={seed_dir / method}", "overwrite_output_dir=true",
-           "logging.progress=false", f"seed={seed}", *overrides]
+    out = [
+        f"model.name_or_path={sft_final}",
+        f"output_dir={seed_dir / method}",
+        "overwrite_output_dir=true",
+        "logging.progress=false",
+        f"seed={seed}",
+        *overrides,
+    ]
     if kind == "pairs":
         out += [f"data.train={task / 'pairs_train.jsonl'}", f"data.eval={task / 'pairs_eval.jsonl'}"]
     elif kind == "rated":
@@ -147,9 +189,17 @@ def sample(policy: Path, task: Path, args, seed: int, reference=None):
     from data_tools.synth import score
     from prefopt.evaluate import sample_policy
 
-    return sample_policy(policy, str(task / "prompts_heldout.jsonl"), score, reference=reference,
-                         samples_per_prompt=args.samples, max_prompts=args.max_prompts,
-                         max_new_tokens=args.max_new_tokens, temperature=1.0, seed=1000 + seed)
+    return sample_policy(
+        policy,
+        str(task / "prompts_heldout.jsonl"),
+        score,
+        reference=reference,
+        samples_per_prompt=args.samples,
+        max_prompts=args.max_prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=1.0,
+        seed=1000 + seed,
+    )
 
 
 def bootstrap_std(rewards: list[float], prompt_index: list[int], rng_seed: int = 0) -> float:
@@ -188,8 +238,12 @@ def pair_accuracy(policy: Path, reference: Path, pairs_path: Path, reward=None) 
     from prefopt.models.logps import completion_token_logps
 
     tokenizer = load_tokenizer(str(policy))
-    bundle = build_datasets(DataConfig(train=str(pairs_path), shuffle=False, max_length=96, max_prompt_length=32),
-                            tokenizer, "pairs", seed=0)
+    bundle = build_datasets(
+        DataConfig(train=str(pairs_path), shuffle=False, max_length=96, max_prompt_length=32),
+        tokenizer,
+        "pairs",
+        seed=0,
+    )
     rows = list(bundle.train)
     collate = PairCollator(tokenizer.pad_token_id)
     model, ref = _load(policy), _load(reference)
@@ -197,7 +251,7 @@ def pair_accuracy(policy: Path, reference: Path, pairs_path: Path, reward=None) 
     margins = []
     with torch.no_grad():
         for start in range(0, len(rows), 64):
-            batch = collate(rows[start:start + 64])
+            batch = collate(rows[start : start + 64])
             args = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
             pol = completion_token_logps(model, *args)
             refl = completion_token_logps(ref, *args)
@@ -223,17 +277,27 @@ def evaluate_run(method: str, seed_dir: Path, sft_final: Path, args, seed: int, 
     task = seed_dir / "task"
     policy = seed_dir / method / "final"
     samples = sample(policy, task, args, seed, reference=sft_final)
-    base = PolicySamples(prompts=[], completions=[], prompt_index=sft_eval["prompt_index"],
-                         rewards=sft_eval["rewards"], lengths=[], finished=[])
+    base = PolicySamples(
+        prompts=[],
+        completions=[],
+        prompt_index=sft_eval["prompt_index"],
+        rewards=sft_eval["rewards"],
+        lengths=[],
+        finished=[],
+    )
     acc = pair_accuracy(policy, sft_final, task / "pairs_eval.jsonl", run_implicit_reward(seed_dir / method))
     result = {
-        "method": method, "seed": seed, **samples.summary(),
+        "method": method,
+        "seed": seed,
+        **samples.summary(),
         "win_rate_vs_sft": win_rate(samples, base),
         "boot_std": bootstrap_std(samples.rewards, samples.prompt_index),
         "implicit_acc": None,  # the method's own implicit reward; None for a loss without one
         **acc,
-        "examples": [{"prompt": p, "completion": c, "gold": r}
-                     for p, c, r in list(zip(samples.prompts, samples.completions, samples.rewards))[:6]],
+        "examples": [
+            {"prompt": p, "completion": c, "gold": r}
+            for p, c, r in list(zip(samples.prompts, samples.completions, samples.rewards))[:6]
+        ],
     }
     metrics_file = seed_dir / method / "train_metrics.json"
     if metrics_file.exists():
@@ -249,11 +313,22 @@ def evaluate_sft(seed_dir: Path, sft_final: Path, args, seed: int) -> dict:
             return cached
     s = sample(sft_final, seed_dir / "task", args, seed)
     acc = pair_accuracy(sft_final, sft_final, seed_dir / "task" / "pairs_eval.jsonl")
-    out = {"method": "sft", "seed": seed, **s.summary(), "kl": 0.0, "win_rate_vs_sft": 0.5,
-           "boot_std": bootstrap_std(s.rewards, s.prompt_index), "implicit_acc": None, "avg_acc": acc["avg_acc"],
-           "rewards": s.rewards, "prompt_index": s.prompt_index,
-           "examples": [{"prompt": p, "completion": c, "gold": r}
-                        for p, c, r in list(zip(s.prompts, s.completions, s.rewards))[:6]]}
+    out = {
+        "method": "sft",
+        "seed": seed,
+        **s.summary(),
+        "kl": 0.0,
+        "win_rate_vs_sft": 0.5,
+        "boot_std": bootstrap_std(s.rewards, s.prompt_index),
+        "implicit_acc": None,
+        "avg_acc": acc["avg_acc"],
+        "rewards": s.rewards,
+        "prompt_index": s.prompt_index,
+        "examples": [
+            {"prompt": p, "completion": c, "gold": r}
+            for p, c, r in list(zip(s.prompts, s.completions, s.rewards))[:6]
+        ],
+    }
     _dump(path, out)
     return out
 
@@ -262,8 +337,14 @@ def evaluate_sft(seed_dir: Path, sft_final: Path, args, seed: int) -> dict:
 # Aggregation, table, plot
 # ---------------------------------------------------------------------------------------------------------------
 
-COLUMNS = [("mean_reward", "gold", "{:+.3f}"), ("win_rate_vs_sft", "win vs SFT", "{:.3f}"), ("kl", "KL", "{:.2f}"),
-           ("mean_length", "length", "{:.1f}"), ("eos_rate", "EOS", "{:.2f}"), ("implicit_acc", "impl. acc", "{:.3f}")]
+COLUMNS = [
+    ("mean_reward", "gold", "{:+.3f}"),
+    ("win_rate_vs_sft", "win vs SFT", "{:.3f}"),
+    ("kl", "KL", "{:.2f}"),
+    ("mean_length", "length", "{:.1f}"),
+    ("eos_rate", "EOS", "{:.2f}"),
+    ("implicit_acc", "impl. acc", "{:.3f}"),
+]
 
 
 def _ms(values, fmt):
@@ -282,12 +363,25 @@ def aggregate(results: dict) -> tuple[dict, str]:
     boot = statistics.mean(sft[s]["boot_std"] for s in seeds)
     seed_std = statistics.stdev(sft_means) if len(sft_means) > 1 else 0.0
     sft_std = max(boot, seed_std)
-    summary = {"sft": {"mean_reward": statistics.mean(sft_means), "boot_std": boot, "seed_std": seed_std,
-                       "bar_std": sft_std, "seeds": seeds}, "methods": {}}
-    header = "| method | seeds | " + " | ".join(c[1] for c in COLUMNS) + " | Δgold vs SFT | bar (Δ > 2σ_SFT) |"
+    summary = {
+        "sft": {
+            "mean_reward": statistics.mean(sft_means),
+            "boot_std": boot,
+            "seed_std": seed_std,
+            "bar_std": sft_std,
+            "seeds": seeds,
+        },
+        "methods": {},
+    }
+    header = (
+        "| method | seeds | " + " | ".join(c[1] for c in COLUMNS) + " | Δgold vs SFT | bar (Δ > 2σ_SFT) |"
+    )
     lines = [header, "|" + "---|" * (len(COLUMNS) + 4)]
-    lines.append(f"| sft | {len(seeds)} | " + " | ".join(_ms([sft[s].get(k) for s in seeds], f) for k, _, f in COLUMNS)
-                 + f" | σ_SFT = {sft_std:.3f} | |")
+    lines.append(
+        f"| sft | {len(seeds)} | "
+        + " | ".join(_ms([sft[s].get(k) for s in seeds], f) for k, _, f in COLUMNS)
+        + f" | σ_SFT = {sft_std:.3f} | |"
+    )
     for method, per_seed in results["runs"].items():
         done = sorted(s for s in per_seed if s in sft)
         if not done:
@@ -296,12 +390,20 @@ def aggregate(results: dict) -> tuple[dict, str]:
         delta = statistics.mean(deltas)
         passed = delta > 2 * sft_std
         summary["methods"][method] = {
-            "seeds": done, "delta": delta, "passed": passed,
-            **{k: statistics.mean(per_seed[s][k] for s in done) for k, _, _ in COLUMNS
-               if all(per_seed[s].get(k) is not None for s in done)}}
-        lines.append(f"| {method} | {len(done)} | "
-                     + " | ".join(_ms([per_seed[s].get(k) for s in done], f) for k, _, f in COLUMNS)
-                     + f" | {_ms(deltas, '{:+.3f}')} | {'yes' if passed else 'NO'} |")
+            "seeds": done,
+            "delta": delta,
+            "passed": passed,
+            **{
+                k: statistics.mean(per_seed[s][k] for s in done)
+                for k, _, _ in COLUMNS
+                if all(per_seed[s].get(k) is not None for s in done)
+            },
+        }
+        lines.append(
+            f"| {method} | {len(done)} | "
+            + " | ".join(_ms([per_seed[s].get(k) for s in done], f) for k, _, f in COLUMNS)
+            + f" | {_ms(deltas, '{:+.3f}')} | {'yes' if passed else 'NO'} |"
+        )
     return summary, "\n".join(lines)
 
 
@@ -315,8 +417,15 @@ def plot(results: dict, path: Path) -> None:
     cmap = plt.get_cmap("tab10")
     sft = results["sft"]
     for s, r in sft.items():
-        ax.scatter([0.0], [r["mean_reward"]], marker="*", s=160, color="black",
-                   label="SFT" if s == min(sft) else None, zorder=3)
+        ax.scatter(
+            [0.0],
+            [r["mean_reward"]],
+            marker="*",
+            s=160,
+            color="black",
+            label="SFT" if s == min(sft) else None,
+            zorder=3,
+        )
     for k, (method, per_seed) in enumerate(results["runs"].items()):
         xs = [max(per_seed[s]["kl"], 1e-3) for s in sorted(per_seed)]
         ys = [per_seed[s]["mean_reward"] for s in sorted(per_seed)]
@@ -361,13 +470,25 @@ def main(argv=None) -> int:
     if results_path.exists():
         old = json.loads(results_path.read_text())
         results["timings"] = old.get("timings", {})
-    results["config"] = {"seeds": seeds, "methods": methods, "max_prompts": args.max_prompts,
-                         "samples_per_prompt": args.samples, "max_new_tokens": args.max_new_tokens,
-                         "temperature": 1.0, "overrides": args.override}
+    results["config"] = {
+        "seeds": seeds,
+        "methods": methods,
+        "max_prompts": args.max_prompts,
+        "samples_per_prompt": args.samples,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": 1.0,
+        "overrides": args.override,
+    }
     start = time.perf_counter()
     total = len(seeds) * (1 + len(methods))
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
         bar = progress.add_task("gold benchmark", total=total)
         for seed in seeds:
             seed_dir = out / f"seed-{seed}"
@@ -377,17 +498,23 @@ def main(argv=None) -> int:
                 if not sft_file.exists():
                     continue
                 sft_eval = json.loads(sft_file.read_text())
-                results["sft"][str(seed)] = {k: v for k, v in sft_eval.items() if k not in ("rewards", "prompt_index")}
+                results["sft"][str(seed)] = {
+                    k: v for k, v in sft_eval.items() if k not in ("rewards", "prompt_index")
+                }
                 for method in methods:
                     result_file = seed_dir / method / "result.json"
                     if result_file.exists():
-                        results["runs"].setdefault(method, {})[str(seed)] = json.loads(result_file.read_text())
+                        results["runs"].setdefault(method, {})[str(seed)] = json.loads(
+                            result_file.read_text()
+                        )
                 continue
             progress.update(bar, description=f"seed {seed}: task + SFT")
             sft_final = prepare_seed(seed_dir, seed)
             progress.update(bar, description=f"seed {seed}: SFT samples")
             sft_eval = evaluate_sft(seed_dir, sft_final, args, seed)
-            results["sft"][str(seed)] = {k: v for k, v in sft_eval.items() if k not in ("rewards", "prompt_index")}
+            results["sft"][str(seed)] = {
+                k: v for k, v in sft_eval.items() if k not in ("rewards", "prompt_index")
+            }
             results["timings"].setdefault(f"{seed}/sft", time.perf_counter() - t0)
             progress.advance(bar)
             for method in methods:
@@ -399,9 +526,13 @@ def main(argv=None) -> int:
                     t0 = time.perf_counter()
                     if not (run_dir / "final").exists():
                         progress.update(bar, description=f"seed {seed}: train {method}")
-                        trained = _train(RECIPES / METHODS[method][0],
-                                         method_overrides(method, seed_dir, sft_final, seed, args.override))
-                        _dump(run_dir / "train_metrics.json", {**trained.last_metrics, **trained.eval_metrics})
+                        trained = _train(
+                            RECIPES / METHODS[method][0],
+                            method_overrides(method, seed_dir, sft_final, seed, args.override),
+                        )
+                        _dump(
+                            run_dir / "train_metrics.json", {**trained.last_metrics, **trained.eval_metrics}
+                        )
                     t_train = time.perf_counter() - t0
                     progress.update(bar, description=f"seed {seed}: evaluate {method}")
                     res = evaluate_run(method, seed_dir, sft_final, args, seed, sft_eval)
@@ -412,17 +543,23 @@ def main(argv=None) -> int:
                     f"seed {seed} {method:16s} gold {res['mean_reward']:+.3f} (SFT {sft_eval['mean_reward']:+.3f}) "
                     f"win {res['win_rate_vs_sft']:.2f} KL {res['kl']:.2f} len {res['mean_length']:.1f} "
                     f"EOS {res['eos_rate']:.2f} acc {res['implicit_acc']:.3f}"
-                    + (f"  [{res.get('train_seconds', 0):.0f}s train, {res.get('eval_seconds', 0):.0f}s eval]"
-                       if "train_seconds" in res else ""))
+                    + (
+                        f"  [{res.get('train_seconds', 0):.0f}s train, {res.get('eval_seconds', 0):.0f}s eval]"
+                        if "train_seconds" in res
+                        else ""
+                    )
+                )
                 _dump(results_path, results)
                 progress.advance(bar)
     summary, table = aggregate(results)
     results["summary"] = summary
     results["wall_seconds_this_call"] = time.perf_counter() - start
     _dump(results_path, results)
-    header = (f"Gold benchmark: seeds {seeds}, {args.max_prompts} held-out prompts x {args.samples} samples, "
-              f"T=1, max_new_tokens {args.max_new_tokens}. mean ± std over seeds. σ_SFT = max(bootstrap std over "
-              f"prompts {summary['sft']['boot_std']:.3f}, std over seeds {summary['sft']['seed_std']:.3f}).\n\n")
+    header = (
+        f"Gold benchmark: seeds {seeds}, {args.max_prompts} held-out prompts x {args.samples} samples, "
+        f"T=1, max_new_tokens {args.max_new_tokens}. mean ± std over seeds. σ_SFT = max(bootstrap std over "
+        f"prompts {summary['sft']['boot_std']:.3f}, std over seeds {summary['sft']['seed_std']:.3f}).\n\n"
+    )
     (out / "results.md").write_text(header + table + "\n")
     console.print(header + table)
     if args.plot:

@@ -36,9 +36,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
-QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True,
-                  rope_theta=1000000.0, rms_norm_eps=1e-6)
+QWEN25_05B = dict(
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    max_position_embeddings=32768,
+    tie_word_embeddings=True,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+)
 
 
 @dataclass
@@ -54,27 +63,61 @@ class Check:
 def plan(args, model_dir: Path, data_dir: Path, ds_dir: Path) -> list[Check]:
     bf16 = ["train.mixed_precision=bf16"] + ([] if args.device == "cpu" else ["model.dtype=bfloat16"])
     lora = ["model.peft.r=16", "model.peft.alpha=32", "reference.mode=adapter"]
-    common = [f"model.name_or_path={model_dir}", f"data.train={data_dir / 'pairs_train.jsonl'}", "data.eval=null",
-              f"train.max_steps={args.max_steps}", "train.warmup_ratio=0", "logging.logging_steps=1",
-              "logging.progress=false", "overwrite_output_dir=true", f"train.per_device_batch_size={args.batch}",
-              f"data.max_length={args.max_length}"]
-    online = [f"model.name_or_path={model_dir}", f"train.max_steps={max(2, args.max_steps // 2)}",
-              "train.warmup_ratio=0", "logging.logging_steps=1", "logging.progress=false",
-              "overwrite_output_dir=true", "train.per_device_batch_size=4", "generation.max_new_tokens=32"]
+    common = [
+        f"model.name_or_path={model_dir}",
+        f"data.train={data_dir / 'pairs_train.jsonl'}",
+        "data.eval=null",
+        f"train.max_steps={args.max_steps}",
+        "train.warmup_ratio=0",
+        "logging.logging_steps=1",
+        "logging.progress=false",
+        "overwrite_output_dir=true",
+        f"train.per_device_batch_size={args.batch}",
+        f"data.max_length={args.max_length}",
+    ]
+    online = [
+        f"model.name_or_path={model_dir}",
+        f"train.max_steps={max(2, args.max_steps // 2)}",
+        "train.warmup_ratio=0",
+        "logging.logging_steps=1",
+        "logging.progress=false",
+        "overwrite_output_dir=true",
+        "train.per_device_batch_size=4",
+        "generation.max_new_tokens=32",
+    ]
     dpo = "recipes/tiny/dpo.yaml"
     return [
         Check("dpo-bf16", "python", dpo, common + bf16),
         Check("zero2", "torchrun", dpo, common + [f"train.deepspeed={ds_dir / 'zero2.json'}"]),
         Check("zero3", "torchrun", dpo, common + [f"train.deepspeed={ds_dir / 'zero3.json'}"], verify="full"),
-        Check("fsdp2", f"accelerate:{REPO / 'recipes/accelerate/fsdp2.yaml'}", dpo, common, gpu_only=True,
-              verify="full"),
-        Check("lora-zero3", "torchrun", dpo, common + lora + [f"train.deepspeed={ds_dir / 'zero3.json'}"],
-              verify="lora"),
+        Check(
+            "fsdp2",
+            f"accelerate:{REPO / 'recipes/accelerate/fsdp2.yaml'}",
+            dpo,
+            common,
+            gpu_only=True,
+            verify="full",
+        ),
+        Check(
+            "lora-zero3",
+            "torchrun",
+            dpo,
+            common + lora + [f"train.deepspeed={ds_dir / 'zero3.json'}"],
+            verify="lora",
+        ),
         Check("packing", "packing", "", [], gpu_only=True),
-        Check("hypo", "python", "recipes/tiny/hypo.yaml",
-              online + bf16 + [f"data.train={data_dir / 'pairs_train.jsonl'}", "data.eval=null"]),
-        Check("xpo", "python", "recipes/tiny/xpo.yaml",
-              online + bf16 + [f"data.train={data_dir / 'prompts_train.jsonl'}"]),
+        Check(
+            "hypo",
+            "python",
+            "recipes/tiny/hypo.yaml",
+            online + bf16 + [f"data.train={data_dir / 'pairs_train.jsonl'}", "data.eval=null"],
+        ),
+        Check(
+            "xpo",
+            "python",
+            "recipes/tiny/xpo.yaml",
+            online + bf16 + [f"data.train={data_dir / 'prompts_train.jsonl'}"],
+        ),
     ]
 
 
@@ -85,9 +128,14 @@ def deepspeed_configs(out: Path, device: str) -> Path:
         zero = {"stage": stage, "overlap_comm": False}
         if stage == 3:
             zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True)
-        config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                  "gradient_clipping": "auto", "zero_optimization": zero,
-                  "bf16": {"enabled": device != "cpu"}, "fp16": {"enabled": False}}
+        config = {
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto",
+            "zero_optimization": zero,
+            "bf16": {"enabled": device != "cpu"},
+            "fp16": {"enabled": False},
+        }
         (out / f"zero{stage}.json").write_text(json.dumps(config, indent=1))
     return out
 
@@ -104,15 +152,21 @@ def build_model(out: Path, tiny: bool) -> tuple[Path, int]:
 
         tokenizer = train_tiny_tokenizer()
         torch.manual_seed(0)
-        config = Qwen2Config(**QWEN25_05B, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                             bos_token_id=tokenizer.bos_token_id)
+        config = Qwen2Config(
+            **QWEN25_05B,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+        )
         Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
         tokenizer.save_pretrained(out)
         path = out
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with __import__("torch").device("meta"):
-        count = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)).parameters())
+        count = sum(
+            p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)).parameters()
+        )
     return Path(path), count
 
 
@@ -122,11 +176,29 @@ def command(check: Check, args, out: Path) -> list[str]:
     if check.launcher == "python":
         return [sys.executable, *tail]
     if check.launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nproc, "--master_port",
-                str(args.port), *tail]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            nproc,
+            "--master_port",
+            str(args.port),
+            *tail,
+        ]
     if check.launcher.startswith("accelerate:"):
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", check.launcher.split(":", 1)[1],
-                "--num_processes", nproc, "--main_process_port", str(args.port), *tail]
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            check.launcher.split(":", 1)[1],
+            "--num_processes",
+            nproc,
+            "--main_process_port",
+            str(args.port),
+            *tail,
+        ]
     return [sys.executable, str(Path(__file__).resolve()), "--packing-check", "--out", str(out)]
 
 
@@ -158,24 +230,38 @@ def packing_check(out: Path) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from prefopt.data.packing import PackedPairCollator
     from prefopt.data import PairCollator
+    from prefopt.data.packing import PackedPairCollator
     from prefopt.models.logps import completion_token_logps, sequence_totals
     from prefopt.models.tiny import build_tiny_model
 
     model_dir = build_tiny_model(out / "model")
-    rows = [{"prompt_input_ids": list(range(5, 5 + n)), "chosen_input_ids": list(range(40, 40 + n + 3)),
-             "rejected_input_ids": list(range(70, 70 + n + 1)), "index": i} for i, n in enumerate((4, 9, 6, 12))]
+    rows = [
+        {
+            "prompt_input_ids": list(range(5, 5 + n)),
+            "chosen_input_ids": list(range(40, 40 + n + 3)),
+            "rejected_input_ids": list(range(70, 70 + n + 1)),
+            "index": i,
+        }
+        for i, n in enumerate((4, 9, 6, 12))
+    ]
     results = {}
     for impl in ("sdpa", "flash_attention_2"):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=impl).cuda()
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.bfloat16, attn_implementation=impl
+        ).cuda()
         sums = []
         for collator in (PairCollator(0), PackedPairCollator(0)):
             batch = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in collator(rows).items()}
             with torch.no_grad():
-                logps = completion_token_logps(model, batch["input_ids"], batch["attention_mask"],
-                                               batch["completion_mask"], position_ids=batch.get("position_ids"),
-                                               attention_bias=batch.get("attention_bias"))
+                logps = completion_token_logps(
+                    model,
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    batch["completion_mask"],
+                    position_ids=batch.get("position_ids"),
+                    attention_bias=batch.get("attention_bias"),
+                )
             sums.append(sequence_totals(logps, batch)[0].float().cpu())
         results[impl] = float((sums[0] - sums[1]).abs().max())
     print(json.dumps({"packed_vs_padded_max_abs": results}))
@@ -186,7 +272,9 @@ def tokens_per_second(out: Path) -> float | None:
     path = out / "metrics.jsonl"
     if not path.is_file():
         return None
-    rates = [json.loads(line).get("tokens_per_second") for line in path.read_text().splitlines() if line.strip()]
+    rates = [
+        json.loads(line).get("tokens_per_second") for line in path.read_text().splitlines() if line.strip()
+    ]
     rates = [r for r in rates if r]
     return rates[-1] if rates else None
 
@@ -241,8 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     write_task(data_dir, seed=0, n_sft=64, n_pairs=256, n_eval=16, n_heldout=16, n_prompts=64)
     model_dir, params = build_model(model_dir, args.tiny)
     peak = peak_flops(args)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     env.pop("ACCELERATE_USE_CPU", None)
     if args.device == "cpu":
         env.setdefault("OMP_NUM_THREADS", "1")
@@ -254,8 +346,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         start = time.time()
         try:
-            result = subprocess.run(command(check, args, out), capture_output=True, text=True, env=env,
-                                    timeout=args.timeout, cwd=REPO)
+            result = subprocess.run(
+                command(check, args, out),
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=args.timeout,
+                cwd=REPO,
+            )
             status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
             if result.returncode != 0:
                 (args.out / f"{check.name}.log").write_text(result.stdout + result.stderr)
@@ -267,14 +365,22 @@ def main(argv: list[str] | None = None) -> int:
         rate = tokens_per_second(out)
         mfu = 6 * params * rate / (peak * args.nproc) if rate and peak else None
         rows.append((check.name, status, time.time() - start, rate, mfu))
-    print(f"\nmodel: {'tiny Llama' if args.tiny else 'Qwen2.5-0.5B shape (random init)'}, {params / 1e6:.1f}M "
-          f"parameters; device {args.device}, {args.nproc} process(es)")
+    print(
+        f"\nmodel: {'tiny Llama' if args.tiny else 'Qwen2.5-0.5B shape (random init)'}, {params / 1e6:.1f}M "
+        f"parameters; device {args.device}, {args.nproc} process(es)"
+    )
     print(f"{'check':<12} {'status':<40} {'wall s':>7} {'tokens/s':>10} {'MFU':>6}")
     for name, status, wall, rate, mfu in rows:
-        print(f"{name:<12} {status:<40} {wall or 0:>7.1f} {rate or 0:>10.0f} "
-              f"{'' if mfu is None else f'{100 * mfu:.1f}%':>6}")
-    (args.out / "table.json").write_text(json.dumps(
-        [dict(zip(("check", "status", "wall_s", "tokens_per_second", "mfu"), row)) for row in rows], indent=1))
+        print(
+            f"{name:<12} {status:<40} {wall or 0:>7.1f} {rate or 0:>10.0f} "
+            f"{'' if mfu is None else f'{100 * mfu:.1f}%':>6}"
+        )
+    (args.out / "table.json").write_text(
+        json.dumps(
+            [dict(zip(("check", "status", "wall_s", "tokens_per_second", "mfu"), row)) for row in rows],
+            indent=1,
+        )
+    )
     return 0 if all(r[1].startswith(("ok", "skipped")) for r in rows) else 1
 
 

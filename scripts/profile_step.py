@@ -37,12 +37,19 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=os.environ.get("PREFOPT_BENCH_DIR", "/tmp/prefopt-bench"))
     parser.add_argument("--rows", type=int, default=20, help="top operators to print")
     parser.add_argument("--trace", help="write a Chrome trace here")
-    parser.add_argument("--compare", help="comma-separated variants to A/B in one process (see the docstring)")
+    parser.add_argument(
+        "--compare", help="comma-separated variants to A/B in one process (see the docstring)"
+    )
     parser.add_argument("--rounds", type=int, default=4, help="--compare: rounds of every variant")
     parser.add_argument("overrides", nargs="*", help="extra prefopt config overrides (key=value)")
     args = parser.parse_args(argv)
-    for key, value in {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE",
-                       "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}.items():
+    for key, value in {
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }.items():
         os.environ.setdefault(key, value)
 
     import bench_offline as bench
@@ -60,34 +67,62 @@ def main(argv=None) -> int:
     c = bench.CONFIGS[args.config]
     model_dir = bench.build_model(c.get("model", args.config), workdir, print)
     info = bench.build_data(args.config, model_dir, workdir, c["batch"] * (args.steps + 1), "file", print)
-    config = load_config(REPO / "recipes/tiny/dpo.yaml", [
-        f"model.name_or_path={model_dir}", f"data.train={info['jsonl']}", "data.eval=null", "data.shuffle=false",
-        f"data.max_length={c['max_length']}", f"data.max_prompt_length={c['max_prompt']}",
-        f"output_dir={workdir / 'out' / 'profile'}", "overwrite_output_dir=true", "logging.progress=false",
-        f"reference.mode={'model' if args.reference == 'live' else 'precomputed'}",
-        f"reference.cache_dir={workdir / 'cache'}", f"train.per_device_batch_size={c['batch']}",
-        "train.lr_scheduler=constant", "train.warmup_ratio=0", "train.eval_steps=null", *args.overrides])
+    config = load_config(
+        REPO / "recipes/tiny/dpo.yaml",
+        [
+            f"model.name_or_path={model_dir}",
+            f"data.train={info['jsonl']}",
+            "data.eval=null",
+            "data.shuffle=false",
+            f"data.max_length={c['max_length']}",
+            f"data.max_prompt_length={c['max_prompt']}",
+            f"output_dir={workdir / 'out' / 'profile'}",
+            "overwrite_output_dir=true",
+            "logging.progress=false",
+            f"reference.mode={'model' if args.reference == 'live' else 'precomputed'}",
+            f"reference.cache_dir={workdir / 'cache'}",
+            f"train.per_device_batch_size={c['batch']}",
+            "train.lr_scheduler=constant",
+            "train.warmup_ratio=0",
+            "train.eval_steps=null",
+            *args.overrides,
+        ],
+    )
     trainer = Trainer(config, loss_from_config(config))
     ctx, acc = trainer.ctx, trainer.accelerator
 
     def step(batch):
         batch = _move(batch, acc.device)
         with record_function("## policy forward"):
-            logps = ctx.policy(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                               position_ids=batch.get("position_ids"), attention_bias=batch.get("attention_bias"))
+            logps = ctx.policy(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["completion_mask"],
+                position_ids=batch.get("position_ids"),
+                attention_bias=batch.get("attention_bias"),
+            )
             sums, lengths = sequence_totals(logps, batch)
         half = sums.shape[0] // 2
         with record_function("## reference"):
-            if os.environ.get("PREFOPT_BENCH_REF_INFERENCE_MODE"):  # experiment: inference_mode instead of no_grad
+            if os.environ.get(
+                "PREFOPT_BENCH_REF_INFERENCE_MODE"
+            ):  # experiment: inference_mode instead of no_grad
                 with torch.inference_mode():
                     ref_chosen, ref_rejected = ctx.reference.pair_logps(batch)
                 ref_chosen, ref_rejected = ref_chosen.clone(), ref_rejected.clone()
             else:
                 ref_chosen, ref_rejected = ctx.reference.pair_logps(batch)
         with record_function("## loss"):
-            out = ctx.loss(LossInputs(policy_chosen_logps=sums[:half], policy_rejected_logps=sums[half:],
-                                      reference_chosen_logps=ref_chosen, reference_rejected_logps=ref_rejected,
-                                      chosen_lengths=lengths[:half], rejected_lengths=lengths[half:]))
+            out = ctx.loss(
+                LossInputs(
+                    policy_chosen_logps=sums[:half],
+                    policy_rejected_logps=sums[half:],
+                    reference_chosen_logps=ref_chosen,
+                    reference_rejected_logps=ref_rejected,
+                    chosen_lengths=lengths[:half],
+                    rejected_lengths=lengths[half:],
+                )
+            )
         with record_function("## backward"):
             acc.backward(out.loss)
         with record_function("## optimizer"):
@@ -100,12 +135,14 @@ def main(argv=None) -> int:
     step(batches[0])  # warm-up
     tokens, started = 0.0, time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=False, profile_memory=True) as prof:
-        for batch in batches[1:args.steps + 1]:
+        for batch in batches[1 : args.steps + 1]:
             tokens += step(batch)
     wall = time.perf_counter() - started
     steps = min(args.steps, len(batches) - 1)
-    print(f"\n{args.config}, reference {args.reference}, overrides {args.overrides or 'none'}: {steps} steps, "
-          f"{wall / steps:.3f} s/step, {tokens / wall:.0f} real tokens/s (under the profiler)\n")
+    print(
+        f"\n{args.config}, reference {args.reference}, overrides {args.overrides or 'none'}: {steps} steps, "
+        f"{wall / steps:.3f} s/step, {tokens / wall:.0f} real tokens/s (under the profiler)\n"
+    )
 
     events = prof.key_averages()
     phases = {e.key: e.cpu_time_total for e in events if e.key.startswith("## ")}
@@ -136,7 +173,11 @@ COMPARE = {
     "block-32MB": ({"PREFOPT_LOGPS_BLOCK_MB": "32"}, "keep", "padded"),
     "block-64MB": ({"PREFOPT_LOGPS_BLOCK_MB": "64"}, "keep", "padded"),
     "block-16MB": ({"PREFOPT_LOGPS_BLOCK_MB": "16"}, "keep", "padded"),
-    "rows-only": ({"PREFOPT_LOGPS_TILE_VOCAB": "0"}, "keep", "padded"),  # blocks cut by rows, never by vocabulary
+    "rows-only": (
+        {"PREFOPT_LOGPS_TILE_VOCAB": "0"},
+        "keep",
+        "padded",
+    ),  # blocks cut by rows, never by vocabulary
     "rows-only-32MB": ({"PREFOPT_LOGPS_TILE_VOCAB": "0", "PREFOPT_LOGPS_BLOCK_MB": "32"}, "keep", "padded"),
     "checkpoint-head": ({"PREFOPT_LOGPS_HEAD": "checkpoint"}, "keep", "padded"),
     "full-logits": ({}, None, "padded"),
@@ -172,10 +213,14 @@ def compare(args, trainer, step, batches, info) -> int:
     pad = info["pad_token_id"]
     rows = [trainer.bundle.train[i] for i in range(len(trainer.bundle.train))]
     size = trainer.config.train.per_device_batch_size
-    groups = [rows[i:i + size] for i in range(0, len(rows) - size + 1, size)]
+    groups = [rows[i : i + size] for i in range(0, len(rows) - size + 1, size)]
     by_length = length_grouped_order(pair_lengths(trainer.bundle.train), size, seed=0, mega_batches=0)
-    bucketed = [[rows[i] for i in by_length[j:j + size]] for j in range(0, len(rows) - size + 1, size)]
-    collate = {"padded": PairCollator(pad), "packed": PackedPairCollator(pad), "padded-bucketed": PairCollator(pad)}
+    bucketed = [[rows[i] for i in by_length[j : j + size]] for j in range(0, len(rows) - size + 1, size)]
+    collate = {
+        "padded": PairCollator(pad),
+        "packed": PackedPairCollator(pad),
+        "padded-bucketed": PairCollator(pad),
+    }
     times = {n: [] for n in names}
     peaks = {n: [] for n in names}
     saved_env = {k: os.environ.get(k) for n in names for k in COMPARE[n][0]}
@@ -203,7 +248,7 @@ def compare(args, trainer, step, batches, info) -> int:
         run(name, groups[0])
     for number in range(args.rounds):
         group = groups[(number + 1) % len(groups)]
-        order = names[number % len(names):] + names[:number % len(names)]
+        order = names[number % len(names) :] + names[: number % len(names)]
         for name in order:
             elapsed, peak, tokens = run(name, group)
             times[name].append(tokens / elapsed)
@@ -212,49 +257,92 @@ def compare(args, trainer, step, batches, info) -> int:
         os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
     base = names[0]
     shape = bench.ModelShape.from_dir(trainer.config.model.name_or_path)
-    lengths = [[(len(r["prompt_input_ids"]), len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in g]
-               for g in groups[1:args.rounds + 1]]
+    lengths = [
+        [(len(r["prompt_input_ids"]), len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in g]
+        for g in groups[1 : args.rounds + 1]
+    ]
 
-    def flops(name):  # executed matmul GFLOP per step (scripts/bench_flops.py), mean over the measured batches
+    def flops(
+        name,
+    ):  # executed matmul GFLOP per step (scripts/bench_flops.py), mean over the measured batches
         env, chunk, collator = COMPARE[name]
         share = SHARE_PROMPT.get(name, default_share) and collator != "packed"
         keep_mb = float(env.get("PREFOPT_LOGPS_KEEP_MB", 256))
         totals = []
         for pairs in lengths:
             rows = sum(c + r for _, c, r in pairs)
-            recompute = chunk is not None and (env.get("PREFOPT_LOGPS_HEAD") == "checkpoint"
-                                               or not bench.keeps_softmax(shape, rows, keep_mb))
-            totals.append(bench.step_flops(shape, pairs, reference=args.reference, share_prompt=share,
-                                           packing=collator == "packed", recompute_head=recompute,
-                                           head="all" if chunk is None else "completion")["total"])
+            recompute = chunk is not None and (
+                env.get("PREFOPT_LOGPS_HEAD") == "checkpoint" or not bench.keeps_softmax(shape, rows, keep_mb)
+            )
+            totals.append(
+                bench.step_flops(
+                    shape,
+                    pairs,
+                    reference=args.reference,
+                    share_prompt=share,
+                    packing=collator == "packed",
+                    recompute_head=recompute,
+                    head="all" if chunk is None else "completion",
+                )["total"]
+            )
         return statistics.mean(totals) / 1e9
 
-    print(f"\n{args.config}, reference {args.reference}: {args.rounds} rounds, variants interleaved; load average "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print("| variant | real tok/s (median) | vs " + base + " | step peak above start MiB (median) "
-          "| executed GFLOP/step |")
+    print(
+        f"\n{args.config}, reference {args.reference}: {args.rounds} rounds, variants interleaved; load average "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
+    print(
+        "| variant | real tok/s (median) | vs " + base + " | step peak above start MiB (median) "
+        "| executed GFLOP/step |"
+    )
     print("|---|---:|---:|---:|---:|")
     for name in names:
         rate = statistics.median(times[name])
         ratio = statistics.median(a / b for a, b in zip(times[name], times[base]))
-        print(f"| {name} | {rate:.0f} | {ratio:.2f}x | {statistics.median(peaks[name]):.0f} | {flops(name):.1f} |")
+        print(
+            f"| {name} | {rate:.0f} | {ratio:.2f}x | {statistics.median(peaks[name]):.0f} | {flops(name):.1f} |"
+        )
     return 0
 
 
 def _group(name: str) -> str:
-    if name in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::matmul", "aten::linear",
-                "aten::baddbmm"):
+    if name in (
+        "aten::mm",
+        "aten::addmm",
+        "aten::addmm_",
+        "aten::bmm",
+        "aten::matmul",
+        "aten::linear",
+        "aten::baddbmm",
+    ):
         return "matmul"
     if "scaled_dot_product" in name or "flash_attention" in name:
         return "attention (sdpa)"
-    if name in ("aten::exp", "aten::exp_", "aten::logsumexp", "aten::_log_softmax", "aten::_log_softmax_backward_data",
-                "aten::sub_", "aten::mul_", "aten::scatter_add_"):
+    if name in (
+        "aten::exp",
+        "aten::exp_",
+        "aten::logsumexp",
+        "aten::_log_softmax",
+        "aten::_log_softmax_backward_data",
+        "aten::sub_",
+        "aten::mul_",
+        "aten::scatter_add_",
+    ):
         return "softmax / lm-head elementwise"
-    if "adam" in name.lower() or name in ("aten::_foreach_mul_", "aten::_foreach_add_", "aten::lerp_",
-                                         "aten::addcmul_", "aten::addcdiv_", "aten::sqrt", "aten::div"):
+    if "adam" in name.lower() or name in (
+        "aten::_foreach_mul_",
+        "aten::_foreach_add_",
+        "aten::lerp_",
+        "aten::addcmul_",
+        "aten::addcdiv_",
+        "aten::sqrt",
+        "aten::div",
+    ):
         return "optimizer"
     if "norm" in name:
         return "clip / norms"
     return name
+
+
 if __name__ == "__main__":
     sys.exit(main())

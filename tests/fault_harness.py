@@ -62,7 +62,9 @@ def install() -> None:
     import safetensors.torch
     import torch
 
-    safetensors.torch.save_file = _wrap_save(safetensors.torch.save_file, lambda tensors, filename, *a, **k: filename)
+    safetensors.torch.save_file = _wrap_save(
+        safetensors.torch.save_file, lambda tensors, filename, *a, **k: filename
+    )
     torch.save = _wrap_save(torch.save, lambda obj, f, *a, **k: f)
 
     original_write_text = Path.write_text

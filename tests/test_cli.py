@@ -11,7 +11,9 @@ from prefopt.cli import main
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "prefopt", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "prefopt", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize("command", ["train", "losses", "tiny-model", "demo", "diagnose"])
@@ -78,10 +80,18 @@ def test_losses_name_shows_one_loss_in_full(capsys):
     out = capsys.readouterr().out
     assert max(len(line) for line in out.splitlines()) <= 80
     flat = " ".join(out.split())
-    for text in ("paper Chowdhury et al. 2024", "arXiv 2403.00409", "formula L = ((1-e)(-logsigmoid(z))",
-                 "beta = 0.1", "label_smoothing = 0.1", "divergence = 'reverse_kl'", "alpha = 0.5",
-                 "needs reference; step: pairs", "implicit reward beta * (logp - logp_ref)",
-                 "docs/losses.md#robust"):
+    for text in (
+        "paper Chowdhury et al. 2024",
+        "arXiv 2403.00409",
+        "formula L = ((1-e)(-logsigmoid(z))",
+        "beta = 0.1",
+        "label_smoothing = 0.1",
+        "divergence = 'reverse_kl'",
+        "alpha = 0.5",
+        "needs reference; step: pairs",
+        "implicit reward beta * (logp - logp_ref)",
+        "docs/losses.md#robust",
+    ):
         assert text in flat, text
 
 
@@ -107,8 +117,13 @@ def test_unknown_loss_exits_2_listing_choices():
 def test_missing_recipe_and_missing_model_exit_2(tmp_path):
     result = run_cli("train", str(tmp_path / "missing.yaml"))
     assert result.returncode == 2 and "recipe file not found" in result.stderr
-    result = run_cli("train", "recipes/tiny/dpo.yaml", f"model.name_or_path={tmp_path}/no-model",
-                     f"output_dir={tmp_path}/out", "data.train=recipes/tiny/dpo.yaml")
+    result = run_cli(
+        "train",
+        "recipes/tiny/dpo.yaml",
+        f"model.name_or_path={tmp_path}/no-model",
+        f"output_dir={tmp_path}/out",
+        "data.train=recipes/tiny/dpo.yaml",
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
@@ -122,12 +137,20 @@ def test_tiny_model_builds_and_loads_offline(tmp_path):
 
     result = run_cli("tiny-model", str(tmp_path / "tiny"))
     assert result.returncode == 0, result.stderr
-    code = ("import os; os.environ['HF_HUB_OFFLINE']='1';"
-            "from transformers import AutoModelForCausalLM, AutoTokenizer;"
-            f"m=AutoModelForCausalLM.from_pretrained(r'{tmp_path}/tiny'); t=AutoTokenizer.from_pretrained(r'{tmp_path}/tiny');"
-            "assert m.config.model_type=='llama' and t.chat_template and t.eos_token=='<|im_end|>';"
-            "print(t.apply_chat_template([{'role':'user','content':'hi'}], tokenize=False, add_generation_prompt=True))")
-    check = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    code = (
+        "import os; os.environ['HF_HUB_OFFLINE']='1';"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer;"
+        f"m=AutoModelForCausalLM.from_pretrained(r'{tmp_path}/tiny'); "
+        f"t=AutoTokenizer.from_pretrained(r'{tmp_path}/tiny');"
+        "assert m.config.model_type=='llama' and t.chat_template and t.eos_token=='<|im_end|>';"
+        "print(t.apply_chat_template([{'role':'user','content':'hi'}], tokenize=False, add_generation_prompt=True))"
+    )
+    check = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
     assert check.returncode == 0, check.stderr
     assert "<|im_start|>assistant" in check.stdout

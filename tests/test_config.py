@@ -34,7 +34,11 @@ def test_override_swaps_the_loss_and_keeps_the_rest():
     config = load_config(RECIPES / "tiny" / "dpo.yaml", ["loss.name=simpo", "loss.beta=2.0"])
     # every parameter is recorded with its resolved value, defaults included
     assert config.loss.name == "simpo" and config.loss.params() == {
-        "beta": 2.0, "gamma": None, "gamma_beta_ratio": None, "sft_weight": 0.0}
+        "beta": 2.0,
+        "gamma": None,
+        "gamma_beta_ratio": None,
+        "sft_weight": 0.0,
+    }
     assert config.resolved_reference_mode() == "none"
     base = load_config(RECIPES / "tiny" / "dpo.yaml")
     assert config.train == base.train and config.data == base.data
@@ -46,20 +50,20 @@ def test_override_creates_nested_sections():
     assert Config.model_validate(data).model.peft.r == 4
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("train.learning_rte=1e-4", ["train.learning_rte: unknown key", "learning_rate"]),
-    ("loss.name=dpoo", ["loss.name", "dpoo", "dpo", "simpo", "fdpo", "rpo"]),
-    ("loss.gamma=1.0", ["gamma", "beta", "label_smoothing"]),
-    ("train.per_device_batch_size=many", ["train.per_device_batch_size", "many"]),
-    ("reference.mode=sideways", ["reference.mode", "sideways", "precomputed"]),
-    ("loss.divergence=l2", ["divergence"]),
-    ("bogus=1", ["bogus: unknown key", "output_dir"]),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.learning_rte=1e-4", ["train.learning_rte: unknown key", "learning_rate"]),
+        ("loss.name=dpoo", ["loss.name", "dpoo", "dpo", "simpo", "fdpo", "rpo"]),
+        ("loss.gamma=1.0", ["gamma", "beta", "label_smoothing"]),
+        ("train.per_device_batch_size=many", ["train.per_device_batch_size", "many"]),
+        ("reference.mode=sideways", ["reference.mode", "sideways", "precomputed"]),
+        ("loss.divergence=l2", ["divergence"]),
+        ("bogus=1", ["bogus: unknown key", "output_dir"]),
+    ],
+)
 def test_errors_name_the_key_and_the_choices(override, expected):
-    if "divergence" in override:
-        overrides = ["loss.name=fdpo", override]
-    else:
-        overrides = [override]
+    overrides = ["loss.name=fdpo", override] if "divergence" in override else [override]
     with pytest.raises(ConfigError) as info:
         load_config(RECIPES / "tiny" / "dpo.yaml", overrides)
     for text in expected:
@@ -97,5 +101,9 @@ def test_saved_config_round_trips(tmp_path):
     save_config(config, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again == config
-    assert yaml.safe_load(config_to_yaml(config))["loss"] == {"name": "fdpo", "beta": 0.1, "divergence": "alpha",
-                                                               "alpha": 0.3}
+    assert yaml.safe_load(config_to_yaml(config))["loss"] == {
+        "name": "fdpo",
+        "beta": 0.1,
+        "divergence": "alpha",
+        "alpha": 0.3,
+    }

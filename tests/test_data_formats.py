@@ -15,24 +15,36 @@ from prefopt.errors import DataError
 USER = {"role": "user", "content": "How are you?"}
 GOOD = {"role": "assistant", "content": "Very well, thank you."}
 BAD = {"role": "assistant", "content": "Go away."}
-HH_CHOSEN = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Tell me a joke\n\nAssistant: Why did the hen cross?"
+HH_CHOSEN = (
+    "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Tell me a joke\n\nAssistant: Why did the hen cross?"
+)
 HH_REJECTED = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Tell me a joke\n\nAssistant: No."
-RATED = {"prompt": "Rate me", "completions": [{"text": "ok", "score": 5}, {"text": "best", "score": 9},
-                                               {"text": "worst", "score": 1}, {"text": "fine", "score": 6}]}
+RATED = {
+    "prompt": "Rate me",
+    "completions": [
+        {"text": "ok", "score": 5},
+        {"text": "best", "score": 9},
+        {"text": "worst", "score": 1},
+        {"text": "fine", "score": 6},
+    ],
+}
 
 
-@pytest.mark.parametrize("row, expected", [
-    ({"prompt": "p", "chosen": "a", "rejected": "b"}, "pairs"),
-    ({"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]}, "conversational"),
-    ({"chosen": [USER, GOOD], "rejected": [USER, BAD]}, "conversational"),
-    ({"chosen": HH_CHOSEN, "rejected": HH_REJECTED}, "hh"),
-    (RATED, "rated"),
-    ({"instruction": "x", "completions": []}, "rated"),
-    ({"prompt": "p"}, "prompts"),
-    ({"prompt": [USER]}, "prompts"),
-    ({"prompt": "p", "completion": "c"}, "sft"),
-    ({"messages": [USER, GOOD]}, "sft"),
-])
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        ({"prompt": "p", "chosen": "a", "rejected": "b"}, "pairs"),
+        ({"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]}, "conversational"),
+        ({"chosen": [USER, GOOD], "rejected": [USER, BAD]}, "conversational"),
+        ({"chosen": HH_CHOSEN, "rejected": HH_REJECTED}, "hh"),
+        (RATED, "rated"),
+        ({"instruction": "x", "completions": []}, "rated"),
+        ({"prompt": "p"}, "prompts"),
+        ({"prompt": [USER]}, "prompts"),
+        ({"prompt": "p", "completion": "c"}, "sft"),
+        ({"messages": [USER, GOOD]}, "sft"),
+    ],
+)
 def test_detect_each_format(row, expected):
     assert detect_format(row) == expected
 
@@ -44,8 +56,11 @@ def test_detect_rejects_unknown_rows():
 
 def test_hh_splits_shared_prompt_and_final_reply():
     row = normalize_row({"chosen": HH_CHOSEN, "rejected": HH_REJECTED}, "hh")
-    assert row.prompt == [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
-                          {"role": "user", "content": "Tell me a joke"}]
+    assert row.prompt == [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Tell me a joke"},
+    ]
     assert (row.pairs[0].chosen, row.pairs[0].rejected) == ("Why did the hen cross?", "No.")
 
 
@@ -66,16 +81,25 @@ def test_rated_best_worst_and_all_with_gap():
     assert len(every.pairs) == 6 and all(p.gap > 0 for p in every.pairs)
     gapped = normalize_row(RATED, "rated", NormalizeOptions("all", rated_min_gap=3))
     assert sorted((p.chosen, p.rejected) for p in gapped.pairs) == [  # gap > 3 strictly: best-fine (3) is out
-        ("best", "ok"), ("best", "worst"), ("fine", "worst"), ("ok", "worst")]
-    tied = normalize_row({"prompt": "p", "completions": [{"text": "a", "score": 1}, {"text": "b", "score": 1}]},
-                         "rated")
+        ("best", "ok"),
+        ("best", "worst"),
+        ("fine", "worst"),
+        ("ok", "worst"),
+    ]
+    tied = normalize_row(
+        {"prompt": "p", "completions": [{"text": "a", "score": 1}, {"text": "b", "score": 1}]}, "rated"
+    )
     assert tied.pairs == [] and tied.rated
 
 
 def test_ultrafeedback_style_rated_rows():
-    row = {"instruction": "Explain", "completions": [
-        {"response": "long answer", "overall_score": 3, "fine-grained_score": 4.5},
-        {"response": "short", "overall_score": 8, "fine-grained_score": 2.0}]}
+    row = {
+        "instruction": "Explain",
+        "completions": [
+            {"response": "long answer", "overall_score": 3, "fine-grained_score": 4.5},
+            {"response": "short", "overall_score": 8, "fine-grained_score": 2.0},
+        ],
+    }
     normal = normalize_row(row, "rated")
     assert normal.prompt == "Explain"
     # fine-grained_score is preferred over overall_score (UltraFeedback's overall scores are unreliable)
@@ -91,8 +115,10 @@ def _build(tmp_path, tokenizer, rows, kind="pairs", write=None, **cfg):
 
 
 def test_curriculum_orders_easy_to_hard(tmp_path, tiny_tokenizer):
-    rows = [{"prompt": f"q{i}", "completions": [{"text": "hi", "score": 0}, {"text": f"lo{i}", "score": g}]}
-            for i, g in enumerate([2, 9, 5, 7, 1])]
+    rows = [
+        {"prompt": f"q{i}", "completions": [{"text": "hi", "score": 0}, {"text": f"lo{i}", "score": g}]}
+        for i, g in enumerate([2, 9, 5, 7, 1])
+    ]
     bundle = _build(tmp_path, tiny_tokenizer, rows, format="rated", curriculum=True)
     assert bundle.curriculum
     assert bundle.train["prompt_text"] == ["q1", "q3", "q2", "q0", "q4"]
@@ -102,12 +128,18 @@ def test_curriculum_orders_easy_to_hard(tmp_path, tiny_tokenizer):
 
 
 BAD_ROWS = [
-    ('{"prompt": "p", "chosen": "a"', r'line 2: invalid JSON'),
+    ('{"prompt": "p", "chosen": "a"', r"line 2: invalid JSON"),
     ({"prompt": "p", "chosen": "a"}, r'line 2: field "rejected" is missing'),
     ({"prompt": "p", "chosen": "a", "rejected": ""}, r'line 2: field "rejected" is empty'),
     ({"prompt": "  ", "chosen": "a", "rejected": "b"}, r'line 2: field "prompt" is empty'),
-    ({"prompt": "p", "chosen": 3, "rejected": "b"}, r'line 2: field "chosen": expected a string, got integer'),
-    ({"prompt": "p", "chosen": "same", "rejected": "same"}, r'line 2: fields "chosen" and "rejected" are identical'),
+    (
+        {"prompt": "p", "chosen": 3, "rejected": "b"},
+        r'line 2: field "chosen": expected a string, got integer',
+    ),
+    (
+        {"prompt": "p", "chosen": "same", "rejected": "same"},
+        r'line 2: fields "chosen" and "rejected" are identical',
+    ),
     ({"prompt": "p", "chosen": "a", "rejected": None}, r'line 2: field "rejected" is empty \(null\)'),
     ("[1, 2]", r"line 2: expected an object \(mapping of fields\), got list"),
 ]
@@ -115,7 +147,11 @@ BAD_ROWS = [
 
 @pytest.mark.parametrize("bad, message", BAD_ROWS)
 def test_bad_rows_name_file_line_and_field(tmp_path, tiny_tokenizer, bad, message):
-    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, bad, {"prompt": "q", "chosen": "c", "rejected": "d"}]
+    rows = [
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        bad,
+        {"prompt": "q", "chosen": "c", "rejected": "d"},
+    ]
     with pytest.raises(DataError, match=r"data\.jsonl " + message):
         _build(tmp_path, tiny_tokenizer, rows)
     bundle = _build(tmp_path, tiny_tokenizer, rows, on_invalid="skip")
@@ -128,39 +164,75 @@ def test_bad_rows_name_file_line_and_field(tmp_path, tiny_tokenizer, bad, messag
     assert "line 2" in (tmp_path / "out" / "data_invalid_rows.txt").read_text()
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"prompt": [{"role": "user"}], "chosen": [GOOD], "rejected": [BAD]}, r'field "prompt" message 1: "content" is '
-                                                                          r"missing"),
-    ({"prompt": [USER], "chosen": [USER], "rejected": [BAD]}, r'field "chosen": the final message has role "user"'),
-    ({"chosen": [GOOD], "rejected": [BAD]}, r'field "prompt" is empty \(chosen and rejected share no messages'),
-    ({"chosen": [USER, GOOD], "rejected": [{"role": "user", "content": "other"}, BAD]},
-     r'field "chosen" and "rejected" differ before their final message'),
-    ({"prompt": [USER], "chosen": "text", "rejected": [BAD]}, r'field "chosen": expected a list of messages'),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        (
+            {"prompt": [{"role": "user"}], "chosen": [GOOD], "rejected": [BAD]},
+            r'field "prompt" message 1: "content" is '
+            r"missing",
+        ),
+        (
+            {"prompt": [USER], "chosen": [USER], "rejected": [BAD]},
+            r'field "chosen": the final message has role "user"',
+        ),
+        (
+            {"chosen": [GOOD], "rejected": [BAD]},
+            r'field "prompt" is empty \(chosen and rejected share no messages',
+        ),
+        (
+            {"chosen": [USER, GOOD], "rejected": [{"role": "user", "content": "other"}, BAD]},
+            r'field "chosen" and "rejected" differ before their final message',
+        ),
+        (
+            {"prompt": [USER], "chosen": "text", "rejected": [BAD]},
+            r'field "chosen": expected a list of messages',
+        ),
+    ],
+)
 def test_bad_conversational_rows(row, message):
     with pytest.raises(RowError, match=message):
         normalize_row(row, "conversational")
 
 
-@pytest.mark.parametrize("row, fmt, message", [
-    ({"chosen": "no turns here", "rejected": "x"}, "hh", r'field "chosen": no "\\n\\nAssistant:" turn'),
-    ({"prompt": "p", "completions": [{"text": "a", "score": 1}]}, "rated", r"needs at least 2 rated completions"),
-    ({"prompt": "p", "completions": [{"text": "a", "score": "high"}, {"text": "b", "score": 1}]}, "rated",
-     r'field "completions\[0\].score": expected a finite number'),
-    ({"prompt": "p", "completions": [{"text": "a"}, {"text": "b", "score": 1}]}, "rated",
-     r'field "completions\[0\].score" is missing'),
-    ({"prompt": "p"}, "sft", r'field "completion" is missing'),
-    ({"prompt": ["x"]}, "prompts", r'field "prompt" message 1: expected an object'),
-])
+@pytest.mark.parametrize(
+    "row, fmt, message",
+    [
+        ({"chosen": "no turns here", "rejected": "x"}, "hh", r'field "chosen": no "\\n\\nAssistant:" turn'),
+        (
+            {"prompt": "p", "completions": [{"text": "a", "score": 1}]},
+            "rated",
+            r"needs at least 2 rated completions",
+        ),
+        (
+            {"prompt": "p", "completions": [{"text": "a", "score": "high"}, {"text": "b", "score": 1}]},
+            "rated",
+            r'field "completions\[0\].score": expected a finite number',
+        ),
+        (
+            {"prompt": "p", "completions": [{"text": "a"}, {"text": "b", "score": 1}]},
+            "rated",
+            r'field "completions\[0\].score" is missing',
+        ),
+        ({"prompt": "p"}, "sft", r'field "completion" is missing'),
+        ({"prompt": ["x"]}, "prompts", r'field "prompt" message 1: expected an object'),
+    ],
+)
 def test_bad_rows_of_other_formats(row, fmt, message):
     with pytest.raises(RowError, match=message):
         normalize_row(row, fmt)
 
 
 def test_mixed_formats_and_kind_mismatch(tmp_path, tiny_tokenizer):
-    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]}]
-    with pytest.raises(DataError, match=r'line 2: field "prompt": expected a string, got list; for message lists use '
-                                        r"data.format=conversational"):
+    rows = [
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        {"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]},
+    ]
+    with pytest.raises(
+        DataError,
+        match=r'line 2: field "prompt": expected a string, got list; for message lists use '
+        r"data.format=conversational",
+    ):
         _build(tmp_path, tiny_tokenizer, rows)
     with pytest.raises(DataError, match=r"format 'sft' has no preference pairs"):
         _build(tmp_path, tiny_tokenizer, [{"prompt": "p", "completion": "c"}], kind="pairs")
@@ -193,8 +265,9 @@ def test_every_source_type(tmp_path, tiny_tokenizer):
     paths["disk"] = tmp_path / "saved"
     datasets.Dataset.from_list(rows).save_to_disk(paths["disk"])
     paths["dict"] = tmp_path / "saved_dict"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:4]),
-                          "test": datasets.Dataset.from_list(rows[4:])}).save_to_disk(paths["dict"])
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows[:4]), "test": datasets.Dataset.from_list(rows[4:])}
+    ).save_to_disk(paths["dict"])
     for name, path in paths.items():
         bundle = build_datasets(DataConfig(train=str(path), shuffle=False), tiny_tokenizer, "pairs")
         expected = 4 if name == "dict" else 6
@@ -214,14 +287,19 @@ def test_locations_per_source_type(tmp_path):
     assert result.reasons == [f'{tmp_path / "d.csv"} line 3: field "rejected" is empty']
     (tmp_path / "d.json").write_text(json.dumps([_rows(1)[0], bad]))
     result = load_rows(Source(str(tmp_path / "d.json")))
-    assert result.reasons == [f'{tmp_path / "d.json"} row 2: field "rejected" is missing']  # 1-based, like lines
+    assert result.reasons == [
+        f'{tmp_path / "d.json"} row 2: field "rejected" is missing'
+    ]  # 1-based, like lines
 
 
 def test_missing_files_and_unreachable_hub_names(tmp_path, tiny_tokenizer):
     with pytest.raises(DataError, match=r"data/missing.jsonl: file not found"):
         build_datasets(DataConfig(train="data/missing.jsonl"), tiny_tokenizer, "pairs")
-    with pytest.raises(DataError, match=r"no-such-org/no-such-dataset: not a local file or directory, and loading it "
-                                        r"as a Hugging Face Hub dataset"):
+    with pytest.raises(
+        DataError,
+        match=r"no-such-org/no-such-dataset: not a local file or directory, and loading it "
+        r"as a Hugging Face Hub dataset",
+    ):
         build_datasets(DataConfig(train="no-such-org/no-such-dataset"), tiny_tokenizer, "pairs")
     (tmp_path / "x.txt").write_text("hello")
     with pytest.raises(DataError, match="unsupported file type"):
@@ -238,14 +316,21 @@ def _write(tmp_path):
 
 def test_max_samples_eval_size_and_kinds(tmp_path, tiny_tokenizer):
     path = _write(tmp_path)
-    bundle = build_datasets(DataConfig(train=str(path), max_samples=5, eval_size=0.4), tiny_tokenizer, "pairs")
+    bundle = build_datasets(
+        DataConfig(train=str(path), max_samples=5, eval_size=0.4), tiny_tokenizer, "pairs"
+    )
     assert (len(bundle.train), len(bundle.eval)) == (3, 2)
     assert bundle.report.train.stopped_at_max_samples
     train_prompts = set(bundle.train["prompt_text"])
     assert not train_prompts & set(bundle.eval["prompt_text"])
     sft = build_datasets(DataConfig(train=str(path)), tiny_tokenizer, "sft")
-    assert set(sft.train.column_names) == {"index", "prompt_input_ids", "completion_input_ids", "prompt_text",
-                                           "completion_text"}
+    assert set(sft.train.column_names) == {
+        "index",
+        "prompt_input_ids",
+        "completion_input_ids",
+        "prompt_text",
+        "completion_text",
+    }
     assert sorted(sft.train["completion_text"]) == sorted(f" good {i}" for i in range(6))
     prompts = build_datasets(DataConfig(train=str(path)), tiny_tokenizer, "prompts")
     assert set(prompts.train.column_names) == {"index", "prompt_input_ids", "prompt_text", "prompt_messages"}

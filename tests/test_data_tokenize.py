@@ -19,19 +19,26 @@ def _write(path, rows):
 
 
 # "brown" is one token of the tiny tokenizer: tokenizing "bro" + "wn fox" jointly would merge across the boundary.
-PAIRS = [{"prompt": "The quick bro", "chosen": "wn fox jumps", "rejected": "ken dog"},
-         {"prompt": "A review of the film:", "chosen": " wonderful and moving", "rejected": " boring<|im_end|>"},
-         {"prompt": "Question: what is two plus three? Answer:", "chosen": " five", "rejected": " six, surely"}]
-CONVERSATION = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sky colour?"}],
-                "chosen": [{"role": "assistant", "content": "Blue."}],
-                "rejected": [{"role": "assistant", "content": "Green, I think."}]}
+PAIRS = [
+    {"prompt": "The quick bro", "chosen": "wn fox jumps", "rejected": "ken dog"},
+    {"prompt": "A review of the film:", "chosen": " wonderful and moving", "rejected": " boring<|im_end|>"},
+    {"prompt": "Question: what is two plus three? Answer:", "chosen": " five", "rejected": " six, surely"},
+]
+CONVERSATION = {
+    "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sky colour?"}],
+    "chosen": [{"role": "assistant", "content": "Blue."}],
+    "rejected": [{"role": "assistant", "content": "Green, I think."}],
+}
 
 
-def _bundle(tmp_path, tokenizer, rows, kind="pairs", seed=0, cache_dir=None, name="d.jsonl", unchecked=False,
-            **cfg):
+def _bundle(
+    tmp_path, tokenizer, rows, kind="pairs", seed=0, cache_dir=None, name="d.jsonl", unchecked=False, **cfg
+):
     cfg.setdefault("shuffle", False)
     cfg["train"] = str(_write(tmp_path / name, rows))
-    data_cfg = DataConfig.model_construct(**{**DataConfig().model_dump(), **cfg}) if unchecked else DataConfig(**cfg)
+    data_cfg = (
+        DataConfig.model_construct(**{**DataConfig().model_dump(), **cfg}) if unchecked else DataConfig(**cfg)
+    )
     return build_datasets(data_cfg, tokenizer, kind, seed=seed, cache_dir=cache_dir)
 
 
@@ -49,7 +56,9 @@ def test_completion_starts_exactly_where_the_prompt_ends(tmp_path, tiny_tokenize
             assert row[f"{name}_input_ids"].count(eos) == 1  # an EOS already in the text is not doubled
     joint = tok("The quick brown fox jumps", add_special_tokens=False)["input_ids"]
     first = bundle.train[0]
-    assert first["prompt_input_ids"] + first["chosen_input_ids"][:-1] != joint  # no merge crossed the boundary
+    assert (
+        first["prompt_input_ids"] + first["chosen_input_ids"][:-1] != joint
+    )  # no merge crossed the boundary
 
     batch = PairCollator(tok.pad_token_id)([bundle.train[i] for i in range(3)])
     assert batch["input_ids"].shape == batch["completion_mask"].shape == (6, batch["input_ids"].shape[1])
@@ -60,7 +69,8 @@ def test_completion_starts_exactly_where_the_prompt_ends(tmp_path, tiny_tokenize
             start, end = len(row["prompt_input_ids"]), len(seq)
             assert batch["input_ids"][j, :end].tolist() == seq  # exactly what the model sees
             assert batch["completion_mask"][j].tolist() == [0] * start + [1] * (end - start) + [0] * (
-                batch["input_ids"].shape[1] - end)
+                batch["input_ids"].shape[1] - end
+            )
             assert batch["input_ids"][j, end - 1] == eos
             assert batch["attention_mask"][j].sum() == end
     assert (batch["completion_mask"] <= batch["attention_mask"]).all()  # padding never masked in
@@ -79,8 +89,11 @@ def test_masks_do_not_depend_on_the_pad_id(tmp_path, tiny_tokenizer):
     batch = SFTCollator(tiny_tokenizer.eos_token_id, pad_to_multiple_of=8)([sft.train[0], sft.train[1]])
     assert batch["input_ids"].shape[1] % 8 == 0
     for i in range(2):
-        n_prompt, n_completion = len(sft.train[i]["prompt_input_ids"]), len(sft.train[i]["completion_input_ids"])
-        assert batch["completion_mask"][i].tolist()[n_prompt:n_prompt + n_completion] == [1] * n_completion
+        n_prompt, n_completion = (
+            len(sft.train[i]["prompt_input_ids"]),
+            len(sft.train[i]["completion_input_ids"]),
+        )
+        assert batch["completion_mask"][i].tolist()[n_prompt : n_prompt + n_completion] == [1] * n_completion
         assert batch["completion_mask"][i].sum() == n_completion
     prompts = _bundle(tmp_path, tiny_tokenizer, PAIRS, kind="prompts")
     batch = PromptCollator()([prompts.train[2], prompts.train[0]])
@@ -91,7 +104,9 @@ def test_conversational_rows_use_the_chat_template(tmp_path, tiny_tokenizer):
     tok = tiny_tokenizer
     bundle = _bundle(tmp_path, tok, [CONVERSATION])
     row = bundle.train[0]
-    expected_prompt = tok.apply_chat_template(CONVERSATION["prompt"], tokenize=False, add_generation_prompt=True)
+    expected_prompt = tok.apply_chat_template(
+        CONVERSATION["prompt"], tokenize=False, add_generation_prompt=True
+    )
     assert row["prompt_text"] == expected_prompt
     assert row["prompt_input_ids"] == tok(expected_prompt, add_special_tokens=False)["input_ids"]
     assert json.loads(row["prompt_messages"]) == CONVERSATION["prompt"]
@@ -101,7 +116,9 @@ def test_conversational_rows_use_the_chat_template(tmp_path, tiny_tokenizer):
     full = tok.apply_chat_template(CONVERSATION["prompt"] + CONVERSATION["chosen"], tokenize=False)
     assert full.rstrip("\n") == row["prompt_text"] + row["chosen_text"] + tok.eos_token
 
-    override = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}{% if add_generation_prompt %}=>{% endif %}"
+    override = (
+        "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}{% if add_generation_prompt %}=>{% endif %}"
+    )
     custom = _bundle(tmp_path, tok, [CONVERSATION], chat_template=override)
     assert custom.train[0]["prompt_text"] == "<<Be brief.>><<Sky colour?>>=>"
     assert custom.fingerprint != bundle.fingerprint
@@ -135,21 +152,25 @@ def test_fit_lengths_rules():
 def test_truncation_counts_and_drops(tmp_path, tiny_tokenizer):
     tok = tiny_tokenizer
     long_prompt = " ".join(["the film was wonderful"] * 10)
-    rows = [{"prompt": long_prompt, "chosen": " a " * 20, "rejected": " b"},
-            {"prompt": "Hi:", "chosen": " yes", "rejected": " no"}]
+    rows = [
+        {"prompt": long_prompt, "chosen": " a " * 20, "rejected": " b"},
+        {"prompt": "Hi:", "chosen": " yes", "rejected": " no"},
+    ]
     prompt_len = len(tok(long_prompt)["input_ids"])
     bundle = _bundle(tmp_path, tok, rows, max_length=16, max_prompt_length=8, truncation="keep_end")
     report = bundle.report.train
     assert report.truncated_prompts == 1 and report.truncated_completions == {"chosen": 1, "rejected": 0}
     first = bundle.train[0]
-    assert first["prompt_input_ids"] == tok(long_prompt)["input_ids"][prompt_len - 8:]
+    assert first["prompt_input_ids"] == tok(long_prompt)["input_ids"][prompt_len - 8 :]
     assert len(first["prompt_input_ids"]) + len(first["chosen_input_ids"]) == 16
     assert first["chosen_input_ids"][-1] != tok.eos_token_id  # a cut completion does not end
     starts = _bundle(tmp_path, tok, rows, max_length=16, max_prompt_length=8, truncation="keep_start")
     assert starts.train[0]["prompt_input_ids"] == tok(long_prompt)["input_ids"][:8]
     # A prompt allowed the whole max_length leaves nothing for the completion: the row is dropped and counted.
     # (The recipe schema refuses max_prompt_length >= max_length; the tokenizer still guards unchecked configs.)
-    dropped = _bundle(tmp_path, tok, rows, max_length=8, max_prompt_length=8, on_invalid="skip", unchecked=True)
+    dropped = _bundle(
+        tmp_path, tok, rows, max_length=8, max_prompt_length=8, on_invalid="skip", unchecked=True
+    )
     assert dropped.report.train.dropped_rows == 1 and len(dropped.train) == 1
     assert "line 1: the prompt takes 8 of data.max_length=8 tokens" in dropped.report.train.dropped_reasons[0]
     assert dropped.train["index"] == [0] and dropped.train[0]["prompt_text"] == "Hi:"
@@ -206,7 +227,10 @@ def test_tokenization_cache_is_keyed_by_fingerprint(tmp_path, tiny_tokenizer):
 
 
 def test_num_proc_gives_the_same_rows(tmp_path, tiny_tokenizer):
-    rows = [{"prompt": f"Review {i} of the film:", "chosen": " wonderful", "rejected": " dull"} for i in range(600)]
+    rows = [
+        {"prompt": f"Review {i} of the film:", "chosen": " wonderful", "rejected": " dull"}
+        for i in range(600)
+    ]
     single = _bundle(tmp_path, tiny_tokenizer, rows)
     parallel = _bundle(tmp_path, tiny_tokenizer, rows, num_proc=2)
     assert parallel.train.to_dict() == single.train.to_dict()

@@ -13,8 +13,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data_tools", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env=_env())
+    return subprocess.run(
+        [sys.executable, "-m", "data_tools", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+    )
 
 
 def _env():
@@ -28,8 +34,13 @@ def _write(path: Path, rows) -> Path:
     return path
 
 
-HH = [{"chosen": f"\n\nHuman: Question {i}?\n\nAssistant: A helpful answer {i}.",
-       "rejected": f"\n\nHuman: Question {i}?\n\nAssistant: No."} for i in range(3)]
+HH = [
+    {
+        "chosen": f"\n\nHuman: Question {i}?\n\nAssistant: A helpful answer {i}.",
+        "rejected": f"\n\nHuman: Question {i}?\n\nAssistant: No.",
+    }
+    for i in range(3)
+]
 
 
 def test_help_on_every_subcommand():
@@ -55,13 +66,31 @@ def test_convert_hh_to_standard_and_conversational(tmp_path):
 
 
 def test_convert_rated_rows_and_multi_turn_prompts(tmp_path, tiny_tokenizer_dir):
-    rated = _write(tmp_path / "rated.jsonl", [{"prompt": "p", "completions": [
-        {"text": "a", "score": 3}, {"text": "b", "score": 1}, {"text": "c", "score": 2}]}])
+    rated = _write(
+        tmp_path / "rated.jsonl",
+        [
+            {
+                "prompt": "p",
+                "completions": [
+                    {"text": "a", "score": 3},
+                    {"text": "b", "score": 1},
+                    {"text": "c", "score": 2},
+                ],
+            }
+        ],
+    )
     out = tmp_path / "pairs.jsonl"
     assert tool("convert", rated, out, "--rated-pairs", "all").returncode == 0
     assert len(out.read_text().splitlines()) == 3
-    multi = _write(tmp_path / "multi.jsonl", [{"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",
-                                               "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: e"}])
+    multi = _write(
+        tmp_path / "multi.jsonl",
+        [
+            {
+                "chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",
+                "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: e",
+            }
+        ],
+    )
     result = tool("convert", multi, tmp_path / "x.jsonl")
     assert result.returncode == 2
     assert "line 1: the prompt has 3 messages" in result.stderr and "--tokenizer" in result.stderr
@@ -87,9 +116,14 @@ def test_validate_clean_and_dirty(tmp_path):
     result = tool("validate", clean)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "format hh; 3 rows, 3 valid, 0 invalid" in result.stdout
-    dirty = _write(tmp_path / "dirty.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"},
-                                              {"prompt": "p", "chosen": "a"},
-                                              {"prompt": "p", "chosen": "same", "rejected": "same"}])
+    dirty = _write(
+        tmp_path / "dirty.jsonl",
+        [
+            {"prompt": "p", "chosen": "a", "rejected": "b"},
+            {"prompt": "p", "chosen": "a"},
+            {"prompt": "p", "chosen": "same", "rejected": "same"},
+        ],
+    )
     result = tool("validate", dirty, "--json")
     assert result.returncode == 2
     summary = json.loads(result.stdout)
@@ -102,13 +136,24 @@ def test_validate_clean_and_dirty(tmp_path):
 
 
 def test_stats_json_and_table(tmp_path, tiny_tokenizer_dir):
-    rows = [{"prompt": "Review of the film:", "chosen": " wonderful and moving", "rejected": " dull"},
-            {"prompt": "Review of the film:", "chosen": " wonderful and moving", "rejected": " dull"},
-            {"prompt": "Another review:", "chosen": " ok", "rejected": " terrible pacing and awful dialogue"},
-            {"prompt": "x", "chosen": "same", "rejected": "same"}]
+    rows = [
+        {"prompt": "Review of the film:", "chosen": " wonderful and moving", "rejected": " dull"},
+        {"prompt": "Review of the film:", "chosen": " wonderful and moving", "rejected": " dull"},
+        {"prompt": "Another review:", "chosen": " ok", "rejected": " terrible pacing and awful dialogue"},
+        {"prompt": "x", "chosen": "same", "rejected": "same"},
+    ]
     data = _write(tmp_path / "s.jsonl", rows)
-    result = tool("stats", data, "--json", "--tokenizer", tiny_tokenizer_dir, "--max-length", "8",
-                  "--max-prompt-length", "4")
+    result = tool(
+        "stats",
+        data,
+        "--json",
+        "--tokenizer",
+        tiny_tokenizer_dir,
+        "--max-length",
+        "8",
+        "--max-prompt-length",
+        "4",
+    )
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)
     assert (stats["rows"], stats["valid"], stats["examples"]) == (4, 3, 3)
@@ -125,8 +170,24 @@ def test_stats_json_and_table(tmp_path, tiny_tokenizer_dir):
 
 def test_synth_writes_a_loadable_task(tmp_path):
     out = tmp_path / "task"
-    result = tool("synth", "gold-task", "--out", out, "--seed", "3", "--n-sft", "20", "--n-pairs", "20",
-                  "--n-eval", "5", "--n-heldout", "10", "--n-prompts", "15")
+    result = tool(
+        "synth",
+        "gold-task",
+        "--out",
+        out,
+        "--seed",
+        "3",
+        "--n-sft",
+        "20",
+        "--n-pairs",
+        "20",
+        "--n-eval",
+        "5",
+        "--n-heldout",
+        "10",
+        "--n-prompts",
+        "15",
+    )
     assert result.returncode == 0, result.stderr
     assert tool("validate", out / "pairs_train.jsonl", "--kind", "pairs").returncode == 0
     assert tool("validate", out / "sft.jsonl", "--kind", "sft").returncode == 0

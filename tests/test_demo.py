@@ -20,17 +20,38 @@ STEPS = 4
 
 
 def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "400",
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "COLUMNS": "400",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> tuple[Path, str]:
     """The demo with 4 steps in a scratch directory, as `--out demo`; returns (working directory, stdout)."""
     cwd = tmp_path_factory.mktemp("demo")
-    result = subprocess.run([sys.executable, "-m", "prefopt", "demo", "--out", "demo", "--max-steps", str(STEPS),
-                             "--eval-prompts", "16"], capture_output=True, text=True, env=_env(), timeout=900,
-                            cwd=cwd)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prefopt",
+            "demo",
+            "--out",
+            "demo",
+            "--max-steps",
+            str(STEPS),
+            "--eval-prompts",
+            "16",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=900,
+        cwd=cwd,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd, result.stdout
 
@@ -43,19 +64,33 @@ def _printed_next_commands(stdout: str) -> list[str]:
 
 def test_demo_runs_offline_and_summarises(demo_run):
     cwd, out = demo_run
-    for text in ("rewards/accuracies", "rewards/margins", "gold reward: SFT -> DPO", "outputs:", "finished in"):
+    for text in (
+        "rewards/accuracies",
+        "rewards/margins",
+        "gold reward: SFT -> DPO",
+        "outputs:",
+        "finished in",
+    ):
         assert text in out
     demo = cwd / "demo"
     # The recipes' own layout: tiny-model, gold-task, tiny-sft, tiny-dpo.
-    for path in ("tiny-model/config.json", "gold-task/pairs_train.jsonl", "tiny-sft/final/model.safetensors",
-                 "tiny-dpo/final/model.safetensors", "tiny-dpo/config.yaml", f"tiny-dpo/checkpoint-{STEPS}"):
+    for path in (
+        "tiny-model/config.json",
+        "gold-task/pairs_train.jsonl",
+        "tiny-sft/final/model.safetensors",
+        "tiny-dpo/final/model.safetensors",
+        "tiny-dpo/config.yaml",
+        f"tiny-dpo/checkpoint-{STEPS}",
+    ):
         assert (demo / path).exists(), path
     records = [json.loads(line) for line in (demo / "tiny-dpo" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == STEPS
     # The DPO stage is recipes/tiny/dpo.yaml with only the paths and the step cap overridden.
     recipe = yaml.safe_load((REPO / "recipes" / "tiny" / "dpo.yaml").read_text())
     config = yaml.safe_load((demo / "tiny-dpo" / "config.yaml").read_text())
-    assert config["loss"]["name"] == recipe["loss"]["name"] and config["loss"]["beta"] == recipe["loss"]["beta"]
+    assert (
+        config["loss"]["name"] == recipe["loss"]["name"] and config["loss"]["beta"] == recipe["loss"]["beta"]
+    )
     assert config["train"]["learning_rate"] == recipe["train"]["learning_rate"]
     assert Path(config["model"]["name_or_path"]) == Path("demo/tiny-sft/final")
 
@@ -64,7 +99,8 @@ def test_demo_prints_next_commands_that_point_at_its_outputs(demo_run):
     cwd, out = demo_run
     printed = _printed_next_commands(out)
     assert [c for c in printed if not c.startswith("source ")] == [
-        c for c in next_commands(Path("demo"), STEPS) if not c.startswith("source ")]
+        c for c in next_commands(Path("demo"), STEPS) if not c.startswith("source ")
+    ]
     for command in printed:
         for word in shlex.split(command):
             value = word.split("=", 1)[1] if "=" in word else word
@@ -77,8 +113,8 @@ def test_demo_prints_next_commands_that_point_at_its_outputs(demo_run):
 def test_default_out_next_commands_are_the_readme_tour():
     """With the default --out the printed commands carry no overrides and are lines of the README's tour."""
     readme = (REPO / "README.md").read_text()
-    tour = readme[readme.index("## A 30-second tour"):]
-    tour = tour[:tour.index("\n## ", 3)]
+    tour = readme[readme.index("## A 30-second tour") :]
+    tour = tour[: tour.index("\n## ", 3)]
     for command in next_commands(Path("runs")):
         if not command.startswith("source "):
             assert command in tour, command
@@ -93,8 +129,14 @@ def test_demo_next_commands_run_as_printed(demo_run):
             continue
         words = shlex.split(command)
         assert words[0] == "prefopt"
-        result = subprocess.run([sys.executable, "-m", "prefopt", *words[1:]], capture_output=True, text=True,
-                                env=env, timeout=900, cwd=cwd)
+        result = subprocess.run(
+            [sys.executable, "-m", "prefopt", *words[1:]],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=900,
+            cwd=cwd,
+        )
         assert result.returncode == 0, (command, result.stderr[-3000:])
     assert (cwd / "demo" / "tiny-simpo" / "final").is_dir()
     assert (cwd / "demo" / "tiny-dpo" / "diagnostics" / "report.html").is_file()

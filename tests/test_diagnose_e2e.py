@@ -34,14 +34,18 @@ def _independent_rewards(policy_dir, reference_dir, pairs_file, beta):
         prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
         rewards = []
         for completion in (row["chosen"], row["rejected"]):
-            ids = prompt + tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids = (
+                prompt
+                + tokenizer(completion, add_special_tokens=False)["input_ids"]
+                + [tokenizer.eos_token_id]
+            )
             x = torch.tensor([ids])
             logps = []
             with torch.no_grad():
                 for model in models:
                     logits = model(x).logits[0, :-1].float()
                     token = F.log_softmax(logits, -1).gather(1, x[0, 1:, None]).squeeze(1)
-                    logps.append(token[len(prompt) - 1:].sum().item())
+                    logps.append(token[len(prompt) - 1 :].sum().item())
             rewards.append(beta * (logps[0] - logps[1]))
         margins.append(rewards[0] - rewards[1])
         chosen_rewards.append(rewards[0])
@@ -53,8 +57,9 @@ def _ece(margins):
     conf = np.maximum(p, 1 - p)
     correct = (p > 0.5).astype(float)
     bins = np.minimum(np.floor(conf * 10), 9)
-    return sum((bins == b).mean() * abs(correct[bins == b].mean() - conf[bins == b].mean())
-               for b in np.unique(bins))
+    return sum(
+        (bins == b).mean() * abs(correct[bins == b].mean() - conf[bins == b].mean()) for b in np.unique(bins)
+    )
 
 
 def test_diagnose_matches_an_independent_computation(tiny_model_dir, gold_task_dir, tmp_path):
@@ -63,9 +68,28 @@ def test_diagnose_matches_an_independent_computation(tiny_model_dir, gold_task_d
     reference = build_tiny_model(tmp_path / "reference", seed=7)  # same tokenizer recipe, other weights
     out = tmp_path / "diag"
     pairs = gold_task_dir / "pairs_eval.jsonl"
-    code = main(["diagnose", "--policy", str(tiny_model_dir), "--reference", str(reference), "--data", str(pairs),
-                 "--out", str(out), "--beta", "0.5", "--samples", "2", "--max-prompts", "4",
-                 "--reward-function", "data_tools.synth:score", "--no-progress"])
+    code = main(
+        [
+            "diagnose",
+            "--policy",
+            str(tiny_model_dir),
+            "--reference",
+            str(reference),
+            "--data",
+            str(pairs),
+            "--out",
+            str(out),
+            "--beta",
+            "0.5",
+            "--samples",
+            "2",
+            "--max-prompts",
+            "4",
+            "--reward-function",
+            "data_tools.synth:score",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     result = json.loads((out / "diagnostics.json").read_text())
     dataset = next(iter(result["datasets"].values()))
@@ -89,9 +113,19 @@ def test_diagnose_run_plots_a_metrics_file(tmp_path):
     run.mkdir()
     with (run / "metrics.jsonl").open("w") as handle:
         for step in range(1, 11):
-            handle.write(json.dumps({"step": step, "loss": 0.69 - 0.02 * step, "rewards/chosen": -0.01 * step,
-                                     "rewards/rejected": -0.03 * step, "rewards/margins": 0.02 * step,
-                                     "rewards/accuracies": 0.5 + 0.03 * step}) + "\n")
+            handle.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "loss": 0.69 - 0.02 * step,
+                        "rewards/chosen": -0.01 * step,
+                        "rewards/rejected": -0.03 * step,
+                        "rewards/margins": 0.02 * step,
+                        "rewards/accuracies": 0.5 + 0.03 * step,
+                    }
+                )
+                + "\n"
+            )
     assert main(["diagnose", "--run", str(run)]) == 0
     out = run / "diagnostics"
     assert (out / "report.html").is_file() and list(out.glob("*.png"))
@@ -102,6 +136,18 @@ def test_diagnose_run_plots_a_metrics_file(tmp_path):
 
 def test_diagnose_bad_paths_exit_2(tmp_path, capsys):
     assert main(["diagnose", "--run", str(tmp_path / "nope")]) == 2
-    assert main(["diagnose", "--policy", str(tmp_path / "missing"), "--data", str(tmp_path / "x.jsonl"),
-                 "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "diagnose",
+                "--policy",
+                str(tmp_path / "missing"),
+                "--data",
+                str(tmp_path / "x.jsonl"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "error:" in capsys.readouterr().err

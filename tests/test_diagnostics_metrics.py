@@ -47,7 +47,9 @@ def test_implicit_rewards_come_from_the_loss():
     # docs/losses.md, Worked numbers: logp -12 / -15 over 6 / 10 tokens, reference -13 / -14
     from prefopt.losses import get_loss
 
-    dpo = M.implicit_rewards([-12.0, -15.0], [-13.0, -14.0], reward=get_loss("dpo", beta=0.1).implicit_reward())
+    dpo = M.implicit_rewards(
+        [-12.0, -15.0], [-13.0, -14.0], reward=get_loss("dpo", beta=0.1).implicit_reward()
+    )
     assert dpo.tolist() == pytest.approx([0.1, -0.1])
     simpo_reward = get_loss("simpo", beta=2.0).implicit_reward()
     simpo = M.implicit_rewards([-12.0, -15.0], reward=simpo_reward, lengths=[6, 10])
@@ -125,7 +127,9 @@ def test_reward_agreement_and_disagreements():
     implicit = [1.0, -0.5, 2.0, 0.3, -1.0]
     explicit = [0.5, 0.4, -3.0, 0.1, -0.2]
     result = M.reward_agreement(implicit, explicit)
-    assert result["implicit_accuracy"] == pytest.approx(0.6) and result["explicit_accuracy"] == pytest.approx(0.6)
+    assert result["implicit_accuracy"] == pytest.approx(0.6) and result["explicit_accuracy"] == pytest.approx(
+        0.6
+    )
     assert result["agreement_rate"] == pytest.approx(0.6)  # pairs 0, 3, 4 agree
     assert result["both_correct_rate"] == pytest.approx(0.4)
     order = M.disagreement_order(implicit, explicit)

@@ -46,6 +46,20 @@ def test_docs_losses_md_worked_numbers_are_the_tested_ones():
     # The headline worked values must appear verbatim both in the reference and in the tests that check them.
     text = LOSSES_DOC.read_text()
     tests = (REPO / "tests" / "test_losses.py").read_text()
-    for value in ["0.598139", "0.618139", "0.698139", "2.12693", "2.69494", "0.582517", "0.644397",
-                  "0.596783", "0.594349", "0.590639", "0.604139", "0.998139", "0.633139", "0.448139"]:
+    for value in [
+        "0.598139",
+        "0.618139",
+        "0.698139",
+        "2.12693",
+        "2.69494",
+        "0.582517",
+        "0.644397",
+        "0.596783",
+        "0.594349",
+        "0.590639",
+        "0.604139",
+        "0.998139",
+        "0.633139",
+        "0.448139",
+    ]:
         assert value in text and value in tests, value

@@ -49,8 +49,12 @@ def test_token_rewards_are_the_kl_penalty_plus_the_final_score():
 
     old = torch.tensor([[0.2, 0.1, 0.05, -0.1, 0.3]], dtype=D)  # KL = old - ref with ref = 0
     loss = DRPOLoss(kl_coef=0.05)
-    rollout = RolloutTokens(policy_logps=old, reference_logps=torch.zeros_like(old),
-                            scores=torch.tensor([1.3], dtype=D), mask=torch.ones(1, 5, dtype=torch.bool))
+    rollout = RolloutTokens(
+        policy_logps=old,
+        reference_logps=torch.zeros_like(old),
+        scores=torch.tensor([1.3], dtype=D),
+        mask=torch.ones(1, 5, dtype=torch.bool),
+    )
     rewards = loss.token_rewards(rollout, loss.initial_kl_coef()).rewards
     assert rewards[0].tolist() == pytest.approx([-0.01, -0.005, -0.0025, 0.005, 1.285], abs=1e-12)
     assert loss.reset_lengths([1, 5], random.Random(0))[0] == 0 and loss.prefix_in_response()
@@ -135,10 +139,24 @@ def _drpo(tmp_path, tiny_model_dir, data, *overrides):
     from prefopt.cli import main
     from tests.trainer_helpers import REPO
 
-    return main(["train", str(REPO / "recipes/tiny/drpo.yaml"), f"model.name_or_path={tiny_model_dir}",
-                 f"data.train={data}", f"output_dir={tmp_path / 'run'}", "train.max_steps=2",
-                 "ppo.rollout_batch_size=4", "ppo.minibatch_size=4", "ppo.epochs=1", "generation.max_new_tokens=10",
-                 "logging.logging_steps=1", "logging.sample_steps=1", "logging.progress=false", *overrides])
+    return main(
+        [
+            "train",
+            str(REPO / "recipes/tiny/drpo.yaml"),
+            f"model.name_or_path={tiny_model_dir}",
+            f"data.train={data}",
+            f"output_dir={tmp_path / 'run'}",
+            "train.max_steps=2",
+            "ppo.rollout_batch_size=4",
+            "ppo.minibatch_size=4",
+            "ppo.epochs=1",
+            "generation.max_new_tokens=10",
+            "logging.logging_steps=1",
+            "logging.sample_steps=1",
+            "logging.progress=false",
+            *overrides,
+        ]
+    )
 
 
 @pytest.mark.parametrize("prefix", ["response", "context"])
@@ -151,9 +169,13 @@ def test_drpo_rollouts_restart_from_dataset_prefixes(tmp_path, tiny_model_dir, p
     assert _drpo(tmp_path, tiny_model_dir, data, f"loss.reset_prefix={prefix}") == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "drpo/reset_share" in r]
-    assert train and all(r["drpo/reset_share"] == 1.0 for r in train)  # reset_prob 1, every response >= 2 tokens
+    assert train and all(
+        r["drpo/reset_share"] == 1.0 for r in train
+    )  # reset_prob 1, every response >= 2 tokens
     if prefix == "response":
-        assert all(0 < r["drpo/reset_tokens"] < 1 for r in train)  # forced tokens: in the response, not in the loss
+        assert all(
+            0 < r["drpo/reset_tokens"] < 1 for r in train
+        )  # forced tokens: in the response, not in the loss
     else:
         assert all(r["drpo/reset_tokens"] == 0 for r in train)
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]

@@ -28,8 +28,15 @@ KILLED = -9  # subprocess return code of a SIGKILLed process
 
 def harness(kill_at: int, events: Path, args: list[str]) -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-m", "tests.fault_harness", str(kill_at), str(events), *args],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.fault_harness", str(kill_at), str(events), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     if result.returncode not in (0, KILLED):
         raise AssertionError(f"run failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result.returncode
@@ -38,12 +45,17 @@ def harness(kill_at: int, events: Path, args: list[str]) -> int:
 def steady_lines(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
-            for line in path.read_text().splitlines() if line.strip()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
+        for line in path.read_text().splitlines()
+        if line.strip()
+    ]
 
 
 def tree_bytes(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+    }
 
 
 def assert_same_run(reference: Path, resumed: Path) -> None:
@@ -54,7 +66,10 @@ def assert_same_run(reference: Path, resumed: Path) -> None:
     assert names == [p.name for p in ckpt.list_checkpoints(reference)]
     for name in names:
         for file in ("model.safetensors", ckpt.STATE_FILE):
-            assert (resumed / name / file).read_bytes() == (reference / name / file).read_bytes(), (name, file)
+            assert (resumed / name / file).read_bytes() == (reference / name / file).read_bytes(), (
+                name,
+                file,
+            )
     assert not list(resumed.glob("*.partial")) and not list(resumed.glob("*.deleting"))
 
 
@@ -87,24 +102,43 @@ def pairs(tmp_path_factory) -> Path:
 
 
 def dpo_args(model: Path, data: Path, steps: int, save_steps: int, limit: int) -> list[str]:
-    return ["train", str(REPO / "recipes/tiny/dpo.yaml"), f"model.name_or_path={model}", f"data.train={data}",
-            "data.eval=null", "logging.progress=false", "logging.logging_steps=1", "train.warmup_ratio=0",
-            "train.learning_rate=1e-3", "train.per_device_batch_size=8", f"train.max_steps={steps}",
-            f"train.save_steps={save_steps}", f"train.save_total_limit={limit}", "train.resume_from=latest"]
+    return [
+        "train",
+        str(REPO / "recipes/tiny/dpo.yaml"),
+        f"model.name_or_path={model}",
+        f"data.train={data}",
+        "data.eval=null",
+        "logging.progress=false",
+        "logging.logging_steps=1",
+        "train.warmup_ratio=0",
+        "train.learning_rate=1e-3",
+        "train.per_device_batch_size=8",
+        f"train.max_steps={steps}",
+        f"train.save_steps={save_steps}",
+        f"train.save_total_limit={limit}",
+        "train.resume_from=latest",
+    ]
 
 
 def test_kill_during_checkpoint_pruning_resumes_bit_identically(tiny_model_dir, pairs, tmp_path):
     """The short default case: 4 steps, a checkpoint every 2, keep 1 -> checkpoint-2 is pruned at step 4; the kill
     lands inside that pruning (seeded choice among its events)."""
-    killed = kill_and_resume(dpo_args(tiny_model_dir, pairs, 4, 2, 1), tmp_path, seed=0, kills=1, first_in="prune/")
+    killed = kill_and_resume(
+        dpo_args(tiny_model_dir, pairs, 4, 2, 1), tmp_path, seed=0, kills=1, first_in="prune/"
+    )
     assert len(killed) == 1
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_dpo_survives_many_random_kills(tiny_model_dir, pairs, tmp_path, seed):
-    killed = kill_and_resume(dpo_args(tiny_model_dir, pairs, 12, 2, 2), tmp_path, seed=seed, kills=6,
-                             first_in="prune/" if seed == 1 else ":cut")
+    killed = kill_and_resume(
+        dpo_args(tiny_model_dir, pairs, 12, 2, 2),
+        tmp_path,
+        seed=seed,
+        kills=6,
+        first_in="prune/" if seed == 1 else ":cut",
+    )
     assert len(killed) >= 2
 
 
@@ -118,10 +152,21 @@ def gold_prompts(tmp_path_factory) -> Path:
 
 
 def online_args(recipe: str, model: Path, prompts: Path, *extra: str) -> list[str]:
-    return ["train", str(REPO / recipe), f"model.name_or_path={model}", f"data.train={prompts}",
-            "logging.progress=false", "logging.logging_steps=1", "logging.sample_steps=1",
-            "generation.max_new_tokens=8", "train.max_steps=6", "train.save_steps=2", "train.save_total_limit=2",
-            "train.resume_from=latest", *extra]
+    return [
+        "train",
+        str(REPO / recipe),
+        f"model.name_or_path={model}",
+        f"data.train={prompts}",
+        "logging.progress=false",
+        "logging.logging_steps=1",
+        "logging.sample_steps=1",
+        "generation.max_new_tokens=8",
+        "train.max_steps=6",
+        "train.save_steps=2",
+        "train.save_total_limit=2",
+        "train.resume_from=latest",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -135,7 +180,14 @@ def test_xpo_survives_many_random_kills(tiny_model_dir, gold_prompts, tmp_path, 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
 def test_rto_survives_many_random_kills(tiny_model_dir, gold_prompts, tmp_path, seed):
-    args = online_args("recipes/tiny/rto.yaml", tiny_model_dir, gold_prompts, f"ppo.dpo_policy={tiny_model_dir}",
-                       "ppo.rollout_batch_size=4", "ppo.minibatch_size=2", "ppo.adaptive_kl_target=0.5")
+    args = online_args(
+        "recipes/tiny/rto.yaml",
+        tiny_model_dir,
+        gold_prompts,
+        f"ppo.dpo_policy={tiny_model_dir}",
+        "ppo.rollout_batch_size=4",
+        "ppo.minibatch_size=2",
+        "ppo.adaptive_kl_target=0.5",
+    )
     killed = kill_and_resume(args, tmp_path, seed=seed, kills=4, first_in="prune/" if seed == 1 else "step")
     assert len(killed) >= 1

@@ -306,12 +306,16 @@ def test_rollouts_from_vllm_shaped_outputs(tokenizer):
     assert rollouts.completion_ids[2, :2].tolist() == [45, eos]
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8)]
+)
 def test_lean_loop_gives_model_generate_tokens(model, tokenizer, prompt_ids, temperature, top_k, top_p):
     """prefopt's sampling loop (generation/decode.py) against model.generate: the same tokens, token for token,
     with the same seed (left-padded batch, n=2, EOS reached by some rows and not by others)."""
     _boost_eos(model, tokenizer.eos_token_id, bias=3.0)
-    sampling = SamplingParams(n=2, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=12, seed=7)
+    sampling = SamplingParams(
+        n=2, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=12, seed=7
+    )
     lean = HFGenerator(model, tokenizer, loop="lean").generate(prompt_ids, sampling)
     plain = HFGenerator(model, tokenizer, loop="generate").generate(prompt_ids, sampling)
     assert torch.equal(lean.completion_mask, plain.completion_mask)
@@ -333,12 +337,18 @@ def test_lean_loop_with_peft_adapters_matches_generate(model, tokenizer, prompt_
 
 
 def test_filter_logits_matches_transformers_warpers():
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     from prefopt.generation.decode import filter_logits
 
     scores = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
-    expected = TopPLogitsWarper(0.7)(None, TopKLogitsWarper(10)(None, TemperatureLogitsWarper(0.5)(None, scores)))
+    expected = TopPLogitsWarper(0.7)(
+        None, TopKLogitsWarper(10)(None, TemperatureLogitsWarper(0.5)(None, scores))
+    )
     assert torch.equal(filter_logits(scores, 0.5, 10, 0.7), expected)
 
 

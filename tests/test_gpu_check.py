@@ -16,8 +16,14 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def test_dry_run_lists_every_check(tmp_path):
-    result = subprocess.run([sys.executable, SCRIPT, "--dry-run", "--out", str(tmp_path)], capture_output=True,
-                            text=True, env=ENV, timeout=120, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "--dry-run", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     names = [line.split(":", 1)[0] for line in result.stdout.splitlines()]
     assert names == ["dpo-bf16", "zero2", "zero3", "fsdp2", "lora-zero3", "packing", "hypo", "xpo"]
@@ -25,9 +31,30 @@ def test_dry_run_lists_every_check(tmp_path):
 
 
 def _run(tmp_path, only: str):
-    result = subprocess.run([sys.executable, SCRIPT, "--tiny", "--device", "cpu", "--only", only, "--max-steps", "2",
-                             "--batch", "4", "--max-length", "96", "--out", str(tmp_path)],
-                            capture_output=True, text=True, env=ENV, timeout=900, cwd=REPO)
+    result = subprocess.run(
+        [
+            sys.executable,
+            SCRIPT,
+            "--tiny",
+            "--device",
+            "cpu",
+            "--only",
+            only,
+            "--max-steps",
+            "2",
+            "--batch",
+            "4",
+            "--max-length",
+            "96",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=900,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return {row["check"]: row for row in json.loads((tmp_path / "table.json").read_text())}
 

@@ -47,7 +47,9 @@ def _held_mib(mode: str) -> float:
 def test_freed_blocks_go_back_to_the_os():
     adaptive, fixed = _held_mib("adaptive"), _held_mib("fixed")
     assert adaptive > 200  # glibc's default: most of the 300 MiB of freed blocks stay in the process
-    assert fixed < 60  # fixed threshold: the blocks were mmapped and are gone; the small tensors (25 MiB) stay
+    assert (
+        fixed < 60
+    )  # fixed threshold: the blocks were mmapped and are gone; the small tensors (25 MiB) stay
 
 
 def test_off_glibc_it_is_a_no_op(monkeypatch):

@@ -13,7 +13,7 @@ from prefopt.models.logps import CompletionLogpModel, completion_token_logps, se
 # docs/losses.md, Worked numbers, label-shift check: vocab {0..3}, 3 = EOS = PAD.
 SHIFT_IDS = [0, 2, 1, 3, 3]
 SHIFT_COMPLETION = [0, 0, 1, 1, 0]  # prompt [0, 2], completion [1, 3]; the last 3 is padding
-SHIFT_LOGITS = [[.5, 1, -.5, 0], [1, 2, 0, -1], [0, .5, .2, 1.5], [.3, .3, .3, 2], [0, 0, 0, 0]]
+SHIFT_LOGITS = [[0.5, 1, -0.5, 0], [1, 2, 0, -1], [0, 0.5, 0.2, 1.5], [0.3, 0.3, 0.3, 2], [0, 0, 0, 0]]
 SHIFT_SUM = -1.06267
 
 
@@ -54,11 +54,15 @@ def _shift_batch():
     return ids, torch.tensor([[1, 1, 1, 1, 0]]), torch.tensor([SHIFT_COMPLETION])
 
 
-@pytest.mark.parametrize("chunk_size,head_impl", [(None, None), (1, "fused"), (1024, "fused"), (1, "checkpoint")])
+@pytest.mark.parametrize(
+    "chunk_size,head_impl", [(None, None), (1, "fused"), (1024, "fused"), (1, "checkpoint")]
+)
 def test_label_shift_worked_number(chunk_size, head_impl):
     model = StubLM()
     ids, attention, completion = _shift_batch()
-    result = completion_token_logps(model, ids, attention, completion, chunk_size=chunk_size, head_impl=head_impl)
+    result = completion_token_logps(
+        model, ids, attention, completion, chunk_size=chunk_size, head_impl=head_impl
+    )
     assert result.sums.item() == pytest.approx(SHIFT_SUM, abs=1e-5)
     assert result.lengths.item() == 2
     # Token 1 (at t=2) comes from logits[1] and EOS (t=3) from logits[2]; nothing else counts.
@@ -72,7 +76,9 @@ def test_label_shift_gradients_agree_across_paths():
     grads = []
     for chunk_size, head_impl in [(None, None), (1, "fused"), (1, "checkpoint")]:
         model = StubLM()
-        completion_token_logps(model, *_shift_batch(), chunk_size=chunk_size, head_impl=head_impl).sums.sum().backward()
+        completion_token_logps(
+            model, *_shift_batch(), chunk_size=chunk_size, head_impl=head_impl
+        ).sums.sum().backward()
         grads.append((model.decoder.hidden.grad.clone(), model.lm_head.weight.grad.clone()))
     softmax = torch.softmax(torch.tensor(SHIFT_LOGITS), -1)
     # d sum / d logits[1] = onehot(1) - softmax(logits[1]); the identity head passes it to the hidden states.
@@ -87,9 +93,16 @@ def tiny_llama(vocab: int = 97, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -108,14 +121,21 @@ def padded_batch(seed: int = 0, rows: int = 4, vocab: int = 97):
 
 
 # (chunk_size, head_impl, PREFOPT_LOGPS_KEEP_MB, PREFOPT_LOGPS_BLOCK_MB): recompute / keep, one block / many.
-PATHS = [(5, "fused", "0", "128"), (1024, "fused", "0", "0.001"), (5, "fused", "64", "128"),
-         (1024, "fused", "64", "128"), (3, "checkpoint", "0", "128")]
+PATHS = [
+    (5, "fused", "0", "128"),
+    (1024, "fused", "0", "0.001"),
+    (5, "fused", "64", "128"),
+    (1024, "fused", "64", "128"),
+    (3, "checkpoint", "0", "128"),
+]
 
 
 @pytest.mark.parametrize("chunk_size,head_impl,keep_mb,block_mb", PATHS)
 def test_chunked_matches_full_logits_with_gradients(monkeypatch, chunk_size, head_impl, keep_mb, block_mb):
     monkeypatch.setenv("PREFOPT_LOGPS_KEEP_MB", keep_mb)
-    monkeypatch.setenv("PREFOPT_LOGPS_BLOCK_MB", block_mb)  # 0.001 MiB: 2 rows of a 97-word vocabulary per block
+    monkeypatch.setenv(
+        "PREFOPT_LOGPS_BLOCK_MB", block_mb
+    )  # 0.001 MiB: 2 rows of a 97-word vocabulary per block
     batch = padded_batch()
     weights = torch.tensor([1.0, -2.0, 0.5, 3.0])
     results = []
@@ -168,7 +188,10 @@ def test_block_shape_prefers_vocabulary_tiles(monkeypatch):
     assert logps_module._block_shape(900, 1024, 32000) == (900, 32000)  # fits: one block
     rows, tile = logps_module._block_shape(900, 1024, 128000)  # 128k: all rows, a tile of the vocabulary
     assert rows == 900 and 4 * rows * tile <= 128 * 2**20 and tile >= logps_module.MIN_VOCAB_TILE
-    assert logps_module._block_shape(900, 1024, 128000, keep=True) == (900, 128000)  # kept blocks are whole rows
+    assert logps_module._block_shape(900, 1024, 128000, keep=True) == (
+        900,
+        128000,
+    )  # kept blocks are whole rows
     monkeypatch.setenv("PREFOPT_LOGPS_TILE_VOCAB", "0")
     assert logps_module._block_shape(900, 1024, 128000) == (262, 128000)  # the earlier rows-only blocks
     monkeypatch.delenv("PREFOPT_LOGPS_TILE_VOCAB")
@@ -200,7 +223,9 @@ def test_module_wrapper_and_sequence_totals():
 def test_no_completion_tokens_backpropagates_zero():
     model = tiny_llama()
     ids, attention, completion = padded_batch()
-    out = completion_token_logps(model, ids, attention, torch.zeros_like(completion), chunk_size=4, head_impl="fused")
+    out = completion_token_logps(
+        model, ids, attention, torch.zeros_like(completion), chunk_size=4, head_impl="fused"
+    )
     assert out.sums.abs().sum().item() == 0
     out.sums.sum().backward()  # connected to the graph, gradient zero
     assert model.lm_head.weight.grad is None or model.lm_head.weight.grad.abs().sum().item() == 0
@@ -226,8 +251,12 @@ def test_unknown_head_impl_is_an_error(monkeypatch):
 
 def test_attention_bias_forms_per_implementation():
     bias = torch.tensor([[True, False], [True, True]])[None, None]
-    for impl, expect in [("sdpa", "bool"), ("eager", "additive"), ("flash_attention_2", None),
-                         ("flex_attention", None)]:
+    for impl, expect in [
+        ("sdpa", "bool"),
+        ("eager", "additive"),
+        ("flash_attention_2", None),
+        ("flex_attention", None),
+    ]:
         stub = SimpleNamespace(config=SimpleNamespace(_attn_implementation=impl))
         mask = logps_module._model_attention_mask(stub, bias, torch.float32)
         if expect is None:
@@ -249,9 +278,25 @@ def test_benchmark_smoke(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(repo / "scripts/bench_offline.py"), "--quick", "--configs", "tiny",
-                           "--steps", "2", "--workdir", str(tmp_path / "work"), "--json", str(out)],
-                          capture_output=True, text=True, timeout=900, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(repo / "scripts/bench_offline.py"),
+            "--quick",
+            "--configs",
+            "tiny",
+            "--steps",
+            "2",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads(out.read_text())["summary"]
     ours = [row for row in summary if row["trainer"] == "prefopt/default"]

@@ -38,7 +38,9 @@ ONLINE = ("generation.max_new_tokens=8", "train.per_device_batch_size=4", "loggi
 PPO_SMALL = ("ppo.rollout_batch_size=4", "ppo.minibatch_size=4", "ppo.epochs=1")
 STEP_KINDS = {
     "pairs": Feed("recipes/tiny/dpo.yaml", "pairs", 12, learns=True),
-    "sft": Feed("recipes/tiny/sft.yaml", "sft", 15, ("data.format=sft", "train.learning_rate=3e-3"), learns=True),
+    "sft": Feed(
+        "recipes/tiny/sft.yaml", "sft", 15, ("data.format=sft", "train.learning_rate=3e-3"), learns=True
+    ),
     "reward_pairs": Feed("recipes/tiny/reward_model.yaml", "pairs", 10, learns=True),
     "pairs+samples": Feed("recipes/tiny/hypo.yaml", "pairs", 2, ONLINE),
     "online_pairs": Feed("recipes/tiny/xpo.yaml", "prompts", 2, ONLINE),
@@ -53,7 +55,11 @@ STEP_KINDS = {
 # Parameter variants trained besides each loss's defaults.
 VARIANTS = {
     "dpo": [("loss.label_smoothing=0.1",)],
-    "fdpo": [("loss.divergence=js",), ("loss.divergence=alpha", "loss.alpha=0.3"), ("loss.divergence=forward_kl",)],
+    "fdpo": [
+        ("loss.divergence=js",),
+        ("loss.divergence=alpha", "loss.alpha=0.3"),
+        ("loss.divergence=forward_kl",),
+    ],
 }
 # Losses that need particular settings to train on the tiny data (none today).
 LOSS_OVERRIDES: dict[str, tuple[str, ...]] = {}
@@ -70,7 +76,10 @@ class Case:
 
 
 CASES = [Case(name) for name in available_losses()] + [
-    Case(name, params) for name, variants in VARIANTS.items() if name in available_losses() for params in variants
+    Case(name, params)
+    for name, variants in VARIANTS.items()
+    if name in available_losses()
+    for params in variants
 ]
 
 
@@ -82,8 +91,11 @@ def test_every_step_kind_in_use_has_a_feed():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, gold_task_dir) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("e2e-data")
-    return {"pairs": write_pairs(folder / "pairs.jsonl", rows=128), "sft": write_sft(folder / "sft.jsonl"),
-            "prompts": gold_task_dir / "prompts_train.jsonl"}
+    return {
+        "pairs": write_pairs(folder / "pairs.jsonl", rows=128),
+        "sft": write_sft(folder / "sft.jsonl"),
+        "prompts": gold_task_dir / "prompts_train.jsonl",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +122,21 @@ def test_every_loss_trains_end_to_end(case, tiny_model_dir, data, tmp_path, requ
         extra.append(f"ppo.dpo_policy={request.getfixturevalue('dpo_policy')}")
     out = tmp_path / "run"
     gold_file = feed.data.removeprefix("gold:")
-    source = request.getfixturevalue("gold_task_dir") / gold_file if gold_file != feed.data else data[feed.data]
-    result = run(tiny_model_dir, source, out, f"train.max_steps={feed.steps}", *loss, *feed.overrides,
-                 *extra, *LOSS_OVERRIDES.get(case.name, ()), *case.params, recipe=recipe)
+    source = (
+        request.getfixturevalue("gold_task_dir") / gold_file if gold_file != feed.data else data[feed.data]
+    )
+    result = run(
+        tiny_model_dir,
+        source,
+        out,
+        f"train.max_steps={feed.steps}",
+        *loss,
+        *feed.overrides,
+        *extra,
+        *LOSS_OVERRIDES.get(case.name, ()),
+        *case.params,
+        recipe=recipe,
+    )
 
     assert result.global_step == feed.steps
     records = [record for record in metrics(out) if "loss" in record]
@@ -123,7 +147,9 @@ def test_every_loss_trains_end_to_end(case, tiny_model_dir, data, tmp_path, requ
     assert (out / "config.yaml").is_file() and (out / "final" / "model.safetensors").is_file()
     before, after = _weights(tiny_model_dir), _weights(out / "final")
     shared = set(before) & set(after)
-    assert shared and any(not torch.equal(before[key], after[key]) for key in shared), "the weights did not move"
+    assert shared and any(not torch.equal(before[key], after[key]) for key in shared), (
+        "the weights did not move"
+    )
     if feed.learns:
         first, last = records[0], records[-1]
         assert last["loss"] < first["loss"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 import yaml
@@ -15,7 +14,9 @@ from prefopt.trainer import train
 from tests.trainer_helpers import REPO, losses, run, write_pairs
 
 PAIR_RECIPES = sorted(
-    path for folder in ("tiny", "models") for path in (REPO / "recipes" / folder).glob("*.yaml")
+    path
+    for folder in ("tiny", "models")
+    for path in (REPO / "recipes" / folder).glob("*.yaml")
     if loss_class(load_config(path).loss.name).step in ("pairs", "pairs+samples")
 )
 # every loss that trains on preference pairs alone; "mix" is not one loss (its parts come with loss.mix)
@@ -54,18 +55,33 @@ def test_a_command_line_parameter_the_loss_does_not_take_is_still_exit_2(capsys)
 
 def test_config_yaml_records_every_loss_parameter_with_its_default():
     saved = yaml.safe_load(config_to_yaml(load_config(REPO / "recipes/tiny/dpo.yaml")))["loss"]
-    assert saved == {"name": "dpo", "beta": 0.1, "label_smoothing": 0.0, "divergence": "reverse_kl", "alpha": 0.5}
+    assert saved == {
+        "name": "dpo",
+        "beta": 0.1,
+        "label_smoothing": 0.0,
+        "divergence": "reverse_kl",
+        "alpha": 0.5,
+    }
     mixed = load_config(None, ["loss.mix=[{name: dpo, weight: 0.8}, {name: sft}]"])
     assert config_to_yaml(mixed).count("reduction: token_mean") == 1
-    assert mixed.loss.name == "mix" and mixed.loss.params()["mix"][1] == {"name": "sft", "weight": 1.0,
-                                                                          "reduction": "token_mean"}
+    assert mixed.loss.name == "mix" and mixed.loss.params()["mix"][1] == {
+        "name": "sft",
+        "weight": 1.0,
+        "reduction": "token_mean",
+    }
     assert mixed.resolved_reference_mode() == "model"  # the dpo part needs a reference
 
 
 def test_training_from_the_saved_config_reproduces_the_loss_curve(tiny_model_dir, tmp_path):
     pairs = write_pairs(tmp_path / "pairs.jsonl", rows=48)
-    first = run(tiny_model_dir, pairs, tmp_path / "a", "train.max_steps=4", "loss.name=ipo",
-                recipe="recipes/tiny/rpo.yaml")  # rpo's eta/nll are dropped; ipo's defaults are recorded
+    first = run(
+        tiny_model_dir,
+        pairs,
+        tmp_path / "a",
+        "train.max_steps=4",
+        "loss.name=ipo",
+        recipe="recipes/tiny/rpo.yaml",
+    )  # rpo's eta/nll are dropped; ipo's defaults are recorded
     saved = yaml.safe_load((first.output_dir / "config.yaml").read_text())
     assert saved["loss"] == {"name": "ipo", **loss_parameters("ipo"), "beta": 0.1}
     again = train(load_config(first.output_dir / "config.yaml", [f"output_dir={tmp_path / 'b'}"]))

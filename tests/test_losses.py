@@ -64,8 +64,21 @@ def random_pairs(batch: int = 5, seed: int = 0, dtype: torch.dtype = F64) -> Los
 # The losses prefopt has shipped: none may disappear. New ones are welcome (they are checked generically below,
 # trained end to end by tests/test_loss_e2e.py and must have a section in docs/losses.md).
 SHIPPED_LOSSES = [
-    "dpo", "simpo", "fdpo", "rpo", "hypo", "xpo", "ppo", "rto", "sft", "reward_model", "copg", "tpo", "tpo_l",
-    "srpo", "drpo",
+    "dpo",
+    "simpo",
+    "fdpo",
+    "rpo",
+    "hypo",
+    "xpo",
+    "ppo",
+    "rto",
+    "sft",
+    "reward_model",
+    "copg",
+    "tpo",
+    "tpo_l",
+    "srpo",
+    "drpo",
 ]
 
 
@@ -121,14 +134,25 @@ def test_loss_parameters_defaults():
         "rpo": {"beta": 0.1, "eta": 0.005, "nll": "sum"},
         "hypo": {"beta": 0.1, "kl_coef": 0.1, "samples_per_prompt": 2},
         "xpo": {"beta": 0.1, "alpha": 1e-5},
-        "rto": {"dpo_reward_scale": 0.05, "dpo_reward_clip": 0.05, "kl_coef": 0.01, "rm_weight": 1.0,
-                "clip_eps": 0.2, "value_clip_eps": 0.2, "gamma": 1.0, "lam": 0.95, "value_loss_coef": 1.0},
+        "rto": {
+            "dpo_reward_scale": 0.05,
+            "dpo_reward_clip": 0.05,
+            "kl_coef": 0.01,
+            "rm_weight": 1.0,
+            "clip_eps": 0.2,
+            "value_clip_eps": 0.2,
+            "gamma": 1.0,
+            "lam": 0.95,
+            "value_loss_coef": 1.0,
+        },
         "sft": {},
         "reward_model": {"center_rewards_coef": 0.0},
     }
     for name, defaults in documented.items():
         params = loss_parameters(name)
-        changed = {key: params.get(key, "<removed>") for key, value in defaults.items() if params.get(key) != value}
+        changed = {
+            key: params.get(key, "<removed>") for key, value in defaults.items() if params.get(key) != value
+        }
         assert not changed, f"{name}: documented defaults changed: {changed} (expected {defaults})"
 
 
@@ -405,7 +429,7 @@ def test_xpo_worked_value_and_gradient_on_reference_sample():
     assert out.metrics["online/model_scores"] == pytest.approx(0.9)
     assert out.metrics["online/ref_scores"] == pytest.approx(0.4)
     assert out.metrics["online/policy_win_rate"] == 1.0
-    assert PAIR_METRICS <= set(out.metrics)
+    assert set(out.metrics) >= PAIR_METRICS
 
 
 def test_xpo_alpha_zero_is_online_dpo():

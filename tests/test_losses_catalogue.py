@@ -51,12 +51,24 @@ WORKED = [
     ("dpo", {}, TWO_PAIRS, 0.786108),  # per pair: deltas 2, -5 (what AOT's sorting changes)
     ("dpo", {"divergence": "forward_kl"}, None, 0.582517),  # the f-DPO value, now an option of dpo
     ("ipo", {"divergence": "js"}, None, 23.762450),  # s = log 2 + logsigmoid(lr), per token
-    ("mix", {"mix": [{"name": "dpo", "weight": 0.8}, {"name": "bco_pair", "weight": 0.2},
-                     {"name": "sft", "weight": 1.0}]}, None, 2.736270),  # 0.8*0.598139 + 0.2*1.288793 + 2
+    (
+        "mix",
+        {
+            "mix": [
+                {"name": "dpo", "weight": 0.8},
+                {"name": "bco_pair", "weight": 0.2},
+                {"name": "sft", "weight": 1.0},
+            ]
+        },
+        None,
+        2.736270,
+    ),  # 0.8*0.598139 + 0.2*1.288793 + 2
 ]
 
 
-@pytest.mark.parametrize("name, params, pairs, value", WORKED, ids=[f"{w[0]}-{i}" for i, w in enumerate(WORKED)])
+@pytest.mark.parametrize(
+    "name, params, pairs, value", WORKED, ids=[f"{w[0]}-{i}" for i, w in enumerate(WORKED)]
+)
 def test_worked_numbers(name, params, pairs, value):
     out = get_loss(name, **params)(worked(pairs) if pairs else worked())
     assert out.loss.item() == pytest.approx(value, rel=1e-6, abs=1e-6)
@@ -72,9 +84,12 @@ def test_every_pairwise_loss_logs_its_own_implicit_reward():
         loss = get_loss(name, **params)
         reward = loss.implicit_reward()
         metrics = loss(inputs).metrics
-        chosen = reward.sequence(inputs.policy_chosen_logps, inputs.reference_chosen_logps, inputs.chosen_lengths)
-        rejected = reward.sequence(inputs.policy_rejected_logps, inputs.reference_rejected_logps,
-                                   inputs.rejected_lengths)
+        chosen = reward.sequence(
+            inputs.policy_chosen_logps, inputs.reference_chosen_logps, inputs.chosen_lengths
+        )
+        rejected = reward.sequence(
+            inputs.policy_rejected_logps, inputs.reference_rejected_logps, inputs.rejected_lengths
+        )
         assert metrics["rewards/chosen"] == pytest.approx(chosen.mean().item(), rel=1e-12), name
         assert metrics["rewards/margins"] == pytest.approx((chosen - rejected).mean().item(), rel=1e-12), name
 
@@ -93,8 +108,11 @@ def test_rpo_is_a_dpo_plus_sft_mixture_with_the_papers_weights(nll):
     beta, eta = 0.1, 0.005
     rpo = get_loss("rpo", beta=beta, eta=eta, nll=nll)(inputs)
     # paper (nll="sum"): L_DPO + eta * beta * (-logp(y_w)); average form: L_DPO + eta * (-logp(y_w)/|y_w|)
-    sft = {"name": "sft", "reduction": "sum" if nll == "sum" else "sequence_mean",
-           "weight": eta * beta if nll == "sum" else eta}
+    sft = {
+        "name": "sft",
+        "reduction": "sum" if nll == "sum" else "sequence_mean",
+        "weight": eta * beta if nll == "sum" else eta,
+    }
     mix = get_loss("mix", mix=[{"name": "dpo", "beta": beta, "weight": 1.0}, sft])(inputs)
     assert mix.loss.item() == pytest.approx(rpo.loss.item(), rel=1e-12)
     grads = [torch.autograd.grad(x.loss, inputs.policy_chosen_logps)[0] for x in (rpo, mix)]
@@ -102,8 +120,10 @@ def test_rpo_is_a_dpo_plus_sft_mixture_with_the_papers_weights(nll):
 
 
 def test_mixture_metrics_have_one_prefix_per_part():
-    out = get_loss("mix", mix=[{"name": "dpo", "weight": 0.5}, {"name": "dpo", "beta": 0.3, "weight": 0.5},
-                               {"name": "sft"}])(worked())
+    out = get_loss(
+        "mix",
+        mix=[{"name": "dpo", "weight": 0.5}, {"name": "dpo", "beta": 0.3, "weight": 0.5}, {"name": "sft"}],
+    )(worked())
     assert out.metrics["dpo/loss"] == pytest.approx(0.598139, rel=1e-6)
     assert out.metrics["dpo_2/rewards/chosen"] == pytest.approx(0.3)
     assert out.metrics["sft/sft/nll"] == pytest.approx(2.0)
@@ -111,11 +131,17 @@ def test_mixture_metrics_have_one_prefix_per_part():
     assert out.loss.item() == pytest.approx(0.5 * 0.598139 + 0.5 * out.metrics["dpo_2/loss"] + 2.0, rel=1e-6)
 
 
-@pytest.mark.parametrize("mix, message", [
-    (None, "non-empty list"), ([{"weight": 1}], "'name'"), ([{"name": "dpo", "weight": -1}], "weight"),
-    ([{"name": "dpo", "eta": 1}], "unknown parameter"), ([{"name": "xpo"}], "can be mixed"),
-    ([{"name": "sft"}], "at least one part"),
-])
+@pytest.mark.parametrize(
+    "mix, message",
+    [
+        (None, "non-empty list"),
+        ([{"weight": 1}], "'name'"),
+        ([{"name": "dpo", "weight": -1}], "weight"),
+        ([{"name": "dpo", "eta": 1}], "unknown parameter"),
+        ([{"name": "xpo"}], "can be mixed"),
+        ([{"name": "sft"}], "at least one part"),
+    ],
+)
 def test_mixture_errors_name_the_part(mix, message):
     with pytest.raises(ValueError, match=message):
         get_loss("mix", mix=mix)
@@ -159,7 +185,10 @@ TRL_CASES = [
 DIVERGENCE_CASES = [
     ({"divergence": "forward_kl"}, {"f_divergence_type": "forward_kl"}),
     ({"divergence": "js"}, {"f_divergence_type": "js_divergence"}),
-    ({"divergence": "alpha", "alpha": 0.3}, {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.7}),
+    (
+        {"divergence": "alpha", "alpha": 0.3},
+        {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.7},
+    ),
 ]
 DIVERGENCE_LOSSES = ["dpo", "ipo", "hinge", "robust", "exo_pair", "discopop", "sigmoid_norm"]
 
@@ -168,7 +197,10 @@ def _trl_attributes(attributes: dict) -> dict:
     from types import SimpleNamespace
 
     if "args" in attributes:  # discopop reads self.args.discopop_tau
-        attributes = {**attributes, "args": SimpleNamespace(center_rewards_coefficient=None, discopop_tau=0.05)}
+        attributes = {
+            **attributes,
+            "args": SimpleNamespace(center_rewards_coefficient=None, discopop_tau=0.05),
+        }
     return attributes
 
 
@@ -181,10 +213,14 @@ def test_matches_trl_loss_type(name, params, loss_type, attributes, seed):
     theirs, trl_metrics = batch.trl_dpo(beta=beta, loss_types=[loss_type], **_trl_attributes(attributes))
     assert_close(ours.loss, theirs, batch, rel=1e-6)
     if not loss_class(name).uses_lengths:  # IPO / sigmoid-norm log the per-token reward they compare
-        assert ours.metrics["rewards/margins"] == pytest.approx(trl_metrics["rewards/margins"], rel=1e-9, abs=1e-9)
+        assert ours.metrics["rewards/margins"] == pytest.approx(
+            trl_metrics["rewards/margins"], rel=1e-9, abs=1e-9
+        )
 
 
-@pytest.mark.parametrize("ours_div, trl_div", DIVERGENCE_CASES, ids=[c[0]["divergence"] for c in DIVERGENCE_CASES])
+@pytest.mark.parametrize(
+    "ours_div, trl_div", DIVERGENCE_CASES, ids=[c[0]["divergence"] for c in DIVERGENCE_CASES]
+)
 @pytest.mark.parametrize("name", DIVERGENCE_LOSSES)
 def test_f_divergence_option_matches_trl(name, ours_div, trl_div):
     # TRL's alpha-divergence branch only knows fp16/bf16/fp32 clamp limits: fp32 there, float64 elsewhere.
@@ -200,11 +236,15 @@ def test_f_divergence_option_matches_trl(name, ours_div, trl_div):
 def test_mixture_matches_trl_loss_weights():
     # MPO's mixture: sigmoid 0.8 + bco_pair 0.2 + sft 1.0 (TRL's sft = prefopt's token-mean sft)
     batch = Batch(6, 40, F64)
-    mix = [{"name": "dpo", "beta": 0.2, "weight": 0.8}, {"name": "bco_pair", "beta": 0.2, "weight": 0.2},
-           {"name": "sft", "weight": 1.0}]
+    mix = [
+        {"name": "dpo", "beta": 0.2, "weight": 0.8},
+        {"name": "bco_pair", "beta": 0.2, "weight": 0.2},
+        {"name": "sft", "weight": 1.0},
+    ]
     ours = get_loss("mix", mix=mix)(batch.prefopt_inputs())
-    theirs, trl_metrics = batch.trl_dpo(beta=0.2, loss_types=["sigmoid", "bco_pair", "sft"],
-                                        loss_weights=[0.8, 0.2, 1.0])
+    theirs, trl_metrics = batch.trl_dpo(
+        beta=0.2, loss_types=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]
+    )
     assert_close(ours.loss, theirs, batch, rel=1e-6)
     assert ours.metrics["rewards/margins"] == pytest.approx(trl_metrics["rewards/margins"], rel=1e-9)
 
@@ -218,7 +258,9 @@ def test_orpo_matches_trl_odds_ratio_loss():
     chosen_avg = inputs.policy_chosen_logps / inputs.chosen_lengths
     rejected_avg = inputs.policy_rejected_logps / inputs.rejected_lengths
     trainer = fake_trainer(beta=0.25)
-    losses, chosen_rewards, _, ratio, log_odds = ORPOTrainer.odds_ratio_loss(trainer, chosen_avg, rejected_avg)
+    losses, chosen_rewards, _, ratio, log_odds = ORPOTrainer.odds_ratio_loss(
+        trainer, chosen_avg, rejected_avg
+    )
     # ORPOTrainer.get_batch_loss_metrics: loss = policy_nll_loss - losses.mean(), where the NLL is the token-mean
     # cross-entropy of the chosen half: -(sum of chosen token logps) / (number of chosen tokens).
     nll = -inputs.policy_chosen_logps.sum() / inputs.chosen_lengths.sum()
@@ -235,8 +277,9 @@ def test_cpo_matches_trl_cpo_loss(label_smoothing, cpo_alpha):
     inputs = batch.prefopt_inputs()
     ours = get_loss("cpo", beta=0.2, label_smoothing=label_smoothing, cpo_alpha=cpo_alpha)(inputs)
     trainer = fake_trainer(alpha=0.0, beta=0.2, label_smoothing=label_smoothing, loss_type="sigmoid")
-    losses, chosen_rewards, _ = CPOTrainer.cpo_loss(trainer, inputs.policy_chosen_logps,
-                                                    inputs.policy_rejected_logps)
+    losses, chosen_rewards, _ = CPOTrainer.cpo_loss(
+        trainer, inputs.policy_chosen_logps, inputs.policy_rejected_logps
+    )
     # CPOTrainer: loss = losses.mean() + cpo_alpha * nll_loss (token-mean cross-entropy of the chosen half)
     nll = -inputs.policy_chosen_logps.sum() / inputs.chosen_lengths.sum()
     assert_close(ours.loss, losses.mean() + cpo_alpha * nll, batch, rel=1e-6)

@@ -40,7 +40,7 @@ def test_copg_worked_number_and_gradients():
     assert chosen.grad.item() == pytest.approx(-0.72, abs=1e-9)
     assert rejected.grad.item() == pytest.approx(0.72, abs=1e-9)
     # The squared form (dr - beta d)^2 / (2 beta) is the loss plus dr^2 / (2 beta) = 3.2.
-    assert (0.8 - 0.1 * 0.8) ** 2 / 0.2 == pytest.approx(out.loss.item() + 3.2, abs=1e-9)
+    assert pytest.approx(out.loss.item() + 3.2, abs=1e-9) == (0.8 - 0.1 * 0.8) ** 2 / 0.2
 
 
 def test_copg_is_symmetric_in_the_pair_order():

@@ -42,7 +42,8 @@ def test_fused_head_under_autocast_is_as_close_to_fp32_as_plain_autograd(rows_pe
     plain_amp = _head_grads(plain, hidden, weight, targets, g, amp=True)
     fused_amp = _head_grads(fused, hidden, weight, targets, g, amp=True)
     for index, name in enumerate(("hidden", "weight")):
-        def rel(grads):
+
+        def rel(grads, index=index):
             return ((grads[index] - exact[index]).norm() / exact[index].norm()).item()
 
         assert rel(fused_amp) <= rel(plain_amp) * 1.0001 + 1e-7, name
@@ -57,8 +58,15 @@ def test_bf16_autocast_dpo_starts_at_ln2_with_a_live_reference(tiny_model_dir, t
     """The reference runs under the same autocast as the policy, so policy == reference at step 0 exactly."""
     data = write_pairs(tmp_path / "pairs.jsonl", rows=16)
     extra = ["model.peft.r=4", "model.peft.alpha=8"] if reference == "adapter" else []
-    run(tiny_model_dir, data, tmp_path / "out", "train.mixed_precision=bf16", "train.max_steps=1",
-        f"reference.mode={reference}", *extra)
+    run(
+        tiny_model_dir,
+        data,
+        tmp_path / "out",
+        "train.mixed_precision=bf16",
+        "train.max_steps=1",
+        f"reference.mode={reference}",
+        *extra,
+    )
     assert losses(tmp_path / "out")[0] == pytest.approx(math.log(2), abs=1e-6)
 
 
@@ -67,10 +75,21 @@ def test_bf16_loaded_model_trains_at_small_learning_rate(tiny_model_dir, tmp_pat
     from safetensors.torch import load_file
 
     data = write_pairs(tmp_path / "pairs.jsonl", rows=24)
-    result = run(tiny_model_dir, data, tmp_path / "out", "model.dtype=bfloat16", "train.mixed_precision=bf16",
-                 "train.learning_rate=5e-7", "train.max_steps=3", "train.lr_scheduler=constant")
+    result = run(
+        tiny_model_dir,
+        data,
+        tmp_path / "out",
+        "model.dtype=bfloat16",
+        "train.mixed_precision=bf16",
+        "train.learning_rate=5e-7",
+        "train.max_steps=3",
+        "train.lr_scheduler=constant",
+    )
     trained = load_file(str(result.final_dir / "model.safetensors"))
-    initial = {k: v.to(torch.bfloat16).float() for k, v in load_file(str(tiny_model_dir / "model.safetensors")).items()}
+    initial = {
+        k: v.to(torch.bfloat16).float()
+        for k, v in load_file(str(tiny_model_dir / "model.safetensors")).items()
+    }
     assert all(t.dtype == torch.float32 for t in trained.values())  # the master weights are what was trained
     changed = sum(int((trained[k] != initial[k]).sum()) for k in initial)
     total = sum(v.numel() for v in initial.values())
@@ -82,10 +101,22 @@ def test_bf16_loaded_model_trains_at_small_learning_rate(tiny_model_dir, tmp_pat
 
 def test_flash_attention_with_fp32_is_a_config_error(tiny_model_dir, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "prefopt", "train", str(REPO / "recipes/tiny/dpo.yaml"),
-         f"model.name_or_path={tiny_model_dir}", "model.attn_implementation=flash_attention_2",
-         f"output_dir={tmp_path / 'out'}"],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "prefopt",
+            "train",
+            str(REPO / "recipes/tiny/dpo.yaml"),
+            f"model.name_or_path={tiny_model_dir}",
+            "model.attn_implementation=flash_attention_2",
+            f"output_dir={tmp_path / 'out'}",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+        cwd=REPO,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "model.attn_implementation" in result.stderr and "model.dtype=bfloat16" in result.stderr
     assert "Traceback" not in result.stderr
@@ -103,7 +134,9 @@ def test_weight_decay_groups_by_name_survive_zero_init(tiny_model_dir):
     assert no_weight_decay_names(model) == by_shape and by_shape  # the norms of the tiny Llama
     for module in model.modules():
         for name, parameter in list(module.named_parameters(recurse=False)):
-            setattr(module, name, torch.nn.Parameter(parameter.new_empty(0)))  # what a ZeRO-3 partition looks like
+            setattr(
+                module, name, torch.nn.Parameter(parameter.new_empty(0))
+            )  # what a ZeRO-3 partition looks like
     assert no_weight_decay_names(model) == by_shape
 
 
@@ -112,19 +145,23 @@ def test_fsdp_auto_wrap_sees_the_decoder_layers_through_the_wrapper(tiny_model_d
     ``_no_split_modules`` from the prepared module, which is prefopt's wrapper."""
     from transformers import AutoModelForCausalLM
 
-    from prefopt.models.loading import apply_lora
     from prefopt.config import PeftConfig
+    from prefopt.models.loading import apply_lora
     from prefopt.models.logps import CompletionLogpModel
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert set(CompletionLogpModel(model)._no_split_modules) == {"LlamaDecoderLayer"}
-    assert set(CompletionLogpModel(apply_lora(model, PeftConfig(r=4)))._no_split_modules) == {"LlamaDecoderLayer"}
+    assert set(CompletionLogpModel(apply_lora(model, PeftConfig(r=4)))._no_split_modules) == {
+        "LlamaDecoderLayer"
+    }
 
 
 def test_packed_batches_build_no_4d_mask_for_flash_attention():
     from prefopt.trainer.loop import collator_for
 
-    rows = [{"prompt_input_ids": [5, 6], "chosen_input_ids": [7, 8, 9], "rejected_input_ids": [10], "index": 0}]
+    rows = [
+        {"prompt_input_ids": [5, 6], "chosen_input_ids": [7, 8, 9], "rejected_input_ids": [10], "index": 0}
+    ]
     assert "attention_bias" in collator_for("pairs", 0, packing=True, attn_implementation="sdpa")(rows)
     flash = collator_for("pairs", 0, packing=True, attn_implementation="flash_attention_2")(rows)
     assert "attention_bias" not in flash and "position_ids" in flash
@@ -137,9 +174,17 @@ def test_soft_capped_logits_are_chunked_and_equal_the_full_forward():
     from prefopt.models.logps import completion_token_logps
 
     torch.manual_seed(0)
-    config = Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0,
-                          attn_implementation="eager")
+    config = Gemma2Config(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        final_logit_softcapping=3.0,
+        attn_implementation="eager",
+    )
     model = Gemma2ForCausalLM(config).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(20)  # logits well beyond the cap, so capping matters
@@ -150,5 +195,9 @@ def test_soft_capped_logits_are_chunked_and_equal_the_full_forward():
     full = completion_token_logps(model, ids, mask, completion, chunk_size=None)
     chunked = completion_token_logps(model, ids, mask, completion, chunk_size=3)
     torch.testing.assert_close(chunked.token_logps, full.token_logps, atol=1e-5, rtol=1e-5)
-    uncapped = torch.log_softmax(model.lm_head(model.model(ids).last_hidden_state), -1)  # the cap matters here
-    assert not torch.allclose(full.token_logps[:, 5:], uncapped[:, 5:-1].gather(-1, ids[:, 6:, None]).squeeze(-1))
+    uncapped = torch.log_softmax(
+        model.lm_head(model.model(ids).last_hidden_state), -1
+    )  # the cap matters here
+    assert not torch.allclose(
+        full.token_logps[:, 5:], uncapped[:, 5:-1].gather(-1, ids[:, 6:, None]).squeeze(-1)
+    )

@@ -13,9 +13,11 @@ def _inputs(**extra) -> LossInputs:
     policy_chosen = torch.tensor([-12.0], dtype=torch.float64, requires_grad=True)
     policy_rejected = torch.tensor([-15.0], dtype=torch.float64, requires_grad=True)
     return LossInputs(
-        policy_chosen_logps=policy_chosen, policy_rejected_logps=policy_rejected,
+        policy_chosen_logps=policy_chosen,
+        policy_rejected_logps=policy_rejected,
         reference_chosen_logps=torch.tensor([-13.0], dtype=torch.float64),
-        reference_rejected_logps=torch.tensor([-15.5], dtype=torch.float64), **extra,
+        reference_rejected_logps=torch.tensor([-15.5], dtype=torch.float64),
+        **extra,
     )
 
 
@@ -65,16 +67,27 @@ def test_matches_trl_training_step_formulas():
     logits = (chosen_sum - rejected_sum) - (ref_chosen_sum - ref_rejected_sum)
     trl_loss = -torch.nn.functional.logsigmoid(beta * logits).mean()
     kl = (logps - ref_logps).sum(1)
-    trl = {"objective/kl": kl.mean(), "objective/entropy": -logps.sum(1).mean(),
-           "objective/non_score_reward": (-beta * kl).mean(), "objective/rlhf_reward": (rewards - beta * kl).mean(),
-           "objective/scores": rewards.mean(), "objective/scores_margin": (rewards[chosen_idx] - rewards[rejected_idx]).mean(),
-           "rewards/chosen": (beta * (chosen_sum - ref_chosen_sum)).mean(),
-           "rewards/rejected": (beta * (rejected_sum - ref_rejected_sum)).mean()}
+    trl = {
+        "objective/kl": kl.mean(),
+        "objective/entropy": -logps.sum(1).mean(),
+        "objective/non_score_reward": (-beta * kl).mean(),
+        "objective/rlhf_reward": (rewards - beta * kl).mean(),
+        "objective/scores": rewards.mean(),
+        "objective/scores_margin": (rewards[chosen_idx] - rewards[rejected_idx]).mean(),
+        "rewards/chosen": (beta * (chosen_sum - ref_chosen_sum)).mean(),
+        "rewards/rejected": (beta * (rejected_sum - ref_rejected_sum)).mean(),
+    }
     # --- prefopt: the step hands over the ordered sums and scores ---
-    out = get_loss("online_dpo", beta=beta)(LossInputs(
-        policy_chosen_logps=chosen_sum, policy_rejected_logps=rejected_sum, reference_chosen_logps=ref_chosen_sum,
-        reference_rejected_logps=ref_rejected_sum, chosen_scores=rewards[chosen_idx],
-        rejected_scores=rewards[rejected_idx]))
+    out = get_loss("online_dpo", beta=beta)(
+        LossInputs(
+            policy_chosen_logps=chosen_sum,
+            policy_rejected_logps=rejected_sum,
+            reference_chosen_logps=ref_chosen_sum,
+            reference_rejected_logps=ref_rejected_sum,
+            chosen_scores=rewards[chosen_idx],
+            rejected_scores=rewards[rejected_idx],
+        )
+    )
     assert out.loss.item() == pytest.approx(trl_loss.item(), abs=1e-12)
     for key, value in trl.items():
         assert out.metrics[key] == pytest.approx(value.item(), abs=1e-9), key

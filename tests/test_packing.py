@@ -26,10 +26,17 @@ def rows(seed: int = 0, count: int = 3, vocab: int = 97, empty_prompt: bool = Fa
     out = []
     for i in range(count):
         prompt = [] if empty_prompt and i == 1 else [g.randrange(1, vocab) for _ in range(g.randint(2, 9))]
-        out.append({"index": 10 + i, "prompt_input_ids": prompt,
-                    "chosen_input_ids": [g.randrange(1, vocab) for _ in range(g.randint(1, 11))],
-                    "rejected_input_ids": [g.randrange(1, vocab) for _ in range(g.randint(1, 11))],
-                    "prompt_text": f"p{i}", "chosen_text": f"c{i}", "rejected_text": f"r{i}"})
+        out.append(
+            {
+                "index": 10 + i,
+                "prompt_input_ids": prompt,
+                "chosen_input_ids": [g.randrange(1, vocab) for _ in range(g.randint(1, 11))],
+                "rejected_input_ids": [g.randrange(1, vocab) for _ in range(g.randint(1, 11))],
+                "prompt_text": f"p{i}",
+                "chosen_text": f"c{i}",
+                "rejected_text": f"r{i}",
+            }
+        )
     return out
 
 
@@ -59,8 +66,9 @@ def test_layout_of_a_packed_batch():
 
 
 def test_first_token_of_a_sequence_is_never_scored():
-    batch = PackedPairCollator(PAD)([{"index": 0, "prompt_input_ids": [], "chosen_input_ids": [7, 8],
-                                      "rejected_input_ids": [9, 9]}])
+    batch = PackedPairCollator(PAD)(
+        [{"index": 0, "prompt_input_ids": [], "chosen_input_ids": [7, 8], "rejected_input_ids": [9, 9]}]
+    )
     # Without a prompt the first completion token would be "predicted" by the previous sequence's last token.
     assert batch["completion_mask"].tolist() == [[0, 1, 0, 1]]
     assert batch["sequence_ids"].tolist() == [[0, 0, 1, 1]]
@@ -68,24 +76,42 @@ def test_first_token_of_a_sequence_is_never_scored():
 
 def test_block_causal_mask_keeps_padding_separate():
     mask = block_causal_mask(torch.tensor([[0, 0, -1, -1]]))[0, 0]
-    assert mask.tolist() == [[True, False, False, False], [True, True, False, False],
-                             [False, False, True, False], [False, False, True, True]]
+    assert mask.tolist() == [
+        [True, False, False, False],
+        [True, True, False, False],
+        [False, False, True, False],
+        [False, False, True, True],
+    ]
 
 
 def tiny_llama(attn: str = "sdpa", vocab: int = 97, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                         tie_word_embeddings=False, attn_implementation=attn)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        attn_implementation=attn,
+    )
     return LlamaForCausalLM(config).eval()
 
 
 def _sequence_logps(model, batch, chunk_size=4):
-    out = completion_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                                 chunk_size=chunk_size, position_ids=batch.get("position_ids"),
-                                 attention_bias=batch.get("attention_bias"))
+    out = completion_token_logps(
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["completion_mask"],
+        chunk_size=chunk_size,
+        position_ids=batch.get("position_ids"),
+        attention_bias=batch.get("attention_bias"),
+    )
     return sequence_totals(out, batch)
 
 
@@ -122,8 +148,14 @@ def test_flash_style_position_ids_alone_separate_sequences():
     packed = PackedPairCollator(PAD, attention_bias=False)(data)
     assert "attention_bias" not in packed
     with torch.no_grad():
-        out = completion_token_logps(model, packed["input_ids"], None, packed["completion_mask"], chunk_size=4,
-                                     position_ids=packed["position_ids"])
+        out = completion_token_logps(
+            model,
+            packed["input_ids"],
+            None,
+            packed["completion_mask"],
+            chunk_size=4,
+            position_ids=packed["position_ids"],
+        )
         sums, _ = sequence_totals(out, packed)
         reference, _ = _sequence_logps(model, PairCollator(PAD)(data))
     assert torch.allclose(sums, reference, atol=1e-5)
@@ -132,7 +164,9 @@ def test_flash_style_position_ids_alone_separate_sequences():
 def test_rejected_tokens_do_not_leak_into_chosen():
     model = tiny_llama()
     data = rows()
-    changed = [dict(r, rejected_input_ids=[(t * 7 + 3) % 96 + 1 for t in r["rejected_input_ids"]]) for r in data]
+    changed = [
+        dict(r, rejected_input_ids=[(t * 7 + 3) % 96 + 1 for t in r["rejected_input_ids"]]) for r in data
+    ]
     collate = PackedPairCollator(PAD)
     with torch.no_grad():
         before, _ = _sequence_logps(model, collate(data))
@@ -150,8 +184,9 @@ def test_length_grouped_order_is_a_permutation_with_less_padding():
     g.shuffle(shuffled)
     assert padding_fraction(lengths, order, 4) < 0.5 * padding_fraction(lengths, shuffled, 4)
     assert length_grouped_order(lengths, 4, seed=3, mega_batches=10) == order  # deterministic
-    assert pair_lengths({"prompt_input_ids": [[1, 2]], "chosen_input_ids": [[3]],
-                         "rejected_input_ids": [[4, 5, 6]]}) == [5]
+    assert pair_lengths(
+        {"prompt_input_ids": [[1, 2]], "chosen_input_ids": [[3]], "rejected_input_ids": [[4, 5, 6]]}
+    ) == [5]
 
 
 @pytest.fixture(scope="module")
@@ -160,14 +195,20 @@ def tiny_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("packing")
     corpus = ["the film was good", "the film was bad", "a great movie", "a poor movie"]
-    model = build_tiny_model(root / "model", corpus=corpus, vocab_size=300, hidden_size=32, intermediate_size=64)
+    model = build_tiny_model(
+        root / "model", corpus=corpus, vocab_size=300, hidden_size=32, intermediate_size=64
+    )
     g = random.Random(0)
     words = ["good", "bad", "great", "poor", "fine", "film", "movie", "story", "the", "a", "was"]
     with (root / "pairs.jsonl").open("w") as handle:
         for _ in range(24):
+
             def text(low, high):
                 return " " + " ".join(g.choice(words) for _ in range(g.randint(low, high)))
-            handle.write(json.dumps({"prompt": text(2, 8), "chosen": text(1, 9), "rejected": text(1, 9)}) + "\n")
+
+            handle.write(
+                json.dumps({"prompt": text(2, 8), "chosen": text(1, 9), "rejected": text(1, 9)}) + "\n"
+            )
     return root, model
 
 
@@ -175,11 +216,26 @@ def _train_losses(root, model, out, *overrides):
     from prefopt.config import load_config
     from prefopt.trainer import train
 
-    config = load_config("recipes/tiny/dpo.yaml", [
-        f"model.name_or_path={model}", f"data.train={root / 'pairs.jsonl'}", "data.eval=null", "data.shuffle=false",
-        f"output_dir={root / out}", "overwrite_output_dir=true", "logging.progress=false", "logging.logging_steps=1",
-        "train.learning_rate=1e-2", "train.warmup_ratio=0", "train.per_device_batch_size=4", "train.max_steps=4",
-        "train.eval_steps=null", f"reference.cache_dir={root / 'cache'}", *overrides])
+    config = load_config(
+        "recipes/tiny/dpo.yaml",
+        [
+            f"model.name_or_path={model}",
+            f"data.train={root / 'pairs.jsonl'}",
+            "data.eval=null",
+            "data.shuffle=false",
+            f"output_dir={root / out}",
+            "overwrite_output_dir=true",
+            "logging.progress=false",
+            "logging.logging_steps=1",
+            "train.learning_rate=1e-2",
+            "train.warmup_ratio=0",
+            "train.per_device_batch_size=4",
+            "train.max_steps=4",
+            "train.eval_steps=null",
+            f"reference.cache_dir={root / 'cache'}",
+            *overrides,
+        ],
+    )
     train(config)
     lines = (root / out / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
@@ -189,7 +245,9 @@ def _train_losses(root, model, out, *overrides):
 def test_packed_training_matches_padded(tiny_run, reference):
     root, model = tiny_run
     padded = _train_losses(root, model, f"padded-{reference}", f"reference.mode={reference}")
-    packed = _train_losses(root, model, f"packed-{reference}", f"reference.mode={reference}", "data.packing=true")
+    packed = _train_losses(
+        root, model, f"packed-{reference}", f"reference.mode={reference}", "data.packing=true"
+    )
     assert len(padded) == len(packed) == 4
     assert padded[0] == pytest.approx(0.693147, abs=1e-5)
     assert max(abs(a - b) for a, b in zip(padded, packed)) < 1e-5

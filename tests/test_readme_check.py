@@ -84,11 +84,24 @@ def test_the_real_readme_runs_its_tour_and_says_why_it_leaves_anything_out():
     blocks = check_readme.parse_readme((REPO / "README.md").read_text())
     run = [c.text for block in blocks for c in block.commands if not block.skipped(c)]
     assert run[0] == "make demo"
-    for command in ("prefopt losses", "prefopt train recipes/tiny/simpo.yaml",
-                    "prefopt train recipes/tiny/dpo.yaml train.resume_from=latest"):
+    for command in (
+        "prefopt losses",
+        "prefopt train recipes/tiny/simpo.yaml",
+        "prefopt train recipes/tiny/dpo.yaml train.resume_from=latest",
+    ):
         assert command in run
     skipped = [c.text for block in blocks for c in block.commands if block.skipped(c)]
-    assert all(text.startswith(("make test", "accelerate launch --config_file recipes/accelerate/zero",
-                                ".venv/bin/python -m pytest -m slow", "prefopt diagnose --policy runs/tiny-dpo/final "
-                                "--data", "python scripts/gold_benchmark.py", "make readme-check", "make lint"))
-               for text in skipped), skipped
+    assert all(
+        text.startswith(
+            (
+                "make test",
+                "accelerate launch --config_file recipes/accelerate/zero",
+                ".venv/bin/python -m pytest -m slow",
+                "prefopt diagnose --policy runs/tiny-dpo/final --data",
+                "python scripts/gold_benchmark.py",
+                "make readme-check",
+                "make lint",
+            )
+        )
+        for text in skipped
+    ), skipped

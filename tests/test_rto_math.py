@@ -36,7 +36,9 @@ def test_token_rewards_worked_example():
 
 def test_rto_loss_methods_use_its_parameters():
     loss = get_loss("rto")
-    rollout = RolloutTokens(policy_logps=LOGP_OLD, reference_logps=LOGP_REF, dpo_logps=LOGP_DPO, scores=RM, mask=MASK)
+    rollout = RolloutTokens(
+        policy_logps=LOGP_OLD, reference_logps=LOGP_REF, dpo_logps=LOGP_DPO, scores=RM, mask=MASK
+    )
     shaped = loss.token_rewards(rollout, loss.initial_kl_coef())
     rewards = shaped.rewards
     assert rewards[0].tolist() == pytest.approx(REWARDS, abs=1e-12)

@@ -28,11 +28,31 @@ def torchrun(model_dir, data, out, *overrides: str) -> subprocess.CompletedProce
     """``torchrun --nproc_per_node 2 -m prefopt train recipes/tiny/dpo.yaml ...`` with no CPU flag set."""
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(next(_PORTS)),
-            "-m", "prefopt", "train", str(REPO / "recipes/tiny/dpo.yaml"),
-            f"model.name_or_path={model_dir}", f"data.train={data}", "data.eval=null", f"output_dir={out}",
-            "overwrite_output_dir=true", "logging.progress=false", "logging.logging_steps=1", "train.warmup_ratio=0",
-            "train.learning_rate=1e-3", "train.per_device_batch_size=4", *COMMON, *overrides]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(next(_PORTS)),
+        "-m",
+        "prefopt",
+        "train",
+        str(REPO / "recipes/tiny/dpo.yaml"),
+        f"model.name_or_path={model_dir}",
+        f"data.train={data}",
+        "data.eval=null",
+        f"output_dir={out}",
+        "overwrite_output_dir=true",
+        "logging.progress=false",
+        "logging.logging_steps=1",
+        "train.warmup_ratio=0",
+        "train.learning_rate=1e-3",
+        "train.per_device_batch_size=4",
+        *COMMON,
+        *overrides,
+    ]
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
 
 
@@ -76,7 +96,9 @@ def test_zero3_dpo_live_reference_matches_one_process(tiny_model_dir, tmp_path):
     single = tmp_path / "single"
     run(tiny_model_dir, data, single, *COMMON)
     out = tmp_path / "zero3"
-    result = torchrun(tiny_model_dir, data, out, f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero3_cpu.json'}")
+    result = torchrun(
+        tiny_model_dir, data, out, f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero3_cpu.json'}"
+    )
     _check_run(result, out, single, 3)
     _check_full_model(out, single, tiny_model_dir)
 
@@ -86,11 +108,23 @@ def test_zero3_dpo_live_reference_matches_one_process(tiny_model_dir, tmp_path):
 def test_zero_precomputed_reference_matches_one_process(tiny_model_dir, tmp_path, stage):
     data = write_pairs(tmp_path / "pairs.jsonl", rows=63)  # odd: the ranks precompute different row counts
     single = tmp_path / "single"
-    run(tiny_model_dir, data, single, *COMMON, "reference.mode=precomputed",
-        f"reference.cache_dir={tmp_path / 'cache1'}")
+    run(
+        tiny_model_dir,
+        data,
+        single,
+        *COMMON,
+        "reference.mode=precomputed",
+        f"reference.cache_dir={tmp_path / 'cache1'}",
+    )
     out = tmp_path / f"zero{stage}"
-    result = torchrun(tiny_model_dir, data, out, "reference.mode=precomputed", f"reference.cache_dir={tmp_path / 'c2'}",
-                      f"train.deepspeed={REPO / f'recipes/accelerate/ds_zero{stage}_cpu.json'}")
+    result = torchrun(
+        tiny_model_dir,
+        data,
+        out,
+        "reference.mode=precomputed",
+        f"reference.cache_dir={tmp_path / 'c2'}",
+        f"train.deepspeed={REPO / f'recipes/accelerate/ds_zero{stage}_cpu.json'}",
+    )
     _check_run(result, out, single, stage)
     _check_full_model(out, single, tiny_model_dir)
 
@@ -101,13 +135,19 @@ def test_zero2_dpo_live_reference_matches_one_process(tiny_model_dir, tmp_path):
     single = tmp_path / "single"
     run(tiny_model_dir, data, single, *COMMON)
     out = tmp_path / "zero2"
-    result = torchrun(tiny_model_dir, data, out, f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero2_cpu.json'}")
+    result = torchrun(
+        tiny_model_dir, data, out, f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero2_cpu.json'}"
+    )
     _check_run(result, out, single, 2)
     _check_full_model(out, single, tiny_model_dir)
 
 
-LORA = ("model.peft.r=8", "model.peft.alpha=16", "model.peft.target_modules=[q_proj,v_proj]",
-        "reference.mode=adapter")
+LORA = (
+    "model.peft.r=8",
+    "model.peft.alpha=16",
+    "model.peft.target_modules=[q_proj,v_proj]",
+    "reference.mode=adapter",
+)
 
 
 @pytest.mark.slow
@@ -121,8 +161,13 @@ def test_zero_lora_adapter_reference_saves_gathered_adapter(tiny_model_dir, tmp_
     single = tmp_path / "single"
     run(tiny_model_dir, data, single, *COMMON, *LORA)
     out = tmp_path / f"zero{stage}"
-    result = torchrun(tiny_model_dir, data, out, *LORA,
-                      f"train.deepspeed={REPO / f'recipes/accelerate/ds_zero{stage}_cpu.json'}")
+    result = torchrun(
+        tiny_model_dir,
+        data,
+        out,
+        *LORA,
+        f"train.deepspeed={REPO / f'recipes/accelerate/ds_zero{stage}_cpu.json'}",
+    )
     _check_run(result, out, single, stage)
     adapter = _state(out / "final" / "adapter_model.safetensors")
     expected = _state(single / "final" / "adapter_model.safetensors")
@@ -144,13 +189,38 @@ def test_zero3_online_xpo_with_frozen_implicit_reward_models(tiny_model_dir, gol
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(next(_PORTS)),
-         "-m", "prefopt", "train", str(REPO / "recipes/tiny/xpo.yaml"), f"model.name_or_path={tiny_model_dir}",
-         f"data.train={gold_task_dir / 'prompts_train.jsonl'}", f"output_dir={out}", "overwrite_output_dir=true",
-         "logging.progress=false", "logging.logging_steps=1", "train.max_steps=2", "train.per_device_batch_size=4",
-         "generation.max_new_tokens=16", f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero3_cpu.json'}",
-         "reward.kind=implicit", f"reward.policy={tiny_model_dir}", f"reward.reference={tiny_model_dir}"],
-        capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(next(_PORTS)),
+            "-m",
+            "prefopt",
+            "train",
+            str(REPO / "recipes/tiny/xpo.yaml"),
+            f"model.name_or_path={tiny_model_dir}",
+            f"data.train={gold_task_dir / 'prompts_train.jsonl'}",
+            f"output_dir={out}",
+            "overwrite_output_dir=true",
+            "logging.progress=false",
+            "logging.logging_steps=1",
+            "train.max_steps=2",
+            "train.per_device_batch_size=4",
+            "generation.max_new_tokens=16",
+            f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero3_cpu.json'}",
+            "reward.kind=implicit",
+            f"reward.policy={tiny_model_dir}",
+            f"reward.reference={tiny_model_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert json.loads((out / "run_info.json").read_text())["world_size"] == 2
     steps = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]

@@ -1,4 +1,7 @@
-"""Sparse input-embedding gradients give the same clipping and AdamW step as dense ones (trainer/sparse_embedding.py)."""
+"""Sparse input-embedding gradients give the same clipping and AdamW step as dense ones.
+
+See prefopt/trainer/sparse_embedding.py.
+"""
 
 from __future__ import annotations
 
@@ -34,12 +37,15 @@ class TinyLM(torch.nn.Module):
 
 
 def _train(model, sparse: bool, fused: bool, max_norm: float, steps: int = 4, micro_batches: int = 2):
-    sparse_params = sparse_embedding.enable_sparse_embedding_grad(model, sparse, distributed=False, fp16=False)
+    sparse_params = sparse_embedding.enable_sparse_embedding_grad(
+        model, sparse, distributed=False, fp16=False
+    )
     assert bool(sparse_params) == sparse
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                                  lr=0.05, fused=fused)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=0.05, fused=fused
+    )
     generator = torch.Generator().manual_seed(0)
     norms = []
     for _ in range(steps):
@@ -85,13 +91,20 @@ def test_norm_of_uncoalesced_sparse_gradient():
     embedding(torch.tensor([1, 1, 1, 4])).pow(2).sum().backward()
     assert not embedding.weight.grad.is_coalesced()  # three entries for row 1
     expected = embedding.weight.grad.to_dense().norm()
-    assert float(sparse_embedding.clip_grad_norm([embedding.weight], float("inf"))) == pytest.approx(float(expected))
+    assert float(sparse_embedding.clip_grad_norm([embedding.weight], float("inf"))) == pytest.approx(
+        float(expected)
+    )
     sparse_embedding.clip_grad_norm([embedding.weight], 1.0)
     assert float(embedding.weight.grad.to_dense().norm()) == pytest.approx(1.0, rel=1e-5)
 
 
 def test_where_it_stays_off(caplog):
-    assert sparse_embedding.enable_sparse_embedding_grad(TinyLM(tied=True), "auto", distributed=False, fp16=False) == []
+    assert (
+        sparse_embedding.enable_sparse_embedding_grad(
+            TinyLM(tied=True), "auto", distributed=False, fp16=False
+        )
+        == []
+    )
     assert sparse_embedding.enable_sparse_embedding_grad(TinyLM(), "auto", distributed=True, fp16=False) == []
     assert sparse_embedding.enable_sparse_embedding_grad(TinyLM(), "auto", distributed=False, fp16=True) == []
     assert sparse_embedding.enable_sparse_embedding_grad(TinyLM(), False, distributed=False, fp16=False) == []
@@ -99,23 +112,44 @@ def test_where_it_stays_off(caplog):
     frozen.embed.weight.requires_grad_(False)
     assert sparse_embedding.enable_sparse_embedding_grad(frozen, "auto", distributed=False, fp16=False) == []
     with caplog.at_level("WARNING"):
-        assert sparse_embedding.enable_sparse_embedding_grad(TinyLM(tied=True), True, distributed=False,
-                                                             fp16=False) == []
+        assert (
+            sparse_embedding.enable_sparse_embedding_grad(
+                TinyLM(tied=True), True, distributed=False, fp16=False
+            )
+            == []
+        )
     assert "tied" in caplog.text  # an explicit request that cannot be honoured says why
     model = TinyLM()
     assert sparse_embedding.enable_sparse_embedding_grad(model, "auto", distributed=False, fp16=False) == [
-        model.embed.weight]
+        model.embed.weight
+    ]
     assert model.embed.sparse
 
 
 def test_trainer_runs_match_with_and_without(tiny_model_dir, tmp_path):
     """End to end on the tiny model (untied): same losses, grad norms and final weights either way."""
     pairs = write_pairs(tmp_path / "pairs.jsonl", rows=48)
-    run(tiny_model_dir, pairs, tmp_path / "sparse", "train.max_steps=4", "train.max_grad_norm=0.5",
-        "train.weight_decay=0.01", "train.gradient_accumulation_steps=2", "train.per_device_batch_size=4")
-    run(tiny_model_dir, pairs, tmp_path / "dense", "train.max_steps=4", "train.max_grad_norm=0.5",
-        "train.weight_decay=0.01", "train.gradient_accumulation_steps=2", "train.per_device_batch_size=4",
-        "train.sparse_embedding_grad=false")
+    run(
+        tiny_model_dir,
+        pairs,
+        tmp_path / "sparse",
+        "train.max_steps=4",
+        "train.max_grad_norm=0.5",
+        "train.weight_decay=0.01",
+        "train.gradient_accumulation_steps=2",
+        "train.per_device_batch_size=4",
+    )
+    run(
+        tiny_model_dir,
+        pairs,
+        tmp_path / "dense",
+        "train.max_steps=4",
+        "train.max_grad_norm=0.5",
+        "train.weight_decay=0.01",
+        "train.gradient_accumulation_steps=2",
+        "train.per_device_batch_size=4",
+        "train.sparse_embedding_grad=false",
+    )
     assert losses(tmp_path / "sparse") == pytest.approx(losses(tmp_path / "dense"), abs=1e-6)
     norms = [m["grad_norm"] for m in metrics(tmp_path / "sparse")]
     assert norms == pytest.approx([m["grad_norm"] for m in metrics(tmp_path / "dense")], rel=1e-5)
@@ -125,5 +159,7 @@ def test_trainer_runs_match_with_and_without(tiny_model_dir, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
-    assert not torch.equal(a["model.embed_tokens.weight"], load_file(
-        tiny_model_dir / "model.safetensors")["model.embed_tokens.weight"])
+    assert not torch.equal(
+        a["model.embed_tokens.weight"],
+        load_file(tiny_model_dir / "model.safetensors")["model.embed_tokens.weight"],
+    )

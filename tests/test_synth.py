@@ -23,24 +23,42 @@ def test_same_seed_gives_byte_identical_files(tmp_path):
     synth.write_task(tmp_path / "b", seed=7, **SIZES)
     synth.write_task(tmp_path / "c", seed=8, **SIZES)
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == ["README.md", "pairs_eval.jsonl", "pairs_train.jsonl", "prompts_heldout.jsonl",
-                     "prompts_train.jsonl", "rated_eval.jsonl", "rated_train.jsonl", "sft.jsonl", "task.json"]
+    assert names == [
+        "README.md",
+        "pairs_eval.jsonl",
+        "pairs_train.jsonl",
+        "prompts_heldout.jsonl",
+        "prompts_train.jsonl",
+        "rated_eval.jsonl",
+        "rated_train.jsonl",
+        "sft.jsonl",
+        "task.json",
+    ]
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert (tmp_path / "a" / "sft.jsonl").read_bytes() != (tmp_path / "c" / "sft.jsonl").read_bytes()
     task = json.loads((tmp_path / "a" / "task.json").read_text())
     assert task["seed"] == 7 and task["bt_temperature"] == synth.DEFAULT_BT_TEMPERATURE
-    assert task["counts"] == {"sft.jsonl": 50, "pairs_train.jsonl": 60, "pairs_eval.jsonl": 20,
-                              "prompts_train.jsonl": 40, "prompts_heldout.jsonl": 30, "rated_train.jsonl": 60,
-                              "rated_eval.jsonl": 20}
+    assert task["counts"] == {
+        "sft.jsonl": 50,
+        "pairs_train.jsonl": 60,
+        "pairs_eval.jsonl": 20,
+        "prompts_train.jsonl": 40,
+        "prompts_heldout.jsonl": 30,
+        "rated_train.jsonl": 60,
+        "rated_eval.jsonl": 20,
+    }
     assert task["reward_function"] == "data_tools.synth:score"
 
 
 def test_positive_words_beat_negative_ones():
     for positive, negative in zip(sorted(POSITIVE_WORDS), sorted(NEGATIVE_WORDS)):
         assert score(PROMPT, f" the hotel was {positive}.") > score(PROMPT, f" the hotel was {negative}.")
-    assert score(PROMPT, " i loved it, the staff was lovely.") > score(PROMPT, " the staff was okay.") > score(
-        PROMPT, " i hated it, the staff was rude and dull.")
+    assert (
+        score(PROMPT, " i loved it, the staff was lovely.")
+        > score(PROMPT, " the staff was okay.")
+        > score(PROMPT, " i hated it, the staff was rude and dull.")
+    )
 
 
 def test_neutral_padding_never_raises_the_score():
@@ -52,20 +70,30 @@ def test_neutral_padding_never_raises_the_score():
         raised += score(PROMPT, padded) > score(PROMPT, completion) + 1e-12
     assert raised == 0
     good = " the hotel was lovely and i loved it."
-    assert score(PROMPT, good + " the place seemed okay and it felt usual and standard overall so i saw it") < score(
-        PROMPT, good)
+    assert score(
+        PROMPT, good + " the place seemed okay and it felt usual and standard overall so i saw it"
+    ) < score(PROMPT, good)
 
 
 def test_score_range_and_penalties():
     rng = random.Random(1)
     samples = [synth.sample_completion(rng, rng.choice(synth.ITEMS)) for _ in range(300)]
-    adversarial = ["", "<|im_end|>", "great " * 200, " ".join(sorted(POSITIVE_WORDS)) * 3, "!!!", "hotel " * 50]
+    adversarial = [
+        "",
+        "<|im_end|>",
+        "great " * 200,
+        " ".join(sorted(POSITIVE_WORDS)) * 3,
+        "!!!",
+        "hotel " * 50,
+    ]
     for text in samples + adversarial:
         assert -1.0 <= score(PROMPT, text) <= 1.0
     assert score(PROMPT, "") == -1.0
     base = " the hotel was lovely."
     assert score(PROMPT, base) > score(PROMPT, " the film was lovely.")  # off topic
-    assert score(PROMPT, " the view was lovely, the hotel was great.") > score(PROMPT, " the view was lovely.")
+    assert score(PROMPT, " the view was lovely, the hotel was great.") > score(
+        PROMPT, " the view was lovely."
+    )
     assert score(PROMPT, base + " lovely lovely lovely") < score(PROMPT, base)  # repetition earns nothing
     assert score(PROMPT, base + "<|im_end|>") == score(PROMPT, base)  # special tokens are not words
     long = " the hotel was lovely, " + ", ".join(f"the {a} was okay" for a in synth.ASPECTS[:8])
@@ -89,8 +117,11 @@ def test_bradley_terry_labels():
 
 def test_prompts_and_quality_spread(gold_task_dir):
     heldout = {r["prompt"] for r in _read(gold_task_dir / "prompts_heldout.jsonl")}
-    train = {r["prompt"] for name in ("sft.jsonl", "pairs_train.jsonl", "prompts_train.jsonl")
-             for r in _read(gold_task_dir / name)}
+    train = {
+        r["prompt"]
+        for name in ("sft.jsonl", "pairs_train.jsonl", "prompts_train.jsonl")
+        for r in _read(gold_task_dir / name)
+    }
     assert heldout and train and not heldout & train
     assert {r["prompt"] for r in _read(gold_task_dir / "pairs_eval.jsonl")} <= heldout
     big = synth.build_task(0)  # the default sizes
@@ -110,12 +141,17 @@ def test_conversational_task_and_tokenizer_corpus(tmp_path, tiny_tokenizer):
     row = _read(tmp_path / "pairs_train.jsonl")[0]
     assert row["prompt"][0]["role"] == "user" and row["chosen"][0]["role"] == "assistant"
     bundle = build_datasets(DataConfig(train=str(tmp_path / "pairs_train.jsonl")), tiny_tokenizer, "pairs")
-    assert len(bundle.train) == SIZES["n_pairs"] and bundle.train[0]["prompt_text"].startswith("<|im_start|>user")
+    assert len(bundle.train) == SIZES["n_pairs"] and bundle.train[0]["prompt_text"].startswith(
+        "<|im_start|>user"
+    )
     lines = synth.corpus_lines()
     assert lines == synth.corpus_lines()
     vocabulary = set(" ".join(lines).replace(",", " ").replace(".", " ").replace(":", " ").split())
     assert set(POSITIVE_WORDS) | set(NEGATIVE_WORDS) | set(NEUTRAL_WORDS) | set(synth.ITEMS) <= vocabulary
     # every task word is a single token of the tiny tokenizer (the corpus goes into its training)
-    split = [w for w in sorted(vocabulary & (set(POSITIVE_WORDS) | set(NEGATIVE_WORDS)))
-             if len(tiny_tokenizer(" " + w, add_special_tokens=False)["input_ids"]) != 1]
+    split = [
+        w
+        for w in sorted(vocabulary & (set(POSITIVE_WORDS) | set(NEGATIVE_WORDS)))
+        if len(tiny_tokenizer(" " + w, add_special_tokens=False)["input_ids"]) != 1
+    ]
     assert split == []

@@ -37,8 +37,17 @@ def tracked_run(tiny_model_dir, tmp_path_factory, monkeypatch_module):
     tmp = tmp_path_factory.mktemp("trackers")
     data = write_pairs(tmp / "pairs.jsonl", rows=32)
     out = tmp / "run"
-    run(tiny_model_dir, data, out, f"train.max_steps={STEPS}", f"data.eval={data}", "train.eval_steps=2",
-        "logging.report_to=[tensorboard, wandb]", "logging.run_name=tracked", "logging.project=prefopt-tests")
+    run(
+        tiny_model_dir,
+        data,
+        out,
+        f"train.max_steps={STEPS}",
+        f"data.eval={data}",
+        "train.eval_steps=2",
+        "logging.report_to=[tensorboard, wandb]",
+        "logging.run_name=tracked",
+        "logging.project=prefopt-tests",
+    )
     return out
 
 
@@ -102,10 +111,10 @@ def _wandb_records(path: Path):
         if block - position % block < 7:  # a block's tail too short for a header is padding
             position += block - position % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
         if kind == 0 and length == 0:
             break
-        chunk = data[position + 7:position + 7 + length]
+        chunk = data[position + 7 : position + 7 + length]
         position += 7 + length
         pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):
@@ -123,8 +132,10 @@ def test_wandb_offline_run_has_the_same_scalars_and_the_config(tracked_run):
     for record in _wandb_records(logs[0]):
         kind = record.WhichOneof("record_type")
         if kind == "history":
-            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                     for item in record.history.item}
+            items = {
+                item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                for item in record.history.item
+            }
             step = items.pop("_step")
             logged.update({(step, key): value for key, value in items.items() if not key.startswith("_")})
         elif kind == "config":
@@ -149,7 +160,9 @@ def test_a_missing_tracker_package_is_a_warning_not_a_crash(monkeypatch, caplog)
     from prefopt.trainer.trackers import build_trackers
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
     config = Config.model_validate({"logging": {"report_to": ["wandb"]}})
     assert build_trackers(config) == []
     assert "wandb is not installed" in caplog.text

@@ -46,7 +46,9 @@ class FakeEngineModel:
 
     def __init__(self, state: dict[str, torch.Tensor], tied: bool, dtype: torch.dtype):
         self.tied, self.dtype = tied, dtype
-        self.params = {k: v.to(dtype).clone() for k, v in state.items() if not (tied and k == "lm_head.weight")}
+        self.params = {
+            k: v.to(dtype).clone() for k, v in state.items() if not (tied and k == "lm_head.weight")
+        }
         self.calls: list[list[str]] = []
         self.pushed_dtypes: set[torch.dtype] = set()
         self.last_pushed: dict[str, torch.Tensor] = {}
@@ -73,23 +75,30 @@ class FakeEngineModel:
 
 
 class FakeLLM:
-    instances: list["FakeLLM"] = []
+    instances: list[FakeLLM] = []
 
-    def __init__(self, *, model, dtype, gpu_memory_utilization, enable_sleep_mode, max_model_len, seed, **extra):
+    def __init__(
+        self, *, model, dtype, gpu_memory_utilization, enable_sleep_mode, max_model_len, seed, **extra
+    ):
         from transformers import AutoModelForCausalLM
 
         torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, torch.float32)
         hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
         self.config = hf.config
-        self.kwargs = dict(dtype=dtype, max_model_len=max_model_len, seed=seed, enable_sleep_mode=enable_sleep_mode)
+        self.kwargs = dict(
+            dtype=dtype, max_model_len=max_model_len, seed=seed, enable_sleep_mode=enable_sleep_mode
+        )
         self.max_model_len = max_model_len or hf.config.max_position_embeddings  # R5
         random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)  # R4
         tied = bool(hf.config.tie_word_embeddings)
         self.runner_model = FakeEngineModel(hf.state_dict(), tied, torch_dtype)
         self.runner_model.engine = self
         runner = types.SimpleNamespace(model=self.runner_model)
-        self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(
-            driver_worker=types.SimpleNamespace(worker=types.SimpleNamespace(model_runner=runner))))
+        self.llm_engine = types.SimpleNamespace(
+            model_executor=types.SimpleNamespace(
+                driver_worker=types.SimpleNamespace(worker=types.SimpleNamespace(model_runner=runner))
+            )
+        )
         self.awake_weights = self.awake_kv = True
         self.fresh = set(self.runner_model.params)  # parameters holding real weights
         self.sleep_levels: list[int] = []
@@ -133,10 +142,14 @@ class FakeLLM:
             ids = prompt["prompt_token_ids"]
             budget = sampling_params.kwargs["max_tokens"]
             if len(ids) + budget > self.max_model_len:
-                raise ValueError(f"prompt ({len(ids)}) + max_tokens ({budget}) > max_model_len {self.max_model_len}")
+                raise ValueError(
+                    f"prompt ({len(ids)}) + max_tokens ({budget}) > max_model_len {self.max_model_len}"
+                )
             with torch.no_grad():
-                out = model.generate(torch.tensor([ids]), max_new_tokens=budget, do_sample=False, min_new_tokens=budget)
-            outputs.append(_Request([_Sample(out[0, len(ids):].tolist())]))
+                out = model.generate(
+                    torch.tensor([ids]), max_new_tokens=budget, do_sample=False, min_new_tokens=budget
+                )
+            outputs.append(_Request([_Sample(out[0, len(ids) :].tolist())]))
         return outputs
 
 
@@ -163,10 +176,19 @@ def tied_model_dir(tmp_path_factory, tiny_tokenizer_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
     out = tmp_path_factory.mktemp("tied")
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -175,8 +197,12 @@ def tied_model_dir(tmp_path_factory, tiny_tokenizer_dir):
 
 def _greedy(model, prompts, n_tokens):
     with torch.no_grad():
-        return [model.generate(torch.tensor([p]), max_new_tokens=n_tokens, do_sample=False,
-                               min_new_tokens=n_tokens)[0, len(p):].tolist() for p in prompts]
+        return [
+            model.generate(
+                torch.tensor([p]), max_new_tokens=n_tokens, do_sample=False, min_new_tokens=n_tokens
+            )[0, len(p) :].tolist()
+            for p in prompts
+        ]
 
 
 def _setup(tied_model_dir, fake_vllm, **gen):
@@ -204,7 +230,9 @@ def test_tied_push_in_small_chunks_and_generation_matches_the_live_policy(tied_m
     assert max(len(call) for call in engine.runner_model.calls) <= 1  # a few tensors alive per push
     assert engine.runner_model.pushed_dtypes == {torch.bfloat16}  # the engine's dtype, not the fp32 copy
     expected = _greedy(policy.to(torch.bfloat16).float(), PROMPTS, 6)
-    assert [row[:6] for row in rollouts.completion_ids.tolist()] == expected  # the engine holds the live policy
+    assert [
+        row[:6] for row in rollouts.completion_ids.tolist()
+    ] == expected  # the engine holds the live policy
 
 
 def test_updated_weights_reach_the_engine_at_the_next_generate(tied_model_dir, fake_vllm):

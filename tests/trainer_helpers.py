@@ -10,8 +10,8 @@ from prefopt.config import load_config
 from prefopt.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
-GOOD = "wonderful brilliant delightful charming superb beautiful excellent moving".split()
-BAD = "boring weak dull terrible awful poor rushed bland".split()
+GOOD = ["wonderful", "brilliant", "delightful", "charming", "superb", "beautiful", "excellent", "moving"]
+BAD = ["boring", "weak", "dull", "terrible", "awful", "poor", "rushed", "bland"]
 
 
 def write_pairs(path: Path, rows: int = 128, seed: int = 0) -> Path:
@@ -21,8 +21,12 @@ def write_pairs(path: Path, rows: int = 128, seed: int = 0) -> Path:
         for i in range(rows):
             chosen = " ".join(rng.choices(GOOD, k=rng.randint(3, 8)))
             rejected = " ".join(rng.choices(BAD, k=rng.randint(3, 8)))
-            handle.write(json.dumps({"prompt": f"Review {i} of the film:", "chosen": " " + chosen,
-                                     "rejected": " " + rejected}) + "\n")
+            handle.write(
+                json.dumps(
+                    {"prompt": f"Review {i} of the film:", "chosen": " " + chosen, "rejected": " " + rejected}
+                )
+                + "\n"
+            )
     return path
 
 
@@ -30,16 +34,35 @@ def write_sft(path: Path, rows: int = 128, seed: int = 0) -> Path:
     rng = random.Random(seed)
     with path.open("w") as handle:
         for i in range(rows):
-            handle.write(json.dumps({"prompt": f"Review {i} of the film:",
-                                     "completion": " " + " ".join(rng.choices(GOOD, k=rng.randint(3, 8)))}) + "\n")
+            handle.write(
+                json.dumps(
+                    {
+                        "prompt": f"Review {i} of the film:",
+                        "completion": " " + " ".join(rng.choices(GOOD, k=rng.randint(3, 8))),
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
 def run(model_dir: Path, data: Path, out: Path, *overrides: str, recipe: str = "recipes/tiny/dpo.yaml"):
-    config = load_config(REPO / recipe, [
-        f"model.name_or_path={model_dir}", f"data.train={data}", "data.eval=null", f"output_dir={out}",
-        "overwrite_output_dir=true", "logging.progress=false", "logging.logging_steps=1", "train.warmup_ratio=0",
-        "train.learning_rate=1e-3", "train.per_device_batch_size=8", *overrides])
+    config = load_config(
+        REPO / recipe,
+        [
+            f"model.name_or_path={model_dir}",
+            f"data.train={data}",
+            "data.eval=null",
+            f"output_dir={out}",
+            "overwrite_output_dir=true",
+            "logging.progress=false",
+            "logging.logging_steps=1",
+            "train.warmup_ratio=0",
+            "train.learning_rate=1e-3",
+            "train.per_device_batch_size=8",
+            *overrides,
+        ],
+    )
     return train(config)
 
 

@@ -8,16 +8,23 @@ with the labels.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 
 
-def pad_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_token_id: int,
-                  pad_to_multiple_of: Optional[int] = None) -> dict[str, torch.Tensor]:
+def pad_sequences(
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    pad_token_id: int,
+    pad_to_multiple_of: Optional[int] = None,
+) -> dict[str, torch.Tensor]:
     """Concatenate each prompt with its completion and right-pad all rows to the longest one."""
     if pad_token_id is None:
-        raise ValueError("pad_token_id is None: the tokenizer needs a pad token (any id works; it is masked out)")
+        raise ValueError(
+            "pad_token_id is None: the tokenizer needs a pad token (any id works; it is masked out)"
+        )
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
     width = max(lengths, default=0)
     if pad_to_multiple_of:
@@ -62,8 +69,9 @@ class PairCollator:
         _check(rows)
         prompts = [row["prompt_input_ids"] for row in rows]
         completions = [row["chosen_input_ids"] for row in rows] + [row["rejected_input_ids"] for row in rows]
-        batch: dict[str, Any] = pad_sequences(prompts + prompts, completions, self.pad_token_id,
-                                              self.pad_to_multiple_of)
+        batch: dict[str, Any] = pad_sequences(
+            prompts + prompts, completions, self.pad_token_id, self.pad_to_multiple_of
+        )
         batch["index"] = _index(rows)
         batch["prompt_input_ids"] = [list(p) for p in prompts]
         for key in self.passthrough:
@@ -80,9 +88,12 @@ class SFTCollator:
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         _check(rows)
-        batch: dict[str, Any] = pad_sequences([row["prompt_input_ids"] for row in rows],
-                                              [row["completion_input_ids"] for row in rows], self.pad_token_id,
-                                              self.pad_to_multiple_of)
+        batch: dict[str, Any] = pad_sequences(
+            [row["prompt_input_ids"] for row in rows],
+            [row["completion_input_ids"] for row in rows],
+            self.pad_token_id,
+            self.pad_to_multiple_of,
+        )
         batch["index"] = _index(rows)
         return batch
 
@@ -120,7 +131,9 @@ class TripleCollator(PairCollator):
         _check(rows)
         prompts = [row["prompt_input_ids"] for row in rows]
         completions = [row[f"{name}_input_ids"] for name in ("chosen", "rejected", "gold") for row in rows]
-        batch: dict[str, Any] = pad_sequences(prompts * 3, completions, self.pad_token_id, self.pad_to_multiple_of)
+        batch: dict[str, Any] = pad_sequences(
+            prompts * 3, completions, self.pad_token_id, self.pad_to_multiple_of
+        )
         batch["index"] = _index(rows)
         batch["prompt_input_ids"] = [list(p) for p in prompts]
         for key in self.passthrough:
@@ -130,10 +143,12 @@ class TripleCollator(PairCollator):
 
 # (prompt column, completion) of each row group of a revision batch, after chosen and rejected; the order is
 # prefopt.losses.srpo.REVISION_COLUMNS: y_w | y_l, y_l | y_l, y_w | y_w, y_l | y_w.
-REVISION_GROUPS = (("revise_rejected_prompt_input_ids", "chosen_input_ids"),
-                   ("revise_rejected_prompt_input_ids", "rejected_input_ids"),
-                   ("revise_chosen_prompt_input_ids", "chosen_input_ids"),
-                   ("revise_chosen_prompt_input_ids", "rejected_input_ids"))
+REVISION_GROUPS = (
+    ("revise_rejected_prompt_input_ids", "chosen_input_ids"),
+    ("revise_rejected_prompt_input_ids", "rejected_input_ids"),
+    ("revise_chosen_prompt_input_ids", "chosen_input_ids"),
+    ("revise_chosen_prompt_input_ids", "rejected_input_ids"),
+)
 
 
 class RevisionPairCollator(PairCollator):
@@ -146,9 +161,14 @@ class RevisionPairCollator(PairCollator):
         _check(rows)
         prompts = [row["prompt_input_ids"] for row in rows]
         all_prompts = prompts * 2 + [row[p] for p, _ in REVISION_GROUPS for row in rows]
-        completions = ([row["chosen_input_ids"] for row in rows] + [row["rejected_input_ids"] for row in rows]
-                       + [row[c] for _, c in REVISION_GROUPS for row in rows])
-        batch: dict[str, Any] = pad_sequences(all_prompts, completions, self.pad_token_id, self.pad_to_multiple_of)
+        completions = (
+            [row["chosen_input_ids"] for row in rows]
+            + [row["rejected_input_ids"] for row in rows]
+            + [row[c] for _, c in REVISION_GROUPS for row in rows]
+        )
+        batch: dict[str, Any] = pad_sequences(
+            all_prompts, completions, self.pad_token_id, self.pad_to_multiple_of
+        )
         batch["index"] = _index(rows)
         batch["prompt_input_ids"] = [list(p) for p in prompts]
         for key in self.passthrough:

@@ -42,7 +42,10 @@ KIND_FORMATS = {
 }
 RATED_TEXT_KEYS = ("text", "response", "completion", "content", "messages")
 RATED_SCORE_KEYS = ("score", "rating", "fine-grained_score", "overall_score")
-PAIR_SCORE_KEYS = {"chosen": ("chosen_score", "score_chosen"), "rejected": ("rejected_score", "score_rejected")}
+PAIR_SCORE_KEYS = {
+    "chosen": ("chosen_score", "score_chosen"),
+    "rejected": ("rejected_score", "score_rejected"),
+}
 GOLD_KEYS = ("gold", "reference")
 
 Messages = list[dict[str, str]]
@@ -72,10 +75,14 @@ class Pair:
 class NormalRow:
     prompt: Prompt
     pairs: list[Pair] = field(default_factory=list)
-    completion: Optional[str] = None  # the SFT completion (pair rows: chosen; rated rows: the best-scored one)
+    completion: Optional[str] = (
+        None  # the SFT completion (pair rows: chosen; rated rows: the best-scored one)
+    )
     rated: bool = False
     rated_skipped_identical: int = 0  # rated pairs left out because both texts were the same
-    triple: Optional[Pair] = None  # rated rows: gold = best, chosen = second, rejected = worst (>= 3 completions)
+    triple: Optional[Pair] = (
+        None  # rated rows: gold = best, chosen = second, rejected = worst (>= 3 completions)
+    )
 
     @property
     def conversational(self) -> bool:
@@ -102,8 +109,12 @@ def detect_format(row: Any) -> str:
     keys = set(row)
     if "completions" in keys:
         return "rated"
-    if ("chosen" in keys or "rejected" in keys) and any(k in keys for k in GOLD_KEYS) and "prompt" in keys \
-            and not isinstance(row.get("prompt"), list):
+    if (
+        ("chosen" in keys or "rejected" in keys)
+        and any(k in keys for k in GOLD_KEYS)
+        and "prompt" in keys
+        and not isinstance(row.get("prompt"), list)
+    ):
         return "triples"
     if "chosen" in keys or "rejected" in keys:
         sample = row.get("chosen", row.get("rejected"))
@@ -128,9 +139,15 @@ def detect_format(row: Any) -> str:
 def check_kind(fmt: str, kind: str, source: str) -> None:
     """Raise ``ValueError`` when rows of ``fmt`` cannot make ``kind`` examples."""
     if fmt not in KIND_FORMATS[kind]:
-        need = {"pairs": "preference pairs", "sft": "completions", "prompts": "prompts",
-                "scored_pairs": "scored preference pairs", "triples": "gold/chosen/rejected triples",
-                "revision_pairs": "preference pairs", "reset_prompts": "completions to reset to"}[kind]
+        need = {
+            "pairs": "preference pairs",
+            "sft": "completions",
+            "prompts": "prompts",
+            "scored_pairs": "scored preference pairs",
+            "triples": "gold/chosen/rejected triples",
+            "revision_pairs": "preference pairs",
+            "reset_prompts": "completions to reset to",
+        }[kind]
         raise ValueError(
             f"{source}: data format '{fmt}' has no {need}, but this run needs '{kind}' data "
             f"(formats that give it: {', '.join(KIND_FORMATS[kind])})"
@@ -174,8 +191,12 @@ def _normalize_triples(row: dict) -> NormalRow:
     prompt = _string(row, "prompt", hint="triples rows take plain strings")
     key = next((k for k in GOLD_KEYS if k in row), None)
     if key is None:
-        raise RowError('field "gold" is missing (the best completion of a gold/chosen/rejected triple; '
-                       '"reference" is accepted too)', "missing", "gold")
+        raise RowError(
+            'field "gold" is missing (the best completion of a gold/chosen/rejected triple; '
+            '"reference" is accepted too)',
+            "missing",
+            "gold",
+        )
     gold = _string(row, key)
     chosen = _string(row, "chosen")
     rejected = _string(row, "rejected")
@@ -190,14 +211,18 @@ def _pair_scores(row: dict) -> dict[str, Optional[float]]:
     for side, keys in PAIR_SCORE_KEYS.items():
         key = next((k for k in keys if row.get(k) is not None), None)
         value = None if key is None else row[key]
-        if key is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                or not math.isfinite(value)):
+        if key is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        ):
             raise RowError(f'field "{key}": expected a finite number, got {value!r}', "type", key)
         scores[f"{side}_score"] = None if value is None else float(value)
     if (scores["chosen_score"] is None) != (scores["rejected_score"] is None):
         missing = "chosen_score" if scores["chosen_score"] is None else "rejected_score"
-        raise RowError(f'field "{missing}" is missing (give a score for both completions or for neither)',
-                       "missing", missing)
+        raise RowError(
+            f'field "{missing}" is missing (give a score for both completions or for neither)',
+            "missing",
+            missing,
+        )
     return scores
 
 
@@ -207,8 +232,11 @@ def _normalize_conversational(row: dict) -> NormalRow:
     prompt: Messages = []
     if "prompt" in row:
         value = _require(row, "prompt")
-        prompt = [{"role": "user", "content": _string(row, "prompt")}] if isinstance(value, str) else _messages(
-            value, "prompt")
+        prompt = (
+            [{"role": "user", "content": _string(row, "prompt")}]
+            if isinstance(value, str)
+            else _messages(value, "prompt")
+        )
     return _with_scores(_split_conversations(prompt, chosen, rejected, implicit="prompt" not in row), row)
 
 
@@ -229,18 +257,32 @@ def _split_conversations(prompt: Messages, chosen: Messages, rejected: Messages,
     replies = []
     for name, rest in (("chosen", chosen[shared:]), ("rejected", rejected[shared:])):
         if len(rest) != 1:
-            problem = "has no reply after the prompt it shares with the other completion" if not rest else (
-                'and "rejected" differ before their final message (expected one assistant reply after the shared '
-                "prompt)" if name == "chosen" else 'and "chosen" differ before their final message')
+            problem = (
+                "has no reply after the prompt it shares with the other completion"
+                if not rest
+                else (
+                    'and "rejected" differ before their final message (expected one assistant reply after the shared '
+                    "prompt)"
+                    if name == "chosen"
+                    else 'and "chosen" differ before their final message'
+                )
+            )
             raise RowError(f'field "{name}" {problem}', "structure", name)
         if rest[0]["role"] != "assistant":
-            raise RowError(f'field "{name}": the final message has role "{rest[0]["role"]}", expected "assistant"',
-                           "structure", name)
+            raise RowError(
+                f'field "{name}": the final message has role "{rest[0]["role"]}", expected "assistant"',
+                "structure",
+                name,
+            )
         if not rest[0]["content"].strip():
             raise RowError(f'field "{name}": the final assistant message is empty', "empty", name)
         replies.append(rest[0]["content"])
     if not prompt:
-        where = "chosen and rejected share no messages before their replies" if implicit else "it is an empty list"
+        where = (
+            "chosen and rejected share no messages before their replies"
+            if implicit
+            else "it is an empty list"
+        )
         raise RowError(f'field "prompt" is empty ({where})', "empty", "prompt")
     _check_alternation(prompt, "chosen" if implicit else "prompt")
     _check_distinct(replies[0], replies[1])
@@ -260,14 +302,18 @@ _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
 def _hh_messages(text: str, name: str) -> Messages:
     matches = list(_HH_TURN.finditer(text))
     if not matches or not any(m.group(1) == "Assistant" for m in matches):
-        raise RowError(f'field "{name}": no "\\n\\nAssistant:" turn found (Anthropic HH format)', "structure", name)
+        raise RowError(
+            f'field "{name}": no "\\n\\nAssistant:" turn found (Anthropic HH format)', "structure", name
+        )
     if text[: matches[0].start()].strip():
-        raise RowError(f'field "{name}": text before the first "Human:" turn (Anthropic HH format)', "structure", name)
+        raise RowError(
+            f'field "{name}": text before the first "Human:" turn (Anthropic HH format)', "structure", name
+        )
     messages = []
     for i, match in enumerate(matches):
         end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
         role = "user" if match.group(1) == "Human" else "assistant"
-        messages.append({"role": role, "content": text[match.end():end].strip()})
+        messages.append({"role": role, "content": text[match.end() : end].strip()})
     return messages
 
 
@@ -276,10 +322,15 @@ def _normalize_rated(row: dict, options: NormalizeOptions) -> NormalRow:
     prompt = _prompt(row, key)
     completions = _require(row, "completions")
     if not isinstance(completions, list):
-        raise RowError(f'field "completions": expected a list, got {_type_name(completions)}', "type", "completions")
+        raise RowError(
+            f'field "completions": expected a list, got {_type_name(completions)}', "type", "completions"
+        )
     if len(completions) < 2:
-        raise RowError(f'field "completions": needs at least 2 rated completions, got {len(completions)}', "structure",
-                       "completions")
+        raise RowError(
+            f'field "completions": needs at least 2 rated completions, got {len(completions)}',
+            "structure",
+            "completions",
+        )
     texts, scores = [], []
     for i, item in enumerate(completions):
         where = f"completions[{i}]"
@@ -287,21 +338,30 @@ def _normalize_rated(row: dict, options: NormalizeOptions) -> NormalRow:
             raise RowError(f'field "{where}": expected an object, got {_type_name(item)}', "type", where)
         text_key = next((k for k in RATED_TEXT_KEYS if k in item), None)
         if text_key is None:
-            raise RowError(f'field "{where}.text" is missing (one of {_quoted(RATED_TEXT_KEYS)})', "missing", where)
+            raise RowError(
+                f'field "{where}.text" is missing (one of {_quoted(RATED_TEXT_KEYS)})', "missing", where
+            )
         value = item[text_key]
         if isinstance(value, list):
             messages = _messages(value, f"{where}.{text_key}")
             if messages[-1]["role"] != "assistant":
-                raise RowError(f'field "{where}.{text_key}": the final message must have role "assistant"',
-                               "structure", where)
+                raise RowError(
+                    f'field "{where}.{text_key}": the final message must have role "assistant"',
+                    "structure",
+                    where,
+                )
             value = messages[-1]["content"]
         texts.append(_string({text_key: value}, text_key, label=f"{where}.{text_key}"))
         score_key = next((k for k in RATED_SCORE_KEYS if k in item and item[k] is not None), None)
         if score_key is None:
-            raise RowError(f'field "{where}.score" is missing (one of {_quoted(RATED_SCORE_KEYS)})', "missing", where)
+            raise RowError(
+                f'field "{where}.score" is missing (one of {_quoted(RATED_SCORE_KEYS)})', "missing", where
+            )
         score = item[score_key]
         if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-            raise RowError(f'field "{where}.{score_key}": expected a finite number, got {score!r}', "type", where)
+            raise RowError(
+                f'field "{where}.{score_key}": expected a finite number, got {score!r}', "type", where
+            )
         scores.append(float(score))
     best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # first of the best
     result = NormalRow(prompt=prompt, completion=texts[best], rated=True)
@@ -309,8 +369,11 @@ def _normalize_rated(row: dict, options: NormalizeOptions) -> NormalRow:
         worst = min(range(len(scores)), key=lambda i: (scores[i], -i))  # last of the worst
         candidates = [(best, worst)]
     else:
-        candidates = [(i, j) if scores[i] >= scores[j] else (j, i)
-                      for i in range(len(scores)) for j in range(i + 1, len(scores))]
+        candidates = [
+            (i, j) if scores[i] >= scores[j] else (j, i)
+            for i in range(len(scores))
+            for j in range(i + 1, len(scores))
+        ]
     for hi, lo in candidates:
         gap = scores[hi] - scores[lo]
         if gap <= options.rated_min_gap or gap <= 0:
@@ -332,16 +395,25 @@ def _rated_triple(texts: list[str], scores: list[float]) -> Optional[Pair]:
     best, second, worst = order[0], order[1], order[-1]
     if scores[second] <= scores[worst] or texts[second] == texts[worst]:
         return None
-    return Pair(texts[second], texts[worst], scores[second] - scores[worst], scores[second], scores[worst],
-                gold=texts[best])
+    return Pair(
+        texts[second],
+        texts[worst],
+        scores[second] - scores[worst],
+        scores[second],
+        scores[worst],
+        gold=texts[best],
+    )
 
 
 def _normalize_sft(row: dict) -> NormalRow:
     if "completion" not in row and "messages" in row:
         messages = _messages(_require(row, "messages"), "messages")
         if len(messages) < 2 or messages[-1]["role"] != "assistant":
-            raise RowError('field "messages": expected a prompt followed by a final "assistant" message', "structure",
-                           "messages")
+            raise RowError(
+                'field "messages": expected a prompt followed by a final "assistant" message',
+                "structure",
+                "messages",
+            )
         prompt, reply = messages[:-1], messages[-1]["content"]
     else:
         prompt = _prompt(row, "prompt")
@@ -349,12 +421,18 @@ def _normalize_sft(row: dict) -> NormalRow:
         if isinstance(value, list):
             messages = _messages(value, "completion")
             if messages[-1]["role"] != "assistant":
-                raise RowError('field "completion": the final message must have role "assistant"', "structure",
-                               "completion")
+                raise RowError(
+                    'field "completion": the final message must have role "assistant"',
+                    "structure",
+                    "completion",
+                )
             if len(messages) > 1:
                 if not isinstance(prompt, list):
-                    raise RowError('field "completion": several messages need a message-list "prompt"', "structure",
-                                   "completion")
+                    raise RowError(
+                        'field "completion": several messages need a message-list "prompt"',
+                        "structure",
+                        "completion",
+                    )
                 prompt = prompt + messages[:-1]
             reply = messages[-1]["content"]
         else:
@@ -395,8 +473,9 @@ def _prompt(row: dict, name: str) -> Prompt:
     if isinstance(value, list):
         return _messages(value, name)
     if not isinstance(value, str):
-        raise RowError(f'field "{name}": expected a string or a list of messages, got {_type_name(value)}', "type",
-                       name)
+        raise RowError(
+            f'field "{name}": expected a string or a list of messages, got {_type_name(value)}', "type", name
+        )
     return _string(row, name)
 
 
@@ -408,20 +487,32 @@ def _messages(value: Any, name: str) -> Messages:
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict):
-            raise RowError(f'field "{name}" message {i + 1}: expected an object with "role" and "content", got '
-                           f"{_type_name(message)}", "type", name)
+            raise RowError(
+                f'field "{name}" message {i + 1}: expected an object with "role" and "content", got '
+                f"{_type_name(message)}",
+                "type",
+                name,
+            )
         for key in ("role", "content"):
             if key not in message or message[key] is None:
                 raise RowError(f'field "{name}" message {i + 1}: "{key}" is missing', "missing", name)
         role, content = message["role"], message["content"]
         if not isinstance(role, str) or not role.strip():
-            raise RowError(f'field "{name}" message {i + 1}: "role" must be a non-empty string, got {role!r}', "type",
-                           name)
-        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            raise RowError(
+                f'field "{name}" message {i + 1}: "role" must be a non-empty string, got {role!r}',
+                "type",
+                name,
+            )
+        if isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") == "text" for p in content
+        ):
             content = "".join(str(p.get("text", "")) for p in content)  # text-only multimodal parts
         if not isinstance(content, str):
-            raise RowError(f'field "{name}" message {i + 1}: "content" must be a string, got {_type_name(content)}',
-                           "type", name)
+            raise RowError(
+                f'field "{name}" message {i + 1}: "content" must be a string, got {_type_name(content)}',
+                "type",
+                name,
+            )
         messages.append({"role": role, "content": content})
     return messages
 
@@ -437,19 +528,34 @@ def _check_alternation(prompt: Messages, name: str) -> None:
         role = message["role"]
         if role == "system":
             if i != 0:
-                raise RowError(f'field "{name}" message {i + 1}: a "system" message is only allowed first',
-                               "structure", name)
+                raise RowError(
+                    f'field "{name}" message {i + 1}: a "system" message is only allowed first',
+                    "structure",
+                    name,
+                )
             continue
         if role in _ALTERNATING and role == previous:
-            raise RowError(f'field "{name}" message {i + 1}: role "{role}" follows another "{role}" message; '
-                           "user and assistant turns must alternate", "structure", name)
+            raise RowError(
+                f'field "{name}" message {i + 1}: role "{role}" follows another "{role}" message; '
+                "user and assistant turns must alternate",
+                "structure",
+                name,
+            )
         if previous is None and role == "assistant":
-            raise RowError(f'field "{name}" message {i + 1}: the conversation starts with an "assistant" turn; '
-                           'it must start with "user" (after an optional "system" message)', "structure", name)
+            raise RowError(
+                f'field "{name}" message {i + 1}: the conversation starts with an "assistant" turn; '
+                'it must start with "user" (after an optional "system" message)',
+                "structure",
+                name,
+            )
         previous = role
     if previous == "assistant":
-        raise RowError(f'field "{name}": the prompt ends with an "assistant" turn, so the reply would be a second '
-                       'assistant turn in a row; the last prompt message must be "user"', "structure", name)
+        raise RowError(
+            f'field "{name}": the prompt ends with an "assistant" turn, so the reply would be a second '
+            'assistant turn in a row; the last prompt message must be "user"',
+            "structure",
+            name,
+        )
 
 
 def _check_distinct(chosen: str, rejected: str) -> None:
@@ -460,8 +566,14 @@ def _check_distinct(chosen: str, rejected: str) -> None:
 def _type_name(value: Any) -> str:
     if value is None:
         return "null"
-    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "integer", float: "number"}.get(
-        type(value), type(value).__name__)
+    return {
+        dict: "object",
+        list: "list",
+        str: "string",
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+    }.get(type(value), type(value).__name__)
 
 
 def _quoted(names: tuple[str, ...]) -> str:

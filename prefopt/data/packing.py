@@ -23,7 +23,8 @@ than padding (see docs/performance.md). :func:`length_grouped_order` reduces pad
 from __future__ import annotations
 
 import random
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -52,9 +53,13 @@ class PackedPairCollator:
 
     passthrough = PairCollator.passthrough
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None, attention_bias: bool = True):
+    def __init__(
+        self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None, attention_bias: bool = True
+    ):
         if pad_token_id is None:
-            raise ValueError("pad_token_id is None: the tokenizer needs a pad token (any id works; it is masked out)")
+            raise ValueError(
+                "pad_token_id is None: the tokenizer needs a pad token (any id works; it is masked out)"
+            )
         self.pad_token_id = int(pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of
         self.attention_bias = attention_bias
@@ -81,8 +86,10 @@ class PackedPairCollator:
             if end > start:
                 input_ids[start:end] = torch.tensor(ids, dtype=torch.long)
                 attention_mask[start:end] = 1
-                completion_mask[start + len(prompt):end] = 1
-                completion_mask[start] = 0  # never predicted from the previous sequence (see module docstring)
+                completion_mask[start + len(prompt) : end] = 1
+                completion_mask[start] = (
+                    0  # never predicted from the previous sequence (see module docstring)
+                )
                 position_ids[start:end] = torch.arange(end - start)
                 sequence_ids[start:end] = number
             start = end
@@ -114,8 +121,9 @@ def pair_lengths(dataset) -> list[int]:
     return [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected)]
 
 
-def length_grouped_order(lengths: Sequence[int], batch_size: int, *, seed: int = 0,
-                         mega_batches: int = 50) -> list[int]:
+def length_grouped_order(
+    lengths: Sequence[int], batch_size: int, *, seed: int = 0, mega_batches: int = 50
+) -> list[int]:
     """A row order whose consecutive ``batch_size`` groups have similar lengths (less padding in padded batches).
 
     The rows are shuffled, cut into windows of ``mega_batches * batch_size`` rows, each window is sorted by length
@@ -130,8 +138,8 @@ def length_grouped_order(lengths: Sequence[int], batch_size: int, *, seed: int =
     window = len(order) if mega_batches <= 0 else max(mega_batches * batch_size, batch_size)
     batches: list[list[int]] = []
     for start in range(0, len(order), window):
-        part = sorted(order[start:start + window], key=lambda i: -lengths[i])
-        batches.extend(part[i:i + batch_size] for i in range(0, len(part), batch_size))
+        part = sorted(order[start : start + window], key=lambda i: -lengths[i])
+        batches.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
     # Keep a short last batch (if any) at the end so that drop_last loaders drop the same rows every time.
     full = [b for b in batches if len(b) == batch_size]
     short = [b for b in batches if len(b) != batch_size]
@@ -144,7 +152,7 @@ def padding_fraction(lengths: Sequence[int], order: Sequence[int], batch_size: i
     it counts the pair length, prompt + longer completion, for both rows of a pair)."""
     cells = real = 0
     for start in range(0, len(order) - batch_size + 1, batch_size):
-        group = [lengths[i] for i in order[start:start + batch_size]]
+        group = [lengths[i] for i in order[start : start + batch_size]]
         cells += max(group) * len(group)
         real += sum(group)
     return 1.0 - real / cells if cells else 0.0

@@ -45,18 +45,27 @@ class SplitReport:
         return data
 
     def summary_lines(self, name: str) -> list[str]:
-        lines = [f"data {name}: {self.source} (format {self.format or '?'}): {self.rows_read} rows read, "
-                 f"{self.invalid_rows} invalid skipped, {self.rows} examples after tokenization"]
+        lines = [
+            f"data {name}: {self.source} (format {self.format or '?'}): {self.rows_read} rows read, "
+            f"{self.invalid_rows} invalid skipped, {self.rows} examples after tokenization"
+        ]
         if self.carved_rows:
             lines.append(f"  {self.carved_rows} source rows carved out of train for eval")
         if self.rated_rows:
-            lines.append(f"  {self.pairs_from_rated} pairs from {self.rated_rows} rated rows "
-                         f"({self.rated_rows_without_pairs} rows gave no pair: tied or below data.rated_min_gap)")
+            lines.append(
+                f"  {self.pairs_from_rated} pairs from {self.rated_rows} rated rows "
+                f"({self.rated_rows_without_pairs} rows gave no pair: tied or below data.rated_min_gap)"
+            )
         counts = self.truncated_completions
-        completions = (f", {counts['completion']} completions" if list(counts) == ["completion"] else
-                       "".join(f", {n} {k} completions" for k, n in counts.items()))
-        lines.append(f"  truncated: {self.truncated_prompts} prompts{completions}; dropped (completion cut to "
-                     f"nothing): {self.dropped_rows}")
+        completions = (
+            f", {counts['completion']} completions"
+            if list(counts) == ["completion"]
+            else "".join(f", {n} {k} completions" for k, n in counts.items())
+        )
+        lines.append(
+            f"  truncated: {self.truncated_prompts} prompts{completions}; dropped (completion cut to "
+            f"nothing): {self.dropped_rows}"
+        )
         lines.extend(f"  invalid: {reason}" for reason in self.invalid_reasons[:3])
         if self.invalid_rows > 3:
             lines.append(f"  ... {self.invalid_rows - 3} more invalid rows (see data_invalid_rows.txt)")
@@ -103,10 +112,14 @@ class DataReport:
         return {
             "kind": self.kind,
             "fingerprint": self.fingerprint,
-            "totals": {"rows_read": self.rows_read, "invalid_rows": self.invalid_rows,
-                       "truncated_prompts": self.truncated_prompts,
-                       "truncated_completions": self.truncated_completions, "dropped_rows": self.dropped_rows,
-                       "pairs_from_rated": self.pairs_from_rated},
+            "totals": {
+                "rows_read": self.rows_read,
+                "invalid_rows": self.invalid_rows,
+                "truncated_prompts": self.truncated_prompts,
+                "truncated_completions": self.truncated_completions,
+                "dropped_rows": self.dropped_rows,
+                "pairs_from_rated": self.pairs_from_rated,
+            },
             "train": self.train.to_dict() if self.train else None,
             "eval": self.eval.to_dict() if self.eval else None,
             "settings": self.settings,
@@ -124,9 +137,15 @@ class DataReport:
         """Write ``data_report.json`` and, when rows were left out, ``data_invalid_rows.txt`` (all kept reasons)."""
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "data_report.json", json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
-        reasons = [f"[{name}] {reason}" for name, split in (("train", self.train), ("eval", self.eval))
-                   if split is not None for reason in split.invalid_reasons + split.dropped_reasons]
+        _atomic_write(
+            out / "data_report.json", json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        )
+        reasons = [
+            f"[{name}] {reason}"
+            for name, split in (("train", self.train), ("eval", self.eval))
+            if split is not None
+            for reason in split.invalid_reasons + split.dropped_reasons
+        ]
         if reasons:
             _atomic_write(out / "data_invalid_rows.txt", "\n".join(reasons) + "\n")
         return out / "data_report.json"

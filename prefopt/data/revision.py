@@ -33,7 +33,7 @@ class RevisionTemplate:
     instruction: str = DEFAULT_REVISION_INSTRUCTION
 
     @classmethod
-    def from_config(cls, data_cfg) -> "RevisionTemplate":
+    def from_config(cls, data_cfg) -> RevisionTemplate:
         return cls(
             getattr(data_cfg, "revision_template", DEFAULT_REVISION_TEMPLATE),
             getattr(data_cfg, "revision_instruction", DEFAULT_REVISION_INSTRUCTION),

@@ -15,9 +15,10 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from prefopt.data.formats import (
     DEFAULT_OPTIONS,
@@ -43,7 +44,9 @@ RawRow = tuple[str, Optional[Any], Optional[str]]
 
 def _suffix(path: Path) -> str:
     name = path.name.lower()
-    return next((s for s in sorted(FILE_SUFFIXES, key=len, reverse=True) if name.endswith(s)), path.suffix.lower())
+    return next(
+        (s for s in sorted(FILE_SUFFIXES, key=len, reverse=True) if name.endswith(s)), path.suffix.lower()
+    )
 
 
 def _open_bytes(path: Path):
@@ -79,12 +82,15 @@ def _read_json(path: Path, name: str) -> Iterator[RawRow]:
         if first == b"{" and error.msg.startswith("Extra data"):  # JSON lines written with a .json name
             yield from _read_jsonl(path, name)
             return
-        raise DataError(f"{name}: not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})") from None
+        raise DataError(
+            f"{name}: not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})"
+        ) from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise DataError(f"{name}: expected a list of rows, {{\"data\": [...]}}, or JSON lines; got "
-                        f"{type(data).__name__}")
+        raise DataError(
+            f'{name}: expected a list of rows, {{"data": [...]}}, or JSON lines; got {type(data).__name__}'
+        )
     for number, row in enumerate(data, start=1):
         yield f"{name} row {number}", row, None
 
@@ -151,8 +157,11 @@ def _read_dataset(dataset, name: str) -> Iterator[RawRow]:
 
 
 def _looks_local(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "~", "\\")) or _suffix(Path(path)) in FILE_SUFFIXES or (
-        len(path) > 1 and path[1] == ":")
+    return (
+        path.startswith(("/", "./", "../", "~", "\\"))
+        or _suffix(Path(path)) in FILE_SUFFIXES
+        or (len(path) > 1 and path[1] == ":")
+    )
 
 
 class Source:
@@ -168,8 +177,10 @@ class Source:
             if self.kind == "ndjson":
                 self.kind = "jsonl"
             if self.kind not in ("jsonl", "json", "csv", "parquet"):
-                raise DataError(f"{self.name}: unsupported file type '{self.path.suffix}'; use .jsonl, .json, .csv "
-                                "or .parquet, a directory saved with datasets' save_to_disk, or a Hub dataset name")
+                raise DataError(
+                    f"{self.name}: unsupported file type '{self.path.suffix}'; use .jsonl, .json, .csv "
+                    "or .parquet, a directory saved with datasets' save_to_disk, or a Hub dataset name"
+                )
         elif self.path.is_dir():
             self.kind = "disk"
             self._dataset = self._load_disk()
@@ -184,8 +195,9 @@ class Source:
 
         if isinstance(data, DatasetDict):
             if self.split not in data:
-                raise DataError(f"{self.name}: split '{self.split}' not found in {what}; available: "
-                                f"{', '.join(data)}")
+                raise DataError(
+                    f"{self.name}: split '{self.split}' not found in {what}; available: {', '.join(data)}"
+                )
             return data[self.split]
         return data
 
@@ -202,8 +214,10 @@ class Source:
         try:  # a directory of data files
             return datasets.load_dataset(str(self.path), split=self.split)
         except Exception as error:  # noqa: BLE001
-            raise DataError(f"{self.name}: directory is neither a saved dataset (save_to_disk) nor loadable "
-                            f"data files for split '{self.split}' ({type(error).__name__}: {error})") from None
+            raise DataError(
+                f"{self.name}: directory is neither a saved dataset (save_to_disk) nor loadable "
+                f"data files for split '{self.split}' ({type(error).__name__}: {error})"
+            ) from None
 
     def _load_hub(self):
         import datasets
@@ -212,8 +226,10 @@ class Source:
             return datasets.load_dataset(self.name, split=self.split)
         except Exception as error:  # noqa: BLE001 - offline, unknown name, gated... all end the same way
             message = str(error).splitlines()[0] if str(error) else ""
-            raise DataError(f"{self.name}: not a local file or directory, and loading it as a Hugging Face Hub "
-                            f"dataset (split '{self.split}') failed: {type(error).__name__}: {message}") from None
+            raise DataError(
+                f"{self.name}: not a local file or directory, and loading it as a Hugging Face Hub "
+                f"dataset (split '{self.split}') failed: {type(error).__name__}: {message}"
+            ) from None
 
     def rows(self) -> Iterator[RawRow]:
         if self.kind == "jsonl":
@@ -275,8 +291,12 @@ class LoadResult:
             self.reasons.append(f"{location}: {problem}")
 
 
-def load_rows(source: Source, fmt: str = "auto", options: NormalizeOptions = DEFAULT_OPTIONS,
-              max_rows: Optional[int] = None) -> LoadResult:
+def load_rows(
+    source: Source,
+    fmt: str = "auto",
+    options: NormalizeOptions = DEFAULT_OPTIONS,
+    max_rows: Optional[int] = None,
+) -> LoadResult:
     """Read and check every row (up to ``max_rows`` valid ones). Never raises for bad rows: it counts them;
     :func:`raise_for_invalid` turns them into a :class:`DataError` when ``on_invalid`` is ``error``."""
     if fmt != "auto" and fmt not in FORMATS:
@@ -313,7 +333,12 @@ def raise_for_invalid(result: LoadResult) -> None:
     if not result.invalid:
         return
     more = result.invalid - 1
-    tail = (f"\n({more} more invalid row{'s' if more != 1 else ''}; list them with `python -m data_tools validate "
-            f"{result.source}`, or set data.on_invalid=skip to leave them out)") if more else (
-        "\n(set data.on_invalid=skip to leave invalid rows out)")
+    tail = (
+        (
+            f"\n({more} more invalid row{'s' if more != 1 else ''}; list them with `python -m data_tools validate "
+            f"{result.source}`, or set data.on_invalid=skip to leave them out)"
+        )
+        if more
+        else ("\n(set data.on_invalid=skip to leave invalid rows out)")
+    )
     raise DataError(result.reasons[0] + tail)

@@ -15,17 +15,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from prefopt.errors import DataError
 
 # Bump when the tokenization below changes what it produces: it is part of every fingerprint (and cache key).
 TOKENIZATION_VERSION = "1"
 
-COMPLETIONS = {"pairs": ("chosen", "rejected"), "sft": ("completion",), "prompts": (),
-               "scored_pairs": ("chosen", "rejected"), "triples": ("chosen", "rejected", "gold"),
-               "revision_pairs": ("chosen", "rejected"), "reset_prompts": ("completion",)}
+COMPLETIONS = {
+    "pairs": ("chosen", "rejected"),
+    "sft": ("completion",),
+    "prompts": (),
+    "scored_pairs": ("chosen", "rejected"),
+    "triples": ("chosen", "rejected", "gold"),
+    "revision_pairs": ("chosen", "rejected"),
+    "reset_prompts": ("completion",),
+}
 
 
 def resolve_chat_template(tokenizer, override: Optional[str]) -> Optional[str]:
@@ -50,11 +57,21 @@ def tokenizer_fingerprint(tokenizer, chat_template: Optional[str]) -> str:
         digest.update(backend.to_str().encode())
     else:
         digest.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
-    specials = {name: str(getattr(tokenizer, name, None)) for name in ("bos_token", "eos_token", "pad_token",
-                                                                         "unk_token")}
-    digest.update(json.dumps({"class": type(tokenizer).__name__, "specials": specials,
-                              "added": sorted((str(k), str(v)) for k, v in tokenizer.get_added_vocab().items()),
-                              "chat_template": chat_template or ""}, sort_keys=True).encode())
+    specials = {
+        name: str(getattr(tokenizer, name, None))
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+    }
+    digest.update(
+        json.dumps(
+            {
+                "class": type(tokenizer).__name__,
+                "specials": specials,
+                "added": sorted((str(k), str(v)) for k, v in tokenizer.get_added_vocab().items()),
+                "chat_template": chat_template or "",
+            },
+            sort_keys=True,
+        ).encode()
+    )
     return digest.hexdigest()
 
 
@@ -72,18 +89,28 @@ class Fitted:
     dropped: Optional[str]  # the completion that would have been cut to nothing
 
 
-def fit_lengths(prompt_ids: Sequence[int], completion_ids: Sequence[Sequence[int]], max_length: int,
-                max_prompt_length: int, truncation: str = "keep_end", names: Sequence[str] = ()) -> Fitted:
+def fit_lengths(
+    prompt_ids: Sequence[int],
+    completion_ids: Sequence[Sequence[int]],
+    max_length: int,
+    max_prompt_length: int,
+    truncation: str = "keep_end",
+    names: Sequence[str] = (),
+) -> Fitted:
     """Truncate the prompt to ``max_prompt_length``, then each completion to what is left of ``max_length``."""
     prompt = list(prompt_ids)
     prompt_truncated = len(prompt) > max_prompt_length
     if prompt_truncated:
-        prompt = prompt[len(prompt) - max_prompt_length:] if truncation == "keep_end" else prompt[:max_prompt_length]
+        prompt = (
+            prompt[len(prompt) - max_prompt_length :]
+            if truncation == "keep_end"
+            else prompt[:max_prompt_length]
+        )
     budget = max_length - len(prompt)
     completions, flags, dropped = [], [], None
     for i, ids in enumerate(completion_ids):
         cut = len(ids) > budget
-        completions.append(list(ids[:max(budget, 0)]) if cut else list(ids))
+        completions.append(list(ids[: max(budget, 0)]) if cut else list(ids))
         flags.append(cut)
         if not completions[-1] and dropped is None:
             dropped = names[i] if i < len(names) else f"completion {i}"
@@ -98,13 +125,23 @@ class ExampleTokenizer:
     plus flag columns ``_prompt_truncated``, ``_<name>_truncated``, ``_dropped`` and ``_error`` (reason strings or "").
     """
 
-    def __init__(self, tokenizer, kind: str, max_length: int, max_prompt_length: int, truncation: str = "keep_end",
-                 chat_template: Optional[str] = None, revision=None):
+    def __init__(
+        self,
+        tokenizer,
+        kind: str,
+        max_length: int,
+        max_prompt_length: int,
+        truncation: str = "keep_end",
+        chat_template: Optional[str] = None,
+        revision=None,
+    ):
         if tokenizer.eos_token_id is None or tokenizer.eos_token is None:
             raise DataError("the tokenizer has no EOS token; every completion ends with one (set eos_token)")
         if max_length < 1 or max_prompt_length < 1:
-            raise DataError(f"data.max_length ({max_length}) and data.max_prompt_length ({max_prompt_length}) must "
-                            "be positive")
+            raise DataError(
+                f"data.max_length ({max_length}) and data.max_prompt_length ({max_prompt_length}) must "
+                "be positive"
+            )
         self.tokenizer = tokenizer
         self.kind = kind
         self.names = COMPLETIONS[kind]
@@ -122,10 +159,16 @@ class ExampleTokenizer:
         if not prompt_messages:
             return prompt
         if self.chat_template is None:
-            raise DataError("conversational rows need a chat template and the tokenizer has none; set "
-                            "data.chat_template (a Jinja template string or a path to a template file)")
-        text = self.tokenizer.apply_chat_template(json.loads(prompt_messages), tokenize=False,
-                                                  add_generation_prompt=True, chat_template=self.chat_template)
+            raise DataError(
+                "conversational rows need a chat template and the tokenizer has none; set "
+                "data.chat_template (a Jinja template string or a path to a template file)"
+            )
+        text = self.tokenizer.apply_chat_template(
+            json.loads(prompt_messages),
+            tokenize=False,
+            add_generation_prompt=True,
+            chat_template=self.chat_template,
+        )
         if not isinstance(text, str):
             raise TypeError(f"chat template rendering returned {type(text).__name__}, not a string")
         return text
@@ -165,14 +208,26 @@ class ExampleTokenizer:
         prompt_ids = self.encode_prompts(prompt_texts, [bool(m) for m in batch["prompt_messages"]])
         texts = {name: [self.strip_eos(t) for t in batch[f"{name}_text"]] for name in self.names}
         ids = {name: self.encode_completions(texts[name]) for name in self.names}
-        out: dict[str, list] = {"prompt_input_ids": [], "prompt_text": prompt_texts,
-                                "prompt_messages": list(batch["prompt_messages"]), "_prompt_truncated": [],
-                                "_dropped": [], "_error": errors, "_source": list(batch["_source"])}
+        out: dict[str, list] = {
+            "prompt_input_ids": [],
+            "prompt_text": prompt_texts,
+            "prompt_messages": list(batch["prompt_messages"]),
+            "_prompt_truncated": [],
+            "_dropped": [],
+            "_error": errors,
+            "_source": list(batch["_source"]),
+        }
         for name in self.names:
             out[f"{name}_input_ids"], out[f"{name}_text"], out[f"_{name}_truncated"] = [], texts[name], []
         for i in range(size):
-            fitted = fit_lengths(prompt_ids[i], [ids[name][i] for name in self.names], self.max_length,
-                                 self.max_prompt_length, self.truncation, self.names)
+            fitted = fit_lengths(
+                prompt_ids[i],
+                [ids[name][i] for name in self.names],
+                self.max_length,
+                self.max_prompt_length,
+                self.truncation,
+                self.names,
+            )
             out["prompt_input_ids"].append(fitted.prompt_ids)
             out["_prompt_truncated"].append(fitted.prompt_truncated)
             for name, completion, cut in zip(self.names, fitted.completion_ids, fitted.completion_truncated):
@@ -180,15 +235,19 @@ class ExampleTokenizer:
                 out[f"_{name}_truncated"].append(cut)
             reason = ""
             if fitted.dropped is not None and not errors[i]:
-                reason = (f"{batch['_source'][i]}: the prompt takes {len(fitted.prompt_ids)} of "
-                          f"data.max_length={self.max_length} tokens, leaving no room for the {fitted.dropped} "
-                          "completion")
+                reason = (
+                    f"{batch['_source'][i]}: the prompt takes {len(fitted.prompt_ids)} of "
+                    f"data.max_length={self.max_length} tokens, leaving no room for the {fitted.dropped} "
+                    "completion"
+                )
             out["_dropped"].append(reason)
         if self.kind == "revision_pairs":
             self._add_revision_prompts(batch, texts, out)
         return out
 
-    def _add_revision_prompts(self, batch: dict[str, list], texts: dict[str, list[str]], out: dict[str, list]) -> None:
+    def _add_revision_prompts(
+        self, batch: dict[str, list], texts: dict[str, list[str]], out: dict[str, list]
+    ) -> None:
         """``revise_<name>_prompt_input_ids``: the prompt asking to revise completion <name> (SRPO), truncated from
         the start to what the longer completion leaves of ``max_length``."""
         size = len(batch["prompt"])
@@ -196,27 +255,43 @@ class ExampleTokenizer:
             rendered, ok = [], []
             for i in range(size):
                 try:
-                    rendered.append(self.revision.render(batch["prompt"][i], batch["prompt_messages"][i],
-                                                         texts[name][i], self.tokenizer, self.chat_template))
+                    rendered.append(
+                        self.revision.render(
+                            batch["prompt"][i],
+                            batch["prompt_messages"][i],
+                            texts[name][i],
+                            self.tokenizer,
+                            self.chat_template,
+                        )
+                    )
                     ok.append(True)
                 except Exception as error:  # noqa: BLE001 - a chat template may reject the extra turns
                     if not out["_error"][i]:
-                        out["_error"][i] = (f'{batch["_source"][i]}: field "prompt": the chat template failed on the '
-                                            f"revision prompt: {error}")
+                        out["_error"][i] = (
+                            f'{batch["_source"][i]}: field "prompt": the chat template failed on the '
+                            f"revision prompt: {error}"
+                        )
                     rendered.append("")
                     ok.append(False)
             ids = self.encode_prompts(rendered, [bool(m) for m in batch["prompt_messages"]])
             column = []
             for i in range(size):
                 budget = self.max_length - max(len(out[f"{n}_input_ids"][i]) for n in self.names)
-                row = ids[i][max(len(ids[i]) - budget, 0):] if budget > 0 else []
+                row = ids[i][max(len(ids[i]) - budget, 0) :] if budget > 0 else []
                 if ok[i] and not row and not out["_dropped"][i]:
-                    out["_dropped"][i] = (f"{batch['_source'][i]}: data.max_length={self.max_length} leaves no room "
-                                          f"for the revision prompt of the {name} completion")
+                    out["_dropped"][i] = (
+                        f"{batch['_source'][i]}: data.max_length={self.max_length} leaves no room "
+                        f"for the revision prompt of the {name} completion"
+                    )
                 column.append(row)
             out[f"revise_{name}_prompt_input_ids"] = column
 
 
 def flag_columns(kind: str) -> list[str]:
-    return ["_prompt_truncated", *(f"_{name}_truncated" for name in COMPLETIONS[kind]), "_dropped", "_error",
-            "_source"]
+    return [
+        "_prompt_truncated",
+        *(f"_{name}_truncated" for name in COMPLETIONS[kind]),
+        "_dropped",
+        "_error",
+        "_source",
+    ]

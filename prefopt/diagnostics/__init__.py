@@ -90,15 +90,23 @@ undefined. Top level:
 """
 
 from prefopt.diagnostics.metrics import (
-                                         accuracy,
-                                         bt_probabilities,
-                                         calibration,
-                                         implicit_rewards,
-                                         kl_summary,
-                                         length_effects,
-                                         reward_agreement,
-                                         sample_kl_terms,
+    accuracy,
+    bt_probabilities,
+    calibration,
+    implicit_rewards,
+    kl_summary,
+    length_effects,
+    reward_agreement,
+    sample_kl_terms,
 )
 
-__all__ = ["accuracy", "bt_probabilities", "calibration", "implicit_rewards", "kl_summary", "length_effects",
-           "reward_agreement", "sample_kl_terms"]
+__all__ = [
+    "accuracy",
+    "bt_probabilities",
+    "calibration",
+    "implicit_rewards",
+    "kl_summary",
+    "length_effects",
+    "reward_agreement",
+    "sample_kl_terms",
+]

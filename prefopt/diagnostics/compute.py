@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -63,9 +64,13 @@ class LogpModels:
         return self._logps(self.reference, batch)
 
     def _logps(self, model, batch: dict) -> TokenLogps:
-        return completion_token_logps(model, batch["input_ids"].to(self.device),
-                                      batch["attention_mask"].to(self.device),
-                                      batch["completion_mask"].to(self.device), chunk_size=self.chunk_size)
+        return completion_token_logps(
+            model,
+            batch["input_ids"].to(self.device),
+            batch["attention_mask"].to(self.device),
+            batch["completion_mask"].to(self.device),
+            chunk_size=self.chunk_size,
+        )
 
 
 def adapter_base(path: str) -> Optional[str]:
@@ -78,12 +83,20 @@ def adapter_base(path: str) -> Optional[str]:
     except (OSError, json.JSONDecodeError) as error:
         raise UserInputError(f"{config}: unreadable adapter config: {error}") from None
     if not base:
-        raise UserInputError(f"{config}: no base_model_name_or_path; cannot tell which model the adapter is for")
+        raise UserInputError(
+            f"{config}: no base_model_name_or_path; cannot tell which model the adapter is for"
+        )
     return base
 
 
-def load_models(policy_path: str, reference_path: Optional[str], *, dtype: str, device: str,
-                chunk_size: Optional[int] = 1024) -> LogpModels:
+def load_models(
+    policy_path: str,
+    reference_path: Optional[str],
+    *,
+    dtype: str,
+    device: str,
+    chunk_size: Optional[int] = 1024,
+) -> LogpModels:
     from prefopt.config import ModelConfig
     from prefopt.models.loading import load_frozen_causal_lm, load_tokenizer
 
@@ -92,21 +105,26 @@ def load_models(policy_path: str, reference_path: Optional[str], *, dtype: str, 
     if base is not None:
         from peft import PeftModel
 
-        base_model = load_frozen_causal_lm(base, ModelConfig(name_or_path=base, dtype=dtype),
-                                           key=f"--policy adapter base ({policy_path}/adapter_config.json)")
+        base_model = load_frozen_causal_lm(
+            base,
+            ModelConfig(name_or_path=base, dtype=dtype),
+            key=f"--policy adapter base ({policy_path}/adapter_config.json)",
+        )
         policy = PeftModel.from_pretrained(base_model, policy_path, is_trainable=False)
         policy.eval()
     else:
-        policy = load_frozen_causal_lm(policy_path, ModelConfig(name_or_path=policy_path, dtype=dtype),
-                                       key="--policy")
+        policy = load_frozen_causal_lm(
+            policy_path, ModelConfig(name_or_path=policy_path, dtype=dtype), key="--policy"
+        )
     tokenizer = _load_tokenizer(policy_path, base, load_tokenizer)
     reference, reference_is_base = None, False
     if reference_path is not None:
         if base is not None and _same_path(reference_path, base):
             reference_is_base = True
         else:
-            reference = load_frozen_causal_lm(reference_path, ModelConfig(name_or_path=reference_path, dtype=dtype),
-                                              key="--reference").to(target)
+            reference = load_frozen_causal_lm(
+                reference_path, ModelConfig(name_or_path=reference_path, dtype=dtype), key="--reference"
+            ).to(target)
             check_same_vocabulary(policy, reference, tokenizer, reference_path)
     return LogpModels(policy.to(target), reference, tokenizer, target, reference_is_base, chunk_size)
 
@@ -117,24 +135,35 @@ def check_same_vocabulary(policy, reference, tokenizer, reference_path: str) -> 
 
     sizes = [model.get_input_embeddings().num_embeddings for model in (policy, reference)]
     if sizes[0] != sizes[1] or len(tokenizer) > sizes[1]:
-        raise UserInputError(f"--reference: '{reference_path}' has a vocabulary of {sizes[1]} tokens but the policy "
-                             f"has {sizes[0]} (tokenizer: {len(tokenizer)}); the reference must use the policy's "
-                             "tokenizer (pass the model the policy was trained from)")
-    has_tokenizer = any((Path(reference_path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+        raise UserInputError(
+            f"--reference: '{reference_path}' has a vocabulary of {sizes[1]} tokens but the policy "
+            f"has {sizes[0]} (tokenizer: {len(tokenizer)}); the reference must use the policy's "
+            "tokenizer (pass the model the policy was trained from)"
+        )
+    has_tokenizer = any(
+        (Path(reference_path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")
+    )
     if has_tokenizer:
         from transformers import AutoTokenizer
 
         try:
             reference_vocab = AutoTokenizer.from_pretrained(reference_path).get_vocab()
-        except (OSError, ValueError):  # an unreadable reference tokenizer: the sizes above are all we can check
+        except (
+            OSError,
+            ValueError,
+        ):  # an unreadable reference tokenizer: the sizes above are all we can check
             return
         if reference_vocab != tokenizer.get_vocab():
-            raise UserInputError(f"--reference: '{reference_path}' has a different tokenizer from the policy's (same "
-                                 "size, different token ids); pass the model the policy was trained from")
+            raise UserInputError(
+                f"--reference: '{reference_path}' has a different tokenizer from the policy's (same "
+                "size, different token ids); pass the model the policy was trained from"
+            )
 
 
 def _load_tokenizer(policy_path: str, base: Optional[str], load_tokenizer):
-    has_own = any((Path(policy_path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    has_own = any(
+        (Path(policy_path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")
+    )
     if has_own or base is None:
         return load_tokenizer(policy_path, key="--policy")
     return load_tokenizer(base, key="--policy adapter base")
@@ -164,21 +193,28 @@ class PairStats:
     top5_share: np.ndarray  # share of sum |token margin contribution| carried by the pair's 5 largest
     explicit_chosen: Optional[np.ndarray] = None
     explicit_rejected: Optional[np.ndarray] = None
-    token_sums: dict[str, np.ndarray] = field(default_factory=dict)  # "chosen"/"rejected" -> [V] reward totals
+    token_sums: dict[str, np.ndarray] = field(
+        default_factory=dict
+    )  # "chosen"/"rejected" -> [V] reward totals
     token_counts: dict[str, np.ndarray] = field(default_factory=dict)  # -> [V] occurrences
 
     def rewards(self, reward: ImplicitReward) -> tuple[np.ndarray, np.ndarray]:
-        chosen = M.implicit_rewards(self.policy_chosen, self.reference_chosen, reward=reward,
-                                    lengths=self.chosen_lengths)
-        rejected = M.implicit_rewards(self.policy_rejected, self.reference_rejected, reward=reward,
-                                      lengths=self.rejected_lengths)
+        chosen = M.implicit_rewards(
+            self.policy_chosen, self.reference_chosen, reward=reward, lengths=self.chosen_lengths
+        )
+        rejected = M.implicit_rewards(
+            self.policy_rejected, self.reference_rejected, reward=reward, lengths=self.rejected_lengths
+        )
         return chosen, rejected
 
 
-def token_rewards(policy: TokenLogps, reference: Optional[TokenLogps], reward: ImplicitReward) -> torch.Tensor:
+def token_rewards(
+    policy: TokenLogps, reference: Optional[TokenLogps], reward: ImplicitReward
+) -> torch.Tensor:
     """``[B, L-1]`` per-token implicit rewards (zero outside the completion mask); rows sum to ``r(y)``."""
-    return reward.tokens(policy.token_logps, None if reference is None else reference.token_logps, policy.mask,
-                         policy.lengths)
+    return reward.tokens(
+        policy.token_logps, None if reference is None else reference.token_logps, policy.mask, policy.lengths
+    )
 
 
 def rows_of(dataset, start: int, end: int) -> list[dict]:
@@ -188,8 +224,15 @@ def rows_of(dataset, start: int, end: int) -> list[dict]:
 
 
 @torch.inference_mode()
-def pair_pass(dataset, models: LogpModels, *, reward: ImplicitReward, batch_size: int, scorer=None,
-              advance: Optional[Advance] = None) -> PairStats:
+def pair_pass(
+    dataset,
+    models: LogpModels,
+    *,
+    reward: ImplicitReward,
+    batch_size: int,
+    scorer=None,
+    advance: Optional[Advance] = None,
+) -> PairStats:
     from prefopt.data import PairCollator
 
     collate = PairCollator(models.tokenizer.pad_token_id)
@@ -224,8 +267,15 @@ def pair_pass(dataset, models: LogpModels, *, reward: ImplicitReward, batch_size
             out["rc"].append(reference_sums[:half].numpy())
             out["rr"].append(reference_sums[half:].numpy())
         if scorer is not None:
-            scores = scorer.score(batch["prompt_text"] * 2, batch["chosen_text"] + batch["rejected_text"],
-                                  prompt_messages=batch["prompt_messages"] * 2).double().cpu()
+            scores = (
+                scorer.score(
+                    batch["prompt_text"] * 2,
+                    batch["chosen_text"] + batch["rejected_text"],
+                    prompt_messages=batch["prompt_messages"] * 2,
+                )
+                .double()
+                .cpu()
+            )
             out["ec"].append(scores[:half].numpy())
             out["er"].append(scores[half:].numpy())
         if advance is not None:
@@ -235,10 +285,18 @@ def pair_pass(dataset, models: LogpModels, *, reward: ImplicitReward, batch_size
         return np.concatenate(out[key]).astype(np.float64) if out[key] else None
 
     return PairStats(
-        index=np.concatenate(out["index"]).astype(np.int64), policy_chosen=cat("pc"), policy_rejected=cat("pr"),
-        reference_chosen=cat("rc"), reference_rejected=cat("rr"), chosen_lengths=cat("nc"),
-        rejected_lengths=cat("nr"), top5_share=cat("share"), explicit_chosen=cat("ec"), explicit_rejected=cat("er"),
-        token_sums={k: v.numpy() for k, v in sums.items()}, token_counts={k: v.numpy() for k, v in counts.items()},
+        index=np.concatenate(out["index"]).astype(np.int64),
+        policy_chosen=cat("pc"),
+        policy_rejected=cat("pr"),
+        reference_chosen=cat("rc"),
+        reference_rejected=cat("rr"),
+        chosen_lengths=cat("nc"),
+        rejected_lengths=cat("nr"),
+        top5_share=cat("share"),
+        explicit_chosen=cat("ec"),
+        explicit_rejected=cat("er"),
+        token_sums={k: v.numpy() for k, v in sums.items()},
+        token_counts={k: v.numpy() for k, v in counts.items()},
     )
 
 
@@ -255,17 +313,21 @@ def token_pieces(tokenizer, ids: list[int]) -> list[str]:
     leading-space markers come out right) without decoding the whole prefix for every token."""
     pieces = []
     for i in range(len(ids)):
-        left = ids[max(0, i - 4):i]
+        left = ids[max(0, i - 4) : i]
         before = tokenizer.decode(left, skip_special_tokens=False) if left else ""
-        after = tokenizer.decode(ids[max(0, i - 4):i + 1], skip_special_tokens=False)
-        pieces.append(after[len(before):] if after.startswith(before) else
-                      tokenizer.decode([ids[i]], skip_special_tokens=False))
+        after = tokenizer.decode(ids[max(0, i - 4) : i + 1], skip_special_tokens=False)
+        pieces.append(
+            after[len(before) :]
+            if after.startswith(before)
+            else tokenizer.decode([ids[i]], skip_special_tokens=False)
+        )
     return pieces
 
 
 @torch.inference_mode()
-def token_examples(dataset, picks: list[tuple[int, str]], models: LogpModels, *, reward: ImplicitReward,
-                   top_k: int = 5) -> list[dict[str, Any]]:
+def token_examples(
+    dataset, picks: list[tuple[int, str]], models: LogpModels, *, reward: ImplicitReward, top_k: int = 5
+) -> list[dict[str, Any]]:
     """Per-token rewards of the picked pairs (positions into ``dataset``) for the report's token colouring."""
     from prefopt.data import PairCollator
 
@@ -285,20 +347,34 @@ def token_examples(dataset, picks: list[tuple[int, str]], models: LogpModels, *,
         for side, r in (("chosen", i), ("rejected", half + i)):
             ids = labels[r][mask[r]].tolist()
             values = rewards[r][mask[r]].tolist()
-            sides[side] = {"tokens": token_pieces(models.tokenizer, ids), "token_ids": ids, "rewards": values,
-                           "reward": float(sum(values))}
+            sides[side] = {
+                "tokens": token_pieces(models.tokenizer, ids),
+                "token_ids": ids,
+                "rewards": values,
+                "reward": float(sum(values)),
+            }
         margin = sides["chosen"]["reward"] - sides["rejected"]["reward"]
-        top = (M.top_contributions(sides["chosen"]["tokens"], sides["chosen"]["rewards"], +1.0, top_k)
-               + M.top_contributions(sides["rejected"]["tokens"], sides["rejected"]["rewards"], -1.0, top_k))
+        top = M.top_contributions(
+            sides["chosen"]["tokens"], sides["chosen"]["rewards"], +1.0, top_k
+        ) + M.top_contributions(sides["rejected"]["tokens"], sides["rejected"]["rewards"], -1.0, top_k)
         for entry, side in zip(top, ["chosen"] * top_k + ["rejected"] * top_k):
             entry["side"] = side
         top.sort(key=lambda entry: -abs(entry["margin_contribution"]))
-        examples.append({
-            "index": int(row["index"]), "why": why, "prompt": row.get("prompt_text", ""),
-            "chosen_text": row.get("chosen_text", ""), "rejected_text": row.get("rejected_text", ""),
-            "margin": margin, "bt_probability": float(M.bt_probabilities([margin])[0]), "correct": margin > 0,
-            "chosen": sides["chosen"], "rejected": sides["rejected"], "top_tokens": top[:top_k],
-        })
+        examples.append(
+            {
+                "index": int(row["index"]),
+                "why": why,
+                "prompt": row.get("prompt_text", ""),
+                "chosen_text": row.get("chosen_text", ""),
+                "rejected_text": row.get("rejected_text", ""),
+                "margin": margin,
+                "bt_probability": float(M.bt_probabilities([margin])[0]),
+                "correct": margin > 0,
+                "chosen": sides["chosen"],
+                "rejected": sides["rejected"],
+                "top_tokens": top[:top_k],
+            }
+        )
     return examples
 
 
@@ -334,23 +410,41 @@ def unique_prompts(dataset, limit: int) -> list[dict]:
 
 
 @torch.inference_mode()
-def sample_pass(prompts: list[dict], models: LogpModels, *, samples: int, temperature: float,
-                max_new_tokens: int, batch_size: int, seed: int, scorer=None,
-                advance: Optional[Advance] = None) -> SampleStats:
+def sample_pass(
+    prompts: list[dict],
+    models: LogpModels,
+    *,
+    samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    scorer=None,
+    advance: Optional[Advance] = None,
+) -> SampleStats:
     """``samples`` completions for each prompt row (see :func:`unique_prompts`) from the policy, scored by the
     policy, the reference (KL terms) and ``scorer``."""
     from prefopt.config import GenerationConfig
     from prefopt.generation import SamplingParams, build_generator
 
-    generator = build_generator(GenerationConfig(temperature=temperature, max_new_tokens=max_new_tokens,
-                                                 batch_size=batch_size), models.policy, models.tokenizer)
+    generator = build_generator(
+        GenerationConfig(temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size),
+        models.policy,
+        models.tokenizer,
+    )
     pad = models.tokenizer.pad_token_id
     collected: dict[str, list] = {k: [] for k in ("len", "fin", "k1", "k3", "lp", "exp", "text", "ptext")}
     per_call = max(1, batch_size // samples)
     for start in range(0, len(prompts), per_call):
-        chunk = prompts[start:start + per_call]
-        sampling = SamplingParams(n=samples, temperature=temperature, top_p=1.0, top_k=0,
-                                  max_new_tokens=max_new_tokens, seed=seed + start)
+        chunk = prompts[start : start + per_call]
+        sampling = SamplingParams(
+            n=samples,
+            temperature=temperature,
+            top_p=1.0,
+            top_k=0,
+            max_new_tokens=max_new_tokens,
+            seed=seed + start,
+        )
         rollouts = generator.generate([row["prompt_input_ids"] for row in chunk], sampling)
         sequences = {k: v.cpu() for k, v in rollouts.to_sequences(pad).items()}
         width = int(sequences["attention_mask"].sum(1).max())
@@ -369,9 +463,12 @@ def sample_pass(prompts: list[dict], models: LogpModels, *, samples: int, temper
         collected["text"].extend(rollouts.texts)
         collected["ptext"].extend(prompt_texts)
         if scorer is not None:
-            scores = scorer.score(prompt_texts, list(rollouts.texts),
-                                  prompt_messages=[row["prompt_messages"] for row in owners],
-                                  finished=rollouts.finished)
+            scores = scorer.score(
+                prompt_texts,
+                list(rollouts.texts),
+                prompt_messages=[row["prompt_messages"] for row in owners],
+                finished=rollouts.finished,
+            )
             collected["exp"].append(scores.double().cpu().numpy())
         if advance is not None:
             advance(len(chunk))
@@ -379,9 +476,17 @@ def sample_pass(prompts: list[dict], models: LogpModels, *, samples: int, temper
     def cat(key: str) -> Optional[np.ndarray]:
         return np.concatenate(collected[key]) if collected[key] else None
 
-    return SampleStats(prompts=len(prompts), lengths=cat("len"), finished=cat("fin"), k1=cat("k1"), k3=cat("k3"),
-                       policy_logps=cat("lp"), explicit=cat("exp"), texts=collected["text"],
-                       prompt_texts=collected["ptext"])
+    return SampleStats(
+        prompts=len(prompts),
+        lengths=cat("len"),
+        finished=cat("fin"),
+        k1=cat("k1"),
+        k3=cat("k3"),
+        policy_logps=cat("lp"),
+        explicit=cat("exp"),
+        texts=collected["text"],
+        prompt_texts=collected["ptext"],
+    )
 
 
 @contextlib.contextmanager
@@ -391,10 +496,11 @@ def progress_bar(enabled: bool = True):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     if not enabled:
-        yield lambda description, total: (lambda n: None)
+        yield lambda description, total: lambda n: None
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True)) as progress:
+
         def task(description: str, total: int) -> Advance:
             task_id = progress.add_task(description, total=total)
             return lambda n: progress.advance(task_id, n)

@@ -14,7 +14,8 @@ bins, ``conf = max(p, 1 - p)``, correct = ``p > 0.5``, bin = ``min(floor(conf * 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -45,13 +46,19 @@ def _float(value: Any) -> Optional[float]:
 # ------------------------------------------------------------------------------------------------ rewards
 
 
-def implicit_rewards(policy_logps: Any, reference_logps: Any = None, *, reward: Any, lengths: Any = None
-                     ) -> np.ndarray:
+def implicit_rewards(
+    policy_logps: Any, reference_logps: Any = None, *, reward: Any, lengths: Any = None
+) -> np.ndarray:
     """``r(y)`` per response under the loss's :class:`~prefopt.losses.ImplicitReward` (e.g. DPO's
     ``beta * (logp_policy - logp_ref)``, SimPO's ``beta * logp_policy / lengths``), in float64."""
-    return np.asarray(reward.sequence(as_array(policy_logps),
-                                      None if reference_logps is None else as_array(reference_logps),
-                                      None if lengths is None else as_array(lengths)), dtype=np.float64)
+    return np.asarray(
+        reward.sequence(
+            as_array(policy_logps),
+            None if reference_logps is None else as_array(reference_logps),
+            None if lengths is None else as_array(lengths),
+        ),
+        dtype=np.float64,
+    )
 
 
 def accuracy(margins: Any) -> Optional[float]:
@@ -87,8 +94,14 @@ def calibration(probabilities: Any, n_bins: int = 10) -> dict[str, Any]:
     for b in range(n_bins):
         members = index == b
         count = int(members.sum())
-        entry: dict[str, Any] = {"lower": b / n_bins, "upper": (b + 1) / n_bins, "count": count,
-                                 "confidence": None, "accuracy": None, "gap": None}
+        entry: dict[str, Any] = {
+            "lower": b / n_bins,
+            "upper": (b + 1) / n_bins,
+            "count": count,
+            "confidence": None,
+            "accuracy": None,
+            "gap": None,
+        }
         if count:
             conf_b = float(confidence[members].mean())
             acc_b = float(correct[members].mean())
@@ -108,8 +121,15 @@ def distribution(values: Any, n_bins: int = 30) -> dict[str, Any]:
     data = as_array(values)
     data = data[np.isfinite(data)]
     if not data.size:
-        return {"count": 0, "mean": None, "std": None, "min": None, "max": None, "quantiles": {},
-                "histogram": {"edges": [], "counts": []}}
+        return {
+            "count": 0,
+            "mean": None,
+            "std": None,
+            "min": None,
+            "max": None,
+            "quantiles": {},
+            "histogram": {"edges": [], "counts": []},
+        }
     counts, edges = np.histogram(data, bins=n_bins)
     return {
         "count": int(data.size),
@@ -136,7 +156,7 @@ def rankdata(values: Any) -> np.ndarray:
         end = start
         while end + 1 < data.size and sorted_values[end + 1] == sorted_values[start]:
             end += 1
-        ranks[order[start:end + 1]] = (start + end) / 2.0 + 1.0
+        ranks[order[start : end + 1]] = (start + end) / 2.0 + 1.0
         start = end + 1
     return ranks
 
@@ -167,8 +187,9 @@ def correlation(x: Any, y: Any) -> dict[str, Optional[float]]:
 # ------------------------------------------------------------------------------------------ length effects
 
 
-def length_effects(chosen_rewards: Any, rejected_rewards: Any, chosen_lengths: Any,
-                   rejected_lengths: Any) -> dict[str, Any]:
+def length_effects(
+    chosen_rewards: Any, rejected_rewards: Any, chosen_lengths: Any, rejected_lengths: Any
+) -> dict[str, Any]:
     """How the implicit reward relates to completion length (in tokens, EOS included).
 
     ``reward_vs_length``: correlation over all completions (chosen and rejected pooled).
@@ -194,30 +215,40 @@ def length_effects(chosen_rewards: Any, rejected_rewards: Any, chosen_lengths: A
     }
 
 
-def accuracy_by_length_bucket(margins: Any, chosen_lengths: Any, rejected_lengths: Any) -> list[dict[str, Any]]:
+def accuracy_by_length_bucket(
+    margins: Any, chosen_lengths: Any, rejected_lengths: Any
+) -> list[dict[str, Any]]:
     """Accuracy and mean margin per bucket of the relative length difference (see ``LENGTH_BUCKETS``)."""
     values = as_array(margins)
     n_w, n_l = as_array(chosen_lengths), as_array(rejected_lengths)
     longest = np.maximum(np.maximum(n_w, n_l), 1.0)
     relative = (n_w - n_l) / longest
-    bucket = np.select([relative < -0.5, relative < -0.1, relative <= 0.1, relative <= 0.5],
-                       [0, 1, 2, 3], default=4)
+    bucket = np.select(
+        [relative < -0.5, relative < -0.1, relative <= 0.1, relative <= 0.5], [0, 1, 2, 3], default=4
+    )
     rows = []
     for number, (name, low, high) in enumerate(LENGTH_BUCKETS):
         members = bucket == number
         count = int(members.sum())
-        rows.append({
-            "bucket": name, "relative_low": _float(low), "relative_high": _float(high), "count": count,
-            "accuracy": accuracy(values[members]) if count else None,
-            "mean_margin": float(values[members].mean()) if count else None,
-        })
+        rows.append(
+            {
+                "bucket": name,
+                "relative_low": _float(low),
+                "relative_high": _float(high),
+                "count": count,
+                "accuracy": accuracy(values[members]) if count else None,
+                "mean_margin": float(values[members].mean()) if count else None,
+            }
+        )
     return rows
 
 
 # ----------------------------------------------------------------------------------- samples and KL
 
 
-def sample_kl_terms(policy_token_logps: Any, reference_token_logps: Any, mask: Any) -> tuple[np.ndarray, np.ndarray]:
+def sample_kl_terms(
+    policy_token_logps: Any, reference_token_logps: Any, mask: Any
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-sample KL estimator terms from ``[N, T]`` token log-probs of samples ``y ~ policy``.
 
     ``k1 = sum_t lr_t`` with ``lr_t = logp_policy_t - logp_ref_t`` (the sequence log-ratio, unbiased for
@@ -242,14 +273,24 @@ def kl_summary(k1: Any, k3: Any, lengths: Any) -> dict[str, Any]:
     a, b, n = as_array(k1), as_array(k3), as_array(lengths)
     count = a.size
     if not count:
-        return {"samples": 0, "k1": None, "k1_std": None, "k1_stderr": None, "k3": None, "k3_std": None,
-                "k3_stderr": None, "k1_per_token": None}
+        return {
+            "samples": 0,
+            "k1": None,
+            "k1_std": None,
+            "k1_stderr": None,
+            "k3": None,
+            "k3_std": None,
+            "k3_stderr": None,
+            "k1_per_token": None,
+        }
     return {
         "samples": int(count),
-        "k1": float(a.mean()), "k1_std": float(a.std()), "k1_stderr": float(a.std(ddof=1) / math.sqrt(count))
-        if count > 1 else None,
-        "k3": float(b.mean()), "k3_std": float(b.std()), "k3_stderr": float(b.std(ddof=1) / math.sqrt(count))
-        if count > 1 else None,
+        "k1": float(a.mean()),
+        "k1_std": float(a.std()),
+        "k1_stderr": float(a.std(ddof=1) / math.sqrt(count)) if count > 1 else None,
+        "k3": float(b.mean()),
+        "k3_std": float(b.std()),
+        "k3_stderr": float(b.std(ddof=1) / math.sqrt(count)) if count > 1 else None,
         "k1_per_token": float(a.sum() / n.sum()) if n.sum() > 0 else None,
     }
 
@@ -337,8 +378,15 @@ def top_contributions(tokens: Sequence[str], rewards: Sequence[float], sign: flo
     token adds to the pair's margin (+1 for the chosen response, -1 for the rejected one)."""
     values = as_array(rewards)
     order = np.argsort(-np.abs(values), kind="mergesort")[:k]
-    return [{"position": int(i), "token": tokens[i], "reward": float(values[i]),
-             "margin_contribution": float(sign * values[i])} for i in order]
+    return [
+        {
+            "position": int(i),
+            "token": tokens[i],
+            "reward": float(values[i]),
+            "margin_contribution": float(sign * values[i]),
+        }
+        for i in order
+    ]
 
 
 def token_table(sums: Any, counts: Any, decode, *, k: int = 20, min_count: int = 3) -> dict[str, list[dict]]:
@@ -355,7 +403,15 @@ def token_table(sums: Any, counts: Any, decode, *, k: int = 20, min_count: int =
     order = np.argsort(means, kind="mergesort")
 
     def rows(positions) -> list[dict]:
-        return [{"token_id": int(eligible[p]), "token": decode(int(eligible[p])), "mean_reward": float(means[p]),
-                 "count": int(seen[eligible[p]]), "total_reward": float(totals[eligible[p]])} for p in positions]
+        return [
+            {
+                "token_id": int(eligible[p]),
+                "token": decode(int(eligible[p])),
+                "mean_reward": float(means[p]),
+                "count": int(seen[eligible[p]]),
+                "total_reward": float(totals[eligible[p]]),
+            }
+            for p in positions
+        ]
 
     return {"highest": rows(order[::-1][:k]), "lowest": rows(order[:k]), "min_count": threshold}

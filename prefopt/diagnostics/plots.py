@@ -14,8 +14,16 @@ import numpy as np
 
 CHOSEN, REJECTED, MARGIN, NEUTRAL, ACCENT = "#2e7d32", "#c62828", "#1565c0", "#757575", "#ef6c00"
 MAX_SCATTER = 5000
-STYLE = {"axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
-         "font.size": 9, "axes.titlesize": 10, "axes.titleweight": "bold", "figure.dpi": 100}
+STYLE = {
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.titleweight": "bold",
+    "figure.dpi": 100,
+}
 
 
 def save(fig, directory: Path, name: str) -> str:
@@ -51,20 +59,32 @@ def _fmt(value: Optional[float], digits: int = 3) -> str:
 # ---------------------------------------------------------------------------------------------- per dataset
 
 
-def dataset_plots(directory: Path, name: str, section: dict[str, Any], *, chosen: np.ndarray, rejected: np.ndarray,
-                  margins: np.ndarray, stats, explicit_margins: Optional[np.ndarray] = None,
-                  samples=None) -> dict[str, str]:
+def dataset_plots(
+    directory: Path,
+    name: str,
+    section: dict[str, Any],
+    *,
+    chosen: np.ndarray,
+    rejected: np.ndarray,
+    margins: np.ndarray,
+    stats,
+    explicit_margins: Optional[np.ndarray] = None,
+    samples=None,
+) -> dict[str, str]:
     files = {
         "margins": margin_plot(directory, f"{name}-margins.png", margins, chosen, rejected, section),
         "reliability": reliability_plot(directory, f"{name}-reliability.png", section["calibration"]),
-        "length": length_plot(directory, f"{name}-length.png", chosen, rejected, margins, stats, section["length"]),
+        "length": length_plot(
+            directory, f"{name}-length.png", chosen, rejected, margins, stats, section["length"]
+        ),
     }
     tokens = section["tokens"]
     if tokens["highest"] or tokens["lowest"]:
         files["tokens"] = token_plot(directory, f"{name}-tokens.png", tokens)
     if explicit_margins is not None:
-        files["explicit"] = explicit_plot(directory, f"{name}-explicit.png", margins, explicit_margins,
-                                          section["explicit"])
+        files["explicit"] = explicit_plot(
+            directory, f"{name}-explicit.png", margins, explicit_margins, section["explicit"]
+        )
     if samples is not None:
         files["samples"] = samples_plot(directory, f"{name}-samples.png", samples, section["samples"])
     return files
@@ -74,8 +94,9 @@ def margin_plot(directory: Path, file: str, margins, chosen, rejected, section) 
     fig, (left, right) = figure(2)
     left.hist(margins, bins=40, color=MARGIN, alpha=0.85)
     left.axvline(0.0, color="black", linewidth=1)
-    left.axvline(float(margins.mean()), color=ACCENT, linestyle="--", linewidth=1.2,
-                 label=f"mean {margins.mean():.3f}")
+    left.axvline(
+        float(margins.mean()), color=ACCENT, linestyle="--", linewidth=1.2, label=f"mean {margins.mean():.3f}"
+    )
     left.set_title(f"Reward margin r(y_w) - r(y_l)   accuracy {_fmt(section['accuracy'])}")
     left.set_xlabel("margin")
     left.set_ylabel("pairs")
@@ -83,7 +104,9 @@ def margin_plot(directory: Path, file: str, margins, chosen, rejected, section) 
     low, high = float(min(chosen.min(), rejected.min())), float(max(chosen.max(), rejected.max()))
     bins = np.linspace(low, high if high > low else low + 1e-6, 41)
     right.hist(chosen, bins=bins, color=CHOSEN, alpha=0.55, label=f"chosen (mean {chosen.mean():.3f})")
-    right.hist(rejected, bins=bins, color=REJECTED, alpha=0.55, label=f"rejected (mean {rejected.mean():.3f})")
+    right.hist(
+        rejected, bins=bins, color=REJECTED, alpha=0.55, label=f"rejected (mean {rejected.mean():.3f})"
+    )
     right.axvline(0.0, color="black", linewidth=1)
     right.set_title("Implicit rewards")
     right.set_xlabel("reward")
@@ -98,13 +121,33 @@ def reliability_plot(directory: Path, file: str, calibration: dict[str, Any]) ->
     if bins:
         centers = [(b["lower"] + b["upper"]) / 2 for b in bins]
         width = bins[0]["upper"] - bins[0]["lower"]
-        ax.bar(centers, [b["accuracy"] for b in bins], width=width * 0.9, color=MARGIN, alpha=0.8,
-               edgecolor="white", label="accuracy in bin")
-        ax.scatter([b["confidence"] for b in bins], [b["accuracy"] for b in bins], color=ACCENT, zorder=3, s=18,
-                   label="(mean confidence, accuracy)")
+        ax.bar(
+            centers,
+            [b["accuracy"] for b in bins],
+            width=width * 0.9,
+            color=MARGIN,
+            alpha=0.8,
+            edgecolor="white",
+            label="accuracy in bin",
+        )
+        ax.scatter(
+            [b["confidence"] for b in bins],
+            [b["accuracy"] for b in bins],
+            color=ACCENT,
+            zorder=3,
+            s=18,
+            label="(mean confidence, accuracy)",
+        )
         for center, b in zip(centers, bins):
-            ax.annotate(f"n={b['count']}", (center, 0.02), ha="center", fontsize=7, color="white", rotation=90,
-                        va="bottom")
+            ax.annotate(
+                f"n={b['count']}",
+                (center, 0.02),
+                ha="center",
+                fontsize=7,
+                color="white",
+                rotation=90,
+                va="bottom",
+            )
     ax.set_xlim(0.5, 1.0)
     ax.set_ylim(0.0, 1.0)
     ax.set_xlabel("confidence max(p, 1-p),  p = sigmoid(margin)")
@@ -137,10 +180,17 @@ def length_plot(directory: Path, file: str, chosen, rejected, margins, stats, le
     buckets = length["by_length_difference"]
     labels = [row["bucket"].replace("chosen ", "").replace(" length", "") for row in buckets]
     values = [row["accuracy"] if row["accuracy"] is not None else 0.0 for row in buckets]
-    bars = c.bar(range(len(buckets)), values, color=[MARGIN if row["count"] else "#e0e0e0" for row in buckets])
+    bars = c.bar(
+        range(len(buckets)), values, color=[MARGIN if row["count"] else "#e0e0e0" for row in buckets]
+    )
     for bar, row in zip(bars, buckets):
-        c.annotate(f"n={row['count']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                   va="bottom", fontsize=7)
+        c.annotate(
+            f"n={row['count']}",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
     c.axhline(0.5, color=NEUTRAL, linestyle="--", linewidth=1)
     c.set_xticks(range(len(buckets)), labels, rotation=20)
     c.set_ylim(0, 1.08)
@@ -151,8 +201,10 @@ def length_plot(directory: Path, file: str, chosen, rejected, margins, stats, le
 
 def token_plot(directory: Path, file: str, tokens: dict[str, Any], count: int = 15) -> str:
     fig, axes = figure(2, width=4.6, height=4.6)
-    for ax, side, color, title in ((axes[0], "highest", CHOSEN, "Highest mean token reward"),
-                                   (axes[1], "lowest", REJECTED, "Lowest mean token reward")):
+    for ax, side, color, title in (
+        (axes[0], "highest", CHOSEN, "Highest mean token reward"),
+        (axes[1], "lowest", REJECTED, "Lowest mean token reward"),
+    ):
         rows = tokens[side][:count][::-1]
         labels = [f"{row['token']!r} ({row['count']})" for row in rows]
         ax.barh(range(len(rows)), [row["mean_reward"] for row in rows], color=color, alpha=0.85)
@@ -173,8 +225,10 @@ def explicit_plot(directory: Path, file: str, implicit, explicit, section: dict[
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.axvline(0.0, color="black", linewidth=0.8)
     corr = section["margin_correlation"]
-    ax.set_title(f"Implicit vs explicit margin   agreement {_fmt(section['agreement_rate'])}, "
-                 f"Pearson {_fmt(corr['pearson'], 2)}")
+    ax.set_title(
+        f"Implicit vs explicit margin   agreement {_fmt(section['agreement_rate'])}, "
+        f"Pearson {_fmt(corr['pearson'], 2)}"
+    )
     ax.set_xlabel(f"explicit margin ({section['source']})")
     ax.set_ylabel("implicit margin")
     ax.legend(frameon=False)
@@ -207,8 +261,13 @@ def dataset_comparison(directory: Path, summary: list[dict[str, Any]]) -> str:
     a.axhline(0.5, color=NEUTRAL, linestyle="--", linewidth=1)
     a.set_ylim(0, 1.05)
     a.set_title("Accuracy")
-    b.bar(positions, [row["margin_mean"] or 0.0 for row in summary],
-          yerr=[row["margin_std"] or 0.0 for row in summary], color=ACCENT, capsize=3)
+    b.bar(
+        positions,
+        [row["margin_mean"] or 0.0 for row in summary],
+        yerr=[row["margin_std"] or 0.0 for row in summary],
+        color=ACCENT,
+        capsize=3,
+    )
     b.axhline(0.0, color="black", linewidth=0.8)
     b.set_title("Margin (mean +- std)")
     c.bar(positions, [row["ece"] or 0.0 for row in summary], color=REJECTED)

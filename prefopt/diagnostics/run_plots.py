@@ -59,8 +59,10 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
             else:
                 skipped += 1
     if not records:
-        raise UserInputError(f"--run: '{path}' has no metric records"
-                             + (f" ({skipped} unreadable lines)" if skipped else " (empty: no logging step yet)"))
+        raise UserInputError(
+            f"--run: '{path}' has no metric records"
+            + (f" ({skipped} unreadable lines)" if skipped else " (empty: no logging step yet)")
+        )
     return records, skipped
 
 
@@ -75,7 +77,10 @@ def collect_series(records: list[dict[str, Any]]) -> dict[str, Series]:
             if key in SKIP or not _number(value):
                 continue
             points.setdefault(key, []).append((float(step), float(value)))
-    return {key: (np.array([s for s, _ in values]), np.array([v for _, v in values])) for key, values in points.items()}
+    return {
+        key: (np.array([s for s, _ in values]), np.array([v for _, v in values]))
+        for key, values in points.items()
+    }
 
 
 def _number(value: Any) -> bool:
@@ -84,9 +89,15 @@ def _number(value: Any) -> bool:
 
 def metric_summary(series: Series) -> dict[str, Any]:
     steps, values = series
-    return {"points": int(values.size), "first_step": float(steps[0]), "first": float(values[0]),
-            "last_step": float(steps[-1]), "last": float(values[-1]), "min": float(values.min()),
-            "max": float(values.max())}
+    return {
+        "points": int(values.size),
+        "first_step": float(steps[0]),
+        "first": float(values[0]),
+        "last_step": float(steps[-1]),
+        "last": float(values[-1]),
+        "min": float(values.min()),
+        "max": float(values.max()),
+    }
 
 
 def _edge_means(values: np.ndarray) -> tuple[float, float]:
@@ -100,9 +111,13 @@ def both_fell(series: dict[str, Series], prefix: str = "") -> Optional[dict[str,
         return None
     c_first, c_last = _edge_means(chosen[1])
     r_first, r_last = _edge_means(rejected[1])
-    return {"fell": bool(c_last - c_first < 0 and r_last - r_first < 0), "chosen_change": c_last - c_first,
-            "rejected_change": r_last - r_first, "chosen_last": float(chosen[1][-1]),
-            "rejected_last": float(rejected[1][-1])}
+    return {
+        "fell": bool(c_last - c_first < 0 and r_last - r_first < 0),
+        "chosen_change": c_last - c_first,
+        "rejected_change": r_last - r_first,
+        "chosen_last": float(chosen[1][-1]),
+        "rejected_last": float(rejected[1][-1]),
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ plots
@@ -114,16 +129,31 @@ def _curve(ax, series: dict[str, Series], key: str, color: str, label: Optional[
         if f"{prefix}{key}" in series:
             steps, values = series[f"{prefix}{key}"]
             marker = "o" if prefix or values.size < 30 else None
-            ax.plot(steps, values, style, color=color, marker=marker, markersize=3, linewidth=1.4,
-                    label=f"{label or key} ({suffix})")
+            ax.plot(
+                steps,
+                values,
+                style,
+                color=color,
+                marker=marker,
+                markersize=3,
+                linewidth=1.4,
+                label=f"{label or key} ({suffix})",
+            )
             drawn = True
     return drawn
 
 
-def panel_figure(directory: Path, file: str, series: dict[str, Series], panels: list[tuple[str, list[str]]],
-                 zero_line: bool = False) -> Optional[str]:
+def panel_figure(
+    directory: Path,
+    file: str,
+    series: dict[str, Series],
+    panels: list[tuple[str, list[str]]],
+    zero_line: bool = False,
+) -> Optional[str]:
     """One row of panels; each panel draws its keys (train solid, eval dashed). None when nothing to draw."""
-    panels = [(title, keys) for title, keys in panels if any(k in series or f"eval/{k}" in series for k in keys)]
+    panels = [
+        (title, keys) for title, keys in panels if any(k in series or f"eval/{k}" in series for k in keys)
+    ]
     if not panels:
         return None
     fig, axes = P.figure(len(panels), width=4.6, height=3.4)
@@ -149,8 +179,10 @@ def rewards_figure(directory: Path, series: dict[str, Series]) -> Optional[str]:
     ax.axhline(0.0, color="black", linewidth=1)
     verdicts = [(name, both_fell(series, prefix)) for name, prefix in (("train", ""), ("eval", "eval/"))]
     fell = [name for name, verdict in verdicts if verdict and verdict["fell"]]
-    ax.set_title("Chosen and rejected implicit rewards" + (f"  — both fell ({', '.join(fell)})" if fell else ""),
-                 color=P.REJECTED if fell else "black")
+    ax.set_title(
+        "Chosen and rejected implicit rewards" + (f"  — both fell ({', '.join(fell)})" if fell else ""),
+        color=P.REJECTED if fell else "black",
+    )
     ax.set_xlabel("step")
     ax.legend(frameon=False, fontsize=7)
     _curve(axes[1], series, "rewards/margins", P.MARGIN, "margin")
@@ -163,12 +195,14 @@ def rewards_figure(directory: Path, series: dict[str, Series]) -> Optional[str]:
 
 def group_figures(directory: Path, series: dict[str, Series], group: str) -> dict[str, str]:
     """Every ``<group>/...`` metric, four panels per row-figure: ``{group: file, group-2: file, ...}``."""
-    keys = sorted({k.removeprefix("eval/") for k in series if k.removeprefix("eval/").startswith(f"{group}/")})
+    keys = sorted(
+        {k.removeprefix("eval/") for k in series if k.removeprefix("eval/").startswith(f"{group}/")}
+    )
     panels = [(key, [key]) for key in keys]
     files = {}
     for start in range(0, len(panels), 4):
         name = group if start == 0 else f"{group}-{start // 4 + 1}"
-        file = panel_figure(directory, f"run-{name}.png", series, panels[start:start + 4])
+        file = panel_figure(directory, f"run-{name}.png", series, panels[start : start + 4])
         if file:
             files[name] = file
     return files
@@ -176,17 +210,32 @@ def group_figures(directory: Path, series: dict[str, Series], group: str) -> dic
 
 def all_figures(directory: Path, series: dict[str, Series]) -> dict[str, str]:
     figures = {
-        "loss": panel_figure(directory, "run-loss.png", series, [("Loss", ["loss"]),
-                                                                 ("Accuracy (margin > 0)", ["rewards/accuracies"])]),
+        "loss": panel_figure(
+            directory,
+            "run-loss.png",
+            series,
+            [("Loss", ["loss"]), ("Accuracy (margin > 0)", ["rewards/accuracies"])],
+        ),
         "rewards": rewards_figure(directory, series),
-        "logps": panel_figure(directory, "run-logps.png", series,
-                              [("Log-probs of chosen and rejected", ["logps/chosen", "logps/rejected"])]),
+        "logps": panel_figure(
+            directory,
+            "run-logps.png",
+            series,
+            [("Log-probs of chosen and rejected", ["logps/chosen", "logps/rejected"])],
+        ),
     }
     for group in GROUPS:
         figures.update(group_figures(directory, series, group))
-    figures["training"] = panel_figure(directory, "run-training.png", series,
-                                       [("Learning rate", ["learning_rate"]), ("Tokens / s", ["tokens_per_second"]),
-                                        ("Gradient norm", ["grad_norm"])])
+    figures["training"] = panel_figure(
+        directory,
+        "run-training.png",
+        series,
+        [
+            ("Learning rate", ["learning_rate"]),
+            ("Tokens / s", ["tokens_per_second"]),
+            ("Gradient norm", ["grad_norm"]),
+        ],
+    )
     return {name: file for name, file in figures.items() if file}
 
 
@@ -204,8 +253,12 @@ def run_report(run_dir: Path, out: Path) -> Path:
         raise UserInputError(f"--run: '{run_dir / 'metrics.jsonl'}' has records but no numeric metrics")
     steps = [float(r["step"]) for r in records if _number(r.get("step"))]
     summary = {
-        "run_dir": str(run_dir), "loss": _loss_name(run_dir), "records": len(records), "skipped_lines": skipped,
-        "first_step": min(steps) if steps else None, "last_step": max(steps) if steps else None,
+        "run_dir": str(run_dir),
+        "loss": _loss_name(run_dir),
+        "records": len(records),
+        "skipped_lines": skipped,
+        "first_step": min(steps) if steps else None,
+        "last_step": max(steps) if steps else None,
         "metrics": {key: metric_summary(value) for key, value in sorted(series.items())},
         "both_rewards_fell": {"train": both_fell(series), "eval": both_fell(series, "eval/")},
     }
@@ -229,24 +282,41 @@ def _loss_name(run_dir: Path) -> Optional[str]:
 
 
 def report_body(summary: dict[str, Any], directory: Path) -> str:
-    parts = [(f"<h1>Training run <code>{R.esc(summary['run_dir'])}</code></h1><p class=sub>loss "
-              f"{R.esc(summary['loss'] or 'unknown')} · {summary['records']} records · steps "
-              f"{R.fmt(summary['first_step'], 0)}–{R.fmt(summary['last_step'], 0)}</p>")]
+    parts = [
+        (
+            f"<h1>Training run <code>{R.esc(summary['run_dir'])}</code></h1><p class=sub>loss "
+            f"{R.esc(summary['loss'] or 'unknown')} · {summary['records']} records · steps "
+            f"{R.fmt(summary['first_step'], 0)}–{R.fmt(summary['last_step'], 0)}</p>"
+        )
+    ]
     if summary["skipped_lines"]:
-        parts.append(f"<div class=note>{summary['skipped_lines']} lines of metrics.jsonl were not JSON objects "
-                     "and were skipped.</div>")
+        parts.append(
+            f"<div class=note>{summary['skipped_lines']} lines of metrics.jsonl were not JSON objects "
+            "and were skipped.</div>"
+        )
     for split, verdict in summary["both_rewards_fell"].items():
         if verdict and verdict["fell"]:
-            parts.append(f"<div class=note><b>Both rewards fell ({split})</b>: chosen changed by "
-                         f"{verdict['chosen_change']:+.4f}, rejected by {verdict['rejected_change']:+.4f}. The policy "
-                         "lowers the likelihood of the chosen responses too; the margin grows only because the "
-                         "rejected ones fall faster.</div>")
-    titles = {"loss": "Loss and accuracy", "rewards": "Rewards", "logps": "Log-probs", "online": "Online metrics",
-              "ppo": "PPO", "rto": "RTO token rewards", "training": "Optimisation"}
+            parts.append(
+                f"<div class=note><b>Both rewards fell ({split})</b>: chosen changed by "
+                f"{verdict['chosen_change']:+.4f}, rejected by {verdict['rejected_change']:+.4f}. The policy "
+                "lowers the likelihood of the chosen responses too; the margin grows only because the "
+                "rejected ones fall faster.</div>"
+            )
+    titles = {
+        "loss": "Loss and accuracy",
+        "rewards": "Rewards",
+        "logps": "Log-probs",
+        "online": "Online metrics",
+        "ppo": "PPO",
+        "rto": "RTO token rewards",
+        "training": "Optimisation",
+    }
     for name, file in summary["plots"].items():
         group = name.split("-")[0]
         heading = f"<h2>{R.esc(titles.get(group, group))}</h2>" if group == name else ""
         parts.append(heading + R.image(directory, file, name))
-    rows = [[key, m["points"], m["first"], m["last"], m["min"], m["max"]] for key, m in summary["metrics"].items()]
+    rows = [
+        [key, m["points"], m["first"], m["last"], m["min"], m["max"]] for key, m in summary["metrics"].items()
+    ]
     parts.append("<h2>All metrics</h2>" + R.table(rows, ["metric", "points", "first", "last", "min", "max"]))
     return "".join(parts)

@@ -22,8 +22,9 @@ def sampling_from_config(gen_cfg, *, n: int = 1, seed: int | None = None) -> Sam
     )
 
 
-def build_generator(gen_cfg, model, tokenizer, accelerator=None, *, seed: int = 0,
-                    max_prompt_length: int | None = None) -> Generator:
+def build_generator(
+    gen_cfg, model, tokenizer, accelerator=None, *, seed: int = 0, max_prompt_length: int | None = None
+) -> Generator:
     """Build the generator ``gen_cfg.backend`` names. ``vllm`` without vLLM or CUDA raises ``ConfigError``.
 
     ``seed``: the run's seed (vLLM's sampling streams). ``max_prompt_length``: with ``max_new_tokens`` the
@@ -31,8 +32,13 @@ def build_generator(gen_cfg, model, tokenizer, accelerator=None, *, seed: int = 
     sequences the run never makes, inside ``gpu_memory_utilization``.
     """
     if gen_cfg.backend == "hf":
-        return HFGenerator(model, tokenizer, batch_size=gen_cfg.batch_size, accelerator=accelerator,
-                           loop=getattr(gen_cfg, "hf_loop", "lean"))
+        return HFGenerator(
+            model,
+            tokenizer,
+            batch_size=gen_cfg.batch_size,
+            accelerator=accelerator,
+            loop=getattr(gen_cfg, "hf_loop", "lean"),
+        )
     if gen_cfg.backend == "vllm":
         from prefopt.generation.vllm import VLLMGenerator, check_vllm_available
 
@@ -42,8 +48,8 @@ def build_generator(gen_cfg, model, tokenizer, accelerator=None, *, seed: int = 
             tokenizer,
             gpu_memory_utilization=gen_cfg.gpu_memory_utilization,
             sleep=gen_cfg.vllm_sleep,
-            max_model_len=gen_cfg.vllm_max_model_len or (
-                max_prompt_length + gen_cfg.max_new_tokens if max_prompt_length else None),
+            max_model_len=gen_cfg.vllm_max_model_len
+            or (max_prompt_length + gen_cfg.max_new_tokens if max_prompt_length else None),
             accelerator=accelerator,
             seed=seed,
         )

@@ -18,8 +18,14 @@ from collections.abc import Iterator
 
 import torch
 
-from prefopt.generation.base import (Rollouts, SamplingParams, build_rollouts, eos_token_ids, pad_token_id,
-                                     sample_seed)
+from prefopt.generation.base import (
+    Rollouts,
+    SamplingParams,
+    build_rollouts,
+    eos_token_ids,
+    pad_token_id,
+    sample_seed,
+)
 from prefopt.generation.decode import sample_tokens, supports_lean_loop
 
 
@@ -108,8 +114,9 @@ class SeededSampler:
             scores = TopKLogitsWarper(self.sampling.top_k)(input_ids, scores)
         if self.sampling.top_p < 1.0:
             scores = TopPLogitsWarper(self.sampling.top_p)(input_ids, scores)
-        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64)
-                               for g in self.generators])
+        uniform = torch.stack(
+            [torch.rand(scores.shape[-1], generator=g, dtype=torch.float64) for g in self.generators]
+        )
         gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-300))).to(scores.device, torch.float32)
         return torch.log_softmax(scores, dim=-1) + gumbel
 
@@ -187,10 +194,19 @@ class HFGenerator:
                 chunk = prompt_ids[start : start + self.batch_size]
                 input_ids, attention_mask = left_pad(chunk, pad_id, device)
                 if lean:
-                    rows = input_ids.repeat_interleave(per_call_n, 0), attention_mask.repeat_interleave(per_call_n, 0)
+                    rows = (
+                        input_ids.repeat_interleave(per_call_n, 0),
+                        attention_mask.repeat_interleave(per_call_n, 0),
+                    )
                     generated = sample_tokens(
-                        model, *rows, max_new_tokens=sampling.max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
-                        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                        model,
+                        *rows,
+                        max_new_tokens=sampling.max_new_tokens,
+                        eos_ids=eos_ids,
+                        pad_id=pad_id,
+                        temperature=sampling.temperature,
+                        top_k=sampling.top_k,
+                        top_p=sampling.top_p,
                     ).tolist()
                 else:
                     output = model.generate(
@@ -210,7 +226,9 @@ class HFGenerator:
             device=device,
         )
 
-    def _generate_seeded(self, model, device, prompt_ids, sampling: SamplingParams, eos_ids, pad_id) -> Rollouts:
+    def _generate_seeded(
+        self, model, device, prompt_ids, sampling: SamplingParams, eos_ids, pad_id
+    ) -> Rollouts:
         """Per-prompt seeded sampling: greedy search over :class:`SeededSampler`'s Gumbel-perturbed scores."""
         from transformers import LogitsProcessorList
 
@@ -227,13 +245,31 @@ class HFGenerator:
                 input_ids, attention_mask = left_pad(chunk, pad_id, device)
                 sampler = SeededSampler(seeds[start : start + self.batch_size], sampling)
                 if self.loop == "lean" and supports_lean_loop(model):  # the same draws, less work per token
-                    completions.extend(sample_tokens(
-                        model, input_ids, attention_mask, max_new_tokens=sampling.max_new_tokens, eos_ids=eos_ids,
-                        pad_id=pad_id, draw=lambda logits, sampler=sampler: sampler(None, logits).argmax(dim=-1),
-                    ).tolist())
+                    completions.extend(
+                        sample_tokens(
+                            model,
+                            input_ids,
+                            attention_mask,
+                            max_new_tokens=sampling.max_new_tokens,
+                            eos_ids=eos_ids,
+                            pad_id=pad_id,
+                            draw=lambda logits, sampler=sampler: sampler(None, logits).argmax(dim=-1),
+                        ).tolist()
+                    )
                     continue
-                output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                        logits_processor=LogitsProcessorList([sampler]))
+                output = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    generation_config=config,
+                    logits_processor=LogitsProcessorList([sampler]),
+                )
                 completions.extend(output[:, input_ids.shape[1] :].tolist())
-        return build_rollouts(prompt_ids, completions, sampling.n, eos_ids=eos_ids, pad_id=pad_id,
-                              tokenizer=self.tokenizer, device=device)
+        return build_rollouts(
+            prompt_ids,
+            completions,
+            sampling.n,
+            eos_ids=eos_ids,
+            pad_id=pad_id,
+            tokenizer=self.tokenizer,
+            device=device,
+        )

@@ -10,8 +10,8 @@ tokens keeps at most ``max_new_tokens - k`` sampled ones (the code samples a fix
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

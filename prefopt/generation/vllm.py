@@ -6,7 +6,9 @@ into freshly computed tensors (the training model is never mutated), PEFT's modu
 checkpoint names vLLM expects, and under DeepSpeed ZeRO-3 each module's parameters are gathered while they are
 copied. With ``generation.vllm_sleep`` the engine sleeps (level 2: weights and KV cache discarded) between
 generation phases so the optimizer has the GPU; ``generate`` wakes the weights, pushes them, then wakes the KV
-cache. The rules of vLLM this relies on are enforced by a stand-in engine in ``tests/test_vllm_contract.py``. Results go through the same :func:`~prefopt.generation.base.build_rollouts` as the HF backend.
+cache. The rules of vLLM this relies on are enforced by a stand-in engine in
+``tests/test_vllm_contract.py``. Results go through the same
+:func:`~prefopt.generation.base.build_rollouts` as the HF backend.
 
 What was and was not exercised
 ------------------------------
@@ -141,8 +143,9 @@ def _merged_lora_tensors(module) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, parameter.detach()
 
 
-def iter_merged_weights(model, accelerator=None, dtype: torch.dtype | None = None
-                        ) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_merged_weights(
+    model, accelerator=None, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(vllm_name, tensor)`` for every weight of the model as it currently computes: plain models as they
     are, PEFT models with active LoRA adapters merged (out of place) and ``modules_to_save`` resolved.
 
@@ -165,7 +168,9 @@ def iter_merged_weights(model, accelerator=None, dtype: torch.dtype | None = Non
     model = unwrap_model(model, accelerator)
     zero3 = _zero3_enabled(accelerator) or any(hasattr(p, "ds_id") for p in model.parameters())
     skip_prefix: str | None = None
-    seen: set[int] = set()  # a tied lm head is the embedding's Parameter: push it once, under the embedding's name
+    seen: set[int] = (
+        set()
+    )  # a tied lm head is the embedding's Parameter: push it once, under the embedding's name
     for module_name, module in model.named_modules():
         if skip_prefix is not None and module_name.startswith(skip_prefix):
             continue
@@ -410,8 +415,10 @@ class VLLMGenerator:
         seeds each request's sampler: the samples then do not depend on the batch or the rank)."""
         if sampling.prompt_seeds is None:
             return self._sampling_params(sampling)
-        return [self._sampling_params(dataclasses.replace(sampling, seed=seed, prompt_seeds=None))
-                for seed in sampling.prompt_seeds]
+        return [
+            self._sampling_params(dataclasses.replace(sampling, seed=seed, prompt_seeds=None))
+            for seed in sampling.prompt_seeds
+        ]
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> Rollouts:
         with preserved_rng():
@@ -427,7 +434,9 @@ class VLLMGenerator:
                     self._wake(["kv_cache"])
                 self._state = "awake"
                 outputs = self.llm.generate(
-                    _tokens_prompts(prompt_ids), sampling_params=self._request_params(sampling), use_tqdm=False
+                    _tokens_prompts(prompt_ids),
+                    sampling_params=self._request_params(sampling),
+                    use_tqdm=False,
                 )
             finally:
                 self.sleep()

@@ -101,13 +101,22 @@ def pair_tensors(
     return policy_chosen, policy_rejected, reference_chosen, reference_rejected
 
 
-def log_ratios(loss: str, inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def log_ratios(
+    loss: str, inputs: LossInputs
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(policy_chosen, policy_rejected, lr_w, lr_l)`` with ``lr = logp_policy - logp_ref``.
 
     See docs/losses.md, Conventions.
     """
-    policy_chosen, policy_rejected, reference_chosen, reference_rejected = pair_tensors(loss, inputs, reference=True)
-    return policy_chosen, policy_rejected, policy_chosen - reference_chosen, policy_rejected - reference_rejected
+    policy_chosen, policy_rejected, reference_chosen, reference_rejected = pair_tensors(
+        loss, inputs, reference=True
+    )
+    return (
+        policy_chosen,
+        policy_rejected,
+        policy_chosen - reference_chosen,
+        policy_rejected - reference_rejected,
+    )
 
 
 def lengths_as_float(

@@ -10,8 +10,9 @@ from prefopt.losses._checks import check_number
 from prefopt.losses.dpo import sigmoid_preference_loss
 from prefopt.losses.reward_difference import PairTerms, RewardDifferenceLoss
 
-_PAPER = ("Melnyk et al. 2024, Distributional Preference Alignment of LLMs via Optimal Transport "
-          "(arXiv 2406.05882)")
+_PAPER = (
+    "Melnyk et al. 2024, Distributional Preference Alignment of LLMs via Optimal Transport (arXiv 2406.05882)"
+)
 
 
 class _SortedLoss(RewardDifferenceLoss):
@@ -20,7 +21,12 @@ class _SortedLoss(RewardDifferenceLoss):
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0) -> None:
         self._setup(beta)
         self.label_smoothing = check_number(
-            self.name, "label_smoothing", label_smoothing, low=0.0, high=0.5, high_open=True,
+            self.name,
+            "label_smoothing",
+            label_smoothing,
+            low=0.0,
+            high=0.5,
+            high_open=True,
             hint="It is the probability that a label is flipped; 0.5 would make the loss constant.",
         )
 

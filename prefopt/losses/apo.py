@@ -8,8 +8,10 @@ import torch
 
 from prefopt.losses.reward_difference import PairTerms, RewardDifferenceLoss
 
-_PAPER = ("D'Oosterlinck et al. 2024, Anchored Preference Optimization and Contrastive Revisions: Addressing "
-          "Underspecification in Alignment (arXiv 2408.06266)")
+_PAPER = (
+    "D'Oosterlinck et al. 2024, Anchored Preference Optimization and Contrastive Revisions: Addressing "
+    "Underspecification in Alignment (arXiv 2408.06266)"
+)
 
 
 class APOZeroLoss(RewardDifferenceLoss):

@@ -43,7 +43,8 @@ hyperparameter attributes):
 
 * hooks the step may call, all with defaults here: :meth:`PreferenceLoss.online_samples_per_prompt` (online samples per
   prompt, ``pairs+samples``), :meth:`PreferenceLoss.implicit_reward` (an :class:`ImplicitReward`, the reward
-  a pair loss implies, for metrics, diagnostics and evaluation), and for ``"ppo"`` the rollout hooks of ``PPOLoss`` (``token_rewards``,
+  a pair loss implies, for metrics, diagnostics and evaluation),
+  and for ``"ppo"`` the rollout hooks of ``PPOLoss`` (``token_rewards``,
   ``advantages``, ``initial_kl_coef``; the adaptive-KL state lives in the step, which passes the current
   coefficient to ``token_rewards``, so the loss object is never mutated by the trainer).
 
@@ -57,12 +58,23 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, FrozenSet, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
-STEP_KINDS = ("pairs", "pairs+samples", "online_pairs", "online_policy_pairs", "ppo", "sft", "reward_pairs",
-              "scored_pairs", "triples", "revision_pairs", "ppo_resets")
+STEP_KINDS = (
+    "pairs",
+    "pairs+samples",
+    "online_pairs",
+    "online_policy_pairs",
+    "ppo",
+    "sft",
+    "reward_pairs",
+    "scored_pairs",
+    "triples",
+    "revision_pairs",
+    "ppo_resets",
+)
 NEEDS = ("reference", "online", "reward", "preference", "dpo_policy", "scores", "gold", "revisions", "resets")
 
 
@@ -85,7 +97,9 @@ class LossInputs:
     # HyPO: unlabelled samples y_j ~ pi for the batch's prompts -------------------------------------------------
     sample_policy_logps: Optional[torch.Tensor] = None  # [M], with grad
     sample_reference_logps: Optional[torch.Tensor] = None  # [M]
-    sample_prompt_index: Optional[torch.Tensor] = None  # [M] long: which prompt of the batch each sample answers
+    sample_prompt_index: Optional[torch.Tensor] = (
+        None  # [M] long: which prompt of the batch each sample answers
+    )
 
     # XPO: policy logp of the reference sample, and the scores that ordered each pair ---------------------------
     reference_sample_policy_logps: Optional[torch.Tensor] = None  # [B], with grad
@@ -117,7 +131,9 @@ class LossInputs:
     returns: Optional[torch.Tensor] = None  # [N, T]
     values: Optional[torch.Tensor] = None  # [N, T] current critic, with grad
     old_values: Optional[torch.Tensor] = None  # [N, T] critic at rollout time
-    reset_mask: Optional[torch.Tensor] = None  # [N, T] DR-PO: 1 on response tokens forced from a dataset prefix
+    reset_mask: Optional[torch.Tensor] = (
+        None  # [N, T] DR-PO: 1 on response tokens forced from a dataset prefix
+    )
 
     def require(self, *names: str) -> None:
         """Raise a ValueError naming every field a loss needs that the caller left as None."""
@@ -174,7 +190,9 @@ class ImplicitReward:
             value = value / lengths
         return self.scale * value
 
-    def tokens(self, policy_token_logps: Any, reference_token_logps: Any, mask: Any, lengths: Any = None) -> Any:
+    def tokens(
+        self, policy_token_logps: Any, reference_token_logps: Any, mask: Any, lengths: Any = None
+    ) -> Any:
         """Per-token rewards ``[N, T]`` (0 off the completion); each row sums to :meth:`sequence`."""
         value = policy_token_logps
         if self.uses_reference:
@@ -201,7 +219,7 @@ class PreferenceLoss:
     """
 
     name: ClassVar[str] = ""
-    needs: FrozenSet[str] = frozenset()
+    needs: frozenset[str] = frozenset()
     step: ClassVar[str] = "pairs"
     summary: ClassVar[str] = ""  # one line for `prefopt losses`
     paper: ClassVar[str] = ""  # authors, year, title, arXiv id (for `prefopt losses NAME`)

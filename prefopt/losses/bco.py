@@ -28,8 +28,10 @@ class BCOPairLoss(RewardDifferenceLoss):
 
     name: ClassVar[str] = "bco_pair"
     summary: ClassVar[str] = "BCO-pair: -logsigmoid(r_w) - logsigmoid(-r_l), r = beta*lr"
-    paper: ClassVar[str] = ("Jung et al. 2024, Binary Classifier Optimization for Large Language Model "
-                            "Alignment (arXiv 2404.04656)")
+    paper: ClassVar[str] = (
+        "Jung et al. 2024, Binary Classifier Optimization for Large Language Model "
+        "Alignment (arXiv 2404.04656)"
+    )
     formula: ClassVar[str] = "L = -logsigmoid(r_w) - logsigmoid(-r_l),  r = beta lr"
 
     def __init__(self, beta: float = 0.1) -> None:

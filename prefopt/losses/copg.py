@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, FrozenSet
+from typing import ClassVar
 
 import torch
 
@@ -61,7 +61,7 @@ class CoPGLoss(PreferenceLoss):
     """
 
     name: ClassVar[str] = "copg"
-    needs: ClassVar[FrozenSet[str]] = frozenset({"reference", "scores"})
+    needs: ClassVar[frozenset[str]] = frozenset({"reference", "scores"})
     step: ClassVar[str] = "scored_pairs"
     summary: ClassVar[str] = (
         "CoPG (Flet-Berliac et al. 2024): offline pairs with a reward per completion, (beta/2)d^2 - dr*d"

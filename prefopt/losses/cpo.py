@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, FrozenSet
+from typing import ClassVar
 
 from prefopt.losses._checks import check_number, lengths_as_float, pair_tensors
 from prefopt.losses._metrics import pairwise_metrics
@@ -29,17 +29,24 @@ class CPOLoss(PreferenceLoss):
     """
 
     name: ClassVar[str] = "cpo"
-    needs: ClassVar[FrozenSet[str]] = frozenset()
+    needs: ClassVar[frozenset[str]] = frozenset()
     step: ClassVar[str] = "pairs"
     summary: ClassVar[str] = "CPO: reference-free -logsigmoid(beta*(logp_w - logp_l)) + cpo_alpha*NLL(y_w)"
-    paper: ClassVar[str] = ("Xu et al. 2024, Contrastive Preference Optimization: Pushing the Boundaries of LLM "
-                            "Performance in Machine Translation (arXiv 2401.08417)")
+    paper: ClassVar[str] = (
+        "Xu et al. 2024, Contrastive Preference Optimization: Pushing the Boundaries of LLM "
+        "Performance in Machine Translation (arXiv 2401.08417)"
+    )
     formula: ClassVar[str] = "L = -logsigmoid(beta (logp_w - logp_l)) + cpo_alpha NLL(y_w)"
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, cpo_alpha: float = 1.0) -> None:
         self.beta = check_number(self.name, "beta", beta, low=0.0, low_open=True)
         self.label_smoothing = check_number(
-            self.name, "label_smoothing", label_smoothing, low=0.0, high=0.5, high_open=True,
+            self.name,
+            "label_smoothing",
+            label_smoothing,
+            low=0.0,
+            high=0.5,
+            high_open=True,
             hint="It is the probability that a label is flipped; 0.5 would make the loss constant.",
         )
         self.cpo_alpha = check_number(self.name, "cpo_alpha", cpo_alpha, low=0.0)

@@ -30,8 +30,10 @@ class DiscoPOPLoss(RewardDifferenceLoss):
 
     name: ClassVar[str] = "discopop"
     summary: ClassVar[str] = "DiscoPOP: logistic/exponential blend modulated by sigmoid(z/tau)"
-    paper: ClassVar[str] = ("Lu et al. 2024, Discovering Preference Optimization Algorithms with and for Large "
-                            "Language Models (arXiv 2406.08414)")
+    paper: ClassVar[str] = (
+        "Lu et al. 2024, Discovering Preference Optimization Algorithms with and for Large "
+        "Language Models (arXiv 2406.08414)"
+    )
     formula: ClassVar[str] = (
         "L = (1-m)(-logsigmoid(z)) + m exp(-z),  m = sigmoid(z/tau),  z = beta (s(lr_w) - s(lr_l))"
     )

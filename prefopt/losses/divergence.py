@@ -67,7 +67,13 @@ def check_divergence(loss: str, divergence: object, alpha: object) -> tuple[str,
     hint = f"TRL's {divergence!r} is {_TRL_NAMES[divergence]!r} here." if divergence in _TRL_NAMES else ""
     divergence = check_choice(loss, "divergence", divergence, DIVERGENCES, hint)
     alpha = check_number(
-        loss, "alpha", alpha, low=0.0, high=1.0, low_open=True, high_open=True,
+        loss,
+        "alpha",
+        alpha,
+        low=0.0,
+        high=1.0,
+        low_open=True,
+        high_open=True,
         hint="Paper convention: alpha->0 is reverse KL (use divergence='reverse_kl'), "
         "alpha->1 forward KL (use 'forward_kl'); TRL's f_alpha_divergence_coef equals 1 - alpha.",
     )

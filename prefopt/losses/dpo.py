@@ -43,12 +43,18 @@ class DPOLoss(RewardDifferenceLoss):
 
     name: ClassVar[str] = "dpo"
     summary: ClassVar[str] = "DPO: -logsigmoid(beta*(lr_w - lr_l)); cDPO via label_smoothing"
-    paper: ClassVar[str] = ("Rafailov et al. 2023, Direct Preference Optimization: Your Language Model is "
-                            "Secretly a Reward Model (arXiv 2305.18290)")
+    paper: ClassVar[str] = (
+        "Rafailov et al. 2023, Direct Preference Optimization: Your Language Model is "
+        "Secretly a Reward Model (arXiv 2305.18290)"
+    )
     formula: ClassVar[str] = "L = -(1-e) logsigmoid(beta h) - e logsigmoid(-beta h),  h = s(lr_w) - s(lr_l)"
 
     def __init__(
-        self, beta: float = 0.1, label_smoothing: float = 0.0, divergence: str = "reverse_kl", alpha: float = 0.5
+        self,
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        divergence: str = "reverse_kl",
+        alpha: float = 0.5,
     ) -> None:
         self._setup(beta, divergence, alpha)
         self.label_smoothing = check_number(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from typing import ClassVar, FrozenSet, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
@@ -57,12 +58,13 @@ class DRPOLoss(PPOLoss):
 
     Defaults (Table 5 and the code): ``kl_coef=0.05`` (fixed), ``clip_eps=0.2``, ``value_clip_eps=0.2``,
     ``gamma=1.0``, ``lam=0.95``, ``value_loss_coef=0.1``, ``reset_prob=1.0`` (best of {.25, .5, .75, 1}).
-    Reads the PPO fields of :class:`~prefopt.losses.ppo.PPOLoss` plus ``reset_mask`` ``[N, T]`` (1 on forced prefix tokens).
+    Reads the PPO fields of :class:`~prefopt.losses.ppo.PPOLoss` plus ``reset_mask``
+    ``[N, T]`` (1 on forced prefix tokens).
     Logs the PPO metrics and ``drpo/reset_tokens`` (share of response tokens that were forced).
     """
 
     name: ClassVar[str] = "drpo"
-    needs: ClassVar[FrozenSet[str]] = frozenset({"reference", "online", "reward", "resets"})
+    needs: ClassVar[frozenset[str]] = frozenset({"reference", "online", "reward", "resets"})
     step: ClassVar[str] = "ppo_resets"
     summary: ClassVar[str] = (
         "DR-PO (Chang et al. 2024): PPO with rollouts reset to prefixes of dataset responses"

@@ -30,17 +30,30 @@ class EXOPairLoss(RewardDifferenceLoss):
 
     name: ClassVar[str] = "exo_pair"
     summary: ClassVar[str] = "EXO-pair: KL(softmax(beta*lr) || (1-e, e)) over the pair"
-    paper: ClassVar[str] = ("Ji et al. 2024, Towards Efficient Exact Optimization of Language Model Alignment "
-                            "(arXiv 2402.00856)")
-    formula: ClassVar[str] = ("L = sigmoid(z)(logsigmoid(z) - log(1-e)) + sigmoid(-z)(logsigmoid(-z) - log e),  "
-                              "z = beta (s(lr_w) - s(lr_l))")
+    paper: ClassVar[str] = (
+        "Ji et al. 2024, Towards Efficient Exact Optimization of Language Model Alignment (arXiv 2402.00856)"
+    )
+    formula: ClassVar[str] = (
+        "L = sigmoid(z)(logsigmoid(z) - log(1-e)) + sigmoid(-z)(logsigmoid(-z) - log e),  "
+        "z = beta (s(lr_w) - s(lr_l))"
+    )
 
     def __init__(
-        self, beta: float = 0.1, label_smoothing: float = 1e-3, divergence: str = "reverse_kl", alpha: float = 0.5
+        self,
+        beta: float = 0.1,
+        label_smoothing: float = 1e-3,
+        divergence: str = "reverse_kl",
+        alpha: float = 0.5,
     ) -> None:
         self._setup(beta, divergence, alpha)
         self.label_smoothing = check_number(
-            self.name, "label_smoothing", label_smoothing, low=0.0, high=0.5, low_open=True, high_open=True,
+            self.name,
+            "label_smoothing",
+            label_smoothing,
+            low=0.0,
+            high=0.5,
+            low_open=True,
+            high_open=True,
             hint="EXO's target gives the rejected response probability e; e = 0 makes the loss infinite.",
         )
 

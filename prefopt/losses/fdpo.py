@@ -45,8 +45,10 @@ class FDPOLoss(RewardDifferenceLoss):
 
     name: ClassVar[str] = "fdpo"
     summary: ClassVar[str] = "f-DPO: DPO with reverse/forward KL, JS or alpha divergence"
-    paper: ClassVar[str] = ("Wang et al. 2023, Beyond Reverse KL: Generalizing Direct Preference Optimization "
-                            "with Diverse Divergence Constraints (arXiv 2309.16240)")
+    paper: ClassVar[str] = (
+        "Wang et al. 2023, Beyond Reverse KL: Generalizing Direct Preference Optimization "
+        "with Diverse Divergence Constraints (arXiv 2309.16240)"
+    )
     formula: ClassVar[str] = "L = -logsigmoid(beta (s(lr_w) - s(lr_l))),  s(lr) = f'(exp(lr))"
 
     def __init__(self, beta: float = 0.1, divergence: str = "reverse_kl", alpha: float = 0.5) -> None:

@@ -24,8 +24,10 @@ class HingeLoss(RewardDifferenceLoss):
 
     name: ClassVar[str] = "hinge"
     summary: ClassVar[str] = "SLiC hinge: max(0, 1 - beta*(lr_w - lr_l))"
-    paper: ClassVar[str] = ("Zhao et al. 2023, SLiC-HF: Sequence Likelihood Calibration with Human Feedback "
-                            "(arXiv 2305.10425); reference form of Liu et al. 2023 (RSO, arXiv 2309.06657)")
+    paper: ClassVar[str] = (
+        "Zhao et al. 2023, SLiC-HF: Sequence Likelihood Calibration with Human Feedback "
+        "(arXiv 2305.10425); reference form of Liu et al. 2023 (RSO, arXiv 2309.06657)"
+    )
     formula: ClassVar[str] = "L = max(0, 1 - beta (s(lr_w) - s(lr_l)))"
 
     def __init__(self, beta: float = 0.1, divergence: str = "reverse_kl", alpha: float = 0.5) -> None:

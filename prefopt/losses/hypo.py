@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, FrozenSet
+from typing import ClassVar
 
 import torch
 
@@ -52,7 +52,7 @@ class HyPOLoss(PreferenceLoss):
     """
 
     name: ClassVar[str] = "hypo"
-    needs: ClassVar[FrozenSet[str]] = frozenset({"reference", "online"})
+    needs: ClassVar[frozenset[str]] = frozenset({"reference", "online"})
     step: ClassVar[str] = "pairs+samples"
     summary: ClassVar[str] = "HyPO (Song et al. 2024): offline DPO + kl_coef * KL(pi||ref) on online samples"
     paper: ClassVar[str] = (
@@ -60,8 +60,7 @@ class HyPOLoss(PreferenceLoss):
         " 2406.01462)"
     )
     formula: ClassVar[str] = (
-        "L = L_DPO + kl_coef KL(pi || pi_ref), KL estimated on policy samples (RLOO score-function "
-        "gradient)"
+        "L = L_DPO + kl_coef KL(pi || pi_ref), KL estimated on policy samples (RLOO score-function gradient)"
     )
 
     def __init__(self, beta: float = 0.1, kl_coef: float = 0.1, samples_per_prompt: int = 2) -> None:

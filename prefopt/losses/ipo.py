@@ -29,8 +29,10 @@ class IPOLoss(RewardDifferenceLoss):
 
     name: ClassVar[str] = "ipo"
     summary: ClassVar[str] = "IPO: (lr_w/|y_w| - lr_l/|y_l| - 1/(2 beta))^2, no overfitting to the margin"
-    paper: ClassVar[str] = ("Azar et al. 2023, A General Theoretical Paradigm to Understand Learning from Human "
-                            "Preferences (arXiv 2310.12036)")
+    paper: ClassVar[str] = (
+        "Azar et al. 2023, A General Theoretical Paradigm to Understand Learning from Human "
+        "Preferences (arXiv 2310.12036)"
+    )
     formula: ClassVar[str] = "L = (s(lr_w)/|y_w| - s(lr_l)/|y_l| - 1/(2 beta))^2"
     uses_lengths: ClassVar[bool] = True
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, ClassVar, FrozenSet, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
@@ -75,12 +75,14 @@ class MixtureLoss(PreferenceLoss):
             self.parts.append((prefix, float(weight), loss))
         if all(loss.step != "pairs" for _, _, loss in self.parts):
             raise ValueError(f"{self.name}: at least one part must be a preference loss (not only sft)")
-        self.needs: FrozenSet[str] = frozenset().union(*(loss.needs for _, _, loss in self.parts))
+        self.needs: frozenset[str] = frozenset().union(*(loss.needs for _, _, loss in self.parts))
 
     @property
     def mix(self) -> list[dict[str, Any]]:
         """The parts with every parameter resolved (for config.yaml)."""
-        return [{"name": loss.name, "weight": weight, **loss.hyperparameters()} for _, weight, loss in self.parts]
+        return [
+            {"name": loss.name, "weight": weight, **loss.hyperparameters()} for _, weight, loss in self.parts
+        ]
 
     def implicit_reward(self) -> Optional[ImplicitReward]:
         return next((r for r in (loss.implicit_reward() for _, _, loss in self.parts) if r is not None), None)

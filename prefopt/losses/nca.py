@@ -27,8 +27,10 @@ class NCAPairLoss(RewardDifferenceLoss):
 
     name: ClassVar[str] = "nca_pair"
     summary: ClassVar[str] = "NCA-pair: -logsig(r_w) - 0.5 logsig(-r_w) - 0.5 logsig(-r_l), r = beta*lr"
-    paper: ClassVar[str] = ("Chen et al. 2024, Noise Contrastive Alignment of Language Models with Explicit "
-                            "Rewards (arXiv 2402.05369)")
+    paper: ClassVar[str] = (
+        "Chen et al. 2024, Noise Contrastive Alignment of Language Models with Explicit "
+        "Rewards (arXiv 2402.05369)"
+    )
     formula: ClassVar[str] = (
         "L = -logsigmoid(r_w) - 0.5 logsigmoid(-r_w) - 0.5 logsigmoid(-r_l),  r = beta lr"
     )

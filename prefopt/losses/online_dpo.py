@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, FrozenSet
+from typing import ClassVar
 
 import torch
 
@@ -38,9 +38,11 @@ class OnlineDPOLoss(PreferenceLoss):
     """
 
     name: ClassVar[str] = "online_dpo"
-    needs: ClassVar[FrozenSet[str]] = frozenset({"reference", "online", "preference"})
+    needs: ClassVar[frozenset[str]] = frozenset({"reference", "online", "preference"})
     step: ClassVar[str] = "online_policy_pairs"
-    summary: ClassVar[str] = "Online DPO (Guo et al. 2024; TRL's OnlineDPOTrainer): two policy samples per prompt"
+    summary: ClassVar[str] = (
+        "Online DPO (Guo et al. 2024; TRL's OnlineDPOTrainer): two policy samples per prompt"
+    )
     paper: ClassVar[str] = (
         'Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback", arXiv 2402.04792'
     )
@@ -75,6 +77,10 @@ class OnlineDPOLoss(PreferenceLoss):
             extra["objective/scores_margin"] = (inputs.chosen_scores - inputs.rejected_scores).to(kl.device)
             extra["objective/rlhf_reward"] = scores + non_score
         metrics = pairwise_metrics(
-            self.beta * chosen_logratios, self.beta * rejected_logratios, policy_chosen, policy_rejected, extra
+            self.beta * chosen_logratios,
+            self.beta * rejected_logratios,
+            policy_chosen,
+            policy_rejected,
+            extra,
         )
         return LossOutput(loss=losses.mean(), metrics=metrics)

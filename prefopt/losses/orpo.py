@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, FrozenSet
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +36,17 @@ class ORPOLoss(PreferenceLoss):
     """
 
     name: ClassVar[str] = "orpo"
-    needs: ClassVar[FrozenSet[str]] = frozenset()
+    needs: ClassVar[frozenset[str]] = frozenset()
     step: ClassVar[str] = "pairs"
     summary: ClassVar[str] = "ORPO: reference-free, NLL(y_w) - beta*logsigmoid(log odds ratio)"
-    paper: ClassVar[str] = ("Hong et al. 2024, ORPO: Monolithic Preference Optimization without Reference Model "
-                            "(arXiv 2403.07691)")
-    formula: ClassVar[str] = ("L = NLL(y_w) - beta logsigmoid(log odds(y_w) - log odds(y_l)),  "
-                              "log odds(y) = avg(y) - log(1 - exp(avg(y)))")
+    paper: ClassVar[str] = (
+        "Hong et al. 2024, ORPO: Monolithic Preference Optimization without Reference Model "
+        "(arXiv 2403.07691)"
+    )
+    formula: ClassVar[str] = (
+        "L = NLL(y_w) - beta logsigmoid(log odds(y_w) - log odds(y_l)),  "
+        "log odds(y) = avg(y) - log(1 - exp(avg(y)))"
+    )
 
     def __init__(self, beta: float = 0.1) -> None:
         self.beta = check_number(self.name, "beta", beta, low=0.0, low_open=True)
@@ -54,14 +58,19 @@ class ORPOLoss(PreferenceLoss):
     def forward(self, inputs: LossInputs) -> LossOutput:
         policy_chosen, policy_rejected, _, _ = pair_tensors(self.name, inputs, reference=False)
         chosen_lengths = lengths_as_float(self.name, "chosen_lengths", inputs.chosen_lengths, policy_chosen)
-        rejected_lengths = lengths_as_float(self.name, "rejected_lengths", inputs.rejected_lengths, policy_rejected)
+        rejected_lengths = lengths_as_float(
+            self.name, "rejected_lengths", inputs.rejected_lengths, policy_rejected
+        )
         chosen_avg, rejected_avg = policy_chosen / chosen_lengths, policy_rejected / rejected_lengths
         log_odds = (chosen_avg - rejected_avg) - (log1mexp(chosen_avg) - log1mexp(rejected_avg))
         ratio = F.logsigmoid(log_odds)
         nll = -policy_chosen.sum() / chosen_lengths.sum()
         loss = nll - self.beta * ratio.mean()
         metrics = pairwise_metrics(
-            self.beta * chosen_avg, self.beta * rejected_avg, chosen_avg, rejected_avg,
+            self.beta * chosen_avg,
+            self.beta * rejected_avg,
+            chosen_avg,
+            rejected_avg,
             extra={"sft/nll": nll, "orpo/log_odds_ratio": ratio, "orpo/log_odds": log_odds},
         )
         return LossOutput(loss=loss, metrics=metrics)

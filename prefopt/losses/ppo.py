@@ -11,8 +11,9 @@ masked positions are ignored (they may be garbage, even NaN).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, FrozenSet, Optional
+from typing import ClassVar, Optional
 
 import torch
 
@@ -55,7 +56,6 @@ class TokenRewards:
 def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # torch.where, not x * mask: 0 * NaN (e.g. -inf - -inf at padding) would still be NaN.
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
-
 
 
 def ppo_token_rewards(
@@ -179,9 +179,11 @@ class PPOLoss(PreferenceLoss):
     """
 
     name: ClassVar[str] = "ppo"
-    needs: FrozenSet[str] = frozenset({"reference", "online", "reward"})
+    needs: frozenset[str] = frozenset({"reference", "online", "reward"})
     step: ClassVar[str] = "ppo"
-    summary: ClassVar[str] = "PPO (Schulman et al. 2017) on a sparse reward with a KL penalty to the reference"
+    summary: ClassVar[str] = (
+        "PPO (Schulman et al. 2017) on a sparse reward with a KL penalty to the reference"
+    )
     paper: ClassVar[str] = (
         "Schulman et al. 2017, Proximal Policy Optimization Algorithms (arXiv 1707.06347); RLHF form of "
         "Ziegler et al. 2019 (arXiv 1909.08593)"
@@ -216,10 +218,12 @@ class PPOLoss(PreferenceLoss):
 
     def token_rewards(self, rollout: RolloutTokens, kl_coef: float) -> TokenRewards:
         """Per-token rewards of one rollout batch with the step's current ``kl_coef``."""
-        rewards, kl, rm = ppo_token_rewards(rollout.policy_logps, rollout.reference_logps, rollout.scores,
-                                            rollout.mask, kl_coef=kl_coef)
-        return TokenRewards(rewards, kl, {"ppo/kl": kl.sum(-1), "ppo/score": rm,
-                                          "ppo/total_reward": rewards.sum(-1)})
+        rewards, kl, rm = ppo_token_rewards(
+            rollout.policy_logps, rollout.reference_logps, rollout.scores, rollout.mask, kl_coef=kl_coef
+        )
+        return TokenRewards(
+            rewards, kl, {"ppo/kl": kl.sum(-1), "ppo/score": rm, "ppo/total_reward": rewards.sum(-1)}
+        )
 
     def advantages(
         self,

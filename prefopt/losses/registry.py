@@ -16,8 +16,8 @@ from prefopt.losses.bco import BCOPairLoss
 from prefopt.losses.copg import CoPGLoss
 from prefopt.losses.cpo import CPOLoss
 from prefopt.losses.discopop import DiscoPOPLoss
-from prefopt.losses.drpo import DRPOLoss
 from prefopt.losses.dpo import DPOLoss
+from prefopt.losses.drpo import DRPOLoss
 from prefopt.losses.exo import EXOPairLoss
 from prefopt.losses.fdpo import FDPOLoss
 from prefopt.losses.hinge import HingeLoss
@@ -25,8 +25,8 @@ from prefopt.losses.hypo import HyPOLoss
 from prefopt.losses.ipo import IPOLoss
 from prefopt.losses.mixture import MixtureLoss
 from prefopt.losses.nca import NCAPairLoss
-from prefopt.losses.orpo import ORPOLoss
 from prefopt.losses.online_dpo import OnlineDPOLoss
+from prefopt.losses.orpo import ORPOLoss
 from prefopt.losses.ppo import PPOLoss
 from prefopt.losses.reward_model import RewardModelLoss
 from prefopt.losses.robust import RobustDPOLoss
@@ -43,15 +43,41 @@ from prefopt.losses.xpo import XPOLoss
 _LOSSES: dict[str, type[PreferenceLoss]] = {
     cls.name: cls
     for cls in (
-        DPOLoss, SimPOLoss, FDPOLoss, RPOLoss, HyPOLoss, XPOLoss, OnlineDPOLoss, PPOLoss, RTOLoss, SFTLoss, RewardModelLoss,
-        IPOLoss, HingeLoss, RobustDPOLoss, EXOPairLoss, NCAPairLoss, BCOPairLoss, SPPOHardLoss, AOTLoss,
-        AOTUnpairedLoss, APOZeroLoss, APODownLoss, DiscoPOPLoss, SigmoidNormLoss, ORPOLoss, CPOLoss, MixtureLoss,
+        DPOLoss,
+        SimPOLoss,
+        FDPOLoss,
+        RPOLoss,
+        HyPOLoss,
+        XPOLoss,
+        OnlineDPOLoss,
+        PPOLoss,
+        RTOLoss,
+        SFTLoss,
+        RewardModelLoss,
+        IPOLoss,
+        HingeLoss,
+        RobustDPOLoss,
+        EXOPairLoss,
+        NCAPairLoss,
+        BCOPairLoss,
+        SPPOHardLoss,
+        AOTLoss,
+        AOTUnpairedLoss,
+        APOZeroLoss,
+        APODownLoss,
+        DiscoPOPLoss,
+        SigmoidNormLoss,
+        ORPOLoss,
+        CPOLoss,
+        MixtureLoss,
     )
 }
 _LOSSES.update({cls.name: cls for cls in (CoPGLoss, TPOLoss, TPOLLoss, SRPOLoss, DRPOLoss)})
 
 
-DEFAULT_LOSS = DPOLoss.name  # a recipe without loss.name trains this; diagnose falls back to its implicit reward
+DEFAULT_LOSS = (
+    DPOLoss.name
+)  # a recipe without loss.name trains this; diagnose falls back to its implicit reward
 
 
 def _did_you_mean(word: str, options: list[str]) -> str:

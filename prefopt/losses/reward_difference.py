@@ -13,7 +13,7 @@ A subclass sets ``name``/``summary``/``paper``/``formula``, takes its hyperparam
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, FrozenSet, Optional
+from typing import ClassVar, Optional
 
 import torch
 
@@ -44,11 +44,10 @@ class PairTerms:
         return self.chosen_scores - self.rejected_scores
 
 
-
 class RewardDifferenceLoss(PreferenceLoss):
     """Base of the reference-based pairwise losses; see the module docstring."""
 
-    needs: ClassVar[FrozenSet[str]] = frozenset({"reference"})
+    needs: ClassVar[frozenset[str]] = frozenset({"reference"})
     step: ClassVar[str] = "pairs"
     uses_lengths: ClassVar[bool] = False  # IPO, sigmoid-norm: read chosen/rejected lengths
 
@@ -75,12 +74,19 @@ class RewardDifferenceLoss(PreferenceLoss):
         chosen_logratios = policy_chosen - reference_chosen
         rejected_logratios = policy_rejected - reference_rejected
         terms = PairTerms(
-            policy_chosen, policy_rejected, reference_chosen, reference_rejected, chosen_logratios, rejected_logratios,
+            policy_chosen,
+            policy_rejected,
+            reference_chosen,
+            reference_rejected,
+            chosen_logratios,
+            rejected_logratios,
             divergence_score(chosen_logratios, self.divergence, self.alpha),
             divergence_score(rejected_logratios, self.divergence, self.alpha),
         )
         if self.uses_lengths:
-            terms.chosen_lengths = lengths_as_float(self.name, "chosen_lengths", inputs.chosen_lengths, policy_chosen)
+            terms.chosen_lengths = lengths_as_float(
+                self.name, "chosen_lengths", inputs.chosen_lengths, policy_chosen
+            )
             terms.rejected_lengths = lengths_as_float(
                 self.name, "rejected_lengths", inputs.rejected_lengths, policy_rejected
             )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, FrozenSet
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ class RewardModelLoss(PreferenceLoss):
     """
 
     name: ClassVar[str] = "reward_model"
-    needs: ClassVar[FrozenSet[str]] = frozenset()
+    needs: ClassVar[frozenset[str]] = frozenset()
     step: ClassVar[str] = "reward_pairs"
     summary: ClassVar[str] = "Bradley-Terry reward model: -logsigmoid(s_w - s_l), optional reward centring"
     paper: ClassVar[str] = (

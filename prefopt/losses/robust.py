@@ -29,18 +29,29 @@ class RobustDPOLoss(RewardDifferenceLoss):
 
     name: ClassVar[str] = "robust"
     summary: ClassVar[str] = "Robust DPO: DPO de-biased for a label flip rate e (label_smoothing)"
-    paper: ClassVar[str] = ("Chowdhury et al. 2024, Provably Robust DPO: Aligning Language Models with Noisy "
-                            "Feedback (arXiv 2403.00409)")
+    paper: ClassVar[str] = (
+        "Chowdhury et al. 2024, Provably Robust DPO: Aligning Language Models with Noisy "
+        "Feedback (arXiv 2403.00409)"
+    )
     formula: ClassVar[str] = (
         "L = ((1-e)(-logsigmoid(z)) - e(-logsigmoid(-z))) / (1-2e),  z = beta (s(lr_w) - s(lr_l))"
     )
 
     def __init__(
-        self, beta: float = 0.1, label_smoothing: float = 0.1, divergence: str = "reverse_kl", alpha: float = 0.5
+        self,
+        beta: float = 0.1,
+        label_smoothing: float = 0.1,
+        divergence: str = "reverse_kl",
+        alpha: float = 0.5,
     ) -> None:
         self._setup(beta, divergence, alpha)
         self.label_smoothing = check_number(
-            self.name, "label_smoothing", label_smoothing, low=0.0, high=0.5, high_open=True,
+            self.name,
+            "label_smoothing",
+            label_smoothing,
+            low=0.0,
+            high=0.5,
+            high_open=True,
             hint="It is the probability that a label is flipped; 0.5 divides by zero.",
         )
 

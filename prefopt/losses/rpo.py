@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, FrozenSet
+from typing import ClassVar
 
 from prefopt.losses._checks import check_choice, check_number, lengths_as_float, log_ratios
 from prefopt.losses._metrics import pairwise_metrics
@@ -33,7 +33,7 @@ class RPOLoss(PreferenceLoss):
     """
 
     name: ClassVar[str] = "rpo"
-    needs: ClassVar[FrozenSet[str]] = frozenset({"reference"})
+    needs: ClassVar[frozenset[str]] = frozenset({"reference"})
     step: ClassVar[str] = "pairs"
     summary: ClassVar[str] = "RPO (Liu et al. 2024): DPO + eta * SFT loss on the chosen response"
     paper: ClassVar[str] = (

@@ -6,15 +6,32 @@ with that reward. GAE, whitening and the clipped objective live in ``prefopt/los
 
 from __future__ import annotations
 
-from typing import ClassVar, FrozenSet
+from typing import ClassVar
 
 import torch
 
 from prefopt.losses._checks import check_number, compute_dtype
-from prefopt.losses.ppo import (MAX_LOG_RATIO, RM_SCORE_CLIP, PPOLoss, RolloutTokens, TokenRewards, _masked, gae,
-                                masked_whiten, sequence_mean)
+from prefopt.losses.ppo import (
+    MAX_LOG_RATIO,
+    RM_SCORE_CLIP,
+    PPOLoss,
+    RolloutTokens,
+    TokenRewards,
+    _masked,
+    gae,
+    masked_whiten,
+    sequence_mean,
+)
 
-__all__ = ["MAX_LOG_RATIO", "RM_SCORE_CLIP", "RTOLoss", "gae", "masked_whiten", "rto_token_rewards", "sequence_mean"]
+__all__ = [
+    "MAX_LOG_RATIO",
+    "RM_SCORE_CLIP",
+    "RTOLoss",
+    "gae",
+    "masked_whiten",
+    "rto_token_rewards",
+    "sequence_mean",
+]
 
 
 def rto_token_rewards(
@@ -83,14 +100,13 @@ class RTOLoss(PPOLoss):
     """
 
     name: ClassVar[str] = "rto"
-    needs: FrozenSet[str] = frozenset({"reference", "online", "reward", "dpo_policy"})
+    needs: frozenset[str] = frozenset({"reference", "online", "reward", "dpo_policy"})
     step: ClassVar[str] = "ppo"
     summary: ClassVar[str] = (
         "RTO (Zhong et al. 2024): PPO with dense DPO token rewards + sparse reward-model score"
     )
     paper: ClassVar[str] = (
-        "Zhong et al. 2024, DPO Meets PPO: Reinforced Token Optimization for RLHF (arXiv "
-        "2404.18922)"
+        "Zhong et al. 2024, DPO Meets PPO: Reinforced Token Optimization for RLHF (arXiv 2404.18922)"
     )
     formula: ClassVar[str] = (
         "PPO with token reward clamp(scale (logp_dpo_t - logp_ref_t)) - kl_coef kl_t + [last] "
@@ -131,6 +147,10 @@ class RTOLoss(PPOLoss):
             kl_coef=kl_coef,
             rm_weight=self.rm_weight,
         )
-        metrics = {"rto/dpo_reward": parts["dpo"].sum(-1), "rto/kl": parts["kl"].sum(-1),
-                   "rto/rm_score": parts["rm"], "rto/total_reward": rewards.sum(-1)}
+        metrics = {
+            "rto/dpo_reward": parts["dpo"].sum(-1),
+            "rto/kl": parts["kl"].sum(-1),
+            "rto/rm_score": parts["rm"],
+            "rto/total_reward": rewards.sum(-1),
+        }
         return TokenRewards(rewards, parts["kl"], metrics)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, FrozenSet
+from typing import ClassVar
 
 from prefopt.losses._checks import check_choice, compute_dtype, lengths_as_float
 from prefopt.losses._metrics import batch_means
@@ -24,12 +24,13 @@ class SFTLoss(PreferenceLoss):
         reduction="sequence_mean":  L = mean_i(-logp(y_i) / |y_i|)     (RPO's nll="mean", SimPO's sft_weight)
         reduction="sum":            L = mean_i(-logp(y_i))             (RPO's nll="sum", weight eta * beta)
 
-    Defaults: ``reduction="token_mean"``. Reads: ``policy_chosen_logps`` ``[B]`` (sums) and ``chosen_lengths`` ``[B]`` (zero raises).
+    Defaults: ``reduction="token_mean"``. Reads: ``policy_chosen_logps`` ``[B]`` (sums)
+    and ``chosen_lengths`` ``[B]`` (zero raises).
     Logs: ``sft/nll`` (the loss), ``logps/chosen`` (mean of the per-sequence sums).
     """
 
     name: ClassVar[str] = "sft"
-    needs: ClassVar[FrozenSet[str]] = frozenset()
+    needs: ClassVar[frozenset[str]] = frozenset()
     step: ClassVar[str] = "sft"
     summary: ClassVar[str] = "SFT warm-up: token-mean NLL of the completions (no preference data needed)"
 
@@ -40,7 +41,10 @@ class SFTLoss(PreferenceLoss):
 
     def __init__(self, reduction: str = "token_mean") -> None:
         self.reduction = check_choice(
-            self.name, "reduction", reduction, REDUCTIONS,
+            self.name,
+            "reduction",
+            reduction,
+            REDUCTIONS,
             "token_mean: one mean over all tokens; sequence_mean: per-sequence mean, then over sequences; "
             "sum: per-sequence sum, mean over sequences.",
         )

@@ -30,8 +30,10 @@ class SigmoidNormLoss(RewardDifferenceLoss):
 
     name: ClassVar[str] = "sigmoid_norm"
     summary: ClassVar[str] = "Length-normalised DPO: -logsigmoid(beta*(lr_w/|y_w| - lr_l/|y_l|))"
-    paper: ClassVar[str] = ("Lambert et al. 2024, Tulu 3: Pushing Frontiers in Open Language Model "
-                            "Post-Training (arXiv 2411.15124)")
+    paper: ClassVar[str] = (
+        "Lambert et al. 2024, Tulu 3: Pushing Frontiers in Open Language Model "
+        "Post-Training (arXiv 2411.15124)"
+    )
     formula: ClassVar[str] = "L = -logsigmoid(beta (s(lr_w)/|y_w| - s(lr_l)/|y_l|))"
     uses_lengths: ClassVar[bool] = True
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, FrozenSet, Optional
+from typing import ClassVar, Optional
 
 import torch.nn.functional as F
 
@@ -35,7 +35,7 @@ class SimPOLoss(PreferenceLoss):
     """
 
     name: ClassVar[str] = "simpo"
-    needs: ClassVar[FrozenSet[str]] = frozenset()
+    needs: ClassVar[frozenset[str]] = frozenset()
     step: ClassVar[str] = "pairs"
     summary: ClassVar[str] = (
         "SimPO (Meng et al. 2024): reference-free, -logsigmoid(beta*(avg_w - avg_l) - gamma)"
@@ -45,8 +45,7 @@ class SimPOLoss(PreferenceLoss):
         "(arXiv 2405.14734)"
     )
     formula: ClassVar[str] = (
-        "L = -logsigmoid(beta (avg_w - avg_l) - gamma) + sft_weight (-avg_w),  gamma = beta "
-        "gamma_beta_ratio"
+        "L = -logsigmoid(beta (avg_w - avg_l) - gamma) + sft_weight (-avg_w),  gamma = beta gamma_beta_ratio"
     )
 
     def __init__(

@@ -27,8 +27,9 @@ class SPPOHardLoss(RewardDifferenceLoss):
 
     name: ClassVar[str] = "sppo_hard"
     summary: ClassVar[str] = "SPPO (hard): (lr_w - 1/(2 beta))^2 + (lr_l + 1/(2 beta))^2"
-    paper: ClassVar[str] = ("Wu et al. 2024, Self-Play Preference Optimization for Language Model Alignment "
-                            "(arXiv 2405.00675)")
+    paper: ClassVar[str] = (
+        "Wu et al. 2024, Self-Play Preference Optimization for Language Model Alignment (arXiv 2405.00675)"
+    )
     formula: ClassVar[str] = "L = (lr_w - 1/(2 beta))^2 + (lr_l + 1/(2 beta))^2"
 
     def __init__(self, beta: float = 0.1) -> None:

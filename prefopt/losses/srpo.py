@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, FrozenSet
+from typing import ClassVar
 
 from prefopt.losses._checks import check_number, compute_dtype, log_ratios
 from prefopt.losses._metrics import pairwise_metrics
@@ -46,7 +46,7 @@ class SRPOLoss(PreferenceLoss):
     """
 
     name: ClassVar[str] = "srpo"
-    needs: ClassVar[FrozenSet[str]] = frozenset({"reference", "revisions"})
+    needs: ClassVar[frozenset[str]] = frozenset({"reference", "revisions"})
     step: ClassVar[str] = "revision_pairs"
     summary: ClassVar[str] = (
         "SRPO (Choi et al. 2025): generator + in-context reviser, (1-alpha)L_gen + alpha*L_imp (squared)"

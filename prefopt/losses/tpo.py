@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, FrozenSet
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,7 @@ class TPOLoss(PreferenceLoss):
     """
 
     name: ClassVar[str] = "tpo"
-    needs: ClassVar[FrozenSet[str]] = frozenset({"gold"})
+    needs: ClassVar[frozenset[str]] = frozenset({"gold"})
     step: ClassVar[str] = "triples"
     summary: ClassVar[str] = (
         "TPO (Saeidi et al. 2024): reference-free, -logsigmoid(beta*(logp_w - logp_l)) + alpha*NLL(gold)"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, FrozenSet
+from typing import ClassVar
 
 import torch
 
@@ -36,15 +36,14 @@ class XPOLoss(PreferenceLoss):
     """
 
     name: ClassVar[str] = "xpo"
-    needs: FrozenSet[str] = frozenset({"reference", "online", "preference"})
+    needs: frozenset[str] = frozenset({"reference", "online", "preference"})
     step: ClassVar[str] = "online_pairs"
     summary: ClassVar[str] = (
         "XPO (Xie et al. 2024): online DPO + alpha * logp(reference sample) exploration bonus"
     )
     paper: ClassVar[str] = "Xie et al. 2024, Exploratory Preference Optimization (arXiv 2405.21046)"
     formula: ClassVar[str] = (
-        "L = -logsigmoid(beta (lr_w - lr_l)) + alpha logp_pi(y_ref), pairs ordered by the reward "
-        "layer"
+        "L = -logsigmoid(beta (lr_w - lr_l)) + alpha logp_pi(y_ref), pairs ordered by the reward layer"
     )
 
     def __init__(self, beta: float = 0.1, alpha: float = 1e-5) -> None:

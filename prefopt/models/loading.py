@@ -20,8 +20,14 @@ except ImportError:  # pragma: no cover - safetensors is a transformers dependen
     SafetensorError = OSError
 
 # Any one of these makes a directory loadable by AutoTokenizer.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                    "spiece.model")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -41,32 +47,50 @@ def _first_line(error: BaseException) -> str:
 
 def _check_exists(name_or_path: str, key: str) -> None:
     """A path-looking name that does not exist is a user error, not a hub lookup that fails offline later."""
-    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists() or name_or_path.count("/") > 1
+    looks_local = (
+        name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists() or name_or_path.count("/") > 1
+    )
     if looks_local and not Path(name_or_path).expanduser().exists():
         raise ConfigError(f"{key}: model path '{name_or_path}' does not exist")
 
 
-def load_tokenizer(name_or_path: str, *, revision: Optional[str] = None, trust_remote_code: bool = False,
-                   key: str = "model.name_or_path"):
+def load_tokenizer(
+    name_or_path: str,
+    *,
+    revision: Optional[str] = None,
+    trust_remote_code: bool = False,
+    key: str = "model.name_or_path",
+):
     from transformers import AutoTokenizer
 
     _check_exists(name_or_path, key)
     local = Path(name_or_path).expanduser()
     if local.is_dir() and not any((local / name).is_file() for name in _TOKENIZER_FILES):
-        raise ConfigError(f"{key}: '{name_or_path}' has no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}...); "
-                          "save the tokenizer next to the model with tokenizer.save_pretrained(path)")
+        raise ConfigError(
+            f"{key}: '{name_or_path}' has no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}...); "
+            "save the tokenizer next to the model with tokenizer.save_pretrained(path)"
+        )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as error:  # transformers raises ValueError for unusable tokenizer files
-        raise ConfigError(f"{key}: cannot load a tokenizer from '{name_or_path}': {_first_line(error)}") from None
+        tokenizer = AutoTokenizer.from_pretrained(
+            name_or_path, revision=revision, trust_remote_code=trust_remote_code
+        )
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+    ) as error:  # transformers raises ValueError for unusable tokenizer files
+        raise ConfigError(
+            f"{key}: cannot load a tokenizer from '{name_or_path}': {_first_line(error)}"
+        ) from None
     if tokenizer.pad_token_id is None:
         # Padding is masked out explicitly everywhere (completion masks), so reusing EOS as pad is safe.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_causal_lm(name_or_path: str, model_cfg: ModelConfig, *, key: str = "model.name_or_path",
-                   for_training: bool = True):
+def load_causal_lm(
+    name_or_path: str, model_cfg: ModelConfig, *, key: str = "model.name_or_path", for_training: bool = True
+):
     """An ``AutoModelForCausalLM`` with the recipe's dtype and attention implementation, dropout disabled.
 
     Dropout is off in the policy and the reference (docs/losses.md, Conventions): with it on,
@@ -85,8 +109,14 @@ def load_causal_lm(name_or_path: str, model_cfg: ModelConfig, *, key: str = "mod
         kwargs["attn_implementation"] = model_cfg.attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError, SafetensorError) as error:  # missing/unknown files, unknown architecture, cut file
-        raise ConfigError(f"{key}: cannot load a causal LM from '{name_or_path}': {_first_line(error)}") from None
+    except (
+        OSError,
+        ValueError,
+        SafetensorError,
+    ) as error:  # missing/unknown files, unknown architecture, cut file
+        raise ConfigError(
+            f"{key}: cannot load a causal LM from '{name_or_path}': {_first_line(error)}"
+        ) from None
     disable_dropout(model)
     if for_training and model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

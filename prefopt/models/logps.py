@@ -81,8 +81,9 @@ def _softcap(model: torch.nn.Module) -> Optional[float]:
     return getattr(getattr(base, "config", None), "final_logit_softcapping", None) or None
 
 
-def _head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                softcap: Optional[float] = None) -> torch.Tensor:
+def _head_logps(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: Optional[float] = None
+) -> torch.Tensor:
     logits = head(hidden).float()
     if softcap:  # Gemma-2 (transformers Gemma2ForCausalLM.forward): cap * tanh(logits / cap), in fp32 here
         logits = torch.tanh(logits / softcap) * softcap
@@ -129,7 +130,9 @@ def _keep_budget_bytes() -> int:
 
 
 MIN_VOCAB_TILE = 4096  # narrower tiles make the head's GEMMs too thin to run at full speed
-BLOCK_MB = 32  # default cap on one fp32 logits block (PREFOPT_LOGPS_BLOCK_MB); docs/performance.md has the A/B
+BLOCK_MB = (
+    32  # default cap on one fp32 logits block (PREFOPT_LOGPS_BLOCK_MB); docs/performance.md has the A/B
+)
 
 
 def _block_shape(rows: int, chunk_size: int, vocab: int, keep: bool = False) -> tuple[int, int]:
@@ -224,8 +227,10 @@ class _FusedHeadLogps(torch.autograd.Function):
         hidden, weight, bias, targets, log_norm = ctx.saved_tensors
         kept, ctx.kept = ctx.kept, None
         if ctx.consumed:
-            raise RuntimeError("the fused lm-head backward ran twice: its kept probabilities were consumed; "
-                               "set PREFOPT_LOGPS_KEEP_MB=0 to backpropagate through it more than once")
+            raise RuntimeError(
+                "the fused lm-head backward ran twice: its kept probabilities were consumed; "
+                "set PREFOPT_LOGPS_KEEP_MB=0 to backpropagate through it more than once"
+            )
         chunk, tile = ctx.shape
         tiles = _tiles(weight.shape[0], tile)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -257,7 +262,9 @@ class _FusedHeadLogps(torch.autograd.Function):
                     # fp32 master weight under autocast: one fp32 GEMM, no bf16 rounding of per-block partials
                     grad_weight[lo:hi].addmm_(block.t(), row_hidden.float())
                 elif need_weight:
-                    grad_weight[lo:hi] += (grad_block.t() @ row_hidden).float()  # half GEMM, fp32 accumulation
+                    grad_weight[lo:hi] += (
+                        grad_block.t() @ row_hidden
+                    ).float()  # half GEMM, fp32 accumulation
                 if grad_bias is not None:
                     grad_bias[lo:hi] += block.sum(0)
                 del block, grad_block
@@ -312,7 +319,8 @@ def _model_attention_mask(model: torch.nn.Module, attention_bias: torch.Tensor, 
         return None
     if impl == "eager" and attention_bias.dtype == torch.bool:
         return torch.zeros(attention_bias.shape, dtype=dtype, device=attention_bias.device).masked_fill_(
-            ~attention_bias, torch.finfo(dtype).min)
+            ~attention_bias, torch.finfo(dtype).min
+        )
     return attention_bias
 
 
@@ -342,8 +350,15 @@ def completion_token_logps(
 
         layout = pair_layout(input_ids, attention_mask, completion_mask) if can_share_prompt(model) else None
         if layout is not None:
-            return shared_prompt_token_logps(model, input_ids, attention_mask, completion_mask, layout,
-                                             chunk_size=chunk_size, head_impl=head_impl)
+            return shared_prompt_token_logps(
+                model,
+                input_ids,
+                attention_mask,
+                completion_mask,
+                layout,
+                chunk_size=chunk_size,
+                head_impl=head_impl,
+            )
     labels = input_ids[:, 1:]
     mask = completion_mask[:, 1:].to(torch.float32)
     model_mask = attention_mask
@@ -351,13 +366,16 @@ def completion_token_logps(
         model_mask = _model_attention_mask(model, attention_bias, _param_dtype(model))
     parts = _split_model(model) if chunk_size is not None else None
     if parts is None:
-        logits = model(input_ids=input_ids, attention_mask=model_mask, position_ids=position_ids, use_cache=False).logits
+        logits = model(
+            input_ids=input_ids, attention_mask=model_mask, position_ids=position_ids, use_cache=False
+        ).logits
         logps = torch.gather(F.log_softmax(logits[:, :-1].float(), dim=-1), 2, labels[..., None]).squeeze(-1)
         return TokenLogps(logps * mask, mask)
 
     decoder, head = parts
-    hidden = decoder(input_ids=input_ids, attention_mask=model_mask, position_ids=position_ids,
-                     use_cache=False).last_hidden_state
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=model_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
     rows, cols = completion_mask[:, 1:].nonzero(as_tuple=True)  # positions t+1 holding a completion token
     selected = hidden[rows, cols]  # hidden state at t predicts token t+1
     flat = head_token_logps(head, selected, labels[rows, cols], chunk_size, head_impl, _softcap(model))
@@ -365,8 +383,14 @@ def completion_token_logps(
     return TokenLogps(token_logps.index_put((rows, cols), flat), mask)
 
 
-def head_token_logps(head: torch.nn.Module, selected: torch.Tensor, targets: torch.Tensor, chunk_size: int,
-                     head_impl: Optional[str] = None, softcap: Optional[float] = None) -> torch.Tensor:
+def head_token_logps(
+    head: torch.nn.Module,
+    selected: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int,
+    head_impl: Optional[str] = None,
+    softcap: Optional[float] = None,
+) -> torch.Tensor:
     """``log_softmax(head(selected))[targets]`` in fp32 for ``[n, H]`` predictor rows, ``[n]``, block by block.
 
     The chunked lm head shared by :func:`completion_token_logps` and the shared-prompt path
@@ -384,17 +408,26 @@ def head_token_logps(head: torch.nn.Module, selected: torch.Tensor, targets: tor
             return _fused_head_autocast(selected, head.weight, head.bias, targets, shape, keep)
         # reference model / evaluation: nothing to keep for backward
         with _head_precision(selected) as cast:
-            return _fused_head_forward(*cast(selected, head.weight, head.bias), targets,
-                                       _block_shape(count, chunk_size, vocab))[0]
+            return _fused_head_forward(
+                *cast(selected, head.weight, head.bias), targets, _block_shape(count, chunk_size, vocab)
+            )[0]
     pieces = []
     for start in range(0, selected.shape[0], chunk_size):
-        chunk = selected[start:start + chunk_size]
+        chunk = selected[start : start + chunk_size]
         if torch.is_grad_enabled() and chunk.requires_grad and not _zero3_frozen(head):
             # Recompute this chunk's logits in backward instead of keeping [chunk, vocab] floats alive.
-            pieces.append(checkpoint(_head_logps, head, chunk, targets[start:start + chunk_size], softcap,
-                                     use_reentrant=False))
+            pieces.append(
+                checkpoint(
+                    _head_logps,
+                    head,
+                    chunk,
+                    targets[start : start + chunk_size],
+                    softcap,
+                    use_reentrant=False,
+                )
+            )
         else:
-            pieces.append(_head_logps(head, chunk, targets[start:start + chunk_size], softcap))
+            pieces.append(_head_logps(head, chunk, targets[start : start + chunk_size], softcap))
     return torch.cat(pieces) if pieces else selected.new_zeros(0, dtype=torch.float32)
 
 
@@ -420,8 +453,13 @@ def sequence_totals(logps: TokenLogps, batch: dict) -> tuple[torch.Tensor, torch
 class CompletionLogpModel(torch.nn.Module):
     """``forward(batch-like kwargs) -> TokenLogps``; the module accelerate prepares for training."""
 
-    def __init__(self, model: torch.nn.Module, chunk_size: Optional[int] = 1024, head_impl: Optional[str] = None,
-                 share_prompt: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        chunk_size: Optional[int] = 1024,
+        head_impl: Optional[str] = None,
+        share_prompt: bool = False,
+    ):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
@@ -438,10 +476,23 @@ class CompletionLogpModel(torch.nn.Module):
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         return getattr(inner, "_no_split_modules", None)
 
-    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, attention_bias=None,
-                share_prompt: Optional[bool] = None) -> TokenLogps:
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        completion_mask,
+        position_ids=None,
+        attention_bias=None,
+        share_prompt: Optional[bool] = None,
+    ) -> TokenLogps:
         return completion_token_logps(
-            self.model, input_ids, attention_mask, completion_mask,
-            chunk_size=self.chunk_size, position_ids=position_ids, attention_bias=attention_bias,
-            head_impl=self.head_impl, share_prompt=self.share_prompt if share_prompt is None else share_prompt,
+            self.model,
+            input_ids,
+            attention_mask,
+            completion_mask,
+            chunk_size=self.chunk_size,
+            position_ids=position_ids,
+            attention_bias=attention_bias,
+            head_impl=self.head_impl,
+            share_prompt=self.share_prompt if share_prompt is None else share_prompt,
         )

@@ -15,8 +15,9 @@ import contextlib
 import hashlib
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -33,8 +34,13 @@ class Reference:
     supports_online = False
 
     def pair_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        logps = self.token_logps(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                                 position_ids=batch.get("position_ids"), attention_bias=batch.get("attention_bias"))
+        logps = self.token_logps(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["completion_mask"],
+            position_ids=batch.get("position_ids"),
+            attention_bias=batch.get("attention_bias"),
+        )
         sums, _ = sequence_totals(logps, batch)
         half = sums.shape[0] // 2
         return sums[:half], sums[half:]
@@ -42,8 +48,13 @@ class Reference:
     def group_logps(self, batch: dict, groups: int) -> torch.Tensor:
         """``[groups, B]`` sums for a batch whose ``input_ids`` stack ``groups`` row groups of B sequences (triples,
         SRPO's revision sequences); ``pair_logps`` is the first two groups."""
-        logps = self.token_logps(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                                 position_ids=batch.get("position_ids"), attention_bias=batch.get("attention_bias"))
+        logps = self.token_logps(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["completion_mask"],
+            position_ids=batch.get("position_ids"),
+            attention_bias=batch.get("attention_bias"),
+        )
         sums, _ = sequence_totals(logps, batch)
         return sums.view(groups, -1)
 
@@ -62,8 +73,13 @@ class ModelReference(Reference):
     mode = "model"
     supports_online = True
 
-    def __init__(self, model: torch.nn.Module, chunk_size: Optional[int], autocast: Callable = contextlib.nullcontext,
-                 share_prompt: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        chunk_size: Optional[int],
+        autocast: Callable = contextlib.nullcontext,
+        share_prompt: bool = False,
+    ):
         # ``autocast``: the policy's mixed-precision context (``accelerator.autocast``); the policy runs under it
         # (accelerate wraps the prepared forward), so the reference must too, or DPO does not start at ln 2.
         self.autocast = autocast
@@ -72,14 +88,17 @@ class ModelReference(Reference):
         self.engine = model
         self.model = getattr(model, "module", model)
         self.chunk_size = chunk_size
-        self.share_prompt = share_prompt  # pair batches: each prompt through the decoder once (prefix_sharing.py)
+        self.share_prompt = (
+            share_prompt  # pair batches: each prompt through the decoder once (prefix_sharing.py)
+        )
 
     @torch.no_grad()
     def token_logps(self, input_ids, attention_mask, completion_mask, **kwargs) -> TokenLogps:
         kwargs.setdefault("share_prompt", self.share_prompt)
         with self.autocast():
-            return completion_token_logps(self.model, input_ids, attention_mask, completion_mask,
-                                          chunk_size=self.chunk_size, **kwargs)
+            return completion_token_logps(
+                self.model, input_ids, attention_mask, completion_mask, chunk_size=self.chunk_size, **kwargs
+            )
 
 
 class AdapterReference(Reference):
@@ -88,20 +107,30 @@ class AdapterReference(Reference):
     mode = "adapter"
     supports_online = True
 
-    def __init__(self, get_peft_model: Callable[[], torch.nn.Module], chunk_size: Optional[int],
-                 autocast: Callable = contextlib.nullcontext, share_prompt: bool = False):
-        self._get_peft_model = get_peft_model  # unwrapped lazily: accelerate may rewrap the policy after setup
+    def __init__(
+        self,
+        get_peft_model: Callable[[], torch.nn.Module],
+        chunk_size: Optional[int],
+        autocast: Callable = contextlib.nullcontext,
+        share_prompt: bool = False,
+    ):
+        self._get_peft_model = (
+            get_peft_model  # unwrapped lazily: accelerate may rewrap the policy after setup
+        )
         self.chunk_size = chunk_size
         self.autocast = autocast  # the unwrapped model runs outside accelerate's autocast wrapper
-        self.share_prompt = share_prompt  # pair batches: each prompt through the decoder once (prefix_sharing.py)
+        self.share_prompt = (
+            share_prompt  # pair batches: each prompt through the decoder once (prefix_sharing.py)
+        )
 
     @torch.no_grad()
     def token_logps(self, input_ids, attention_mask, completion_mask, **kwargs) -> TokenLogps:
         kwargs.setdefault("share_prompt", self.share_prompt)
         peft_model = self._get_peft_model()
         with peft_model.disable_adapter(), self.autocast():
-            return completion_token_logps(peft_model, input_ids, attention_mask, completion_mask,
-                                          chunk_size=self.chunk_size, **kwargs)
+            return completion_token_logps(
+                peft_model, input_ids, attention_mask, completion_mask, chunk_size=self.chunk_size, **kwargs
+            )
 
 
 class PrecomputedReference(Reference):
@@ -165,7 +194,7 @@ def precompute_table(
     # result): a ZeRO-3 reference gathers each layer's partitions collectively, and one rank short would hang all.
     per_rank = math.ceil(total / accelerator.num_processes)
     for start in range(0, per_rank, batch_size):
-        rows = own[start:start + batch_size]
+        rows = own[start : start + batch_size]
         batch = collator([dataset[i] for i in (rows or own[:batch_size] or [0])])
         batch = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         if groups == 2:

@@ -28,9 +28,9 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from prefopt.models.logps import completion_token_logps
 from prefopt.errors import ConfigError, DataError
 from prefopt.models.loading import _check_exists, load_tokenizer, resolve_dtype
+from prefopt.models.logps import completion_token_logps
 
 
 @runtime_checkable
@@ -109,7 +109,9 @@ def _right_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor
     return input_ids.to(device), attention_mask.to(device)
 
 
-def _completion_token_logps(model, input_ids, attention_mask, completion_mask) -> tuple[torch.Tensor, torch.Tensor]:
+def _completion_token_logps(
+    model, input_ids, attention_mask, completion_mask
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs ``[N, L-1]`` (label-aligned, docs/losses.md) and their mask, via the shared
     chunked implementation the trainer uses."""
     logps = completion_token_logps(model, input_ids, attention_mask, completion_mask)

@@ -9,8 +9,9 @@ that nothing needs the Hub.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 # A ChatML-style template: every message is "<|im_start|>role\ncontent<|im_end|>\n"; the generation prompt opens
 # an assistant turn. The assistant turn ends with <|im_end|>, which is also the EOS token, so a completion's
@@ -75,8 +76,16 @@ def train_tiny_tokenizer(corpus: Optional[Iterable[str]] = None, vocab_size: int
     return wrapped
 
 
-def tiny_llama_config(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-                      intermediate_size: int = 256, max_position_embeddings: int = 1024, **extra):
+def tiny_llama_config(
+    tokenizer,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 256,
+    max_position_embeddings: int = 1024,
+    **extra,
+):
     """The ``LlamaConfig`` of the tiny models (causal LM and reward model), sized to ``tokenizer``."""
     from transformers import LlamaConfig
 
@@ -122,8 +131,14 @@ def build_tiny_model(
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer is None:
         tokenizer = train_tiny_tokenizer(corpus, vocab_size=vocab_size)
-    config = tiny_llama_config(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                               intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings)
+    config = tiny_llama_config(
+        tokenizer,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -156,10 +171,18 @@ def build_tiny_reward_model(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(seed)
     if init_from is not None:
-        model = AutoModelForSequenceClassification.from_pretrained(init_from, num_labels=1, pad_token_id=pad_id)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            init_from, num_labels=1, pad_token_id=pad_id
+        )
     else:
-        config = tiny_llama_config(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                                   intermediate_size=intermediate_size, num_labels=1)
+        config = tiny_llama_config(
+            tokenizer,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            intermediate_size=intermediate_size,
+            num_labels=1,
+        )
         model = AutoModelForSequenceClassification.from_config(config)
     model.config.pad_token_id = pad_id
     model.save_pretrained(out, safe_serialization=True)

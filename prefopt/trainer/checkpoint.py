@@ -42,7 +42,9 @@ class TrainerState:
     batches_in_epoch: int = 0  # micro-batches this rank consumed in the current epoch
     skipped_steps: int = 0
     consecutive_skipped: int = 0
-    step_state: dict = field(default_factory=dict)  # the step kind's own state (PPO: the adaptive KL coefficient)
+    step_state: dict = field(
+        default_factory=dict
+    )  # the step kind's own state (PPO: the adaptive KL coefficient)
 
 
 def state_from_json(saved: dict) -> TrainerState:
@@ -86,8 +88,11 @@ def _safetensors_problem(path: Path) -> Optional[str]:
             header = json.loads(handle.read(header_len))
     except (OSError, ValueError) as error:
         return f"{path.name} has an unreadable safetensors header ({error})"
-    ends = [entry["data_offsets"][1] for key, entry in header.items()
-            if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+    ends = [
+        entry["data_offsets"][1]
+        for key, entry in header.items()
+        if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry
+    ]
     expected = 8 + header_len + max(ends, default=0)
     if size < expected:
         return f"{path.name} is truncated ({size} of {expected} bytes)"
@@ -144,23 +149,34 @@ def resolve_resume(resume_from: Optional[str], output_dir: Path) -> Optional[Pat
             problem = checkpoint_problem(path)
             if problem is None:
                 for bad, why in skipped:
-                    logger.warning("train.resume_from=latest: %s is unusable (%s); resuming from %s, the newest "
-                                   "complete checkpoint that loads", bad, why, path.name)
+                    logger.warning(
+                        "train.resume_from=latest: %s is unusable (%s); resuming from %s, the newest "
+                        "complete checkpoint that loads",
+                        bad,
+                        why,
+                        path.name,
+                    )
                 return path
             skipped.append((path.name, problem))
         if skipped:
             listed = "; ".join(f"{name}: {why}" for name, why in skipped)
-            raise ConfigError(f"train.resume_from=latest: no checkpoint in {output_dir} can be loaded ({listed}); "
-                              "set overwrite_output_dir=true to start over")
+            raise ConfigError(
+                f"train.resume_from=latest: no checkpoint in {output_dir} can be loaded ({listed}); "
+                "set overwrite_output_dir=true to start over"
+            )
         return None  # nothing saved yet: start fresh
     path = Path(resume_from)
     if not (path / STATE_FILE).is_file():
-        raise ConfigError(f"train.resume_from: '{resume_from}' is not a complete prefopt checkpoint "
-                          f"(no {STATE_FILE}); use 'latest' or a checkpoint-<step> directory")
+        raise ConfigError(
+            f"train.resume_from: '{resume_from}' is not a complete prefopt checkpoint "
+            f"(no {STATE_FILE}); use 'latest' or a checkpoint-<step> directory"
+        )
     problem = checkpoint_problem(path)
     if problem:
-        raise ConfigError(f"train.resume_from: checkpoint {path} cannot be loaded: {problem}; pick another "
-                          "checkpoint (train.resume_from=latest takes the newest one that loads)")
+        raise ConfigError(
+            f"train.resume_from: checkpoint {path} cannot be loaded: {problem}; pick another "
+            "checkpoint (train.resume_from=latest takes the newest one that loads)"
+        )
     return path
 
 
@@ -185,7 +201,9 @@ def clean_leftovers(output_dir: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def save_checkpoint(accelerator, output_dir: Path, state: TrainerState, save_total_limit: Optional[int]) -> Path:
+def save_checkpoint(
+    accelerator, output_dir: Path, state: TrainerState, save_total_limit: Optional[int]
+) -> Path:
     final = output_dir / f"checkpoint-{state.global_step}"
     partial = output_dir / f"checkpoint-{state.global_step}.partial"
     if accelerator.is_main_process and partial.exists():
@@ -216,16 +234,27 @@ def load_checkpoint(accelerator, path: Path) -> TrainerState:
         accelerator.load_state(str(path))
     except torch.OutOfMemoryError:
         raise
-    except (RuntimeError, KeyError, ValueError, EOFError, OSError, zipfile.BadZipFile,
-            pickle.UnpicklingError) as error:
+    except (
+        RuntimeError,
+        KeyError,
+        ValueError,
+        EOFError,
+        OSError,
+        zipfile.BadZipFile,
+        pickle.UnpicklingError,
+    ) as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         detail = next((line for line in lines if "size mismatch" in line or "Missing key" in line), None)
         detail = detail or (lines[0] if lines else type(error).__name__)
         if isinstance(error, pickle.UnpicklingError):  # torch.load(weights_only=True) met a non-tensor object
-            raise ConfigError(f"train.resume_from: {path} holds objects that are not plain tensors and was refused "
-                              f"(weights-only loading): {detail[:200]}") from None
-        raise ConfigError(f"train.resume_from: {path} does not fit this run's model or optimizer: {detail[:300]}; "
-                          "resume with the model and settings that wrote it") from None
+            raise ConfigError(
+                f"train.resume_from: {path} holds objects that are not plain tensors and was refused "
+                f"(weights-only loading): {detail[:200]}"
+            ) from None
+        raise ConfigError(
+            f"train.resume_from: {path} does not fit this run's model or optimizer: {detail[:300]}; "
+            "resume with the model and settings that wrote it"
+        ) from None
     return state_from_json(json.loads((path / STATE_FILE).read_text()))
 
 
@@ -236,24 +265,32 @@ def _check_rng_state(file: Path) -> None:
     from accelerate.utils.other import load
 
     if not file.is_file():
-        raise ConfigError(f"train.resume_from: {file} is missing; the checkpoint cannot restore the random state")
+        raise ConfigError(
+            f"train.resume_from: {file} is missing; the checkpoint cannot restore the random state"
+        )
     try:
         load(file)
     except pickle.UnpicklingError as error:
         first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
-        raise ConfigError(f"train.resume_from: {file} holds objects that are not plain tensors and was refused "
-                          f"(weights-only loading): {first[:200]}") from None
+        raise ConfigError(
+            f"train.resume_from: {file} holds objects that are not plain tensors and was refused "
+            f"(weights-only loading): {first[:200]}"
+        ) from None
     except Exception as error:  # noqa: BLE001 - any failure here would be swallowed by accelerate
-        raise ConfigError(f"train.resume_from: {file} cannot be read ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0][:200] if str(error) else ''})") from None
+        raise ConfigError(
+            f"train.resume_from: {file} cannot be read ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200] if str(error) else ''})"
+        ) from None
 
 
 def last_good_checkpoint_note(output_dir: Path) -> str:
     """The sentence a stopped run ends with: where to resume from, or that nothing was saved."""
     checkpoints = list_checkpoints(Path(output_dir))
     if checkpoints:
-        return (f"The last good checkpoint, {checkpoints[-1]}, is intact; resume from it with "
-                "train.resume_from=latest")
+        return (
+            f"The last good checkpoint, {checkpoints[-1]}, is intact; resume from it with "
+            "train.resume_from=latest"
+        )
     return "No checkpoint was saved in this run (set train.save_steps to keep some)"
 
 

@@ -157,8 +157,11 @@ def ensure_fp32_master_weights(model: torch.nn.Module) -> int:
             parameter.data = parameter.data.float()
             count += 1
     if count:
-        logger.info("%d trainable half-precision parameters kept in fp32 for AdamW (master weights); compute "
-                    "precision follows train.mixed_precision", count)
+        logger.info(
+            "%d trainable half-precision parameters kept in fp32 for AdamW (master weights); compute "
+            "precision follows train.mixed_precision",
+            count,
+        )
     return count
 
 

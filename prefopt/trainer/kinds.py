@@ -20,6 +20,8 @@ def step_kind_for(loss) -> type[StepKind]:
     """The step kind a loss declares (``loss.step``); an unknown kind is a configuration error."""
     kinds = registered_steps()
     if loss.step not in kinds:
-        raise ConfigError(f"loss.name: '{loss.name}' declares step kind '{loss.step}', which is not registered; "
-                          f"registered: {', '.join(sorted(kinds))}")
+        raise ConfigError(
+            f"loss.name: '{loss.name}' declares step kind '{loss.step}', which is not registered; "
+            f"registered: {', '.join(sorted(kinds))}"
+        )
     return kinds[loss.step]

@@ -26,16 +26,23 @@ from prefopt.data.collate import ResetPromptCollator, RevisionPairCollator, Scor
 from prefopt.errors import ConfigError
 from prefopt.trainer import checkpoint as ckpt
 from prefopt.trainer import sparse_embedding
-from prefopt.trainer.distributed import engine_applied_step
 from prefopt.trainer.host_memory import return_freed_memory_to_os
 from prefopt.trainer.kinds import step_kind_for
 from prefopt.trainer.metrics import MetricAverager, RunLogger
 from prefopt.trainer.run_dir import RunDir, run_fingerprint
-from prefopt.trainer.setup import (build_optimizer, build_policy, build_reference, load_run_tokenizer,
-                                   loss_from_config, make_accelerator, precompute_reference, write_run_info)
+from prefopt.trainer.setup import (
+    build_optimizer,
+    build_policy,
+    build_reference,
+    load_run_tokenizer,
+    loss_from_config,
+    make_accelerator,
+    precompute_reference,
+    write_run_info,
+)
 from prefopt.trainer.steps import StepContext
-from prefopt.trainer.updates import TrainedModule, TrainingDiverged, Updater
 from prefopt.trainer.trackers import start_trackers
+from prefopt.trainer.updates import TrainedModule, TrainingDiverged, Updater
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +58,9 @@ class TrainResult:
     eval_metrics: dict = field(default_factory=dict)
 
 
-def collator_for(data_kind: str, pad_token_id: int, packing: bool = False, attn_implementation: str | None = None):
+def collator_for(
+    data_kind: str, pad_token_id: int, packing: bool = False, attn_implementation: str | None = None
+):
     if packing and data_kind == "pairs":
         from prefopt.data.packing import PackedPairCollator
 
@@ -59,12 +68,20 @@ def collator_for(data_kind: str, pad_token_id: int, packing: bool = False, attn_
         # building the [N, N] mask (and moving it to the GPU) would only cost memory.
         uses_mask = not (attn_implementation or "").startswith(("flash", "flex"))
         return PackedPairCollator(pad_token_id, attention_bias=uses_mask)
-    variants = {"scored_pairs": ScoredPairCollator, "triples": TripleCollator, "revision_pairs": RevisionPairCollator}
+    variants = {
+        "scored_pairs": ScoredPairCollator,
+        "triples": TripleCollator,
+        "revision_pairs": RevisionPairCollator,
+    }
     if data_kind in variants:
         return variants[data_kind](pad_token_id)
     if data_kind == "reset_prompts":  # DR-PO: prompts plus the dataset responses rollouts restart from
         return ResetPromptCollator()
-    return {"pairs": PairCollator(pad_token_id), "sft": SFTCollator(pad_token_id), "prompts": PromptCollator()}[data_kind]
+    return {
+        "pairs": PairCollator(pad_token_id),
+        "sft": SFTCollator(pad_token_id),
+        "prompts": PromptCollator(),
+    }[data_kind]
 
 
 def train(config: Config) -> TrainResult:
@@ -103,8 +120,13 @@ class Trainer:
         self.resume_path, self.output_dir = self.run_dir.resume_path, self.run_dir.path
         self.tokenizer = load_run_tokenizer(config)
         step_cls.check_models(config, self.tokenizer)
-        self.bundle = build_datasets(config.data, self.tokenizer, step_cls.data_kind, seed=config.seed,
-                                     cache_dir=str(out_dir.parent / ".prefopt_cache" / "data"))
+        self.bundle = build_datasets(
+            config.data,
+            self.tokenizer,
+            step_cls.data_kind,
+            seed=config.seed,
+            cache_dir=str(out_dir.parent / ".prefopt_cache" / "data"),
+        )
         self.run_dir.open(acc, run_fingerprint(config, self.tokenizer, self.bundle))
         if acc.is_main_process:
             save_config(config, self.output_dir / "config.yaml")
@@ -112,8 +134,12 @@ class Trainer:
             self.bundle.write_report(self.output_dir)
             for line in self.bundle.report.summary_lines():
                 logger.info(line)
-        self.collator = collator_for(step_cls.data_kind, self.tokenizer.pad_token_id, config.data.packing,
-                                     config.model.attn_implementation)
+        self.collator = collator_for(
+            step_cls.data_kind,
+            self.tokenizer.pad_token_id,
+            config.data.packing,
+            config.model.attn_implementation,
+        )
         policy = build_policy(config, step_cls.model_kind, self.tokenizer)
         reference = build_reference(config, lambda: self.accelerator.unwrap_model(self.policy).model, acc)
         if config.resolved_reference_mode() == "precomputed":
@@ -127,18 +153,30 @@ class Trainer:
         # Each epoch is trimmed to whole steps so that every step sees the same number of rows.
         self.rows_per_epoch = len(self.bundle.train) // rows_per_step * rows_per_step
         if self.rows_per_epoch == 0:
-            raise ConfigError(f"{step_cls.batch_size_key}: {len(self.bundle.train)} training rows cannot fill one "
-                              f"step of {self.batch_size} rows x {acc.num_processes} processes x {batches_per_step} "
-                              "accumulation steps")
+            raise ConfigError(
+                f"{step_cls.batch_size_key}: {len(self.bundle.train)} training rows cannot fill one "
+                f"step of {self.batch_size} rows x {acc.num_processes} processes x {batches_per_step} "
+                "accumulation steps"
+            )
         self.batches_per_epoch = self.rows_per_epoch // (self.batch_size * acc.num_processes)
         steps_per_epoch = self.batches_per_epoch // batches_per_step
-        self.total_steps = config.train.max_steps or max(math.ceil(config.train.num_epochs * steps_per_epoch), 1)
+        self.total_steps = config.train.max_steps or max(
+            math.ceil(config.train.num_epochs * steps_per_epoch), 1
+        )
         self.modules = self._prepare(step_cls, policy)
         self.policy = self.modules[0].module
         self.state = ckpt.TrainerState()
-        self.ctx = StepContext(acc, self.policy, loss, self.reference, self.tokenizer, config,
-                               modules={m.name: m.module for m in self.modules[1:]}, extras=self._extras,
-                               global_step=lambda: self.state.global_step)
+        self.ctx = StepContext(
+            acc,
+            self.policy,
+            loss,
+            self.reference,
+            self.tokenizer,
+            config,
+            modules={m.name: m.module for m in self.modules[1:]},
+            extras=self._extras,
+            global_step=lambda: self.state.global_step,
+        )
         self._setup_online()
         self.step_fn = step_cls(self.ctx)
         if self.resume_path is not None:
@@ -148,16 +186,25 @@ class Trainer:
         self.updater = Updater(acc, self.modules, self.state, config, self.output_dir)
         if trackers:
             start_trackers(acc, config)
-        self.log = RunLogger(self.output_dir, acc, self.total_steps, progress=config.logging.progress,
-                             trackers=bool(trackers), resume=self.resume_path is not None)
+        self.log = RunLogger(
+            self.output_dir,
+            acc,
+            self.total_steps,
+            progress=config.logging.progress,
+            trackers=bool(trackers),
+            resume=self.resume_path is not None,
+        )
 
     def _prepare(self, step_cls, policy) -> list[TrainedModule]:
         """Optimizers and schedulers for the policy and the step's extra trainables, all through ``prepare``."""
         acc, config = self.accelerator, self.config
         distributed = acc.num_processes > 1 or acc.distributed_type != DistributedType.NO
         sparse = sparse_embedding.enable_sparse_embedding_grad(
-            _hf_model(policy), config.train.sparse_embedding_grad, distributed=distributed,
-            fp16=acc.mixed_precision == "fp16")
+            _hf_model(policy),
+            config.train.sparse_embedding_grad,
+            distributed=distributed,
+            fp16=acc.mixed_precision == "fp16",
+        )
         self._extras: dict = {}
         extra = step_cls.trainables(config, self.tokenizer, policy, acc, self.loss, self._extras)
         updates = self.total_steps * step_cls.updates_per_step(config)
@@ -166,8 +213,9 @@ class Trainer:
         optimizers.append(optimizer)
         schedulers.append(scheduler)
         for trainable in extra:
-            own = config.model_copy(update={"train": config.train.model_copy(
-                update={"learning_rate": trainable.learning_rate})})
+            own = config.model_copy(
+                update={"train": config.train.model_copy(update={"learning_rate": trainable.learning_rate})}
+            )
             optimizer, scheduler = build_optimizer(own, trainable.module, updates)
             modules.append(trainable.module)
             optimizers.append(optimizer)
@@ -176,8 +224,12 @@ class Trainer:
         prepared = acc.prepare(*modules, *optimizers, *schedulers)
         prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
         names = ["policy", *(t.name for t in extra)]
-        return [TrainedModule(names[i], prepared[i], prepared[count + i], prepared[2 * count + i],
-                              sparse if i == 0 else []) for i in range(count)]
+        return [
+            TrainedModule(
+                names[i], prepared[i], prepared[count + i], prepared[2 * count + i], sparse if i == 0 else []
+            )
+            for i in range(count)
+        ]
 
     def _setup_online(self) -> None:
         """A generator when the loss samples online; the reward layer when it needs scores or a judge."""
@@ -186,17 +238,24 @@ class Trainer:
             from prefopt.generation import build_generator
 
             inner = self.accelerator.unwrap_model(self.policy).model
-            self.ctx.generator = build_generator(self.config.generation, inner, self.tokenizer, self.accelerator,
-                                                 seed=self.config.seed,
-                                                 max_prompt_length=self.config.data.max_prompt_length)
+            self.ctx.generator = build_generator(
+                self.config.generation,
+                inner,
+                self.tokenizer,
+                self.accelerator,
+                seed=self.config.seed,
+                max_prompt_length=self.config.data.max_prompt_length,
+            )
         if needs & {"reward", "preference"}:
             from prefopt.models.reward import build_reward
-
             from prefopt.trainer.distributed import prepare_frozen
 
-            self.ctx.reward = build_reward(self.config.reward, device=self.accelerator.device,
-                                           policy_tokenizer=self.tokenizer,
-                                           prepare=lambda model: prepare_frozen(self.accelerator, model))
+            self.ctx.reward = build_reward(
+                self.config.reward,
+                device=self.accelerator.device,
+                policy_tokenizer=self.tokenizer,
+                prepare=lambda model: prepare_frozen(self.accelerator, model),
+            )
 
     def epoch_loader(self, epoch: int) -> DataLoader:
         dataset = self.bundle.train
@@ -205,11 +264,19 @@ class Trainer:
         if self.config.data.group_by_length and "chosen_input_ids" in dataset.column_names:
             from prefopt.data.packing import length_grouped_order, pair_lengths
 
-            order = length_grouped_order(pair_lengths(dataset), self.batch_size, seed=self.config.seed + epoch)
+            order = length_grouped_order(
+                pair_lengths(dataset), self.batch_size, seed=self.config.seed + epoch
+            )
             dataset = dataset.select(order)
         dataset = dataset.select(range(self.rows_per_epoch))
-        loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False, drop_last=True,
-                            collate_fn=self.collator, num_workers=self.config.train.dataloader_num_workers)
+        loader = DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            drop_last=True,
+            collate_fn=self.collator,
+            num_workers=self.config.train.dataloader_num_workers,
+        )
         return self.accelerator.prepare_data_loader(loader)
 
     def run(self) -> TrainResult:
@@ -229,7 +296,10 @@ class Trainer:
                     self.log.advance(state.global_step)
                     if self.ctx.generator is not None:
                         self.ctx.generator.load_weights(acc.unwrap_model(self.policy).model)
-                    if state.global_step % config.logging.logging_steps == 0 or state.global_step == self.total_steps:
+                    if (
+                        state.global_step % config.logging.logging_steps == 0
+                        or state.global_step == self.total_steps
+                    ):
                         self._log_train()
                     sample_every = config.logging.sample_steps
                     if result.samples and sample_every and state.global_step % sample_every == 0:
@@ -243,7 +313,9 @@ class Trainer:
                 else:
                     state.epoch += 1
                     state.batches_in_epoch = 0
-            evaluated_last_step = bool(config.train.eval_steps) and state.global_step % config.train.eval_steps == 0
+            evaluated_last_step = (
+                bool(config.train.eval_steps) and state.global_step % config.train.eval_steps == 0
+            )
             if self.bundle.eval is not None and not evaluated_last_step:
                 eval_metrics = self.evaluate()
             final_dir = self.save_final()
@@ -254,15 +326,21 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         self.state.step_state = self.step_fn.state_dict()
-        return ckpt.save_checkpoint(self.accelerator, self.output_dir, self.state, self.config.train.save_total_limit)
+        return ckpt.save_checkpoint(
+            self.accelerator, self.output_dir, self.state, self.config.train.save_total_limit
+        )
 
     def _log_train(self) -> None:
         updater = self.updater
         metrics = updater.averager.reduce(self.accelerator)
-        record = {"step": self.state.global_step, "epoch": self.state.epoch, **metrics,
-                  "learning_rate": updater.learning_rate(),
-                  "tokens_per_second": updater.throughput.rate(self.accelerator),
-                  "train/skipped_steps": self.state.skipped_steps}
+        record = {
+            "step": self.state.global_step,
+            "epoch": self.state.epoch,
+            **metrics,
+            "learning_rate": updater.learning_rate(),
+            "tokens_per_second": updater.throughput.rate(self.accelerator),
+            "train/skipped_steps": self.state.skipped_steps,
+        }
         for trained in self.modules[1:]:  # extra trainables (PPO's critic) have their own learning rate
             record[f"{trained.name}/learning_rate"] = trained.scheduler.get_last_lr()[0]
         self.log.log(record)
@@ -273,7 +351,9 @@ class Trainer:
         acc = self.accelerator
         if self.bundle.eval is None:
             return {}
-        shard = self.bundle.eval.shard(num_shards=acc.num_processes, index=acc.process_index, contiguous=False)
+        shard = self.bundle.eval.shard(
+            num_shards=acc.num_processes, index=acc.process_index, contiguous=False
+        )
         size = self.config.train.eval_batch_size or self.batch_size
         averager = MetricAverager()
         split = getattr(self.reference, "use_split", None)

@@ -34,8 +34,11 @@ class MetricAverager:
         keys = sorted(self.sums) if keys is None else keys
         if accelerator is not None and accelerator.num_processes > 1:
             keys = _union_keys(accelerator, keys)
-            values = torch.tensor([[self.sums.get(k, 0.0), self.weights.get(k, 0.0)] for k in keys],
-                                  dtype=torch.float64, device=accelerator.device)
+            values = torch.tensor(
+                [[self.sums.get(k, 0.0), self.weights.get(k, 0.0)] for k in keys],
+                dtype=torch.float64,
+                device=accelerator.device,
+            )
             values = accelerator.reduce(values, reduction="sum").cpu()
             result = {k: (v[0] / v[1]).item() for k, v in zip(keys, values) if v[1] > 0}
         else:
@@ -55,8 +58,16 @@ def _union_keys(accelerator, keys: list[str]) -> list[str]:
 class RunLogger:
     """Writes ``metrics.jsonl`` (main process only), drives a rich progress bar, forwards to trackers."""
 
-    def __init__(self, output_dir: Path, accelerator, total_steps: int, *, progress: bool, trackers: bool,
-                 resume: bool = False):
+    def __init__(
+        self,
+        output_dir: Path,
+        accelerator,
+        total_steps: int,
+        *,
+        progress: bool,
+        trackers: bool,
+        resume: bool = False,
+    ):
         self.accelerator = accelerator
         self.is_main = accelerator.is_main_process
         self.path = output_dir / "metrics.jsonl"
@@ -70,8 +81,12 @@ class RunLogger:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                TextColumn("{task.fields[status]}"), transient=False,
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"),
+                transient=False,
             )
             self._task = self._progress.add_task("train", total=total_steps, status="")
             self._progress.start()
@@ -88,12 +103,15 @@ class RunLogger:
                 handle.write(json.dumps(clean) + "\n")
             self.last.update({k: v for k, v in clean.items() if v is not None})
             if self._progress is not None:
-                parts = [f"{k.split('/')[-1]}={clean[k]:.4f}" for k in PROGRESS_KEYS if clean.get(k) is not None]
+                parts = [
+                    f"{k.split('/')[-1]}={clean[k]:.4f}" for k in PROGRESS_KEYS if clean.get(k) is not None
+                ]
                 self._progress.update(self._task, status=" ".join(parts))
         if self.trackers:
             step = record.get("step")
-            self.accelerator.log({k: v for k, v in clean.items() if isinstance(v, (int, float)) and k != "step"},
-                                 step=step)
+            self.accelerator.log(
+                {k: v for k, v in clean.items() if isinstance(v, (int, float)) and k != "step"}, step=step
+            )
 
     def log_samples(self, step: int, samples: list[dict]) -> None:
         if self.is_main and samples:

@@ -60,7 +60,9 @@ def _loss_description(name: str) -> tuple[str, dict[str, Any]]:
     return paper, loss_parameters(name)
 
 
-def build_model_card(run_dir: Path, *, adapter: bool = False, pipeline_tag: Optional[str] = "text-generation"):
+def build_model_card(
+    run_dir: Path, *, adapter: bool = False, pipeline_tag: Optional[str] = "text-generation"
+):
     """A ``huggingface_hub.ModelCard`` for the run in ``run_dir`` (its ``final/`` is the model)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -80,8 +82,14 @@ def build_model_card(run_dir: Path, *, adapter: bool = False, pipeline_tag: Opti
     hub_datasets = [d for d in (_hub_id(data.get("train")), _hub_id(data.get("eval"))) if d]
     eval_name = data.get("eval") or "held-out split of the training data"
     results = [
-        EvalResult(task_type="text-generation", dataset_type=_hub_id(data.get("eval")) or "local",
-                   dataset_name=str(eval_name), metric_type=key, metric_name=key, metric_value=value)
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=_hub_id(data.get("eval")) or "local",
+            dataset_name=str(eval_name),
+            metric_type=key,
+            metric_name=key,
+            metric_value=value,
+        )
         for key, value in sorted(eval_metrics.items())
     ]
     metadata = {
@@ -90,8 +98,13 @@ def build_model_card(run_dir: Path, *, adapter: bool = False, pipeline_tag: Opti
         "parameters": parameters,
         "base_model_path": base,
         "reference": config.get("reference"),
-        "data": {"train": data.get("train"), "eval": data.get("eval"), "format": data.get("format"),
-                 "fingerprint": report.get("fingerprint"), "rows": report.get("train", {}).get("examples")},
+        "data": {
+            "train": data.get("train"),
+            "eval": data.get("eval"),
+            "format": data.get("format"),
+            "fingerprint": report.get("fingerprint"),
+            "rows": report.get("train", {}).get("examples"),
+        },
         "final_train_metrics": train_metrics,
         "eval_metrics": eval_metrics,
         "world_size": run_info.get("world_size"),
@@ -112,17 +125,26 @@ def build_model_card(run_dir: Path, *, adapter: bool = False, pipeline_tag: Opti
 
 def _table(rows: dict[str, Any]) -> str:
     lines = ["| | |", "|---|---|"]
-    lines += [f"| `{key}` | {value:.6g} |" if isinstance(value, float) else f"| `{key}` | `{value}` |"
-              for key, value in rows.items()]
+    lines += [
+        f"| `{key}` | {value:.6g} |" if isinstance(value, float) else f"| `{key}` | `{value}` |"
+        for key, value in rows.items()
+    ]
     return "\n".join(lines)
 
 
 def _body(model_name: str, meta: dict[str, Any], adapter: bool) -> str:
-    load = ("from peft import AutoPeftModelForCausalLM\n"
-            f"model = AutoPeftModelForCausalLM.from_pretrained(\"{model_name}\")") if adapter else (
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        f"model = AutoModelForCausalLM.from_pretrained(\"{model_name}\")\n"
-        f"tokenizer = AutoTokenizer.from_pretrained(\"{model_name}\")")
+    load = (
+        (
+            "from peft import AutoPeftModelForCausalLM\n"
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{model_name}")'
+        )
+        if adapter
+        else (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{model_name}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{model_name}")'
+        )
+    )
     data = meta["data"]
     sections = [
         f"# {model_name}",
@@ -132,8 +154,14 @@ def _body(model_name: str, meta: dict[str, Any], adapter: bool) -> str:
         "## Method and parameters",
         _table(meta["parameters"]),
         "## Data",
-        _table({"train": data["train"], "eval": data["eval"], "examples": data["rows"],
-                "fingerprint": data["fingerprint"]}),
+        _table(
+            {
+                "train": data["train"],
+                "eval": data["eval"],
+                "examples": data["rows"],
+                "fingerprint": data["fingerprint"],
+            }
+        ),
         "## Final metrics",
         _table(meta["final_train_metrics"]) if meta["final_train_metrics"] else "(none logged)",
         "## Evaluation",
@@ -151,7 +179,9 @@ def write_model_card(model_dir: Path, run_dir: Path) -> Path:
     """Write ``model_dir/README.md`` (replacing a card PEFT may have written) for the run in ``run_dir``."""
     adapter = (model_dir / "adapter_config.json").is_file()
     architectures = _read_json(model_dir / "config.json").get("architectures") or [""]
-    pipeline = "text-classification" if architectures[0].endswith("ForSequenceClassification") else "text-generation"
+    pipeline = (
+        "text-classification" if architectures[0].endswith("ForSequenceClassification") else "text-generation"
+    )
     path = model_dir / "README.md"
     build_model_card(run_dir, adapter=adapter, pipeline_tag=pipeline).save(path)
     # The resolved recipe travels with the model (a published repository has no run directory around it).
@@ -171,8 +201,14 @@ def push_final_if_asked(model_dir: Path, run_dir: Path) -> Optional[str]:
     return url
 
 
-def push_to_hub(model_dir: Path, repo_id: str, *, private: bool = True, token: Optional[str] = None,
-                endpoint: Optional[str] = None) -> str:
+def push_to_hub(
+    model_dir: Path,
+    repo_id: str,
+    *,
+    private: bool = True,
+    token: Optional[str] = None,
+    endpoint: Optional[str] = None,
+) -> str:
     """Upload ``model_dir`` (the model, its tokenizer and its card) to the Hub repository ``repo_id``.
 
     Returns the repository's URL. An unreachable Hub, offline mode or missing credentials end in a
@@ -185,20 +221,32 @@ def push_to_hub(model_dir: Path, repo_id: str, *, private: bool = True, token: O
     api = HfApi(endpoint=endpoint, token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        api.upload_folder(repo_id=repo_id, folder_path=str(model_dir), repo_type="model",
-                          commit_message="Upload a model trained with prefopt")
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(model_dir),
+            repo_type="model",
+            commit_message="Upload a model trained with prefopt",
+        )
     except OfflineModeIsEnabled:
-        raise UserInputError(f"train.push_to_hub: offline mode is on (HF_HUB_OFFLINE=1), nothing was uploaded; "
-                             f"unset HF_HUB_OFFLINE and {retry}") from None
+        raise UserInputError(
+            f"train.push_to_hub: offline mode is on (HF_HUB_OFFLINE=1), nothing was uploaded; "
+            f"unset HF_HUB_OFFLINE and {retry}"
+        ) from None
     except HfHubHTTPError as error:
         status = getattr(error.response, "status_code", None)
-        hint = ("log in with `hf auth login` or set HF_TOKEN (a token with write access)" if status in (401, 403)
-                else f"the Hub answered {status}")
-        raise UserInputError(f"train.push_to_hub: upload of {model_dir} to '{repo_id}' failed: {hint}; "
-                             f"{retry}") from None
+        hint = (
+            "log in with `hf auth login` or set HF_TOKEN (a token with write access)"
+            if status in (401, 403)
+            else f"the Hub answered {status}"
+        )
+        raise UserInputError(
+            f"train.push_to_hub: upload of {model_dir} to '{repo_id}' failed: {hint}; {retry}"
+        ) from None
     except (OSError, _transport_errors()) as error:  # DNS failures, refused connections, timeouts
-        raise UserInputError(f"train.push_to_hub: the Hugging Face Hub cannot be reached ({type(error).__name__}); "
-                             f"nothing was uploaded. Check the network (or HF_ENDPOINT) and {retry}") from None
+        raise UserInputError(
+            f"train.push_to_hub: the Hugging Face Hub cannot be reached ({type(error).__name__}); "
+            f"nothing was uploaded. Check the network (or HF_ENDPOINT) and {retry}"
+        ) from None
     return str(url)
 
 

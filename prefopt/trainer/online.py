@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 
 from prefopt.data import PairCollator, SFTCollator
+from prefopt.errors import ConfigError
 from prefopt.generation import SamplingParams
 from prefopt.losses import LossInputs
 from prefopt.models.logps import sequence_totals
-from prefopt.errors import ConfigError
 from prefopt.trainer.steps import PairStep, StepContext, StepKind, StepResult, _move, register_step
 
 
@@ -26,16 +26,25 @@ def prompt_seeds(ctx: StepContext, indices, stream: str) -> list[int]:
     import hashlib
 
     head = f"{ctx.config.seed}:{ctx.global_step()}:{stream}"
-    return [int.from_bytes(hashlib.blake2b(f"{head}:{int(i)}".encode(), digest_size=8).digest(), "little")
-            & (2**63 - 1) for i in indices]
+    return [
+        int.from_bytes(hashlib.blake2b(f"{head}:{int(i)}".encode(), digest_size=8).digest(), "little")
+        & (2**63 - 1)
+        for i in indices
+    ]
 
 
 def sampling_params(ctx: StepContext, n: int, indices=None, stream: str = "policy") -> SamplingParams:
     """The recipe's sampling settings; with ``indices`` (dataset row ids) every prompt gets its own seed."""
     gen = ctx.config.generation
     seeds = prompt_seeds(ctx, indices, stream) if indices is not None else None
-    return SamplingParams(n=n, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
-                          max_new_tokens=gen.max_new_tokens, prompt_seeds=seeds)
+    return SamplingParams(
+        n=n,
+        temperature=gen.temperature,
+        top_p=gen.top_p,
+        top_k=gen.top_k,
+        max_new_tokens=gen.max_new_tokens,
+        prompt_seeds=seeds,
+    )
 
 
 def completion_tokens(rollouts) -> list[list[int]]:
@@ -66,16 +75,19 @@ class HyPOStep(PairStep):
             raise ConfigError(
                 f"generation: loss '{loss.name}' estimates KL(pi||ref) from samples of the policy itself, so it "
                 f"needs generation.temperature=1 top_p=1 top_k=0 (got temperature={gen.temperature}, "
-                f"top_p={gen.top_p}, top_k={gen.top_k}); other settings bias the KL gradient")
+                f"top_p={gen.top_p}, top_k={gen.top_k}); other settings bias the KL gradient"
+            )
 
     def __call__(self, batch: dict) -> StepResult:
         ctx = self.ctx
         n = ctx.loss.online_samples_per_prompt()
         rollouts = ctx.generator.generate(batch["prompt_input_ids"], sampling_params(ctx, n, batch["index"]))
-        samples = SFTCollator(ctx.tokenizer.pad_token_id)([
-            {"index": int(i), "prompt_input_ids": p, "completion_input_ids": c}
-            for i, p, c in zip(rollouts.prompt_index, rollouts.prompt_ids, completion_tokens(rollouts))
-        ])
+        samples = SFTCollator(ctx.tokenizer.pad_token_id)(
+            [
+                {"index": int(i), "prompt_input_ids": p, "completion_input_ids": c}
+                for i, p, c in zip(rollouts.prompt_index, rollouts.prompt_ids, completion_tokens(rollouts))
+            ]
+        )
         pairs = _move(batch, ctx.accelerator.device)
         samples = _move(samples, ctx.accelerator.device)
         joint = _move(stack_padded([pairs, samples], ctx.tokenizer.pad_token_id), ctx.accelerator.device)
@@ -84,18 +96,25 @@ class HyPOStep(PairStep):
         pair_rows = pairs["input_ids"].shape[0]
         half = pair_rows // 2
         inputs = LossInputs(
-            policy_chosen_logps=sums[:half], policy_rejected_logps=sums[half:pair_rows],
-            chosen_lengths=lengths[:half], rejected_lengths=lengths[half:pair_rows],
+            policy_chosen_logps=sums[:half],
+            policy_rejected_logps=sums[half:pair_rows],
+            chosen_lengths=lengths[:half],
+            rejected_lengths=lengths[half:pair_rows],
             sample_policy_logps=sums[pair_rows:],
             sample_prompt_index=rollouts.prompt_index.to(sums.device),
         )
         inputs.reference_chosen_logps, inputs.reference_rejected_logps = ctx.reference.pair_logps(pairs)
         inputs.sample_reference_logps = ctx.reference.token_logps(
-            samples["input_ids"], samples["attention_mask"], samples["completion_mask"]).sums
+            samples["input_ids"], samples["attention_mask"], samples["completion_mask"]
+        ).sums
         output = ctx.loss(inputs)
-        logged = [{"prompt": batch["prompt_text"][int(i)], "completion": text}
-                  for i, text in zip(rollouts.prompt_index, rollouts.texts)]
-        output.metrics.setdefault("online/response_length", float(samples["completion_mask"].sum(-1).float().mean()))
+        logged = [
+            {"prompt": batch["prompt_text"][int(i)], "completion": text}
+            for i, text in zip(rollouts.prompt_index, rollouts.texts)
+        ]
+        output.metrics.setdefault(
+            "online/response_length", float(samples["completion_mask"].sum(-1).float().mean())
+        )
         output.metrics.setdefault("online/eos_rate", float(rollouts.finished.float().mean()))
         tokens = float(joint["attention_mask"].sum())
         return StepResult(output, tokens=tokens, samples=logged)
@@ -117,25 +136,42 @@ class OnlinePairStep(StepKind):
         prompts = batch["prompt_input_ids"]
         policy_rollouts = ctx.generator.generate(prompts, sampling_params(ctx, 1, batch["index"], "policy"))
         reference_rollouts = self.reference_generator.generate(
-            prompts, sampling_params(ctx, 1, batch["index"], "reference"))
+            prompts, sampling_params(ctx, 1, batch["index"], "reference")
+        )
         policy_scores, reference_scores, policy_wins = self._order(batch, policy_rollouts, reference_rollouts)
-        policy_tokens, reference_tokens = completion_tokens(policy_rollouts), completion_tokens(reference_rollouts)
+        policy_tokens, reference_tokens = (
+            completion_tokens(policy_rollouts),
+            completion_tokens(reference_rollouts),
+        )
         features = []
         for i, prompt in enumerate(prompts):
-            chosen, rejected = (policy_tokens[i], reference_tokens[i]) if policy_wins[i] else (
-                reference_tokens[i], policy_tokens[i])
-            features.append({"index": int(batch["index"][i]), "prompt_input_ids": prompt,
-                             "chosen_input_ids": chosen, "rejected_input_ids": rejected,
-                             "prompt_text": batch["prompt_text"][i], "prompt_messages": batch["prompt_messages"][i],
-                             "chosen_text": "", "rejected_text": ""})
+            chosen, rejected = (
+                (policy_tokens[i], reference_tokens[i])
+                if policy_wins[i]
+                else (reference_tokens[i], policy_tokens[i])
+            )
+            features.append(
+                {
+                    "index": int(batch["index"][i]),
+                    "prompt_input_ids": prompt,
+                    "chosen_input_ids": chosen,
+                    "rejected_input_ids": rejected,
+                    "prompt_text": batch["prompt_text"][i],
+                    "prompt_messages": batch["prompt_messages"][i],
+                    "chosen_text": "",
+                    "rejected_text": "",
+                }
+            )
         pairs = _move(PairCollator(ctx.tokenizer.pad_token_id)(features), ctx.accelerator.device)
         logps = ctx.policy(pairs["input_ids"], pairs["attention_mask"], pairs["completion_mask"])
         sums, lengths = sequence_totals(logps, pairs)
         half = sums.shape[0] // 2
         wins = policy_wins.to(sums.device)
         inputs = LossInputs(
-            policy_chosen_logps=sums[:half], policy_rejected_logps=sums[half:],
-            chosen_lengths=lengths[:half], rejected_lengths=lengths[half:],
+            policy_chosen_logps=sums[:half],
+            policy_rejected_logps=sums[half:],
+            chosen_lengths=lengths[:half],
+            rejected_lengths=lengths[half:],
             # The reference sample is whichever side the policy sample is not.
             reference_sample_policy_logps=torch.where(wins, sums[half:], sums[:half]),
         )
@@ -145,13 +181,18 @@ class OnlinePairStep(StepKind):
         inputs.reference_chosen_logps, inputs.reference_rejected_logps = ctx.reference.pair_logps(pairs)
         output = ctx.loss(inputs)
         output.metrics.setdefault("online/policy_win_rate", float(policy_wins.float().mean()))
-        output.metrics.setdefault("online/response_length",
-                                  float(policy_rollouts.completion_mask.sum(-1).float().mean()))
+        output.metrics.setdefault(
+            "online/response_length", float(policy_rollouts.completion_mask.sum(-1).float().mean())
+        )
         output.metrics.setdefault("online/eos_rate", float(policy_rollouts.finished.float().mean()))
         logged = []
         for i in range(len(prompts)):
-            row = {"prompt": batch["prompt_text"][i], "completion": policy_rollouts.texts[i],
-                   "reference_completion": reference_rollouts.texts[i], "policy_won": bool(policy_wins[i])}
+            row = {
+                "prompt": batch["prompt_text"][i],
+                "completion": policy_rollouts.texts[i],
+                "reference_completion": reference_rollouts.texts[i],
+                "policy_won": bool(policy_wins[i]),
+            }
             if policy_scores is not None:
                 row.update(score=float(policy_scores[i]), reference_score=float(reference_scores[i]))
             logged.append(row)
@@ -168,9 +209,17 @@ class OnlinePairStep(StepKind):
             verdicts = self.ctx.reward.judge(prompts, policy.texts, reference.texts).float().cpu()
             return None, None, verdicts >= 0.5
         messages = [batch["prompt_messages"][int(i)] for i in policy.prompt_index]
-        scores = self.ctx.reward.score(prompts * 2, policy.texts + reference.texts, prompt_messages=messages * 2,
-                                       finished=torch.cat([policy.finished, reference.finished])).float().cpu()
-        policy_scores, reference_scores = scores[: len(prompts)], scores[len(prompts):]
+        scores = (
+            self.ctx.reward.score(
+                prompts * 2,
+                policy.texts + reference.texts,
+                prompt_messages=messages * 2,
+                finished=torch.cat([policy.finished, reference.finished]),
+            )
+            .float()
+            .cpu()
+        )
+        policy_scores, reference_scores = scores[: len(prompts)], scores[len(prompts) :]
         return policy_scores, reference_scores, policy_scores >= reference_scores
 
 
@@ -191,29 +240,52 @@ class OnlinePolicyPairStep(StepKind):
         rollouts = ctx.generator.generate(prompts, sampling_params(ctx, 2, batch["index"]))
         texts = rollouts.texts
         if ctx.config.reward.kind == "judge":
-            first_wins = ctx.reward.judge(list(batch["prompt_text"]), texts[0::2], texts[1::2]).float().cpu() >= 0.5
+            first_wins = (
+                ctx.reward.judge(list(batch["prompt_text"]), texts[0::2], texts[1::2]).float().cpu() >= 0.5
+            )
             scores = None
         else:  # both samples of every prompt scored in one call (a normalising reward maps them alike)
             rows = [int(i) for i in rollouts.prompt_index]
-            scores = ctx.reward.score([batch["prompt_text"][i] for i in rows], texts,
-                                      prompt_messages=[batch["prompt_messages"][i] for i in rows],
-                                      finished=rollouts.finished).float().cpu()
-            first_wins = scores[0::2] >= scores[1::2]  # ties: the first sample (TRL: first_half >= second_half)
+            scores = (
+                ctx.reward.score(
+                    [batch["prompt_text"][i] for i in rows],
+                    texts,
+                    prompt_messages=[batch["prompt_messages"][i] for i in rows],
+                    finished=rollouts.finished,
+                )
+                .float()
+                .cpu()
+            )
+            first_wins = (
+                scores[0::2] >= scores[1::2]
+            )  # ties: the first sample (TRL: first_half >= second_half)
         tokens = completion_tokens(rollouts)
         features = []
         for i, prompt in enumerate(prompts):
             a, b = tokens[2 * i], tokens[2 * i + 1]
             chosen, rejected = (a, b) if first_wins[i] else (b, a)
-            features.append({"index": int(batch["index"][i]), "prompt_input_ids": prompt,
-                             "chosen_input_ids": chosen, "rejected_input_ids": rejected,
-                             "prompt_text": batch["prompt_text"][i], "prompt_messages": batch["prompt_messages"][i],
-                             "chosen_text": "", "rejected_text": ""})
+            features.append(
+                {
+                    "index": int(batch["index"][i]),
+                    "prompt_input_ids": prompt,
+                    "chosen_input_ids": chosen,
+                    "rejected_input_ids": rejected,
+                    "prompt_text": batch["prompt_text"][i],
+                    "prompt_messages": batch["prompt_messages"][i],
+                    "chosen_text": "",
+                    "rejected_text": "",
+                }
+            )
         pairs = _move(PairCollator(ctx.tokenizer.pad_token_id)(features), ctx.accelerator.device)
         logps = ctx.policy(pairs["input_ids"], pairs["attention_mask"], pairs["completion_mask"])
         sums, lengths = sequence_totals(logps, pairs)
         half = sums.shape[0] // 2
-        inputs = LossInputs(policy_chosen_logps=sums[:half], policy_rejected_logps=sums[half:],
-                            chosen_lengths=lengths[:half], rejected_lengths=lengths[half:])
+        inputs = LossInputs(
+            policy_chosen_logps=sums[:half],
+            policy_rejected_logps=sums[half:],
+            chosen_lengths=lengths[:half],
+            rejected_lengths=lengths[half:],
+        )
         if scores is not None:
             first, second = scores[0::2], scores[1::2]
             inputs.chosen_scores = torch.where(first_wins, first, second).to(sums.device)
@@ -223,11 +295,17 @@ class OnlinePolicyPairStep(StepKind):
         eos = float(rollouts.finished.float().mean())
         output.metrics.setdefault("val/contain_eos_token", eos)  # TRL's name for it
         output.metrics.setdefault("online/eos_rate", eos)
-        output.metrics.setdefault("online/response_length", float(rollouts.completion_mask.sum(-1).float().mean()))
+        output.metrics.setdefault(
+            "online/response_length", float(rollouts.completion_mask.sum(-1).float().mean())
+        )
         logged = []
         for i in range(len(prompts)):
-            row = {"prompt": batch["prompt_text"][i], "completion": texts[2 * i],
-                   "second_completion": texts[2 * i + 1], "first_won": bool(first_wins[i])}
+            row = {
+                "prompt": batch["prompt_text"][i],
+                "completion": texts[2 * i],
+                "second_completion": texts[2 * i + 1],
+                "first_won": bool(first_wins[i]),
+            }
             if scores is not None:
                 row.update(score=float(scores[2 * i]), second_score=float(scores[2 * i + 1]))
             logged.append(row)
@@ -257,8 +335,9 @@ def build_reference_generator(ctx: StepContext):
     reference = ctx.reference
     if getattr(reference, "mode", None) == "adapter":
         peft_getter = lambda: ctx.accelerator.unwrap_model(ctx.policy).model  # noqa: E731
-        return _AdapterDisabledGenerator(build_generator(hf_config, peft_getter(), ctx.tokenizer, ctx.accelerator),
-                                         peft_getter)
+        return _AdapterDisabledGenerator(
+            build_generator(hf_config, peft_getter(), ctx.tokenizer, ctx.accelerator), peft_getter
+        )
     if getattr(reference, "model", None) is None:
         raise ValueError("online pair methods need a live reference model (reference.mode=model or adapter)")
     return build_generator(hf_config, reference.model, ctx.tokenizer, ctx.accelerator)

@@ -33,8 +33,16 @@ from prefopt.trainer.steps import StepKind, StepResult, Trainable, register_step
 
 logger = logging.getLogger(__name__)
 
-_MINIBATCH_KEYS = ("input_ids", "attention_mask", "completion_mask", "mask", "old_logps", "old_values",
-                   "advantages", "returns")
+_MINIBATCH_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "completion_mask",
+    "mask",
+    "old_logps",
+    "old_values",
+    "advantages",
+    "returns",
+)
 
 
 class AdaptiveKL:
@@ -42,7 +50,12 @@ class AdaptiveKL:
     with ``n`` the rollouts of the step over all ranks. Without a target the coefficient stays fixed."""
 
     def __init__(self, initial: float, target: Optional[float], horizon: int, rollouts_per_step: int):
-        self.value, self.target, self.horizon, self.rollouts = float(initial), target, horizon, rollouts_per_step
+        self.value, self.target, self.horizon, self.rollouts = (
+            float(initial),
+            target,
+            horizon,
+            rollouts_per_step,
+        )
 
     def update(self, observed_kl: float) -> None:
         if self.target is None:
@@ -67,10 +80,13 @@ class PPOStep(StepKind):
             raise ConfigError(
                 f"ppo.rollout_batch_size: {ppo.rollout_batch_size} rollouts do not split into whole optimizer "
                 f"updates of ppo.minibatch_size={ppo.minibatch_size} x train.gradient_accumulation_steps={accum}; "
-                "make it a multiple of their product")
+                "make it a multiple of their product"
+            )
         if not hasattr(loss, "token_rewards"):
-            raise ConfigError(f"loss.name: '{loss.name}' declares step 'ppo' but has no PPO rollout hooks "
-                              "(subclass prefopt.losses.ppo.PPOLoss)")
+            raise ConfigError(
+                f"loss.name: '{loss.name}' declares step 'ppo' but has no PPO rollout hooks "
+                "(subclass prefopt.losses.ppo.PPOLoss)"
+            )
 
     @classmethod
     def check_models(cls, config, tokenizer) -> None:
@@ -91,7 +107,9 @@ class PPOStep(StepKind):
         return config.ppo.epochs * (config.ppo.rollout_batch_size // per_update)
 
     @classmethod
-    def trainables(cls, config, tokenizer, policy, accelerator, loss, extras: dict[str, Any]) -> list[Trainable]:
+    def trainables(
+        cls, config, tokenizer, policy, accelerator, loss, extras: dict[str, Any]
+    ) -> list[Trainable]:
         if "dpo_policy" in loss.needs:
             extras["dpo_logps"] = dpo_scorer(config, policy, accelerator)
         learning_rate = config.ppo.critic_learning_rate or config.train.learning_rate
@@ -104,8 +122,12 @@ class PPOStep(StepKind):
         ppo = ctx.config.ppo
         self.critic = ctx.modules["critic"]
         self.dpo_logps = ctx.extras.get("dpo_logps")
-        self.kl = AdaptiveKL(ctx.loss.initial_kl_coef(), ppo.adaptive_kl_target, ppo.adaptive_kl_horizon,
-                             ppo.rollout_batch_size * ctx.accelerator.num_processes)
+        self.kl = AdaptiveKL(
+            ctx.loss.initial_kl_coef(),
+            ppo.adaptive_kl_target,
+            ppo.adaptive_kl_horizon,
+            ppo.rollout_batch_size * ctx.accelerator.num_processes,
+        )
 
     def state_dict(self) -> dict:
         return {"kl_coef": self.kl.value}
@@ -121,15 +143,25 @@ class PPOStep(StepKind):
     def _sample(self, batch: dict, stream: str = "policy"):
         """Rollouts for the batch's prompts (a seed per prompt) and their sequences on the device."""
         ctx = self.ctx
-        rollouts = ctx.generator.generate(batch["prompt_input_ids"], sampling_params(ctx, 1, batch["index"], stream))
-        seqs = {k: v.to(ctx.accelerator.device) for k, v in rollouts.to_sequences(ctx.tokenizer.pad_token_id).items()}
+        rollouts = ctx.generator.generate(
+            batch["prompt_input_ids"], sampling_params(ctx, 1, batch["index"], stream)
+        )
+        seqs = {
+            k: v.to(ctx.accelerator.device)
+            for k, v in rollouts.to_sequences(ctx.tokenizer.pad_token_id).items()
+        }
         return rollouts, seqs
 
     def _scores(self, batch: dict, rollouts) -> torch.Tensor:
         prompts = [batch["prompt_text"][int(i)] for i in rollouts.prompt_index]
         messages = [batch["prompt_messages"][int(i)] for i in rollouts.prompt_index]
-        return self.ctx.reward.score(prompts, rollouts.texts, prompt_messages=messages,
-                                     finished=rollouts.finished).float().to(self.ctx.accelerator.device)
+        return (
+            self.ctx.reward.score(
+                prompts, rollouts.texts, prompt_messages=messages, finished=rollouts.finished
+            )
+            .float()
+            .to(self.ctx.accelerator.device)
+        )
 
     @torch.no_grad()
     def rollout(self, batch: dict) -> dict:
@@ -140,39 +172,69 @@ class PPOStep(StepKind):
         mask = old.mask.bool()
         values = self.critic(seqs["input_ids"], seqs["attention_mask"])[:, :-1].float()
         scores = self._scores(batch, rollouts)
-        tokens = RolloutTokens(policy_logps=old.token_logps, reference_logps=ctx.reference.token_logps(*args).token_logps,
-                               scores=scores, mask=mask,
-                               dpo_logps=self.dpo_logps(*args) if self.dpo_logps is not None else None)
+        tokens = RolloutTokens(
+            policy_logps=old.token_logps,
+            reference_logps=ctx.reference.token_logps(*args).token_logps,
+            scores=scores,
+            mask=mask,
+            dpo_logps=self.dpo_logps(*args) if self.dpo_logps is not None else None,
+        )
         shaped = ctx.loss.token_rewards(tokens, self.kl.value)
         reduce = self._sum_over_ranks if ctx.accelerator.num_processes > 1 else None
-        advantages, returns = ctx.loss.advantages(shaped.rewards, values, mask, reduce=reduce,
-                                                  whiten=ctx.config.ppo.whiten_advantages)
+        advantages, returns = ctx.loss.advantages(
+            shaped.rewards, values, mask, reduce=reduce, whiten=ctx.config.ppo.whiten_advantages
+        )
         # The controller's KL is the mean sequence KL over every rank's rollouts: each rank adapts identically.
-        kl_totals = self._sum_over_ranks(torch.stack([shaped.kl.sum().double(), mask.new_tensor(len(mask)).double()]))
+        kl_totals = self._sum_over_ranks(
+            torch.stack([shaped.kl.sum().double(), mask.new_tensor(len(mask)).double()])
+        )
         observed_kl = float(kl_totals[0] / kl_totals[1].clamp(min=1))
         token_count = mask.sum().clamp(min=1)
         metrics = {key: float(value.float().mean()) for key, value in shaped.metrics.items()}
-        metrics.update({
-            "ppo/kl_coef": self.kl.value,
-            "ppo/returns": float((returns * mask).sum() / token_count),
-            "ppo/values": float((values * mask).sum() / token_count),
-            "online/response_length": float(mask.sum(-1).float().mean()),
-            "online/eos_rate": float(rollouts.finished.float().mean()),
-        })
-        samples = [{"prompt": batch["prompt_text"][int(i)], "completion": t, "score": float(s)}
-                   for i, t, s in zip(rollouts.prompt_index, rollouts.texts, scores.tolist())]
-        return {**seqs, "mask": mask, "old_logps": old.token_logps, "old_values": values, "advantages": advantages,
-                "returns": returns, "rewards": shaped.rewards, "metrics": metrics, "samples": samples, "observed_kl": observed_kl,
-                "tokens": float(seqs["attention_mask"].sum())}
+        metrics.update(
+            {
+                "ppo/kl_coef": self.kl.value,
+                "ppo/returns": float((returns * mask).sum() / token_count),
+                "ppo/values": float((values * mask).sum() / token_count),
+                "online/response_length": float(mask.sum(-1).float().mean()),
+                "online/eos_rate": float(rollouts.finished.float().mean()),
+            }
+        )
+        samples = [
+            {"prompt": batch["prompt_text"][int(i)], "completion": t, "score": float(s)}
+            for i, t, s in zip(rollouts.prompt_index, rollouts.texts, scores.tolist())
+        ]
+        return {
+            **seqs,
+            "mask": mask,
+            "old_logps": old.token_logps,
+            "old_values": values,
+            "advantages": advantages,
+            "returns": returns,
+            "rewards": shaped.rewards,
+            "metrics": metrics,
+            "samples": samples,
+            "observed_kl": observed_kl,
+            "tokens": float(seqs["attention_mask"].sum()),
+        }
 
     def __call__(self, minibatch: dict) -> StepResult:
         """The PPO loss of one micro-batch of rollouts (rows of :meth:`rollout`'s output)."""
-        new = self.ctx.policy(minibatch["input_ids"], minibatch["attention_mask"], minibatch["completion_mask"])
+        new = self.ctx.policy(
+            minibatch["input_ids"], minibatch["attention_mask"], minibatch["completion_mask"]
+        )
         values = self.critic(minibatch["input_ids"], minibatch["attention_mask"])[:, :-1].float()
-        output = self.ctx.loss(LossInputs(
-            response_mask=minibatch["mask"], policy_token_logps=new.token_logps,
-            old_token_logps=minibatch["old_logps"], advantages=minibatch["advantages"],
-            returns=minibatch["returns"], values=values, old_values=minibatch["old_values"]))
+        output = self.ctx.loss(
+            LossInputs(
+                response_mask=minibatch["mask"],
+                policy_token_logps=new.token_logps,
+                old_token_logps=minibatch["old_logps"],
+                advantages=minibatch["advantages"],
+                returns=minibatch["returns"],
+                values=values,
+                old_values=minibatch["old_values"],
+            )
+        )
         return StepResult(output, tokens=0.0)
 
     def train_batch(self, batch: dict, updater) -> StepResult:
@@ -189,7 +251,7 @@ class PPOStep(StepKind):
             for start in range(0, count, ppo.minibatch_size * accum):
                 for k in range(accum):
                     begin = start + k * ppo.minibatch_size
-                    rows = order[begin:begin + ppo.minibatch_size].to(ctx.accelerator.device)
+                    rows = order[begin : begin + ppo.minibatch_size].to(ctx.accelerator.device)
                     with updater.micro_batch(last=k == accum - 1):
                         last = self({key: data[key][rows] for key in self.minibatch_keys})
                         updater.backward(last.output.loss)
@@ -205,9 +267,15 @@ class PPOStep(StepKind):
         rollouts, seqs = self._sample(batch, "eval")
         args = (seqs["input_ids"], seqs["attention_mask"], seqs["completion_mask"])
         policy = ctx.policy(*args)
-        kl = torch.where(policy.mask.bool(), policy.token_logps - ctx.reference.token_logps(*args).token_logps,
-                         torch.zeros((), device=policy.token_logps.device)).sum(-1)
+        kl = torch.where(
+            policy.mask.bool(),
+            policy.token_logps - ctx.reference.token_logps(*args).token_logps,
+            torch.zeros((), device=policy.token_logps.device),
+        ).sum(-1)
         scores = self._scores(batch, rollouts)
-        metrics = {"reward": float(scores.mean()), "kl": float(kl.float().mean()),
-                   "response_length": float(policy.mask.sum(-1).float().mean())}
+        metrics = {
+            "reward": float(scores.mean()),
+            "kl": float(kl.float().mean()),
+            "response_length": float(policy.mask.sum(-1).float().mean()),
+        }
         return metrics, float(len(rollouts))

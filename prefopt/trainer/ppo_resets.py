@@ -41,9 +41,16 @@ class ResetPPOStep(PPOStep):
         lengths = ctx.loss.reset_lengths([len(c) for c in completions], rng)
         prefixes = [list(c[:k]) for c, k in zip(completions, lengths)]
         model = getattr(ctx.generator, "model", None)
-        out = generate_with_resets(ctx.generator, batch["prompt_input_ids"], prefixes, sampling_params(ctx, 1),
-                                   eos_ids=eos_token_ids(ctx.tokenizer, model), pad_id=ctx.tokenizer.pad_token_id,
-                                   tokenizer=ctx.tokenizer, prefix_in_response=ctx.loss.prefix_in_response())
+        out = generate_with_resets(
+            ctx.generator,
+            batch["prompt_input_ids"],
+            prefixes,
+            sampling_params(ctx, 1),
+            eos_ids=eos_token_ids(ctx.tokenizer, model),
+            pad_id=ctx.tokenizer.pad_token_id,
+            tokenizer=ctx.tokenizer,
+            prefix_in_response=ctx.loss.prefix_in_response(),
+        )
         rollouts = out.rollouts
         rollouts.texts = out.texts  # the reward scores prefix + continuation in both modes
         device = ctx.accelerator.device
@@ -52,7 +59,7 @@ class ResetPPOStep(PPOStep):
         full = torch.zeros_like(seqs["input_ids"], dtype=torch.bool)
         for i, prompt in enumerate(rollouts.prompt_ids):
             k = int(out.reset_mask[i].sum())
-            full[i, len(prompt):len(prompt) + k] = True
+            full[i, len(prompt) : len(prompt) + k] = True
         seqs["reset_mask"] = full[:, 1:]
         self._last_resets = out.reset_lengths
         return rollouts, seqs
@@ -65,13 +72,22 @@ class ResetPPOStep(PPOStep):
         return data
 
     def __call__(self, minibatch: dict) -> StepResult:
-        new = self.ctx.policy(minibatch["input_ids"], minibatch["attention_mask"], minibatch["completion_mask"])
+        new = self.ctx.policy(
+            minibatch["input_ids"], minibatch["attention_mask"], minibatch["completion_mask"]
+        )
         values = self.critic(minibatch["input_ids"], minibatch["attention_mask"])[:, :-1].float()
-        output = self.ctx.loss(LossInputs(
-            response_mask=minibatch["mask"], policy_token_logps=new.token_logps,
-            old_token_logps=minibatch["old_logps"], advantages=minibatch["advantages"],
-            returns=minibatch["returns"], values=values, old_values=minibatch["old_values"],
-            reset_mask=minibatch.get("reset_mask")))
+        output = self.ctx.loss(
+            LossInputs(
+                response_mask=minibatch["mask"],
+                policy_token_logps=new.token_logps,
+                old_token_logps=minibatch["old_logps"],
+                advantages=minibatch["advantages"],
+                returns=minibatch["returns"],
+                values=values,
+                old_values=minibatch["old_values"],
+                reset_mask=minibatch.get("reset_mask"),
+            )
+        )
         return StepResult(output, tokens=0.0)
 
     @torch.no_grad()

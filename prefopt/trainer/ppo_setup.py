@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import yaml
@@ -38,23 +38,28 @@ def check_critic_tokenizer(config: Config, tokenizer) -> None:
         from prefopt.models.value_head import CRITIC_WEIGHTS
 
         if (Path(source) / CRITIC_WEIGHTS).is_file():  # a saved prefopt critic carries no tokenizer
-            logger.warning("ppo.critic: cannot verify that the critic '%s' shares the policy's tokenizer (no "
-                           "tokenizer files beside it); it reads the policy's token ids", source)
+            logger.warning(
+                "ppo.critic: cannot verify that the critic '%s' shares the policy's tokenizer (no "
+                "tokenizer files beside it); it reads the policy's token ids",
+                source,
+            )
             return
         raise
     if other.get_vocab() != tokenizer.get_vocab() or other.eos_token_id != tokenizer.eos_token_id:
         raise ConfigError(
             f"{key}: the critic is initialised from '{source}', whose tokenizer differs from the policy "
             f"'{config.model.name_or_path}', but it reads the policy's token ids; set ppo.critic to a model "
-            f"with the policy's tokenizer (e.g. ppo.critic={config.model.name_or_path}: a fresh value head)")
+            f"with the policy's tokenizer (e.g. ppo.critic={config.model.name_or_path}: a fresh value head)"
+        )
 
 
 def build_critic(config: Config) -> torch.nn.Module:
     from prefopt.models.loading import resolve_dtype
     from prefopt.models.value_head import load_critic
 
-    return load_critic(critic_source(config), policy_path=config.model.name_or_path,
-                       dtype=resolve_dtype(config.model.dtype))
+    return load_critic(
+        critic_source(config), policy_path=config.model.name_or_path, dtype=resolve_dtype(config.model.dtype)
+    )
 
 
 def _run_config(model_path: str) -> dict | None:
@@ -82,18 +87,28 @@ def check_rto_lineage(config: Config, tokenizer) -> None:
             continue
         other = load_tokenizer(path, key=key)
         if other.get_vocab() != vocab or other.eos_token_id != tokenizer.eos_token_id:
-            raise ConfigError(f"{key}: '{path}' has a different tokenizer from the policy "
-                              f"'{config.model.name_or_path}'; RTO's token rewards need one shared tokenizer")
+            raise ConfigError(
+                f"{key}: '{path}' has a different tokenizer from the policy "
+                f"'{config.model.name_or_path}'; RTO's token rewards need one shared tokenizer"
+            )
     run = _run_config(dpo_path)
     if run is None:
-        logger.warning("RTO: cannot verify that the DPO policy '%s' was trained from the reference '%s' "
-                       "(no prefopt config.yaml beside it); the token reward assumes it was", dpo_path, reference_path)
+        logger.warning(
+            "RTO: cannot verify that the DPO policy '%s' was trained from the reference '%s' "
+            "(no prefopt config.yaml beside it); the token reward assumes it was",
+            dpo_path,
+            reference_path,
+        )
         return
     dpo_base = (run.get("model") or {}).get("name_or_path")
     if dpo_base is None or Path(str(dpo_base)).resolve() != Path(reference_path).resolve():
-        logger.warning("RTO: the DPO policy '%s' was trained from '%s', but the PPO reference is '%s'; the token "
-                       "reward log(pi_dpo/pi_ref) is only meaningful when they are the same SFT model",
-                       dpo_path, dpo_base, reference_path)
+        logger.warning(
+            "RTO: the DPO policy '%s' was trained from '%s', but the PPO reference is '%s'; the token "
+            "reward log(pi_dpo/pi_ref) is only meaningful when they are the same SFT model",
+            dpo_path,
+            dpo_base,
+            reference_path,
+        )
 
 
 def dpo_scorer(config: Config, policy_module, accelerator) -> Callable:
@@ -109,22 +124,32 @@ def dpo_scorer(config: Config, policy_module, accelerator) -> Callable:
 
         @torch.no_grad()
         def adapter_logps(input_ids, attention_mask, completion_mask):
-            live = accelerator.unwrap_model(policy_module).model if hasattr(policy_module, "model") else peft_model
+            live = (
+                accelerator.unwrap_model(policy_module).model
+                if hasattr(policy_module, "model")
+                else peft_model
+            )
             live.set_adapter("dpo")
             try:
-                return completion_token_logps(live, input_ids, attention_mask, completion_mask,
-                                              chunk_size=chunk).token_logps
+                return completion_token_logps(
+                    live, input_ids, attention_mask, completion_mask, chunk_size=chunk
+                ).token_logps
             finally:
                 live.set_adapter("default")  # also restores requires_grad on the trained adapter
 
         return adapter_logps
     if config.ppo.dpo_policy:
-        model = load_frozen_causal_lm(config.ppo.dpo_policy, config.model, key="ppo.dpo_policy").to(accelerator.device)
+        model = load_frozen_causal_lm(config.ppo.dpo_policy, config.model, key="ppo.dpo_policy").to(
+            accelerator.device
+        )
 
         @torch.no_grad()
         def model_logps(input_ids, attention_mask, completion_mask):
-            return completion_token_logps(model, input_ids, attention_mask, completion_mask,
-                                          chunk_size=chunk).token_logps
+            return completion_token_logps(
+                model, input_ids, attention_mask, completion_mask, chunk_size=chunk
+            ).token_logps
 
         return model_logps
-    raise ConfigError("ppo.dpo_policy: the loss needs the stage-1 DPO model; set ppo.dpo_policy (or ppo.dpo_adapter)")
+    raise ConfigError(
+        "ppo.dpo_policy: the loss needs the stage-1 DPO model; set ppo.dpo_policy (or ppo.dpo_adapter)"
+    )

@@ -45,7 +45,9 @@ RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "run_info.json",
 def run_leftovers(out: Path) -> list[str]:
     if not out.is_dir():
         return []
-    return sorted(p.name for p in out.iterdir() if p.name in RUN_ENTRIES or ckpt.checkpoint_step(p) is not None)
+    return sorted(
+        p.name for p in out.iterdir() if p.name in RUN_ENTRIES or ckpt.checkpoint_step(p) is not None
+    )
 
 
 @dataclass
@@ -53,13 +55,15 @@ class RunDir:
     path: Path
     resume_path: Optional[Path] = None
     overwrite: bool = False  # an old run is moved aside and deleted by open()
-    restart: bool = False  # resume_from=latest found no checkpoint: the killed run's logs are cleared by open()
+    restart: bool = (
+        False  # resume_from=latest found no checkpoint: the killed run's logs are cleared by open()
+    )
     allow: tuple[str, ...] = ()
 
     # ---------------------------------------------------------------------------------------------------- plan
 
     @classmethod
-    def plan(cls, config) -> "RunDir":
+    def plan(cls, config) -> RunDir:
         """Check ``output_dir`` and resolve ``train.resume_from`` without writing anything."""
         out = Path(config.output_dir)
         _check_directory_path(out)
@@ -70,9 +74,11 @@ class RunDir:
         inside = resume is not None and _same(resume.parent, out)
         if resume is not None and not inside and leftovers:
             if not config.overwrite_output_dir:
-                raise ConfigError(f"output_dir: '{out}' already holds another run ({', '.join(leftovers)}); "
-                                  f"resuming {resume} into it would mix the two runs. Choose another output_dir, "
-                                  "or set overwrite_output_dir=true to replace it")
+                raise ConfigError(
+                    f"output_dir: '{out}' already holds another run ({', '.join(leftovers)}); "
+                    f"resuming {resume} into it would mix the two runs. Choose another output_dir, "
+                    "or set overwrite_output_dir=true to replace it"
+                )
             plan.overwrite = True
         elif resume is None and leftovers:
             if resume_from == "latest" and "final" not in leftovers and not config.overwrite_output_dir:
@@ -81,13 +87,17 @@ class RunDir:
             elif config.overwrite_output_dir:
                 plan.overwrite = True
             elif resume_from == "latest":
-                raise ConfigError(f"train.resume_from=latest: '{out}' holds a finished run without checkpoints "
-                                  "(final/ but no checkpoint-*), so there is nothing to resume; set "
-                                  "overwrite_output_dir=true to train it again, or choose another output_dir")
+                raise ConfigError(
+                    f"train.resume_from=latest: '{out}' holds a finished run without checkpoints "
+                    "(final/ but no checkpoint-*), so there is nothing to resume; set "
+                    "overwrite_output_dir=true to train it again, or choose another output_dir"
+                )
             else:
-                raise ConfigError(f"output_dir: '{out}' already holds a run ({', '.join(leftovers)}); set "
-                                  "train.resume_from=latest to continue it, overwrite_output_dir=true to replace "
-                                  "it, or choose another output_dir")
+                raise ConfigError(
+                    f"output_dir: '{out}' already holds a run ({', '.join(leftovers)}); set "
+                    "train.resume_from=latest to continue it, overwrite_output_dir=true to replace "
+                    "it, or choose another output_dir"
+                )
         if plan.overwrite:
             _check_safe_to_clear(out, config)
         return plan
@@ -149,19 +159,29 @@ def run_fingerprint(config, tokenizer, bundle) -> dict[str, Any]:
     except ValueError:
         needs = ()
     if "reward" in needs:
-        loss["reward"] = config.reward.model_dump(mode="json", include={"kind", "name_or_path", "function",
-                                                                        "policy", "reference", "beta"})
+        loss["reward"] = config.reward.model_dump(
+            mode="json", include={"kind", "name_or_path", "function", "policy", "reference", "beta"}
+        )
     mode = config.resolved_reference_mode()
     reference = {"mode": mode}
     if mode in ("model", "precomputed"):
-        reference.update(model_fingerprint(config.reference.name_or_path or config.model.name_or_path,
-                                           config.model.revision))
-    model = {"policy": model_fingerprint(config.model.name_or_path, config.model.revision),
-             "peft": config.model.peft.model_dump(mode="json") if config.model.peft else None,
-             "reference": reference}
+        reference.update(
+            model_fingerprint(
+                config.reference.name_or_path or config.model.name_or_path, config.model.revision
+            )
+        )
+    model = {
+        "policy": model_fingerprint(config.model.name_or_path, config.model.revision),
+        "peft": config.model.peft.model_dump(mode="json") if config.model.peft else None,
+        "reference": reference,
+    }
     template = resolve_chat_template(tokenizer, config.data.chat_template)
-    fingerprint = {"loss": loss, "model": model, "data": bundle.fingerprint,
-                   "tokenizer": tokenizer_fingerprint(tokenizer, template)}
+    fingerprint = {
+        "loss": loss,
+        "model": model,
+        "data": bundle.fingerprint,
+        "tokenizer": tokenizer_fingerprint(tokenizer, template),
+    }
     return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))  # the form it has once saved
 
 
@@ -169,24 +189,38 @@ def check_resume(checkpoint: Path, current: dict[str, Any], allow: tuple[str, ..
     """Raise ConfigError when ``checkpoint`` was written by a run that differs in a part not in ``allow``."""
     path = Path(checkpoint) / FINGERPRINT_FILE
     if not path.is_file():
-        logger.warning("train.resume_from: %s has no %s (written by an older prefopt); cannot check that it "
-                       "belongs to this run", checkpoint, FINGERPRINT_FILE)
+        logger.warning(
+            "train.resume_from: %s has no %s (written by an older prefopt); cannot check that it "
+            "belongs to this run",
+            checkpoint,
+            FINGERPRINT_FILE,
+        )
         return
     try:
         saved = json.loads(path.read_text())
     except ValueError:
-        raise ConfigError(f"train.resume_from: {path} is unreadable; cannot check that the checkpoint belongs to "
-                          "this run (set train.resume_allow=[loss,model,data,tokenizer] to resume anyway)") from None
-    differ = [part for part in FINGERPRINT_PARTS if saved.get(part) != current.get(part) and part not in allow]
+        raise ConfigError(
+            f"train.resume_from: {path} is unreadable; cannot check that the checkpoint belongs to "
+            "this run (set train.resume_allow=[loss,model,data,tokenizer] to resume anyway)"
+        ) from None
+    differ = [
+        part for part in FINGERPRINT_PARTS if saved.get(part) != current.get(part) and part not in allow
+    ]
     for part in FINGERPRINT_PARTS:
         if part in allow and saved.get(part) != current.get(part):
-            logger.warning("train.resume_allow: resuming %s although its %s differs: %s", checkpoint, part,
-                           describe_change(part, saved.get(part), current.get(part)))
+            logger.warning(
+                "train.resume_allow: resuming %s although its %s differs: %s",
+                checkpoint,
+                part,
+                describe_change(part, saved.get(part), current.get(part)),
+            )
     if differ:
         changes = "; ".join(describe_change(part, saved.get(part), current.get(part)) for part in differ)
-        raise ConfigError(f"train.resume_from: {checkpoint} belongs to a different run ({changes}). Resume with the "
-                          f"settings that wrote it, or set train.resume_allow=[{','.join(differ)}] to continue "
-                          "it deliberately")
+        raise ConfigError(
+            f"train.resume_from: {checkpoint} belongs to a different run ({changes}). Resume with the "
+            f"settings that wrote it, or set train.resume_allow=[{','.join(differ)}] to continue "
+            "it deliberately"
+        )
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -244,8 +278,12 @@ def _supersede_after(out: Path, step: int) -> None:
         target = path.with_name(path.name + ".superseded")
         ckpt.remove_tree(target)
         path.rename(target)
-        logger.warning("resume at step %d: %s is from after that step; renamed to %s so that it is never resumed",
-                       step, path.name, target.name)
+        logger.warning(
+            "resume at step %d: %s is from after that step; renamed to %s so that it is never resumed",
+            step,
+            path.name,
+            target.name,
+        )
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -260,7 +298,9 @@ def _same(a: Path, b: Path) -> bool:
 
 def _check_directory_path(out: Path) -> None:
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir: '{out}' is an existing file, not a directory; choose a directory path")
+        raise ConfigError(
+            f"output_dir: '{out}' is an existing file, not a directory; choose a directory path"
+        )
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -279,16 +319,23 @@ def _check_safe_to_clear(out: Path, config) -> None:
     target = out.resolve()
     if target == Path(target.anchor) or target == Path.home().resolve():
         raise ConfigError(f"overwrite_output_dir=true would delete '{out}'; use a dedicated output_dir")
-    inputs = {"the current directory": Path.cwd(), "data.train": config.data.train, "data.eval": config.data.eval,
-              "model.name_or_path": config.model.name_or_path, "reference.name_or_path": config.reference.name_or_path,
-              "train.deepspeed": config.train.deepspeed}
+    inputs = {
+        "the current directory": Path.cwd(),
+        "data.train": config.data.train,
+        "data.eval": config.data.eval,
+        "model.name_or_path": config.model.name_or_path,
+        "reference.name_or_path": config.reference.name_or_path,
+        "train.deepspeed": config.train.deepspeed,
+    }
     for what, value in inputs.items():
         if not value:
             continue
         path = Path(value).expanduser()
         if path.exists() and _inside(path.resolve(), target):
-            raise ConfigError(f"overwrite_output_dir=true would delete '{out}', which holds {what} ({value}); "
-                              "use a dedicated output_dir")
+            raise ConfigError(
+                f"overwrite_output_dir=true would delete '{out}', which holds {what} ({value}); "
+                "use a dedicated output_dir"
+            )
 
 
 def _move_aside_and_delete(out: Path) -> None:

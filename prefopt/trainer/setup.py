@@ -13,12 +13,23 @@ import torch
 
 from prefopt.config import Config
 from prefopt.losses import get_loss
-from prefopt.models.loading import (load_frozen_causal_lm, load_policy, load_tokenizer, model_identity,
-                                    resolve_dtype)
+from prefopt.models.loading import (
+    load_frozen_causal_lm,
+    load_policy,
+    load_tokenizer,
+    model_identity,
+    resolve_dtype,
+)
 from prefopt.models.logps import CompletionLogpModel
+from prefopt.models.reference import (
+    AdapterReference,
+    ModelReference,
+    NoReference,
+    PrecomputedReference,
+    cache_key,
+    precompute_table,
+)
 from prefopt.trainer.distributed import launched_world_size
-from prefopt.models.reference import (AdapterReference, ModelReference, NoReference, PrecomputedReference,
-                                      cache_key, precompute_table)
 from prefopt.trainer.trackers import build_trackers
 
 logger = logging.getLogger(__name__)
@@ -47,7 +58,10 @@ def make_accelerator(config: Config):
 
     fresh_accelerator_state()
     extra = accelerator_process_kwargs(use_deepspeed=plugin is not None)
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=False), *extra.pop("kwargs_handlers", [])]
+    handlers = [
+        DistributedDataParallelKwargs(find_unused_parameters=False),
+        *extra.pop("kwargs_handlers", []),
+    ]
     accelerator = Accelerator(
         deepspeed_plugin=plugin,
         mixed_precision=precision,
@@ -65,20 +79,27 @@ def make_accelerator(config: Config):
         # Seen with DeepSpeed on CPU under torchrun: every rank believes it is alone and they overwrite each other.
         from prefopt.errors import ConfigError
 
-        raise ConfigError(f"the launcher started {launched} processes but accelerate set up "
-                          f"{accelerator.num_processes} ({accelerator.distributed_type}); refusing to train N copies "
-                          "side by side; launch with torchrun or accelerate launch without --cpu")
+        raise ConfigError(
+            f"the launcher started {launched} processes but accelerate set up "
+            f"{accelerator.num_processes} ({accelerator.distributed_type}); refusing to train N copies "
+            "side by side; launch with torchrun or accelerate launch without --cpu"
+        )
     if accelerator.distributed_type == DistributedType.DEEPSPEED and _trains_several_models(config):
         from prefopt.errors import ConfigError
 
         # accelerate 1.15 accelerator.py, prepare(): "You can't use same `Accelerator()` instance with multiple
         # models when using DeepSpeed"; the PPO stage trains a policy and a critic as two models.
-        raise ConfigError(f"loss.name={config.loss.name}: the PPO stage (policy + critic) does not run under "
-                          "DeepSpeed yet; launch it with DDP (torchrun / accelerate launch without a DeepSpeed "
-                          "config, train.deepspeed unset)")
+        raise ConfigError(
+            f"loss.name={config.loss.name}: the PPO stage (policy + critic) does not run under "
+            "DeepSpeed yet; launch it with DDP (torchrun / accelerate launch without a DeepSpeed "
+            "config, train.deepspeed unset)"
+        )
     if plugin is not None and accelerator.state.deepspeed_plugin is None:
-        logger.warning("train.deepspeed is set but accelerate runs %s without DeepSpeed (e.g. ACCELERATE_USE_CPU=1): "
-                       "training proceeds without ZeRO", accelerator.distributed_type)
+        logger.warning(
+            "train.deepspeed is set but accelerate runs %s without DeepSpeed (e.g. ACCELERATE_USE_CPU=1): "
+            "training proceeds without ZeRO",
+            accelerator.distributed_type,
+        )
     _fill_deepspeed_autos(accelerator, config)
     set_seed(config.seed, device_specific=False)
     return accelerator, trackers
@@ -97,9 +118,11 @@ def _fill_deepspeed_autos(accelerator, config: Config) -> None:
     if plugin is None:
         return
     ds = plugin.deepspeed_config
-    for key, value in (("train_micro_batch_size_per_gpu", config.train.per_device_batch_size),
-                       ("gradient_accumulation_steps", config.train.gradient_accumulation_steps),
-                       ("gradient_clipping", config.train.max_grad_norm or 0.0)):
+    for key, value in (
+        ("train_micro_batch_size_per_gpu", config.train.per_device_batch_size),
+        ("gradient_accumulation_steps", config.train.gradient_accumulation_steps),
+        ("gradient_clipping", config.train.max_grad_norm or 0.0),
+    ):
         if ds.get(key, "auto") == "auto":
             ds[key] = value
     if ds.get("train_batch_size") == "auto":
@@ -113,8 +136,13 @@ def load_sequence_classifier(config: Config):
 
     _check_exists(config.model.name_or_path, "model.name_or_path")
     model = AutoModelForSequenceClassification.from_pretrained(
-        config.model.name_or_path, num_labels=1, dtype=resolve_dtype(config.model.dtype), use_safetensors=True,
-        trust_remote_code=config.model.trust_remote_code, revision=config.model.revision)
+        config.model.name_or_path,
+        num_labels=1,
+        dtype=resolve_dtype(config.model.dtype),
+        use_safetensors=True,
+        trust_remote_code=config.model.trust_remote_code,
+        revision=config.model.revision,
+    )
     disable_dropout(model)
     return model
 
@@ -125,8 +153,12 @@ def build_policy(config: Config, model_kind: str, tokenizer) -> torch.nn.Module:
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         return model
-    return CompletionLogpModel(load_policy(config.model), chunk_size=config.train.logps_chunk_size,
-                               head_impl=config.train.logps_head, share_prompt=config.train.share_prompt)
+    return CompletionLogpModel(
+        load_policy(config.model),
+        chunk_size=config.train.logps_chunk_size,
+        head_impl=config.train.logps_head,
+        share_prompt=config.train.share_prompt,
+    )
 
 
 def build_reference(config: Config, policy_getter, accelerator=None) -> Any:
@@ -147,7 +179,9 @@ def build_reference(config: Config, policy_getter, accelerator=None) -> Any:
     return ModelReference(model, chunk, autocast, share_prompt=config.train.share_prompt)
 
 
-def precompute_reference(config: Config, accelerator, live_reference, bundle, collator) -> PrecomputedReference:
+def precompute_reference(
+    config: Config, accelerator, live_reference, bundle, collator
+) -> PrecomputedReference:
     """Fill the on-disk cache of reference logps (train and eval splits), then drop the live model."""
     path = config.reference.name_or_path or config.model.name_or_path
     identity = model_identity(path)
@@ -156,11 +190,21 @@ def precompute_reference(config: Config, accelerator, live_reference, bundle, co
     for split, dataset in (("train", bundle.train), ("eval", bundle.eval)):
         if dataset is None:
             continue
-        key = cache_key(identity, f"{bundle.fingerprint}:{split}", f"{config.model.dtype}/{accelerator.mixed_precision}",
-                        config.train.logps_chunk_size)
+        key = cache_key(
+            identity,
+            f"{bundle.fingerprint}:{split}",
+            f"{config.model.dtype}/{accelerator.mixed_precision}",
+            config.train.logps_chunk_size,
+        )
         cache_file = cache_dir / f"reference-{key}.safetensors"
-        tables[split] = precompute_table(live_reference, dataset, collator, cache_file=cache_file,
-                                         accelerator=accelerator, batch_size=config.reference.batch_size)
+        tables[split] = precompute_table(
+            live_reference,
+            dataset,
+            collator,
+            cache_file=cache_file,
+            accelerator=accelerator,
+            batch_size=config.reference.batch_size,
+        )
         if accelerator.is_main_process:
             logger.info("reference logps for %s split: %s", split, cache_file)
     return PrecomputedReference(tables)
@@ -177,15 +221,23 @@ def build_optimizer(config: Config, model: torch.nn.Module, total_steps: int):
     skip = no_weight_decay_names(model)
     decay = [p for name, p in named if name not in skip]
     no_decay = [p for name, p in named if name in skip]
-    groups = [{"params": decay, "weight_decay": config.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.train.learning_rate,
-                                  betas=(config.train.adam_beta1, config.train.adam_beta2), eps=config.train.adam_epsilon,
-                                  fused=config.train.fused_optimizer and all(_fusable(p) for p in params) or None)
+    groups = [
+        {"params": decay, "weight_decay": config.train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=config.train.learning_rate,
+        betas=(config.train.adam_beta1, config.train.adam_beta2),
+        eps=config.train.adam_epsilon,
+        fused=config.train.fused_optimizer and all(_fusable(p) for p in params) or None,
+    )
     warmup = config.train.warmup_steps
     if warmup is None:
         warmup = math.ceil(config.train.warmup_ratio * total_steps)
-    scheduler = get_scheduler(config.train.lr_scheduler, optimizer, num_warmup_steps=warmup,
-                              num_training_steps=total_steps)
+    scheduler = get_scheduler(
+        config.train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+    )
     return optimizer, scheduler
 
 
@@ -197,7 +249,10 @@ def no_weight_decay_names(model: torch.nn.Module) -> set[str]:
     """
     names = set()
     for module_name, module in model.named_modules():
-        is_norm = isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)) or "norm" in type(module).__name__.lower()
+        is_norm = (
+            isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm))
+            or "norm" in type(module).__name__.lower()
+        )
         for param_name, _ in module.named_parameters(recurse=False):
             if is_norm or param_name == "bias":
                 names.add(f"{module_name}.{param_name}" if module_name else param_name)
@@ -213,8 +268,11 @@ def loss_from_config(config: Config):
 
 
 def load_run_tokenizer(config: Config):
-    return load_tokenizer(config.model.name_or_path, revision=config.model.revision,
-                          trust_remote_code=config.model.trust_remote_code)
+    return load_tokenizer(
+        config.model.name_or_path,
+        revision=config.model.revision,
+        trust_remote_code=config.model.trust_remote_code,
+    )
 
 
 def write_run_info(accelerator, output_dir: Path, config: Config) -> None:
@@ -234,7 +292,11 @@ def write_run_info(accelerator, output_dir: Path, config: Config) -> None:
         "device": str(accelerator.device),
         "loss": config.loss.name,
         "reference_mode": config.resolved_reference_mode(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "accelerate": accelerate.__version__, "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__,
+            "python": platform.python_version(),
+        },
     }
     (output_dir / "run_info.json").write_text(json.dumps(info, indent=2))

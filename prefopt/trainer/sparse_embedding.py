@@ -45,8 +45,9 @@ def input_embedding(model: torch.nn.Module) -> torch.nn.Embedding | None:
     return embedding
 
 
-def enable_sparse_embedding_grad(model: torch.nn.Module, setting: bool | str, *, distributed: bool,
-                                 fp16: bool) -> list[torch.nn.Parameter]:
+def enable_sparse_embedding_grad(
+    model: torch.nn.Module, setting: bool | str, *, distributed: bool, fp16: bool
+) -> list[torch.nn.Parameter]:
     """Switch the input embedding to sparse gradients when ``setting`` allows it; returns the affected parameters.
 
     ``setting`` is ``train.sparse_embedding_grad``: ``"auto"`` turns it on where it is exact and supported (one
@@ -78,7 +79,9 @@ def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float) ->
         return torch.tensor(0.0)
     for p in params:
         if p.grad.is_sparse and not p.grad.is_coalesced():
-            p.grad = p.grad.coalesce()  # duplicate indices must be summed before their values' norm means anything
+            p.grad = (
+                p.grad.coalesce()
+            )  # duplicate indices must be summed before their values' norm means anything
     values = [p.grad._values() if p.grad.is_sparse else p.grad for p in params]
     total = torch.nn.utils.get_total_norm(values, norm_type=2.0)
     if math.isfinite(max_norm):

@@ -32,8 +32,9 @@ How to add a step kind
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
@@ -77,15 +78,17 @@ class Trainable:
     learning_rate: float
 
 
-_REGISTRY: dict[str, type["StepKind"]] = {}
+_REGISTRY: dict[str, type[StepKind]] = {}
 
 
-def register_step(name: str) -> Callable[[type["StepKind"]], type["StepKind"]]:
+def register_step(name: str) -> Callable[[type[StepKind]], type[StepKind]]:
     """Class decorator: make a step kind available under ``name`` (the value of a loss's ``step``)."""
 
-    def decorate(cls: type["StepKind"]) -> type["StepKind"]:
+    def decorate(cls: type[StepKind]) -> type[StepKind]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"step kind {name!r} is registered twice ({_REGISTRY[name].__name__}, {cls.__name__})")
+            raise ValueError(
+                f"step kind {name!r} is registered twice ({_REGISTRY[name].__name__}, {cls.__name__})"
+            )
         _REGISTRY[name] = cls
         cls.kind = name
         return cls
@@ -93,7 +96,7 @@ def register_step(name: str) -> Callable[[type["StepKind"]], type["StepKind"]]:
     return decorate
 
 
-def registered_steps() -> dict[str, type["StepKind"]]:
+def registered_steps() -> dict[str, type[StepKind]]:
     """The step kinds registered so far (import ``prefopt.trainer.kinds`` to get all of them)."""
     return dict(_REGISTRY)
 
@@ -109,7 +112,9 @@ class StepKind:
     data_kind: ClassVar[str] = "pairs"
     model_kind: ClassVar[str] = "causal_lm"
     batch_size_key: ClassVar[str] = "train.per_device_batch_size"  # the config key of loader_batch_size
-    trains_several_models: ClassVar[bool] = False  # True when ``trainables`` adds modules (not under DeepSpeed yet)
+    trains_several_models: ClassVar[bool] = (
+        False  # True when ``trainables`` adds modules (not under DeepSpeed yet)
+    )
 
     def __init__(self, ctx: StepContext):
         self.ctx = ctx
@@ -140,8 +145,9 @@ class StepKind:
         return 1
 
     @classmethod
-    def trainables(cls, config, tokenizer, policy: torch.nn.Module, accelerator, loss,
-                   extras: dict[str, Any]) -> list[Trainable]:
+    def trainables(
+        cls, config, tokenizer, policy: torch.nn.Module, accelerator, loss, extras: dict[str, Any]
+    ) -> list[Trainable]:
         """Extra modules to train beside the policy (built before ``accelerator.prepare``). Anything else built
         here for the step (frozen helpers) goes into ``extras``, which reaches the step as ``ctx.extras``."""
         return []
@@ -187,10 +193,17 @@ def step_metrics(result: StepResult) -> dict:
     return metrics
 
 
-def pair_logps(ctx: StepContext, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def pair_logps(
+    ctx: StepContext, batch: dict
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One concatenated chosen+rejected forward: (chosen sums, rejected sums, chosen lengths, rejected lengths)."""
-    logps = ctx.policy(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                       position_ids=batch.get("position_ids"), attention_bias=batch.get("attention_bias"))
+    logps = ctx.policy(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["completion_mask"],
+        position_ids=batch.get("position_ids"),
+        attention_bias=batch.get("attention_bias"),
+    )
     sums, lengths = sequence_totals(logps, batch)
     half = sums.shape[0] // 2
     return sums[:half], sums[half:], lengths[:half], lengths[half:]
@@ -206,8 +219,12 @@ class PairStep(StepKind):
         ctx = self.ctx
         batch = _move(batch, ctx.accelerator.device)
         chosen, rejected, chosen_len, rejected_len = pair_logps(ctx, batch)
-        inputs = LossInputs(policy_chosen_logps=chosen, policy_rejected_logps=rejected,
-                            chosen_lengths=chosen_len, rejected_lengths=rejected_len)
+        inputs = LossInputs(
+            policy_chosen_logps=chosen,
+            policy_rejected_logps=rejected,
+            chosen_lengths=chosen_len,
+            rejected_lengths=rejected_len,
+        )
         if "reference" in ctx.loss.needs:
             inputs.reference_chosen_logps, inputs.reference_rejected_logps = ctx.reference.pair_logps(batch)
         self.extend(inputs, batch)
@@ -242,7 +259,11 @@ class RewardPairStep(StepKind):
     def __call__(self, batch: dict) -> StepResult:
         ctx = self.ctx
         batch = _move(batch, ctx.accelerator.device)
-        scores = ctx.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float()
+        scores = (
+            ctx.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            .logits[:, 0]
+            .float()
+        )
         half = scores.shape[0] // 2
         inputs = LossInputs(chosen_scores=scores[:half], rejected_scores=scores[half:])
         return StepResult(ctx.loss(inputs), tokens=float(batch["attention_mask"].sum()))

@@ -42,7 +42,9 @@ def build_trackers(config) -> list[Union[str, Any]]:
     trackers: list[Union[str, Any]] = []
     for name in config.logging.report_to:
         if importlib.util.find_spec(TRACKER_MODULES[name]) is None:
-            logger.warning("logging.report_to: %s is not installed (pip install %s); not logging to it", name, name)
+            logger.warning(
+                "logging.report_to: %s is not installed (pip install %s); not logging to it", name, name
+            )
         elif name == "tensorboard":
             trackers.append(TensorBoardTracker(run_name(config), output_dir / "tensorboard"))
         elif name == "wandb":

@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -120,17 +121,22 @@ class Updater:
             raise TrainingDiverged(
                 f"step {state.global_step + 1}: non-finite loss or gradient, and DeepSpeed has already applied the "
                 "update (it steps inside backward); the weights may now be non-finite. "
-                f"{ckpt.last_good_checkpoint_note(self.output_dir)}; lower train.learning_rate or check the data.")
+                f"{ckpt.last_good_checkpoint_note(self.output_dir)}; lower train.learning_rate or check the data."
+            )
         else:
             state.skipped_steps += 1
             state.consecutive_skipped += 1
-            logger.warning("step %d: non-finite loss or gradient; optimizer step skipped (%d in a row)",
-                           state.global_step + 1, state.consecutive_skipped)
+            logger.warning(
+                "step %d: non-finite loss or gradient; optimizer step skipped (%d in a row)",
+                state.global_step + 1,
+                state.consecutive_skipped,
+            )
             if state.consecutive_skipped > config.train.max_skipped_steps:
                 raise TrainingDiverged(
                     f"{state.consecutive_skipped} consecutive optimizer steps had a non-finite loss or gradient "
                     f"(train.max_skipped_steps={config.train.max_skipped_steps}); stopping. "
-                    f"{ckpt.last_good_checkpoint_note(self.output_dir)}; lower train.learning_rate or check the data.")
+                    f"{ckpt.last_good_checkpoint_note(self.output_dir)}; lower train.learning_rate or check the data."
+                )
         for trained in self.modules:
             trained.optimizer.zero_grad(set_to_none=True)
         return finite

@@ -53,8 +53,12 @@ def steady_lines(path: Path) -> list[dict]:
 
 
 def tree_bytes(directory: Path) -> dict[str, bytes]:
+    # final/prefopt_config.yaml is the resolved recipe: it records how the run was started (resume_from,
+    # output_dir), not what it computed, so it is the one file a resumed run may write differently.
     return {
-        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != "prefopt_config.yaml"
     }
 
 

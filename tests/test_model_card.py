@@ -42,7 +42,12 @@ def test_final_has_a_model_card_whose_metadata_parses(dpo_run):
     assert "base_model" not in data  # a local path is not a Hub id; it is kept in prefopt.base_model_path
     assert meta["base_model_path"] == config["model"]["name_or_path"]
     assert meta["method"] == "dpo" and "Rafailov" in meta["paper"]
-    assert meta["parameters"] == {"beta": 0.2, "label_smoothing": 0.0}  # the recipe's value and the defaults
+    # the recipe's value and every default, exactly as config.yaml records them
+    assert (
+        meta["parameters"] == {k: v for k, v in config["loss"].items() if k != "name"}
+        and meta["parameters"]["beta"] == 0.2
+    )
+    assert {"label_smoothing", "divergence"} <= set(meta["parameters"])
     assert meta["data"]["fingerprint"] == report["fingerprint"] and len(report["fingerprint"]) == 64
     assert meta["data"]["train"] == config["data"]["train"]
     assert meta["version"] == prefopt.__version__

@@ -37,14 +37,21 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+# Throughput depends on the machine and its load, not on the model: left out so that the card (and with it
+# final/) is the same bytes for a resumed run as for an uninterrupted one.
+TIMING_METRICS = ("tokens_per_second", "samples_per_second", "seconds")
+
+
 def _final_metrics(run_dir: Path) -> tuple[dict[str, float], dict[str, float]]:
-    """The last value of every train metric and every ``eval/`` metric in ``metrics.jsonl``."""
+    """The last value of every train metric and every ``eval/`` metric in ``metrics.jsonl`` (timings left out)."""
     train: dict[str, float] = {}
     evaluation: dict[str, float] = {}
     path = run_dir / "metrics.jsonl"
     for line in path.read_text().splitlines() if path.is_file() else []:
         record = json.loads(line) if line.strip() else {}
         for key, value in record.items():
+            if key.endswith(TIMING_METRICS):
+                continue
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 (evaluation if key.startswith("eval/") else train)[key] = value
     return train, evaluation

@@ -80,11 +80,12 @@ def assert_same_run(reference: Path, resumed: Path) -> None:
 def kill_and_resume(args: list[str], tmp_path: Path, seed: int, kills: int, first_in: str = "") -> list[str]:
     """Reference run, then a run killed ``kills`` times at seeded events (the first one among events whose label
     contains ``first_in``), resumed with ``train.resume_from=latest`` each time. Returns the labels killed at."""
-    reference, events = tmp_path / "reference", tmp_path / "events.json"
+    # Both runs are named "run" (in different folders): the model card in final/ names the run after its folder.
+    reference, events = tmp_path / "reference" / "run", tmp_path / "events.json"
     assert harness(0, events, [*args, f"output_dir={reference}"]) == 0
     labels = json.loads(events.read_text())
     rng = random.Random(seed)
-    resumed, killed_at = tmp_path / "resumed", []
+    resumed, killed_at = tmp_path / "resumed" / "run", []
     candidates = [i + 1 for i, label in enumerate(labels) if first_in in label]
     assert candidates, f"no event matches {first_in!r}"
     point = rng.choice(candidates)

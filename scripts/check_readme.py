@@ -14,6 +14,8 @@ on the line(s) right above the block:
     <!-- readme-check: skip "TEXT": REASON -->          the block's commands that contain TEXT
     <!-- readme-check: fresh: REASON -->                run the block in its own fresh copy (an alternative
                                                         path, e.g. the steps `make demo` replaces)
+    <!-- readme-check: exits 2 "TEXT": REASON -->       the block's commands that contain TEXT must end with
+                                                        that exit status (an error the README shows on purpose)
 
     python scripts/check_readme.py            # CI: `make readme-check`
     python scripts/check_readme.py --list     # what would run, and what is left out and why
@@ -34,13 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DIRECTIVE = re.compile(r'<!--\s*readme-check:\s*(skip|fresh)(?:\s+"([^"]+)")?\s*:\s*(.*?)\s*-->')
+DIRECTIVE = re.compile(r'<!--\s*readme-check:\s*(skip|fresh|exits \d+)(?:\s+"([^"]+)")?\s*:\s*(.*?)\s*-->')
 
 
 @dataclass
 class Command:
     line: int  # 1-based line of README.md where the command starts
     text: str  # as written, continuation lines included, trailing comment removed
+    expected_exit: int = 0  # an `exits N` directive: the README shows this command failing on purpose
 
 
 @dataclass
@@ -50,6 +53,7 @@ class Block:
     skip_all: str = ""  # reason, when the whole block is skipped
     skip_matching: dict[str, str] = field(default_factory=dict)  # substring -> reason
     fresh: str = ""  # reason, when the block runs in its own fresh copy
+    expected_exits: dict[str, int] = field(default_factory=dict)  # substring -> exit status it must end with
 
     def skipped(self, command: Command) -> str:
         if self.skip_all:
@@ -89,6 +93,10 @@ def parse_readme(text: str) -> list[Block]:
             for kind, text_match, reason in DIRECTIVE.findall(lines[above]):
                 if kind == "fresh":
                     block.fresh = reason
+                elif kind.startswith("exits"):
+                    if not text_match:
+                        raise ValueError(f'README.md:{above + 1}: `exits N` needs the "TEXT" of its command')
+                    block.expected_exits[text_match] = int(kind.split()[1])
                 elif text_match:
                     block.skip_matching[text_match] = reason
                 else:
@@ -105,7 +113,9 @@ def parse_readme(text: str) -> list[Block]:
                 pending.append(code)
             elif code.strip() or pending:
                 pending.append(code)
-                block.commands.append(Command(start, "\n".join(pending).strip()))
+                text = "\n".join(pending).strip()
+                expected = next((code for match, code in block.expected_exits.items() if match in text), 0)
+                block.commands.append(Command(start, text, expected))
                 pending = []
             index += 1
         blocks.append(block)
@@ -162,6 +172,15 @@ def bash_script(clone: Path, commands: list[Command]) -> str:
     lines = ["set -o pipefail", f"cd {shlex.quote(str(clone))}"]
     for command in commands:
         shown = shlex.quote(f"README.md:{command.line}: {command.text}")
+        if command.expected_exit:
+            lines += [
+                f'echo; echo ">>> "{shown}" (must exit {command.expected_exit})"; _start=$SECONDS',
+                f"{{\n{command.text}\n}}; _status=$?",
+                f'if [ "$_status" -ne {command.expected_exit} ]; then echo "readme-check: FAILED (exit $_status, '
+                f'expected {command.expected_exit}) "{shown} >&2; exit 1; fi',
+                'echo "<<< ok (exit $_status as shown) in $((SECONDS - _start)) s"',
+            ]
+            continue
         lines += [
             f'echo; echo ">>> "{shown}; _start=$SECONDS',
             f'{{\n{command.text}\n}} || {{ _status=$?; echo "readme-check: FAILED (exit $_status) "{shown} >&2; '
@@ -220,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             main_commands += kept
     if args.list:
         for command in main_commands:
-            print(f"run README.md:{command.line}: {command.text}")
+            must = f"  (must exit {command.expected_exit})" if command.expected_exit else ""
+            print(f"run README.md:{command.line}: {command.text}{must}")
         for block, commands in fresh_sessions:
             for command in commands:
                 print(f"run in a fresh copy ({block.fresh}) README.md:{command.line}: {command.text}")

@@ -105,3 +105,20 @@ def test_the_real_readme_runs_its_tour_and_says_why_it_leaves_anything_out():
         )
         for text in skipped
     ), skipped
+
+
+def test_a_command_shown_failing_on_purpose_must_fail_with_its_status(tmp_path, capfd):
+    directive = '<!-- readme-check: exits 2 "exit": shown failing on purpose -->\n'
+    good = directive + "```bash\n(exit 2)\necho after > after.txt\n```\n"
+    readme = tmp_path / "README.md"
+    readme.write_text(good)
+    assert check_readme.main(["--readme", str(readme), "--workdir", str(tmp_path / "ok")]) == 0
+    assert (
+        tmp_path / "ok" / "readme" / "after.txt"
+    ).is_file()  # the session goes on after the expected error
+    # The same command succeeding (or failing with another status) fails the check.
+    for command in ("(exit 0)", "(exit 1)"):
+        readme.write_text(directive + f"```bash\n{command}\n```\n")
+        work = tmp_path / command.strip("()").replace(" ", "-")
+        assert check_readme.main(["--readme", str(readme), "--workdir", str(work)]) == 1
+        assert "expected 2" in capfd.readouterr().err

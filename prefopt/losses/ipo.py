@@ -6,11 +6,10 @@ from typing import ClassVar
 
 import torch
 
-from prefopt.losses.base import ImplicitReward
-from prefopt.losses.reward_difference import PairTerms, RewardDifferenceLoss
+from prefopt.losses.reward_difference import LengthNormalizedDifferenceLoss, PairTerms
 
 
-class IPOLoss(RewardDifferenceLoss):
+class IPOLoss(LengthNormalizedDifferenceLoss):
     """Identity Preference Optimisation — Azar et al. 2023, "A General Theoretical Paradigm to Understand
     Learning from Human Preferences" (arXiv 2310.12036), Eq. 17.
 
@@ -34,16 +33,10 @@ class IPOLoss(RewardDifferenceLoss):
         "Preferences (arXiv 2310.12036)"
     )
     formula: ClassVar[str] = "L = (s(lr_w)/|y_w| - s(lr_l)/|y_l| - 1/(2 beta))^2"
-    uses_lengths: ClassVar[bool] = True
 
     def __init__(self, beta: float = 0.1, divergence: str = "reverse_kl", alpha: float = 0.5) -> None:
         self._setup(beta, divergence, alpha)
 
-    def implicit_reward(self) -> ImplicitReward:
-        """``beta * (logp - logp_ref) / |y|``: the per-token log-ratio the objective compares (TRL logs the
-        un-normalised ``beta * lr`` instead)."""
-        return ImplicitReward(scale=self.beta, length_normalized=True)
-
     def pair_losses(self, terms: PairTerms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        delta = terms.chosen_scores / terms.chosen_lengths - terms.rejected_scores / terms.rejected_lengths
+        delta = self.normalized_difference(terms)
         return (delta - 1.0 / (2.0 * self.beta)) ** 2, {}

@@ -96,3 +96,19 @@ class RewardDifferenceLoss(PreferenceLoss):
         rejected_rewards = reward.sequence(policy_rejected, terms.reference_rejected, terms.rejected_lengths)
         metrics = pairwise_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected, extra)
         return LossOutput(loss=losses.mean(), metrics=metrics)
+
+
+class LengthNormalizedDifferenceLoss(RewardDifferenceLoss):
+    """A reward-difference loss that compares per-token log-ratios, ``s(lr_w)/|y_w| - s(lr_l)/|y_l|`` (IPO as
+    TRL normalises it, sigmoid_norm); its implicit reward is the same per-token quantity."""
+
+    uses_lengths: ClassVar[bool] = True
+
+    def implicit_reward(self) -> ImplicitReward:
+        """``beta * (logp - logp_ref) / |y|``: the per-token log-ratio the objective compares (TRL logs the
+        un-normalised ``beta * lr`` instead)."""
+        return ImplicitReward(scale=self.beta, length_normalized=True)
+
+    @staticmethod
+    def normalized_difference(terms: PairTerms) -> torch.Tensor:
+        return terms.chosen_scores / terms.chosen_lengths - terms.rejected_scores / terms.rejected_lengths

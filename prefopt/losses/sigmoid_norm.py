@@ -7,11 +7,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from prefopt.losses.base import ImplicitReward
-from prefopt.losses.reward_difference import PairTerms, RewardDifferenceLoss
+from prefopt.losses.reward_difference import LengthNormalizedDifferenceLoss, PairTerms
 
 
-class SigmoidNormLoss(RewardDifferenceLoss):
+class SigmoidNormLoss(LengthNormalizedDifferenceLoss):
     """Length-normalised DPO, as in Tulu 3 — Lambert et al. 2024, "Tulu 3: Pushing Frontiers in Open Language
     Model Post-Training" (arXiv 2411.15124), "length-normalized DPO".
 
@@ -35,16 +34,10 @@ class SigmoidNormLoss(RewardDifferenceLoss):
         "Post-Training (arXiv 2411.15124)"
     )
     formula: ClassVar[str] = "L = -logsigmoid(beta (s(lr_w)/|y_w| - s(lr_l)/|y_l|))"
-    uses_lengths: ClassVar[bool] = True
 
     def __init__(self, beta: float = 0.1, divergence: str = "reverse_kl", alpha: float = 0.5) -> None:
         self._setup(beta, divergence, alpha)
 
-    def implicit_reward(self) -> ImplicitReward:
-        """``beta * (logp - logp_ref) / |y|``: the per-token log-ratio the objective compares (TRL logs the
-        un-normalised ``beta * lr`` instead)."""
-        return ImplicitReward(scale=self.beta, length_normalized=True)
-
     def pair_losses(self, terms: PairTerms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        delta = terms.chosen_scores / terms.chosen_lengths - terms.rejected_scores / terms.rejected_lengths
+        delta = self.normalized_difference(terms)
         return -F.logsigmoid(self.beta * delta), {}

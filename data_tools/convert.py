@@ -2,8 +2,9 @@
 
 Pair formats become ``{"prompt", "chosen", "rejected"}``, SFT rows ``{"prompt", "completion"}``, unpaired rows
 ``{"prompt", "completion", "label"}``, prompt rows ``{"prompt"}``. ``--unpaired`` turns each preference pair into
-two unpaired rows for KTO: the chosen completion with ``"label": true``, then the rejected one with ``false``. Rated rows become pairs (``--rated-pairs``), HH rows conversational pairs. To standard, a prompt of
-one user message becomes its content; longer conversations need ``--tokenizer`` to be rendered with its chat template.
+two unpaired rows for KTO: the chosen completion with ``"label": true``, then the rejected one with ``false``.
+Rated rows become pairs (``--rated-pairs``), HH rows conversational pairs. To standard, a prompt of one user
+message becomes its content; longer conversations need ``--tokenizer`` to be rendered with its chat template.
 The output is written to a temporary file and renamed, so OUT is never half-written.
 """
 

@@ -193,3 +193,26 @@ def test_train_on_a_bad_unpaired_row_exits_2_naming_file_line_and_field(tmp_path
     assert f'{data} line 2: field "label": expected true (desirable) or false (undesirable)' in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_gold_benchmark_trains_kto_on_the_tasks_pairs_as_unpaired_rows(tmp_path, gold_task_dir):
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("gold_benchmark", REPO / "scripts" / "gold_benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.METHODS["kto"] == ("kto.yaml", [], "unpaired", None)
+    task = tmp_path / "seed-0" / "task"
+    task.mkdir(parents=True)
+    for name in ("pairs_train.jsonl", "pairs_eval.jsonl"):
+        shutil.copy(gold_task_dir / name, task / name)
+    overrides = bench.method_overrides("kto", tmp_path / "seed-0", tmp_path / "sft", 0, [])
+    assert f"data.train={task / 'unpaired_train.jsonl'}" in overrides
+    assert f"data.eval={task / 'unpaired_eval.jsonl'}" in overrides
+    pairs = (task / "pairs_train.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in (task / "unpaired_train.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * len(pairs)
+    first = json.loads(pairs[0])
+    assert rows[0] == {"prompt": first["prompt"], "completion": first["chosen"], "label": True}
+    assert rows[1] == {"prompt": first["prompt"], "completion": first["rejected"], "label": False}

@@ -116,15 +116,21 @@ def sample_policy(
         finished=[bool(f) for f in rollouts.finished],
     )
     if reference is not None:
-        ref_model = _load(reference)
-        seqs = rollouts.to_sequences(tokenizer.pad_token_id)
-        for start in range(0, len(index), batch_size):
-            rows = slice(start, start + batch_size)
-            args = (seqs["input_ids"][rows], seqs["attention_mask"][rows], seqs["completion_mask"][rows])
-            policy_logps = completion_token_logps(model, *args).sums
-            reference_logps = completion_token_logps(ref_model, *args).sums
-            samples.kl_per_sample.extend((policy_logps - reference_logps).tolist())
+        samples.kl_per_sample = _kl_per_sample(model, _load(reference), rollouts, tokenizer, batch_size)
     return samples
+
+
+def _kl_per_sample(model, ref_model, rollouts, tokenizer, batch_size: int) -> list[float]:
+    """``log pi(y|x) - log ref(y|x)`` summed over each sampled completion (its mean estimates KL(pi || ref))."""
+    seqs = rollouts.to_sequences(tokenizer.pad_token_id)
+    kl = []
+    for start in range(0, len(rollouts.texts), batch_size):
+        rows = slice(start, start + batch_size)
+        args = (seqs["input_ids"][rows], seqs["attention_mask"][rows], seqs["completion_mask"][rows])
+        policy_logps = completion_token_logps(model, *args).sums
+        reference_logps = completion_token_logps(ref_model, *args).sums
+        kl.extend((policy_logps - reference_logps).tolist())
+    return kl
 
 
 def win_rate(candidate: PolicySamples, baseline: PolicySamples) -> float:
@@ -148,6 +154,7 @@ def sample_with_revisions(
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 64,
+    reference=None,
 ) -> list[PolicySamples]:
     """SRPO's inference: ``y_0 ~ pi(. | x)``, then ``y_{n+1} ~ pi(. | x, y_n)`` for ``revisions`` rounds.
 
@@ -155,6 +162,7 @@ def sample_with_revisions(
     ``data.revision_template`` / ``revision_instruction``) rendered and tokenized as training does it, keeping its
     last ``max_revision_prompt_length`` tokens. Returns one :class:`PolicySamples` per round (index 0: no revision),
     each scored with ``reward_fn(prompt, completion)``; sample ``j`` of round ``n+1`` revises sample ``j`` of round n.
+    With ``reference``, round 0 carries the per-sample KL(policy || reference) estimate, as :func:`sample_policy`.
     """
     from prefopt.data import build_datasets
     from prefopt.data.revision import RevisionTemplate
@@ -192,6 +200,8 @@ def sample_with_revisions(
                 finished=[bool(f) for f in rollouts.finished],
             )
         )
+        if round_number == 0 and reference is not None:
+            rounds[0].kl_per_sample = _kl_per_sample(model, _load(reference), rollouts, tokenizer, batch_size)
         if round_number == revisions:
             break
         revision_ids = []

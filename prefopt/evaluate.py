@@ -56,6 +56,12 @@ class PolicySamples:
 
 def load_prompts(path: str, tokenizer, *, max_prompts: Optional[int] = None, max_prompt_length: int = 64):
     """Prompt ids/texts of a prefopt-readable file, tokenized exactly as training tokenizes them."""
+    prompt_ids, texts, _ = _prompt_columns(path, tokenizer, max_prompts, max_prompt_length)
+    return prompt_ids, texts
+
+
+def _prompt_columns(path: str, tokenizer, max_prompts: Optional[int], max_prompt_length: int):
+    """Token ids, texts and chat messages (JSON, "" for plain rows) of the prompts in ``path``."""
     from prefopt.data import build_datasets
 
     config = DataConfig(
@@ -66,7 +72,7 @@ def load_prompts(path: str, tokenizer, *, max_prompts: Optional[int] = None, max
         max_length=max_prompt_length + 1,
     )
     bundle = build_datasets(config, tokenizer, "prompts", seed=0)
-    return list(bundle.train["prompt_input_ids"]), list(bundle.train["prompt_text"])
+    return tuple(list(bundle.train[c]) for c in ("prompt_input_ids", "prompt_text", "prompt_messages"))
 
 
 def _load(model_or_path, dtype: str = "float32"):
@@ -93,30 +99,22 @@ def sample_policy(
 ) -> PolicySamples:
     """Draw ``samples_per_prompt`` samples per prompt, score each with ``reward_fn(prompt, completion)``, and
     (with ``reference``) estimate KL(policy || reference) as the mean over samples of ``log pi(y) - log ref(y)``."""
-    tokenizer = load_tokenizer(str(policy)) if not isinstance(policy, torch.nn.Module) else None
-    model = _load(policy)
-    if tokenizer is None:
+    if isinstance(policy, torch.nn.Module):
         raise ValueError("pass the policy as a path so its tokenizer can be loaded")
-    prompt_ids, prompt_texts = load_prompts(prompts_path, tokenizer, max_prompts=max_prompts)
-    generator = HFGenerator(model, tokenizer, batch_size=batch_size)
-    rollouts = generator.generate(
-        prompt_ids,
-        SamplingParams(
-            n=samples_per_prompt, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed
-        ),
+    # Round 0 of the revision loop is exactly this: one sampling pass over the prompts, scored.
+    (samples,) = sample_with_revisions(
+        policy,
+        prompts_path,
+        reward_fn,
+        revisions=0,
+        reference=reference,
+        samples_per_prompt=samples_per_prompt,
+        max_prompts=max_prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        batch_size=batch_size,
     )
-    index = [int(i) for i in rollouts.prompt_index]
-    prompts = [prompt_texts[i] for i in index]
-    samples = PolicySamples(
-        prompts=prompts,
-        completions=list(rollouts.texts),
-        prompt_index=index,
-        rewards=[float(reward_fn(p, c)) for p, c in zip(prompts, rollouts.texts)],
-        lengths=[int(n) for n in rollouts.completion_mask.sum(-1)],
-        finished=[bool(f) for f in rollouts.finished],
-    )
-    if reference is not None:
-        samples.kl_per_sample = _kl_per_sample(model, _load(reference), rollouts, tokenizer, batch_size)
     return samples
 
 
@@ -164,7 +162,6 @@ def sample_with_revisions(
     each scored with ``reward_fn(prompt, completion)``; sample ``j`` of round ``n+1`` revises sample ``j`` of round n.
     With ``reference``, round 0 carries the per-sample KL(policy || reference) estimate, as :func:`sample_policy`.
     """
-    from prefopt.data import build_datasets
     from prefopt.data.revision import RevisionTemplate
 
     if revisions < 0:
@@ -172,13 +169,7 @@ def sample_with_revisions(
     template = template or RevisionTemplate()
     tokenizer = load_tokenizer(str(policy))
     model = _load(policy)
-    config = DataConfig(
-        train=prompts_path, shuffle=False, max_samples=max_prompts, max_prompt_length=64, max_length=65
-    )
-    bundle = build_datasets(config, tokenizer, "prompts", seed=0)
-    prompt_ids, texts, messages = (
-        list(bundle.train[c]) for c in ("prompt_input_ids", "prompt_text", "prompt_messages")
-    )
+    prompt_ids, texts, messages = _prompt_columns(prompts_path, tokenizer, max_prompts, 64)
     generator = HFGenerator(model, tokenizer, batch_size=batch_size)
     rollouts = generator.generate(
         prompt_ids,

@@ -1,4 +1,4 @@
-"""The ``prefopt`` command: ``train``, ``losses``, ``tiny-model``, ``demo``, ``diagnose``.
+"""The ``prefopt`` command: ``train``, ``losses``, ``tiny-model``, ``demo``, ``evaluate``, ``diagnose``.
 
 Bad input (recipe keys, data rows, paths) ends with one message on stderr and exit status 2, never a traceback.
 ``prefopt train`` runs the same under ``accelerate launch -m prefopt train ...`` and ``torchrun -m prefopt train``.
@@ -182,6 +182,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.out), steps=args.max_steps, eval_prompts=args.eval_prompts)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from prefopt.evaluate_cli import run_evaluate
+
+    return run_evaluate(args)
+
+
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from prefopt.diagnostics.cli import run_diagnose
 
@@ -242,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-prompts", type=int, default=100, help="held-out prompts for the gold evaluation"
     )
     demo.set_defaults(func=cmd_demo)
+
+    from prefopt.evaluate_cli import add_evaluate_parser
+
+    add_evaluate_parser(sub, cmd_evaluate)
 
     try:
         from prefopt.diagnostics.cli import add_diagnose_parser

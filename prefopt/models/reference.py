@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prefopt.models.logps import TokenLogps, completion_token_logps, sequence_totals
+from prefopt.models.pair_parts import pair_tail_sums
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,21 @@ class Reference:
         sums, _ = sequence_totals(logps, batch)
         half = sums.shape[0] // 2
         return sums[:half], sums[half:]
+
+    def pair_logps_and_tails(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        """(chosen, rejected, chosen tail, rejected tail) ``[B]`` each, from one forward: the tails are the sums
+        past the pair's shared length (LD-DPO, ``prefopt/models/pair_parts.py``)."""
+        logps = self.token_logps(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["completion_mask"],
+            position_ids=batch.get("position_ids"),
+            attention_bias=batch.get("attention_bias"),
+        )
+        sums, _ = sequence_totals(logps, batch)
+        tails = pair_tail_sums(logps, batch)
+        half = sums.shape[0] // 2
+        return sums[:half], sums[half:], tails[:half], tails[half:]
 
     def group_logps(self, batch: dict, groups: int) -> torch.Tensor:
         """``[groups, B]`` sums for a batch whose ``input_ids`` stack ``groups`` row groups of B sequences (triples,
@@ -156,6 +172,16 @@ class PrecomputedReference(Reference):
         device = batch["input_ids"].device
         return table["chosen"][index].to(device), table["rejected"][index].to(device)
 
+    def pair_logps_and_tails(self, batch):
+        table = self.tables[self.split]
+        if "chosen_tail" not in table:  # the trainer asks for tails only when it precomputed them
+            raise RuntimeError("the precomputed reference table has no LD-DPO tails")
+        index = batch["index"].to("cpu")
+        device = batch["input_ids"].device
+        return tuple(
+            table[key][index].to(device) for key in ("chosen", "rejected", "chosen_tail", "rejected_tail")
+        )
+
     def group_logps(self, batch, groups):
         table = self.tables[self.split]
         if groups == 2:
@@ -178,10 +204,12 @@ def precompute_table(
     accelerator,
     batch_size: int,
     progress: Optional[Callable[[int], None]] = None,
+    tails: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Compute (or load) reference pair logps for every row of ``dataset``; every rank ends with the full table.
 
     Ranks split the rows (rank r takes rows r, r+W, ...), then gather. Rank 0 writes the cache atomically.
+    ``tails``: also the LD-DPO tails of each pair (``chosen_tail``/``rejected_tail``; the cache key must say so).
     """
     if cache_file.is_file():
         logger.info("reference logps loaded from cache %s", cache_file)
@@ -190,7 +218,8 @@ def precompute_table(
     own = list(range(accelerator.process_index, total, accelerator.num_processes))
     # SRPO caches all six sequences of a pair, triples all three, unpaired rows their one completion
     groups = getattr(collator, "groups", 2)
-    values = torch.zeros(groups, total, dtype=torch.float64)
+    rows_cached = 4 if tails else groups  # pairs with tails: chosen, rejected, chosen tail, rejected tail
+    values = torch.zeros(rows_cached, total, dtype=torch.float64)
     # Every rank runs the same number of forwards (a rank with fewer rows repeats its first batch and drops the
     # result): a ZeRO-3 reference gathers each layer's partitions collectively, and one rank short would hang all.
     per_rank = math.ceil(total / accelerator.num_processes)
@@ -198,7 +227,9 @@ def precompute_table(
         rows = own[start : start + batch_size]
         batch = collator([dataset[i] for i in (rows or own[:batch_size] or [0])])
         batch = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        if groups == 2:
+        if tails:
+            computed = torch.stack(reference.pair_logps_and_tails(batch)).double().cpu()
+        elif groups == 2:
             computed = torch.stack(reference.pair_logps(batch)).double().cpu()
         else:
             computed = reference.group_logps(batch, groups).double().cpu()
@@ -211,9 +242,11 @@ def precompute_table(
         # Each row was computed by exactly one rank and is zero elsewhere: a sum-reduce assembles the table.
         values = accelerator.reduce(values.to(accelerator.device), reduction="sum").cpu()
     table = {"chosen": values[0].float()}  # unpaired rows (groups == 1): the row's own completion
-    if groups >= 2:
+    if rows_cached >= 2:
         table["rejected"] = values[1].float()
-    if groups != 2:
+    if tails:
+        table.update(chosen_tail=values[2].float(), rejected_tail=values[3].float())
+    elif groups != 2:
         table["groups"] = values.T.float().contiguous()  # [N, groups]
     if accelerator.is_main_process:
         cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -183,6 +183,9 @@ def precompute_reference(
     config: Config, accelerator, live_reference, bundle, collator
 ) -> PrecomputedReference:
     """Fill the on-disk cache of reference logps (train and eval splits), then drop the live model."""
+    from prefopt.losses.modifiers import LENGTH_TAILS
+
+    tails = LENGTH_TAILS in loss_from_config(config).needs  # LD-DPO: cache the reference tails too
     path = config.reference.name_or_path or config.model.name_or_path
     identity = model_identity(path)
     cache_dir = Path(config.reference.cache_dir or Path(config.output_dir).parent / ".prefopt_cache")
@@ -192,7 +195,7 @@ def precompute_reference(
             continue
         key = cache_key(
             identity,
-            f"{bundle.fingerprint}:{split}",
+            f"{bundle.fingerprint}:{split}" + (":tails" if tails else ""),
             f"{config.model.dtype}/{accelerator.mixed_precision}",
             config.train.logps_chunk_size,
         )
@@ -204,6 +207,7 @@ def precompute_reference(
             cache_file=cache_file,
             accelerator=accelerator,
             batch_size=config.reference.batch_size,
+            tails=tails,
         )
         if accelerator.is_main_process:
             logger.info("reference logps for %s split: %s", split, cache_file)

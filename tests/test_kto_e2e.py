@@ -186,3 +186,46 @@ def test_kto_trains_on_pair_files_directly(tiny_model_dir, tmp_path):
     assert result.global_step == 1
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert (report["train"]["desirable"], report["train"]["undesirable"]) == (16, 16)
+
+
+def test_kto_step_gathers_the_mismatched_logps_of_every_process_in_training_only(
+    kto_run, tiny_model_dir, tmp_path
+):
+    """Under DDP the reference point spans the global batch: the step gathers the mismatched logps (emulated here:
+    a second process whose mismatched log-ratios are all +3); eval batches keep their own rows."""
+    from types import SimpleNamespace
+
+    data, out = kto_run
+    config = load_config(
+        REPO / RECIPE,
+        [
+            f"model.name_or_path={tiny_model_dir}",  # this way round the estimate is positive (see above)
+            f"reference.name_or_path={out / 'final'}",
+            f"data.train={data}",
+            "data.eval=null",
+            "data.shuffle=false",
+            f"output_dir={tmp_path / 'check'}",
+            "logging.progress=false",
+            "train.per_device_batch_size=8",
+        ],
+    )
+    trainer = Trainer(config)
+    batch = next(iter(trainer.epoch_loader(0)))
+    with torch.no_grad():
+        local = trainer.step_fn(batch).output.metrics["kl"]
+    gathered = []
+
+    def gather(tensors):
+        policy, reference = tensors
+        gathered.append(policy.shape[0])
+        return torch.cat([policy, reference + 3.0]), torch.cat([reference, reference])
+
+    trainer.ctx.accelerator = SimpleNamespace(device=torch.device("cpu"), num_processes=2, gather=gather)
+    with torch.no_grad():
+        spanning = trainer.step_fn(batch).output.metrics["kl"]
+        evaluated, _ = trainer.step_fn.eval_batch(batch)
+    assert gathered == [8]  # once, in the training call
+    # mean over 16 rows: this process's 8 log-ratios (mean m, whose clamp is `local`) and 8 of +3
+    raw_local = spanning * 2 - 3.0
+    assert local > 0.01 and raw_local == pytest.approx(local, abs=1e-5)
+    assert evaluated["kl"] == pytest.approx(local, abs=1e-6)

@@ -1,6 +1,6 @@
 """LD-DPO (``ld_alpha``) and WPO weighting (``wpo_weighting``): worked numbers, TRL 1.16 parity, the step's inputs.
 
-The worked inputs are LOSSES.md section 9's pair (policy -12 / -15 over 6 / 10 tokens, reference -13 / -14) plus
+The worked inputs are the worked pair of docs/losses.md (policy -12 / -15 over 6 / 10 tokens, reference -13 / -14) plus
 LD tails (the 10-token rejected completion's last 4 tokens: policy -5, reference -4) and WPO aligned sums
 (chosen -3 over 6 tokens, rejected -5 over 10).
 """

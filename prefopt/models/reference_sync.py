@@ -6,11 +6,11 @@ Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good Alignment" (T
     theta_ref <- alpha * theta_policy + (1 - alpha) * theta_ref        (alpha = reference.sync_mix)
 
 ``alpha = 1`` is the paper's hard update (the reference is replaced by the policy), ``alpha < 1`` its soft update.
-The paper's best settings are soft ``alpha`` 0.5-0.6 or hard ``tau`` 256-512 steps; prefopt's default mix is 0.6 (as
-TRL's ``ref_model_mixup_alpha``) and syncing is off until ``sync_steps`` is set (TRL: ``ref_model_sync_steps=512``
-with ``sync_ref_model=True``). Any loss with a live reference model takes it (DPO and every reference-based loss,
-HyPO, XPO, RTO's KL...): the trainer calls :meth:`SyncedModelReference.after_optimizer_step` after each step,
-as it does for every reference mode, and the state travels with the checkpoints.
+prefopt's default mix is 0.6 (TRL's ``ref_model_mixup_alpha`` default) and syncing is off until ``sync_steps`` is set
+(TRL: ``sync_ref_model=True``, ``ref_model_sync_steps=512``; a tiny run of ~50 steps wants a much smaller value).
+Any loss with a live reference model takes it (DPO and every reference-based loss, HyPO, XPO, RTO's KL...): the
+trainer calls :meth:`SyncedModelReference.after_optimizer_step` after each step, as it does for every reference
+mode, and the state travels with the checkpoints.
 
 Differences from TRL's ``SyncRefModelCallback`` (``trl/trainer/callbacks.py``): the same update at the same steps
 (``global_step % sync_steps == 0``, after the optimizer step), computed in fp32 and cast to the reference's dtype,

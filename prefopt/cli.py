@@ -96,7 +96,8 @@ def cmd_losses(args: argparse.Namespace) -> int:
     if console.width < WIDE_TABLE_COLUMNS:
         # A five-column table squeezed into a narrow terminal cuts every cell to a few characters: one block
         # per loss instead, each field on its own wrapped line.
-        console.print("prefopt losses: loss.name=... in a recipe; formulas, defaults: docs/losses.md\n")
+        console.print("prefopt losses: loss.name=... in a recipe; formulas, defaults: docs/losses.md")
+        console.print(_modifiers_line(console.width) + "\n", markup=False, highlight=False, soft_wrap=True)
         for name, summary, params, needs, step in rows:
             console.print(Text.assemble((name, "bold"), f"  needs: {needs}; step: {step}"))
             for line in (summary, f"parameters: {params}"):
@@ -105,7 +106,6 @@ def cmd_losses(args: argparse.Namespace) -> int:
                 )
                 console.print(wrapped, markup=False, highlight=False, soft_wrap=True)
             console.print()
-        console.print(_modifiers_line(console.width), markup=False, highlight=False, soft_wrap=True)
         return 0
     table = Table(title="prefopt losses (loss.name=... in a recipe; formulas and defaults: docs/losses.md)")
     for column in ("name", "what it is", "parameters (defaults)", "needs", "step"):

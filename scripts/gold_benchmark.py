@@ -85,6 +85,14 @@ CATALOGUE = (
 )
 DEFAULT_METHODS = list(METHODS)
 METHODS.update({name: (f"{name}.yaml", [], "pairs", None) for name in CATALOGUE})
+# Issue 16's modifiers, opt-in too: LD-DPO and WPO as DPO recipes with the option on, TR-DPO as DPO's recipe with a
+# reference synced every 16 steps (about 3 syncs in the tiny DPO run) at TRL's default mix.
+MODIFIERS = {
+    "ld_dpo": ("ld_dpo.yaml", [], "pairs", None),
+    "wpo": ("wpo.yaml", [], "pairs", None),
+    "tr_dpo": ("dpo.yaml", ["reference.sync_steps=16", "reference.sync_mix=0.6"], "pairs", None),
+}
+METHODS.update(MODIFIERS)
 # KTO trains on unpaired rows: the task's pairs, each split into a desirable and an undesirable completion by
 # `python -m data_tools convert ... --unpaired` (files written next to the task's, once per seed).
 METHODS["kto"] = ("kto.yaml", [], "unpaired", None)

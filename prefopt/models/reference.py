@@ -5,6 +5,8 @@
 ``precomputed``  one pass before training computes reference logps for every pair and caches them on disk, keyed by
                  a hash of the reference weights, the data and every tokenization setting; the model is then freed.
 ``none``         reference-free losses (SimPO, SFT, reward-model training).
+``synced``       ``model`` plus ``reference.sync_steps``: TR-DPO's reference, mixed with the policy every N steps
+                 (``prefopt/models/reference_sync.py``); checkpointed with the run.
 
 Every mode returns the same numbers for the same rows, so they give the same training losses (tested).
 """
@@ -76,6 +78,20 @@ class Reference:
 
     def token_logps(self, input_ids, attention_mask, completion_mask, **kwargs) -> TokenLogps:
         raise NotImplementedError(f"reference mode '{self.mode}' cannot score new sequences")
+
+    # Hooks the trainer calls for every mode; only a reference that changes during training (TR-DPO's synced one,
+    # prefopt/models/reference_sync.py) does anything in them.
+    def check_policy(self, policy: torch.nn.Module) -> None:
+        """Called once with the unwrapped policy model before training; raise ``ConfigError`` if it cannot work."""
+
+    def after_optimizer_step(self, global_step: int, policy: torch.nn.Module) -> None:
+        """Called after every optimizer step (``global_step`` counts them) with the unwrapped policy model."""
+
+    def save_state(self, directory: Path) -> None:
+        """Write what a resume needs into a checkpoint directory (main process only)."""
+
+    def load_state(self, directory: Path) -> None:
+        """Restore :meth:`save_state`'s files from a checkpoint directory (every process)."""
 
 
 class NoReference(Reference):

@@ -193,9 +193,11 @@ class Trainer:
         )
         self._setup_online()
         self.step_fn = step_cls(self.ctx)
+        self.reference.check_policy(self._policy_model())
         if self.resume_path is not None:
             self.state = ckpt.load_checkpoint(acc, self.resume_path)
             self.step_fn.load_state_dict(self.state.step_state)
+            self.reference.load_state(self.resume_path)
             logger.info("resumed from %s at step %d", self.resume_path, self.state.global_step)
         self.updater = Updater(acc, self.modules, self.state, config, self.output_dir)
         if trackers:
@@ -307,6 +309,7 @@ class Trainer:
                     if result is None:  # inside a gradient-accumulation window
                         continue
                     state.global_step += 1
+                    self.reference.after_optimizer_step(state.global_step, self._policy_model())
                     self.log.advance(state.global_step)
                     if self.ctx.generator is not None:
                         self.ctx.generator.load_weights(acc.unwrap_model(self.policy).model)
@@ -341,8 +344,16 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         self.state.step_state = self.step_fn.state_dict()
         return ckpt.save_checkpoint(
-            self.accelerator, self.output_dir, self.state, self.config.train.save_total_limit
+            self.accelerator,
+            self.output_dir,
+            self.state,
+            self.config.train.save_total_limit,
+            save_extra=self.reference.save_state,
         )
+
+    def _policy_model(self) -> torch.nn.Module:
+        """The policy's transformers model, unwrapped (what the reference hooks compare and read)."""
+        return _hf_model(self.accelerator.unwrap_model(self.policy))
 
     def _log_train(self) -> None:
         updater = self.updater

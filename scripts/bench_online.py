@@ -54,7 +54,9 @@ class OnlineClock:
     (both trainers call it once per optimizer step, after the optimizer); calls before the first sampling call
     (the scheduler's construction) are ignored. Peak RSS is reset at the first sampling call."""
 
-    def __init__(self):
+    def __init__(self, profile: str | None = None):
+        self.profile = profile  # a pstats file: cProfile runs from the end of the warm-up step to the last step
+        self.profiler = None
         self.started = None
         self.rss_start = None
         self.step_ends: list[float] = []
@@ -72,6 +74,16 @@ class OnlineClock:
     def step_ended(self):
         if self.started is not None:
             self.step_ends.append(time.perf_counter())
+            if self.profile and self.profiler is None:
+                import cProfile
+
+                self.profiler = cProfile.Profile()
+                self.profiler.enable()
+
+    def save_profile(self) -> None:
+        if self.profiler is not None:
+            self.profiler.disable()
+            self.profiler.dump_stats(self.profile)
 
     def result(self) -> dict:
         edges = [self.started, *self.step_ends]
@@ -105,7 +117,7 @@ def child_prefopt(spec: dict) -> dict:
     from prefopt.generation.hf import HFGenerator
     from prefopt.trainer import train
 
-    clock = OnlineClock()
+    clock = OnlineClock(spec.get("profile"))
     install_scheduler_clock(clock)
     original = HFGenerator.generate
 
@@ -156,6 +168,7 @@ def child_prefopt(spec: dict) -> dict:
         REPO / "recipes/tiny" / f"{spec['method']}.yaml", overrides
     )  # every method has a recipe
     train(config)
+    clock.save_profile()
     records = [
         json.loads(line) for line in (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines() if line
     ]
@@ -173,7 +186,7 @@ def child_trl(spec: dict) -> dict:
 
     from data_tools.synth import score
 
-    clock = OnlineClock()
+    clock = OnlineClock(spec.get("profile"))
     install_scheduler_clock(clock)
     losses: list[float] = []
 
@@ -229,6 +242,7 @@ def child_trl(spec: dict) -> dict:
         model=spec["model"], reward_funcs=gold, args=args, train_dataset=dataset, processing_class=tokenizer
     )
     trainer.train()
+    clock.save_profile()
     trainer.save_model(str(Path(spec["out"]) / "final"))
     tokenizer.save_pretrained(str(Path(spec["out"]) / "final"))
     return {**clock.result(), "losses": losses, "final": str(Path(spec["out"]) / "final")}
@@ -260,6 +274,49 @@ def run_child(spec: dict, workdir: Path, log) -> dict:
         f"peak {result['peak_rss_mib']:.0f} MiB"
     )
     return result
+
+
+# Phases of a step in a cProfile dump: (label, a piece of the file path, the function name). Cumulative seconds
+# per measured step; nested phases are indented (they are part of the line above, not added to it).
+PROFILE_PHASES = {
+    "prefopt": [
+        ("generation (every sampling call)", "prefopt/generation/hf.py", "generate"),
+        ("  sampler: Gumbel noise per row", "prefopt/generation/hf.py", "__call__"),
+        ("  decode loop", "prefopt/generation/decode.py", "sample_tokens"),
+        ("reward (score call)", "prefopt/models/reward.py", "score"),
+        ("pair collation", "prefopt/data/collate.py", "__call__"),
+        ("policy log-prob forward (grad)", "prefopt/models/logps.py", "forward"),
+        ("reference log-prob forward", "prefopt/models/reference.py", "token_logps"),
+        ("loss", "prefopt/losses/base.py", "__call__"),
+        ("backward", "prefopt/trainer/updates.py", "backward"),
+        ("optimizer step (+clipping)", "prefopt/trainer/updates.py", "optimizer_step"),
+    ],
+    "trl": [
+        ("generation (model.generate)", "online_dpo_trainer.py", "_generate"),
+        ("reward (function call)", "online_dpo_trainer.py", "_calculate_rewards_from_functions"),
+        ("policy + reference log-prob forwards", "online_dpo_trainer.py", "_forward"),
+        ("backward", "accelerate/accelerator.py", "backward"),
+        ("optimizer step (+clipping)", "accelerate/optimizer.py", "step"),
+    ],
+}
+
+
+def profile_phases(path: str, trainer: str, steps: int) -> list[tuple[str, int, float]]:
+    """``(label, calls, seconds per step)`` for the phases found in a cProfile dump."""
+    import pstats
+
+    stats = pstats.Stats(path).stats
+    rows = []
+    for label, file_part, name in PROFILE_PHASES["trl" if trainer == "trl" else "prefopt"]:
+        calls, seconds = 0, 0.0
+        for (file, _, func), (_, ncalls, _, cumtime, _) in stats.items():
+            if func == name and file_part in file:
+                calls, seconds = calls + ncalls, seconds + cumtime
+        if calls:
+            rows.append((label, calls, seconds / steps))
+    total = pstats.Stats(path).total_tt
+    rows.append(("total under the profiler", 0, total / steps))
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -391,6 +448,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--json", help="write all runs and the summary here")
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile every run after its warm-up step; prints where a step's time goes (slows the runs down)",
+    )
+    parser.add_argument(
         "--workdir", default=os.environ.get("PREFOPT_BENCH_DIR", "/tmp/prefopt-bench") + "/online"
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -436,7 +498,14 @@ def main(argv=None) -> int:
                 "overrides": args.overrides.split(),
                 "result": str(workdir / "runs" / f"{tag}.result.json"),
             }
+            if args.profile:
+                spec["profile"] = str(workdir / "runs" / f"{tag}.prof")
             result = run_child(spec, workdir, log)
+            if args.profile:
+                measured = len(result["step_times"]) - 1
+                log(f"    profile ({spec['profile']}), seconds per step over {measured} steps:")
+                for label, calls, seconds in profile_phases(spec["profile"], trainer, measured):
+                    log(f"    {label:<40} {seconds:7.3f}s" + (f"  ({calls} calls)" if calls else ""))
             result["gold"] = gold_reward(result["final"], assets["heldout"], args.eval_samples)
             results.append({**result, "trainer": trainer, "repeat": repeat})
     sft_gold = gold_reward(assets["sft"], assets["heldout"], args.eval_samples)

@@ -1,4 +1,5 @@
-"""The static-cache decoder (generation/static_decode.py) against the HF forward; the decode thread choice."""
+"""Decode-loop speed work, each exact or tested to round-off: the static-cache decoder (generation/static_decode.py)
+against the HF forward, the decode thread choice, the seeded sampler's block-drawn noise."""
 
 from __future__ import annotations
 
@@ -175,3 +176,24 @@ def test_sample_tokens_restores_the_thread_count(monkeypatch):
     sample_tokens(model, ids, mask, max_new_tokens=3, eos_ids=[2], pad_id=0)
     assert seen and set(seen) == {1}
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("block_steps,block_bytes", [(16, 64 << 20), (3, 64 << 20), (16, 8 * 4 * 97 * 2)])
+def test_seeded_sampler_block_noise_is_the_per_step_noise(monkeypatch, block_steps, block_bytes):
+    """Noise drawn S steps at a time equals the noise of one draw per step from the same per-row generators
+    (the sampler's draws before blocks existed), whatever the block size; blocks stop at max_new_tokens."""
+    from prefopt.generation.base import SamplingParams
+    from prefopt.generation.hf import SeededSampler
+
+    monkeypatch.setattr(SeededSampler, "BLOCK_STEPS", block_steps)
+    monkeypatch.setattr(SeededSampler, "BLOCK_BYTES", block_bytes)
+    seeds, vocab, steps = [3, 4, 5, 6], 97, 7
+    sampler = SeededSampler(seeds, SamplingParams(max_new_tokens=steps))
+    got = torch.stack([sampler.gumbel(vocab, "cpu") for _ in range(steps)], 1)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    expected = []
+    for _ in range(steps):
+        uniform = torch.stack([torch.rand(vocab, generator=g, dtype=torch.float64) for g in generators])
+        expected.append(-torch.log(-torch.log(uniform.clamp(min=1e-300))).to(torch.float32))
+    assert torch.equal(got, torch.stack(expected, 1))
+    assert sampler.drawn == steps

@@ -57,12 +57,13 @@ class OnlineClock:
     end of every step and waits for the parent's go before the next: the trainers of a round take turns step by
     step, so each of their steps meets the same load on a shared machine. A step then starts at the go."""
 
-    def __init__(self, profile: str | None = None, turns: list[int] | None = None):
+    def __init__(self, profile: str | None = None, turns: list[int] | None = None, steps: int = 0):
         self.profile = (
             profile  # a pstats file: cProfile runs from the end of the warm-up step to the last step
         )
         self.profiler = None
         self.turns = turns
+        self.steps = steps  # the run's optimizer steps: the profiler stays off after the last
         self.started = None
         self.rss_start = None
         self.step_starts: list[float] = []
@@ -90,7 +91,7 @@ class OnlineClock:
             os.write(done, b".")
             if not os.read(go, 1):
                 raise RuntimeError("the benchmark's parent went away")
-        if self.profile:
+        if self.profile and len(self.step_ends) < self.steps:
             if self.profiler is None:
                 import cProfile
 
@@ -134,7 +135,7 @@ def child_prefopt(spec: dict) -> dict:
     from prefopt.generation.hf import HFGenerator
     from prefopt.trainer import train
 
-    clock = OnlineClock(spec.get("profile"), spec.get("turns"))
+    clock = OnlineClock(spec.get("profile"), spec.get("turns"), spec["steps"])
     install_scheduler_clock(clock)
     original = HFGenerator.generate
 
@@ -203,7 +204,7 @@ def child_trl(spec: dict) -> dict:
 
     from data_tools.synth import score
 
-    clock = OnlineClock(spec.get("profile"), spec.get("turns"))
+    clock = OnlineClock(spec.get("profile"), spec.get("turns"), spec["steps"])
     install_scheduler_clock(clock)
     losses: list[float] = []
 

@@ -90,10 +90,14 @@ def test_static_decoder_matches_the_hf_forward(family, attn):
         full_ids = torch.cat([ids, new_tokens], 1)
         full_mask = torch.cat([mask, torch.ones_like(new_tokens)], 1)
         positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
-        expected = decoder(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).last_hidden_state
+        expected = decoder(
+            input_ids=full_ids, attention_mask=full_mask, position_ids=positions
+        ).last_hidden_state
     width = ids.shape[1]
     # Step t's hidden state predicts token t: the HF forward's position width - 1 + t.
-    torch.testing.assert_close(got, expected[:, width - 1 : width - 1 + new_tokens.shape[1]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        got, expected[:, width - 1 : width - 1 + new_tokens.shape[1]], atol=1e-5, rtol=1e-5
+    )
 
 
 def test_static_decoder_with_lora_adapters_matches_the_hf_forward():
@@ -102,7 +106,10 @@ def test_static_decoder_with_lora_adapters_matches_the_hf_forward():
 
     model = _model("llama")
     peft_model = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+        model,
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False
+        ),
     ).eval()
     ids, mask = _left_padded()
     new_tokens = torch.randint(3, 97, (3, 4), generator=torch.Generator().manual_seed(3))
@@ -114,9 +121,13 @@ def test_static_decoder_with_lora_adapters_matches_the_hf_forward():
         full_ids = torch.cat([ids, new_tokens], 1)
         full_mask = torch.cat([mask, torch.ones_like(new_tokens)], 1)
         positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
-        expected = decoder(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).last_hidden_state
+        expected = decoder(
+            input_ids=full_ids, attention_mask=full_mask, position_ids=positions
+        ).last_hidden_state
         with peft_model.disable_adapter():
-            base = decoder(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).last_hidden_state
+            base = decoder(
+                input_ids=full_ids, attention_mask=full_mask, position_ids=positions
+            ).last_hidden_state
     width = ids.shape[1]
     torch.testing.assert_close(got, expected[:, width - 1 : width + 3], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got, base[:, width - 1 : width + 3], atol=1e-3)  # the adapters were applied

@@ -41,8 +41,10 @@ _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling
 def _sliding_window(layer: torch.nn.Module) -> int | None:
     attention = layer.self_attn
     window = getattr(attention, "sliding_window", None)
-    if window is None and type(attention).__name__.startswith("Mistral"):
-        window = getattr(attention.config, "sliding_window", None)  # MistralAttention reads it from the config
+    if window is None and type(attention).__name__.startswith(
+        "Mistral"
+    ):  # it reads the window from its config
+        window = getattr(attention.config, "sliding_window", None)
     return window
 
 
@@ -104,7 +106,9 @@ class StaticDecoder:
         self.qkv = [_stacked(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in decoder.layers]
         self.gate_up = [_stacked(layer.mlp, ("gate_proj", "up_proj")) for layer in decoder.layers]
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """Hidden states after the final norm for ``input_ids [B, Q]`` placed after the ``filled`` cached positions.
 
         ``mask``: boolean ``[B, 1, Q, filled + Q]``, True where a query may attend (causal and padding both)."""
@@ -122,7 +126,11 @@ class StaticDecoder:
                 weight, bias, sizes = self.qkv[index]
                 query, key, value = F.linear(normed, weight, bias).split(sizes, dim=-1)
             else:
-                query, key, value = attention.q_proj(normed), attention.k_proj(normed), attention.v_proj(normed)
+                query, key, value = (
+                    attention.q_proj(normed),
+                    attention.k_proj(normed),
+                    attention.v_proj(normed),
+                )
             query = query.view(rows, queries, -1, self.head_dim).transpose(1, 2)
             key = key.view(rows, queries, -1, self.head_dim).transpose(1, 2)
             value = value.view(rows, queries, -1, self.head_dim).transpose(1, 2)

@@ -181,7 +181,9 @@ class OnlinePairStep(StepKind):
         )
         half = sums.shape[0] // 2
         # The reference sample is whichever side the policy sample is not.
-        inputs.reference_sample_policy_logps = torch.where(policy_wins.to(sums.device), sums[half:], sums[:half])
+        inputs.reference_sample_policy_logps = torch.where(
+            policy_wins.to(sums.device), sums[half:], sums[:half]
+        )
         if policy_scores is not None:
             inputs.policy_sample_scores = policy_scores.to(sums.device)
             inputs.reference_sample_scores = reference_scores.to(sums.device)

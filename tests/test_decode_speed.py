@@ -24,8 +24,10 @@ def _model(family: str, attn: str = "sdpa", sliding_window=None):
         pad_token_id=0,
         eos_token_id=2,
     )
-    if family == "llama":
+    if family.startswith("llama"):
         config = transformers.LlamaConfig(num_key_value_heads=4, **common)
+        if family == "llama-dynamic-rope":  # a length-dependent RoPE: no precomputed table
+            config.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
         cls = transformers.LlamaForCausalLM
     elif family == "mistral":
         config = transformers.MistralConfig(num_key_value_heads=2, sliding_window=sliding_window, **common)
@@ -73,7 +75,14 @@ def _static_hidden(model, ids, mask, new_tokens):
 
 
 @pytest.mark.parametrize(
-    "family,attn", [("llama", "sdpa"), ("llama", "eager"), ("mistral", "sdpa"), ("qwen2", "sdpa")]
+    "family,attn",
+    [
+        ("llama", "sdpa"),
+        ("llama", "eager"),
+        ("mistral", "sdpa"),
+        ("qwen2", "sdpa"),
+        ("llama-dynamic-rope", "sdpa"),
+    ],
 )
 def test_static_decoder_matches_the_hf_forward(family, attn):
     """Prefill and every decode step equal the HF forward over the whole sequence to 1e-5 (left padding,
@@ -85,6 +94,7 @@ def test_static_decoder_matches_the_hf_forward(family, attn):
     assert supports_static_decode(decoder, ids.shape[1] + new_tokens.shape[1])
     static = StaticDecoder(decoder, 3, 12)
     assert all(entry is not None for entry in static.qkv + static.gate_up)
+    assert (static.rope_table is None) == (family == "llama-dynamic-rope")
     with torch.no_grad():
         got = _static_hidden(model, ids, mask, new_tokens)
         full_ids = torch.cat([ids, new_tokens], 1)

@@ -84,6 +84,19 @@ def _stacked(module: torch.nn.Module, names: tuple[str, ...]):
     return weight, bias, [layer.out_features for layer in layers]
 
 
+def _rms_norm(norm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``LlamaRMSNorm.forward`` (``weight * x * rsqrt(mean(x^2) + eps)``, in fp32) as one ``F.rms_norm`` kernel
+    for fp32 inputs instead of five; other dtypes and other norm classes call the module."""
+    if (
+        hidden.dtype == torch.float32
+        and type(norm).__name__.endswith("RMSNorm")
+        and hasattr(norm, "variance_epsilon")
+        and not (norm._forward_hooks or norm._forward_pre_hooks)
+    ):
+        return F.rms_norm(hidden, (hidden.shape[-1],), norm.weight, norm.variance_epsilon)
+    return norm(hidden)
+
+
 class StaticDecoder:
     """The decoder body of a supported model with a pre-allocated cache for ``rows`` sequences of ``length``."""
 
@@ -105,6 +118,16 @@ class StaticDecoder:
         # the MLP's gate/up): fewer, larger GEMMs, the same products. LoRA-wrapped or hooked layers keep their calls.
         self.qkv = [_stacked(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in decoder.layers]
         self.gate_up = [_stacked(layer.mlp, ("gate_proj", "up_proj")) for layer in decoder.layers]
+        # Rotary tables for every position of the call, computed once by the model's own rotary module (cos and
+        # sin of position x frequency are elementwise, so a row of the table is what a per-step call returns);
+        # each step then gathers its rows. Length-dependent RoPE variants (dynamic, longrope) call it per step.
+        rope_type = getattr(decoder.rotary_emb, "rope_type", None)
+        self.rope_table = None
+        if isinstance(rope_type, str) and "dynamic" not in rope_type and rope_type != "longrope":
+            with torch.no_grad():
+                probe = parameter.new_zeros(1, length, 1)
+                cos, sin = decoder.rotary_emb(probe, torch.arange(length, device=parameter.device)[None])
+            self.rope_table = (cos[0], sin[0])
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
@@ -116,12 +139,15 @@ class StaticDecoder:
         start, queries = self.filled, input_ids.shape[1]
         end = start + queries
         hidden = decoder.embed_tokens(input_ids)
-        cos, sin = decoder.rotary_emb(hidden, position_ids)
+        if self.rope_table is not None:
+            cos, sin = self.rope_table[0][position_ids], self.rope_table[1][position_ids]
+        else:
+            cos, sin = decoder.rotary_emb(hidden, position_ids)
         rows = input_ids.shape[0]
         for index, layer in enumerate(decoder.layers):
             attention = layer.self_attn
             residual = hidden
-            normed = layer.input_layernorm(hidden)
+            normed = _rms_norm(layer.input_layernorm, hidden)
             if self.qkv[index] is not None:
                 weight, bias, sizes = self.qkv[index]
                 query, key, value = F.linear(normed, weight, bias).split(sizes, dim=-1)
@@ -146,7 +172,7 @@ class StaticDecoder:
                 enable_gqa=self.gqa,
             )
             hidden = residual + attention.o_proj(out.transpose(1, 2).reshape(rows, queries, -1))
-            normed = layer.post_attention_layernorm(hidden)
+            normed = _rms_norm(layer.post_attention_layernorm, hidden)
             if self.gate_up[index] is not None:
                 weight, bias, sizes = self.gate_up[index]
                 gate, up = F.linear(normed, weight, bias).split(sizes, dim=-1)
@@ -154,4 +180,4 @@ class StaticDecoder:
             else:
                 hidden = hidden + layer.mlp(normed)
         self.filled = end
-        return decoder.norm(hidden)
+        return _rms_norm(decoder.norm, hidden)

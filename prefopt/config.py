@@ -90,7 +90,9 @@ class ReferenceConfig(_Section):
 class DataConfig(_Section):
     train: Optional[str] = None
     eval: Optional[str] = None
-    format: Literal["auto", "pairs", "conversational", "hh", "rated", "triples", "prompts", "sft"] = "auto"
+    format: Literal[
+        "auto", "pairs", "conversational", "hh", "rated", "triples", "prompts", "sft", "unpaired"
+    ] = "auto"
     split: str = "train"  # split name for hub datasets / saved DatasetDicts
     eval_split: Optional[str] = None  # split of the same source used for eval
     eval_size: NonNegative | NonNegativeFloat = 0  # carve eval out of train: fraction (<1) or row count
@@ -330,6 +332,12 @@ class Config(_Section):
             raise ValueError(
                 f"reference.mode: loss '{self.loss.name}' scores fresh samples with the reference, so it "
                 "needs a live one; use reference.mode=model or adapter"
+            )
+        if "mismatched" in loss.needs and self.reference.mode == "precomputed":
+            raise ValueError(
+                f"reference.mode: loss '{self.loss.name}' scores each prompt with another row of its batch, "
+                "pairs that change with every batch, so it needs a live reference; use reference.mode=model "
+                "or adapter"
             )
         self._check_reward_needs(loss)
         self._check_reference_sync(loss)

@@ -93,6 +93,9 @@ MODIFIERS = {
     "tr_dpo": ("dpo.yaml", ["reference.sync_steps=16", "reference.sync_mix=0.6"], "pairs", None),
 }
 METHODS.update(MODIFIERS)
+# KTO trains on unpaired rows: the task's pairs, each split into a desirable and an undesirable completion by
+# `python -m data_tools convert ... --unpaired` (files written next to the task's, once per seed).
+METHODS["kto"] = ("kto.yaml", [], "unpaired", None)
 BOOTSTRAP = 1000
 
 
@@ -185,6 +188,8 @@ def method_overrides(method: str, seed_dir: Path, sft_final: Path, seed: int, ex
         out += [f"data.train={task / 'pairs_train.jsonl'}", f"data.eval={task / 'pairs_eval.jsonl'}"]
     elif kind == "rated":
         out += [f"data.train={task / 'rated_train.jsonl'}", f"data.eval={task / 'rated_eval.jsonl'}"]
+    elif kind == "unpaired":
+        out += [f"data.train={unpaired_file(task, 'train')}", f"data.eval={unpaired_file(task, 'eval')}"]
     elif kind == "iterations":
         out += [f"iterations.prompts={task / 'prompts_train.jsonl'}"]
     elif kind == "sft":
@@ -194,6 +199,20 @@ def method_overrides(method: str, seed_dir: Path, sft_final: Path, seed: int, ex
     if stage1 is not None:
         out.append(f"ppo.dpo_policy={seed_dir / stage1 / 'final'}")
     return out + list(extra)
+
+
+def unpaired_file(task: Path, split: str) -> Path:
+    """``task/unpaired_<split>.jsonl``: ``pairs_<split>.jsonl`` converted with ``data_tools convert --unpaired``."""
+    out = task / f"unpaired_{split}.jsonl"
+    if not out.exists():
+        from data_tools.__main__ import main as data_tools
+
+        status = data_tools(["convert", str(task / f"pairs_{split}.jsonl"), str(out), "--unpaired"])
+        if status != 0:
+            raise RuntimeError(
+                f"converting {task / f'pairs_{split}.jsonl'} to unpaired rows failed ({status})"
+            )
+    return out
 
 
 def sample(policy: Path, task: Path, args, seed: int, reference=None):

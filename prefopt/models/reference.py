@@ -232,7 +232,8 @@ def precompute_table(
         return load_file(str(cache_file))
     total = len(dataset)
     own = list(range(accelerator.process_index, total, accelerator.num_processes))
-    groups = getattr(collator, "groups", 2)  # SRPO caches all six sequences of a pair, triples all three
+    # SRPO caches all six sequences of a pair, triples all three, unpaired rows their one completion
+    groups = getattr(collator, "groups", 2)
     rows_cached = 4 if tails else groups  # pairs with tails: chosen, rejected, chosen tail, rejected tail
     values = torch.zeros(rows_cached, total, dtype=torch.float64)
     # Every rank runs the same number of forwards (a rank with fewer rows repeats its first batch and drops the
@@ -256,10 +257,12 @@ def precompute_table(
     if accelerator.num_processes > 1:
         # Each row was computed by exactly one rank and is zero elsewhere: a sum-reduce assembles the table.
         values = accelerator.reduce(values.to(accelerator.device), reduction="sum").cpu()
-    table = {"chosen": values[0].float(), "rejected": values[1].float()}
+    table = {"chosen": values[0].float()}  # unpaired rows (groups == 1): the row's own completion
+    if rows_cached >= 2:
+        table["rejected"] = values[1].float()
     if tails:
         table.update(chosen_tail=values[2].float(), rejected_tail=values[3].float())
-    elif groups > 2:
+    elif groups != 2:
         table["groups"] = values.T.float().contiguous()  # [N, groups]
     if accelerator.is_main_process:
         cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,13 @@ from torch.utils.data import DataLoader
 
 from prefopt.config import Config, save_config
 from prefopt.data import PairCollator, PromptCollator, SFTCollator, build_datasets
-from prefopt.data.collate import ResetPromptCollator, RevisionPairCollator, ScoredPairCollator, TripleCollator
+from prefopt.data.collate import (
+    ResetPromptCollator,
+    RevisionPairCollator,
+    ScoredPairCollator,
+    TripleCollator,
+    UnpairedCollator,
+)
 from prefopt.errors import ConfigError
 from prefopt.trainer import checkpoint as ckpt
 from prefopt.trainer import sparse_embedding
@@ -59,7 +65,11 @@ class TrainResult:
 
 
 def collator_for(
-    data_kind: str, pad_token_id: int, packing: bool = False, attn_implementation: str | None = None
+    data_kind: str,
+    pad_token_id: int,
+    packing: bool = False,
+    attn_implementation: str | None = None,
+    max_length: int | None = None,
 ):
     if packing and data_kind == "pairs":
         from prefopt.data.packing import PackedPairCollator
@@ -75,6 +85,8 @@ def collator_for(
     }
     if data_kind in variants:
         return variants[data_kind](pad_token_id)
+    if data_kind == "unpaired":  # KTO: max_length cuts the mismatched prompt/completion sequences
+        return UnpairedCollator(pad_token_id, max_length=max_length)
     if data_kind == "reset_prompts":  # DR-PO: prompts plus the dataset responses rollouts restart from
         return ResetPromptCollator()
     return {
@@ -127,6 +139,7 @@ class Trainer:
             seed=config.seed,
             cache_dir=str(out_dir.parent / ".prefopt_cache" / "data"),
         )
+        step_cls.check_data(config, loss, self.bundle)
         self.run_dir.open(acc, run_fingerprint(config, self.tokenizer, self.bundle))
         if acc.is_main_process:
             save_config(config, self.output_dir / "config.yaml")
@@ -139,6 +152,7 @@ class Trainer:
             self.tokenizer.pad_token_id,
             config.data.packing,
             config.model.attn_implementation,
+            config.data.max_length,
         )
         policy = build_policy(config, step_cls.model_kind, self.tokenizer)
         reference = build_reference(config, lambda: self.accelerator.unwrap_model(self.policy).model, acc)

@@ -1,6 +1,6 @@
 """LD-DPO (``ld_alpha``) and WPO weighting (``wpo_weighting``): worked numbers, TRL 1.16 parity, the step's inputs.
 
-The worked inputs are LOSSES.md section 9's pair (policy -12 / -15 over 6 / 10 tokens, reference -13 / -14) plus
+The worked inputs are the worked pair of docs/losses.md (policy -12 / -15 over 6 / 10 tokens, reference -13 / -14) plus
 LD tails (the 10-token rejected completion's last 4 tokens: policy -5, reference -4) and WPO aligned sums
 (chosen -3 over 6 tokens, rejected -5 over 10).
 """
@@ -150,6 +150,56 @@ def test_square_probs_is_log_sum_of_squared_softmax(tiny_model_dir):
             assert torch.allclose(out.log_sum_sq, expected, atol=1e-5)
     aligned = aligned_sums(out, {})
     assert torch.allclose(aligned, ((out.token_logps - expected) * out.mask).sum(-1), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- help, recipes, gold benchmark
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("ld_dpo", ["2409.06411", "loss.ld_alpha=0.5", "ipo", "rpo", "cpo"]),
+        ("wpo", ["2406.11827", "loss.wpo_weighting=true", "sigmoid_norm"]),
+        ("tr_dpo", ["2404.09656", "reference.sync_steps=16", "sync_mix=0.6"]),
+    ],
+)
+def test_prefopt_losses_name_describes_each_modifier(name, expected, capsys):
+    from prefopt.cli import main
+
+    assert main(["losses", name, "--width", "80"]) == 0
+    out = capsys.readouterr().out
+    assert all(len(line) <= 80 for line in out.splitlines())
+    for text in expected:
+        assert text in " ".join(out.split()), text
+    if name == "wpo":
+        assert "aot," not in out  # AOT sorts the batch: it does not take the weighting
+
+
+def test_prefopt_losses_lists_the_modifiers(capsys):
+    from prefopt.cli import main
+
+    assert main(["losses", "--width", "80"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "modifiers (prefopt losses NAME for one): ld_dpo (loss.ld_alpha=0.5)" in out and "tr_dpo" in out
+
+
+def test_gold_benchmark_modifier_entries_load():
+    import importlib.util
+
+    from prefopt.config import load_config
+    from tests.trainer_helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("gold_benchmark", REPO / "scripts" / "gold_benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    needs = {"ld_dpo": "length_tails", "wpo": "aligned_logps", "tr_dpo": "reference"}
+    for name, (recipe, overrides, kind, _) in bench.MODIFIERS.items():
+        assert name in bench.METHODS and name not in bench.DEFAULT_METHODS and kind == "pairs"
+        config = load_config(REPO / "recipes" / "tiny" / recipe, overrides)
+        assert needs[name] in get_loss(config.loss.name, **config.loss.params()).needs
+    assert (
+        load_config(REPO / "recipes/tiny/dpo.yaml", bench.MODIFIERS["tr_dpo"][1]).reference.sync_steps == 16
+    )
 
 
 # --------------------------------------------------------------------------------------- TRL 1.16 parity

@@ -24,6 +24,8 @@ hyperparameter attributes):
   ``"scored_pairs"``   offline pairs plus a scalar reward of each completion from the data (CoPG).
   ``"triples"``        offline pairs plus a gold completion scored by the policy (TPO).
   ``"revision_pairs"`` offline pairs plus each completion scored as a revision of either one (SRPO).
+  ``"unpaired"``       single completions labelled desirable or undesirable (KTO), plus each prompt paired with
+                       another row's completion when the loss needs ``"mismatched"``.
 
 * ``needs`` -- a set drawn from :data:`NEEDS` (class attribute; an instance may narrow it in ``__init__``, e.g. RTO
   drops ``"dpo_policy"`` when its DPO reward is switched off):
@@ -40,6 +42,8 @@ hyperparameter attributes):
   ``"length_tails"`` the ``*_tail_logps`` fields: log-prob of the tokens past the pair's shared length (LD-DPO,
                     ``ld_alpha``; :mod:`prefopt.losses.modifiers`).
   ``"aligned_logps"`` the ``*_aligned_logps`` fields: WPO's aligned log-prob sums of the policy (``wpo_weighting``).
+  ``"mismatched"``  policy and reference logps of each prompt paired with another row's completion (KTO's KL
+                    reference point); built anew for every batch, so the reference must be live (not precomputed).
 
   The config refuses, at load time, a recipe that cannot satisfy them (e.g. ``reward.kind=none`` for a loss that
   needs a reward, exit status 2).
@@ -77,6 +81,7 @@ STEP_KINDS = (
     "triples",
     "revision_pairs",
     "ppo_resets",
+    "unpaired",
 )
 NEEDS = (
     "reference",
@@ -90,6 +95,7 @@ NEEDS = (
     "resets",
     "length_tails",
     "aligned_logps",
+    "mismatched",
 )
 
 
@@ -148,6 +154,18 @@ class LossInputs:
     # SRPO: logps of y_w / y_l as revisions of y_l / y_w; columns in srpo.REVISION_COLUMNS order --------------
     policy_revision_logps: Optional[torch.Tensor] = None  # [B, 4], with grad
     reference_revision_logps: Optional[torch.Tensor] = None  # [B, 4]
+
+    # Unpaired rows (KTO): one completion per prompt, judged on its own ----------------------------------------
+    policy_logps: Optional[torch.Tensor] = None  # [B] sums over the completion tokens, with grad
+    reference_logps: Optional[torch.Tensor] = None  # [B]
+    desirable: Optional[torch.Tensor] = (
+        None  # [B] bool: True for a desirable completion, False for undesirable
+    )
+    completion_lengths: Optional[torch.Tensor] = None  # [B]
+    # Each prompt with another row's completion (KTO's KL reference point). Constants of the objective; during
+    # training the step gathers them from every process, so M = B x processes.
+    mismatched_policy_logps: Optional[torch.Tensor] = None  # [M]
+    mismatched_reference_logps: Optional[torch.Tensor] = None  # [M]
 
     # PPO (RTO): per-token tensors of one minibatch, already aligned to response tokens -------------------------
     response_mask: Optional[torch.Tensor] = None  # [N, T] 1 on response tokens
@@ -283,6 +301,10 @@ class PreferenceLoss:
 
             inputs = desensitize(self.name, inputs, self.ld_alpha)
         return self.forward(inputs)
+
+    def label_balance_warning(self, desirable: int, undesirable: int) -> Optional[str]:
+        """A warning about the training split's desirable/undesirable counts (unpaired data), or None."""
+        return None
 
     def online_samples_per_prompt(self) -> int:
         """How many online policy samples per prompt a ``pairs+samples`` step draws for this loss (default 1)."""

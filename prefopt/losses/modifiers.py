@@ -3,7 +3,7 @@
 Both are keyword parameters of the losses that take them (``prefopt losses NAME`` lists them), validated here and
 applied by the loss itself, so the trainer only sees what the loss declares it ``needs``:
 
-**LD-DPO** (``ld_alpha``) -- Liu et al. 2024, "LD-DPO: Length Desensitization in Direct Preference Optimization"
+**LD-DPO** (``ld_alpha``) -- Liu et al. 2024, "Length Desensitization in Direct Preference Optimization"
 (arXiv 2409.06411). DPO's log-probabilities are sums over tokens, so the longer completion of a pair carries more
 terms and the implicit reward grows with verbosity. LD-DPO splits each completion at the pair's shared length
 ``l_p = min(|y_w|, |y_l|)`` and down-weights the tokens beyond it::
@@ -12,7 +12,7 @@ terms and the implicit reward grows with verbosity. LD-DPO splits each completio
 
 for the policy and the reference alike; the loss then runs on ``logp_ld`` (and so do its ``rewards/*`` and
 ``logps/*``, as in TRL). ``ld_alpha = 1`` is the plain loss, ``0`` drops the excess tokens; the paper tunes
-alpha in [0.1, 0.9] per model (TRL: ``DPOConfig.ld_alpha``, default None = off, which is prefopt's default too).
+alpha per model, no value is a default (TRL: ``DPOConfig.ld_alpha``, default None = off, as here).
 The step provides ``tail(y)`` as the ``*_tail_logps`` fields of :class:`~prefopt.losses.base.LossInputs`
 (need ``"length_tails"``); a precomputed reference caches the reference tails beside the sums.
 
@@ -33,6 +33,7 @@ choice gets weight ~1). The step provides the sums ``sum_t log(p(y_t) / sum_v p(
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -102,3 +103,65 @@ def wpo_pair_weights(loss: str, inputs: LossInputs, like: torch.Tensor) -> torch
         lengths = lengths_as_float(loss, f"{side}_lengths", getattr(inputs, f"{side}_lengths"), like)
         weights.append(torch.exp(aligned / lengths))
     return (weights[0] * weights[1]).detach()
+
+
+@dataclass(frozen=True)
+class Modifier:
+    """How ``prefopt losses NAME`` describes a modifier (LD-DPO, WPO, TR-DPO): not a loss, an option of several."""
+
+    name: str
+    summary: str
+    paper: str
+    formula: str
+    enable: str  # the override that turns it on
+    defaults: str
+    parameter: Optional[str] = None  # the loss parameter; the losses whose signature has it take the modifier
+    takers: str = ""  # who takes it, when not read from the loss signatures
+
+
+MODIFIERS = {
+    modifier.name: modifier
+    for modifier in (
+        Modifier(
+            name="ld_dpo",
+            summary="LD-DPO: down-weight the longer completion's tokens past the shorter one's length",
+            paper="Liu et al. 2024, Length Desensitization in Direct Preference Optimization "
+            "(arXiv 2409.06411)",
+            formula="logp_ld(y) = logp(y) - (1 - ld_alpha) * tail(y),  tail = tokens past min(|y_w|, |y_l|); "
+            "policy and reference alike, then the loss as usual",
+            enable="loss.ld_alpha=0.5 (recipes/tiny/ld_dpo.yaml)",
+            defaults="ld_alpha=None (off); 1 = plain loss, 0 = drop the excess tokens; TRL: DPOConfig.ld_alpha",
+            parameter="ld_alpha",
+        ),
+        Modifier(
+            name="wpo",
+            summary="WPO: weight each pair by the policy's own (aligned, length-normalised) probability of it",
+            paper="Zhou et al. 2024, WPO: Enhancing RLHF with Weighted Preference Optimization (arXiv 2406.11827)",
+            formula="L = mean(w(y_w) w(y_l) loss_pair),  w(y) = exp(mean_t log(p(y_t) / sum_v p(v)^2)), detached",
+            enable="loss.wpo_weighting=true (recipes/tiny/wpo.yaml)",
+            defaults="wpo_weighting=False; TRL: DPOConfig.use_weighting",
+            parameter="wpo_weighting",
+        ),
+        Modifier(
+            name="tr_dpo",
+            summary="TR-DPO: a reference model that moves toward the policy every sync_steps steps",
+            paper="Gorbatovski et al. 2024, Learn Your Reference Model for Real Good Alignment (arXiv 2404.09656)",
+            formula="every sync_steps steps: theta_ref <- sync_mix * theta_policy + (1 - sync_mix) * theta_ref "
+            "(sync_mix = 1: hard update)",
+            enable="reference.sync_steps=16 reference.sync_mix=0.6 (any recipe whose loss has a reference model)",
+            defaults="sync_steps=None (off), sync_mix=0.6; TRL: sync_ref_model, ref_model_mixup_alpha=0.6, "
+            "ref_model_sync_steps=512",
+            takers="every loss with a live reference model (reference.mode=model, full fine-tuning); refused with "
+            "a precomputed or adapter reference",
+        ),
+    )
+}
+
+
+def modifier_takers(modifier: Modifier) -> str:
+    """The losses that take ``modifier`` (read from their signatures), or its ``takers`` text."""
+    if modifier.parameter is None:
+        return modifier.takers
+    from prefopt.losses.registry import available_losses, loss_parameters
+
+    return ", ".join(name for name in available_losses() if modifier.parameter in loss_parameters(name))

@@ -5,6 +5,8 @@
 ``precomputed``  one pass before training computes reference logps for every pair and caches them on disk, keyed by
                  a hash of the reference weights, the data and every tokenization setting; the model is then freed.
 ``none``         reference-free losses (SimPO, SFT, reward-model training).
+``synced``       ``model`` plus ``reference.sync_steps``: TR-DPO's reference, mixed with the policy every N steps
+                 (``prefopt/models/reference_sync.py``); checkpointed with the run.
 
 Every mode returns the same numbers for the same rows, so they give the same training losses (tested).
 """
@@ -76,6 +78,20 @@ class Reference:
 
     def token_logps(self, input_ids, attention_mask, completion_mask, **kwargs) -> TokenLogps:
         raise NotImplementedError(f"reference mode '{self.mode}' cannot score new sequences")
+
+    # Hooks the trainer calls for every mode; only a reference that changes during training (TR-DPO's synced one,
+    # prefopt/models/reference_sync.py) does anything in them.
+    def check_policy(self, policy: torch.nn.Module) -> None:
+        """Called once with the unwrapped policy model before training; raise ``ConfigError`` if it cannot work."""
+
+    def after_optimizer_step(self, global_step: int, policy: torch.nn.Module) -> None:
+        """Called after every optimizer step (``global_step`` counts them) with the unwrapped policy model."""
+
+    def save_state(self, directory: Path) -> None:
+        """Write what a resume needs into a checkpoint directory (main process only)."""
+
+    def load_state(self, directory: Path) -> None:
+        """Restore :meth:`save_state`'s files from a checkpoint directory (every process)."""
 
 
 class NoReference(Reference):
@@ -216,7 +232,8 @@ def precompute_table(
         return load_file(str(cache_file))
     total = len(dataset)
     own = list(range(accelerator.process_index, total, accelerator.num_processes))
-    groups = getattr(collator, "groups", 2)  # SRPO caches all six sequences of a pair, triples all three
+    # SRPO caches all six sequences of a pair, triples all three, unpaired rows their one completion
+    groups = getattr(collator, "groups", 2)
     rows_cached = 4 if tails else groups  # pairs with tails: chosen, rejected, chosen tail, rejected tail
     values = torch.zeros(rows_cached, total, dtype=torch.float64)
     # Every rank runs the same number of forwards (a rank with fewer rows repeats its first batch and drops the
@@ -240,10 +257,12 @@ def precompute_table(
     if accelerator.num_processes > 1:
         # Each row was computed by exactly one rank and is zero elsewhere: a sum-reduce assembles the table.
         values = accelerator.reduce(values.to(accelerator.device), reduction="sum").cpu()
-    table = {"chosen": values[0].float(), "rejected": values[1].float()}
+    table = {"chosen": values[0].float()}  # unpaired rows (groups == 1): the row's own completion
+    if rows_cached >= 2:
+        table["rejected"] = values[1].float()
     if tails:
         table.update(chosen_tail=values[2].float(), rejected_tail=values[3].float())
-    elif groups > 2:
+    elif groups != 2:
         table["groups"] = values.T.float().contiguous()  # [N, groups]
     if accelerator.is_main_process:
         cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -176,6 +176,17 @@ def build_reference(config: Config, policy_getter, accelerator=None) -> Any:
         from prefopt.trainer.distributed import prepare_frozen
 
         model = prepare_frozen(accelerator, model)
+    if config.reference.sync_steps is not None:  # TR-DPO: the reference follows the policy
+        from prefopt.models.reference_sync import SyncedModelReference
+
+        return SyncedModelReference(
+            model,
+            chunk,
+            autocast,
+            share_prompt=config.train.share_prompt,
+            sync_steps=config.reference.sync_steps,
+            sync_mix=config.reference.sync_mix,
+        )
     return ModelReference(model, chunk, autocast, share_prompt=config.train.share_prompt)
 
 

@@ -18,6 +18,7 @@ How to add a step kind
 
    * :meth:`StepKind.check_config` / :meth:`StepKind.check_models` -- refuse (``ConfigError``, exit 2) settings
      the step cannot honour (the second gets the policy's tokenizer); called before the scaffold writes anything.
+   * :meth:`StepKind.check_data` -- look at the built datasets (e.g. warn about label balance, KTO).
    * :meth:`StepKind.loader_batch_size` / :meth:`StepKind.batches_per_step` / :meth:`StepKind.updates_per_step` --
      rows per loader batch, loader batches per global step, optimizer updates per global step (PPO: one rollout
      batch per step, ``epochs x minibatches`` updates).
@@ -130,6 +131,10 @@ class StepKind:
     @classmethod
     def check_models(cls, config, tokenizer) -> None:
         """Checks that need the policy's tokenizer (e.g. tokenizer lineage); called before anything is written."""
+
+    @classmethod
+    def check_data(cls, config, loss: PreferenceLoss, bundle) -> None:
+        """Checks (or warnings) on the tokenized datasets (``prefopt.data.DataBundle``); called once built."""
 
     @classmethod
     def loader_batch_size(cls, config) -> int:

@@ -68,7 +68,9 @@ class OnlineClock:
         self.rss_start = None
         self.step_starts: list[float] = []
         self.step_ends: list[float] = []
-        self.generation: list[tuple[float, float]] = []  # (start, end) of every sampling call
+        self.generation: list[
+            tuple[float, float, int]
+        ] = []  # (start, end, decode steps) of every sampling call
 
     def generation_started(self):
         if self.started is None:
@@ -77,8 +79,8 @@ class OnlineClock:
             self.step_starts.append(self.started)
         return time.perf_counter()
 
-    def generation_ended(self, start):
-        self.generation.append((start, time.perf_counter()))
+    def generation_ended(self, start, decode_steps: int):
+        self.generation.append((start, time.perf_counter(), decode_steps))
 
     def step_ended(self):
         if self.started is None:
@@ -105,13 +107,18 @@ class OnlineClock:
             self.profiler.dump_stats(self.profile)
 
     def result(self) -> dict:
-        steps, generation = [], []
+        steps, generation, decode_steps = [], [], []
         for begin, end in zip(self.step_starts, self.step_ends):
+            calls = [(a, b, n) for a, b, n in self.generation if a >= begin and b <= end]
             steps.append(end - begin)
-            generation.append(sum(b - a for a, b in self.generation if a >= begin and b <= end))
+            generation.append(sum(b - a for a, b, _ in calls))
+            decode_steps.append(sum(n for _, _, n in calls))
         return {
             "step_times": steps,
             "generation_times": generation,
+            # Decode steps of the step's sampling calls (each call runs until its longest sample ends): the
+            # trainers draw different samples, so generation seconds per decode step compare the loops' speed.
+            "decode_steps": decode_steps,
             "peak_rss_mib": _status_mib("VmHWM"),
             "rss_start_mib": self.rss_start,
         }
@@ -141,10 +148,9 @@ def child_prefopt(spec: dict) -> dict:
 
     def generate(self, *args, **kwargs):
         start = clock.generation_started()
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            clock.generation_ended(start)
+        rollouts = original(self, *args, **kwargs)
+        clock.generation_ended(start, rollouts.completion_ids.shape[1])  # decode steps: the longest sample
+        return rollouts
 
     HFGenerator.generate = generate
     overrides = [
@@ -211,10 +217,9 @@ def child_trl(spec: dict) -> dict:
     class TimedOnlineDPOTrainer(OnlineDPOTrainer):
         def _generate(self, *args, **kwargs):
             start = clock.generation_started()
-            try:
-                return super()._generate(*args, **kwargs)
-            finally:
-                clock.generation_ended(start)
+            out = super()._generate(*args, **kwargs)
+            clock.generation_ended(start, out[2].shape[1])  # completion_ids [2B, decode steps]
+            return out
 
         def training_step(self, *args, **kwargs):
             loss = super().training_step(*args, **kwargs)
@@ -470,6 +475,10 @@ def summarise(results: list[dict], log) -> list[dict]:
         runs = [r for r in results if r["trainer"] == label]
         step = statistics.median(t for r in runs for t in r["step_times"][1:])
         generation = statistics.median(t for r in runs for t in r["generation_times"][1:])
+        per_token = statistics.median(
+            t / n * 1000 for r in runs for t, n in zip(r["generation_times"][1:], r["decode_steps"][1:])
+        )
+        decode_steps = statistics.mean(n for r in runs for n in r["decode_steps"][1:])
         rates = [1 / statistics.median(r["step_times"][1:]) for r in runs]
         rows.append(
             {
@@ -477,6 +486,8 @@ def summarise(results: list[dict], log) -> list[dict]:
                 "s_per_step": step,
                 "generation_s": generation,
                 "rest_s": step - generation,
+                "generation_ms_per_decode_step": per_token,
+                "decode_steps_per_step": decode_steps,
                 "steps_per_s_vs_trl": statistics.median(a / b for a, b in zip(rates, base_rates)),
                 "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs),
                 "memory_vs_trl": statistics.median(r["peak_rss_mib"] / b for r, b in zip(runs, base_peaks)),
@@ -488,13 +499,15 @@ def summarise(results: list[dict], log) -> list[dict]:
             }
         )
     log(
-        "| trainer | s/step (median) | generation s | rest s | steps/s vs TRL | peak RSS MiB | memory vs TRL "
-        "| peak above start MiB | gold reward after training | last loss |"
+        "| trainer | s/step (median) | generation s | decode steps/step (mean) | generation ms/decode step "
+        "| rest s | steps/s vs TRL | peak RSS MiB | memory vs TRL | peak above start MiB "
+        "| gold reward after training | last loss |"
     )
-    log("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    log("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         log(
-            f"| {r['trainer']} | {r['s_per_step']:.3f} | {r['generation_s']:.3f} | {r['rest_s']:.3f} "
+            f"| {r['trainer']} | {r['s_per_step']:.3f} | {r['generation_s']:.3f} "
+            f"| {r['decode_steps_per_step']:.1f} | {r['generation_ms_per_decode_step']:.1f} | {r['rest_s']:.3f} "
             f"| {r['steps_per_s_vs_trl']:.2f}x | {r['peak_rss_mib']:.0f} | {r['memory_vs_trl']:.2f}x "
             f"| {r['above_start_mib']:.0f} "
             f"| {r['gold']:.3f} | {r['final_loss']:.3f} |"

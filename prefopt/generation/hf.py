@@ -133,7 +133,9 @@ class SeededSampler:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         from transformers import TopKLogitsWarper, TopPLogitsWarper
 
-        scores = scores.float() / self.sampling.temperature
+        scores = scores.float()
+        if self.sampling.temperature != 1.0:  # x / 1.0 is x: one kernel less per token at T=1
+            scores = scores / self.sampling.temperature
         if self.sampling.top_k > 0:
             scores = TopKLogitsWarper(self.sampling.top_k)(input_ids, scores)
         if self.sampling.top_p < 1.0:

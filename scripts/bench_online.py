@@ -9,14 +9,22 @@ constant lr, no warmup, no weight decay), gradient clipping at 1.0, fp32, no gra
 What differs is each method's own definition: TRL's online DPO and prefopt's ``online_dpo`` draw two policy
 samples per prompt; prefopt's XPO one policy and one reference sample (``--methods``).
 
-Every run is a fresh child process; prefopt and TRL runs alternate. Per optimizer step we time generation (every
-sampling call of the step, the reference's included) and the rest (scoring, the forwards, backward, optimizer)
-separately; the first step is a warm-up and is not counted. Peak RSS is the kernel's peak of the child from its
-first sampling call on. After training, the parent samples the held-out prompts from each final model with one
-fixed seed and scores them with the gold reward: a fast but wrong trainer cannot win.
+Every run is a fresh child process. The runs of one repeat (each prefopt method and TRL) start together and, after
+their warm-up steps, take turns step by step (the parent releases one child's step at a time, in an order that
+rotates each step; the others wait, idle): on a shared machine every trainer's steps then meet the same load. Per
+optimizer step we time generation (every sampling call of the step, the reference's included) and the rest
+(scoring, the forwards, backward, optimizer) separately, and count the decode steps of the sampling calls (each
+call runs until its longest sample ends), so that generation is also compared per decode step: the trainers draw
+different samples. The first step is a warm-up and is not counted. Peak RSS is the kernel's peak of the child from
+its first sampling call on, also given above the RSS at that call (the step's own memory; the rest is the Python
+runtime and the model). ``--profile`` runs cProfile in every child after its warm-up step (not while it waits for
+its turn) and prints the seconds per step of each phase (generation, the sampler, reward, policy and reference
+forwards, backward, optimizer). After training, the parent samples the held-out prompts from each final model with
+one fixed seed and scores them with the gold reward: a fast but wrong trainer cannot win.
 
     python scripts/bench_online.py                                   # online_dpo, xpo, TRL; 12 steps, 2 repeats
     python scripts/bench_online.py --methods xpo --steps 6 --repeats 1 --json out.json
+    python scripts/bench_online.py --methods online_dpo,xpo --steps 6 --repeats 1 --profile   # where time goes
 """
 
 from __future__ import annotations

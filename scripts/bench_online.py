@@ -533,6 +533,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-trl", action="store_true")
     parser.add_argument(
+        "--env-variants",
+        default="",
+        help="extra prefopt runs of the same methods in the same turns, one per space-separated NAME=VALUE "
+        "environment setting (e.g. PREFOPT_DECODE_THREADS=0)",
+    )
+    parser.add_argument(
         "--eval-samples", type=int, default=2, help="samples per held-out prompt for the gold reward"
     )
     parser.add_argument(
@@ -573,12 +579,17 @@ def main(argv=None) -> int:
     stamp = time.strftime("%H%M%S")
     for repeat in range(args.repeats):
         specs = []
-        for trainer in methods + ([] if args.no_trl else ["trl"]):
-            tag = f"{stamp}-{trainer}-r{repeat}"
+        runs = [(method, method, {}) for method in methods]
+        for setting in args.env_variants.split():
+            name, _, value = setting.partition("=")
+            runs += [(f"{method} {setting}", method, {name: value}) for method in methods]
+        for trainer, method, env in runs + ([] if args.no_trl else [("trl", "trl", {})]):
+            tag = f"{stamp}-{trainer.replace(' ', '-').replace('=', '')}-r{repeat}"
             spec = {
                 "name": tag,
                 "trainer": trainer,
-                "method": trainer,
+                "method": method,
+                "env": env,
                 "model": assets["sft"],
                 "prompts": assets["prompts"],
                 "prompt_texts": assets["prompt_texts"],

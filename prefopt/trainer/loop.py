@@ -141,7 +141,12 @@ class Trainer:
             config.model.attn_implementation,
         )
         policy = build_policy(config, step_cls.model_kind, self.tokenizer)
-        reference = build_reference(config, lambda: self.accelerator.unwrap_model(self.policy).model, acc)
+        reference = build_reference(
+            config,
+            lambda: self.accelerator.unwrap_model(self.policy).model,
+            acc,
+            root_getter=lambda: self.policy if acc.is_fsdp2 else None,
+        )
         if config.resolved_reference_mode() == "precomputed":
             reference = precompute_reference(config, acc, reference, self.bundle, self.collator)
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -223,6 +228,17 @@ class Trainer:
         count = len(modules)
         prepared = acc.prepare(*modules, *optimizers, *schedulers)
         prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
+        if acc.is_fsdp2:
+            from torch.distributed.fsdp import FSDPModule
+
+            from prefopt.trainer.distributed import autocast_forward
+
+            autocast_forward(acc, prepared[0])  # as accelerate does for DDP: the reference runs under it too
+
+            units = sum(isinstance(m, FSDPModule) for m in prepared[0].modules())
+            logger.info(
+                "FSDP2: the policy is sharded in %d units over %d processes", units, acc.num_processes
+            )
         names = ["policy", *(t.name for t in extra)]
         return [
             TrainedModule(

@@ -113,13 +113,22 @@ def _check_full_model(out, single, initial_dir) -> None:
 
 
 def test_fsdp2_dpo_live_reference_matches_one_process(tiny_model_dir, tmp_path):
+    """Also the eval split: 33 rows in batches of 16 give rank 0 two batches and rank 1 one; every rank must still
+    run the same number of (collective) forwards, and the eval metrics equal the one-process run's."""
     data = write_pairs(tmp_path / "pairs.jsonl", rows=64)
+    eval_rows = tmp_path / "eval.jsonl"
+    eval_rows.write_text("".join(data.read_text().splitlines(keepends=True)[:33]))
+    evaluation = (f"data.eval={eval_rows}", "train.eval_batch_size=16")
     single = tmp_path / "single"
-    run(tiny_model_dir, data, single, *COMMON)
+    run(tiny_model_dir, data, single, *COMMON, *evaluation)
     out = tmp_path / "fsdp2"
-    result = fsdp_dpo(tiny_model_dir, data, out)
+    result = fsdp_dpo(tiny_model_dir, data, out, *evaluation)
     _check_run(result, out, single)
     _check_full_model(out, single, tiny_model_dir)
+    evaluated = [m for m in metrics(out) if "eval/loss" in m]
+    expected = [m for m in metrics(single) if "eval/loss" in m]
+    assert len(evaluated) == len(expected) == 1
+    assert evaluated[0]["eval/loss"] == pytest.approx(expected[0]["eval/loss"], abs=1e-5)
 
 
 @pytest.mark.slow

@@ -481,6 +481,13 @@ class CompletionLogpModel(torch.nn.Module):
         """The decoder stack (e.g. ``LlamaModel``), whose direct children include the final norm."""
         return getattr(self._causal_lm(), "base_model", None)
 
+    def tie_weights(self, *args, **kwargs) -> None:
+        """Re-tie the wrapped model's tied embeddings. accelerate's ``fsdp2_prepare_model`` moves the model to the
+        meta device (``fsdp_cpu_ram_efficient_loading``), which unties them, and re-ties only through
+        ``model.tie_weights()``; without this the embedding and the lm-head of a tied model (Qwen2.5-0.5B/1.5B)
+        would train as two separate tensors."""
+        self._causal_lm().tie_weights(*args, **kwargs)
+
     def get_input_embeddings(self) -> torch.nn.Module:
         return self._causal_lm().get_input_embeddings()
 

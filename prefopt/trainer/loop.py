@@ -374,8 +374,17 @@ class Trainer:
         averager = MetricAverager()
         split = getattr(self.reference, "use_split", None)
         context = split("eval") if split else contextlib.nullcontext()
+        # Every rank runs the same number of eval forwards: under FSDP2 / ZeRO-3 each forward gathers parameters
+        # collectively, and a rank with one batch fewer fails or hangs the others. A rank that runs out repeats a
+        # batch and drops its metrics.
+        batches = math.ceil(math.ceil(len(self.bundle.eval) / acc.num_processes) / size)
+        loader = iter(DataLoader(shard, batch_size=size, shuffle=False, collate_fn=self.collator))
         with context:
-            for batch in DataLoader(shard, batch_size=size, shuffle=False, collate_fn=self.collator):
+            for _ in range(batches):
+                batch = next(loader, None)
+                if batch is None:
+                    self.step_fn.eval_batch(self.collator([self.bundle.eval[0]]))
+                    continue
                 metrics, weight = self.step_fn.eval_batch(batch)
                 averager.add(metrics, weight=weight)
         metrics = {f"eval/{k}": v for k, v in averager.reduce(self.accelerator, keys=None).items()}

@@ -1,8 +1,10 @@
 """``convert IN OUT``: any readable format into standard (plain strings) or conversational (messages) JSONL.
 
-Pair formats become ``{"prompt", "chosen", "rejected"}``, SFT rows ``{"prompt", "completion"}``, prompt rows
-``{"prompt"}``. Rated rows become pairs (``--rated-pairs``), HH rows conversational pairs. To standard, a prompt of
-one user message becomes its content; longer conversations need ``--tokenizer`` to be rendered with its chat template.
+Pair formats become ``{"prompt", "chosen", "rejected"}``, SFT rows ``{"prompt", "completion"}``, unpaired rows
+``{"prompt", "completion", "label"}``, prompt rows ``{"prompt"}``. ``--unpaired`` turns each preference pair into
+two unpaired rows for KTO: the chosen completion with ``"label": true``, then the rejected one with ``false``.
+Rated rows become pairs (``--rated-pairs``), HH rows conversational pairs. To standard, a prompt of one user
+message becomes its content; longer conversations need ``--tokenizer`` to be rendered with its chat template.
 The output is written to a temporary file and renamed, so OUT is never half-written.
 """
 
@@ -40,6 +42,11 @@ def add_parser(subparsers) -> None:
         "--tokenizer", help="tokenizer whose chat template renders multi-message prompts (--to standard)"
     )
     parser.add_argument(
+        "--unpaired",
+        action="store_true",
+        help="write each pair as two unpaired rows (KTO): chosen with label true, rejected with label false",
+    )
+    parser.add_argument(
         "--skip-invalid", action="store_true", help="leave invalid rows out (counted) instead of failing"
     )
     parser.set_defaults(handler=run)
@@ -70,7 +77,9 @@ class _Renderer:
         return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def convert_row(row: NormalRow, fmt: str, to: str, renderer: _Renderer) -> list[dict[str, Any]]:
+def convert_row(
+    row: NormalRow, fmt: str, to: str, renderer: _Renderer, unpaired: bool = False
+) -> list[dict[str, Any]]:
     if to == "conversational":
         prompt: Any = row.prompt if row.conversational else [{"role": "user", "content": row.prompt}]
 
@@ -82,10 +91,18 @@ def convert_row(row: NormalRow, fmt: str, to: str, renderer: _Renderer) -> list[
         def reply(text: str) -> Any:
             return text
 
+    if fmt in PAIR_FORMATS and unpaired:
+        return [
+            {"prompt": prompt, "completion": reply(text), "label": label}
+            for p in row.pairs
+            for text, label in ((p.chosen, True), (p.rejected, False))
+        ]
     if fmt in PAIR_FORMATS:
         return [
             {"prompt": prompt, "chosen": reply(p.chosen), "rejected": reply(p.rejected)} for p in row.pairs
         ]
+    if fmt == "unpaired":
+        return [{"prompt": prompt, "completion": reply(row.completion), "label": row.label}]
     if fmt == "sft":
         return [{"prompt": prompt, "completion": reply(row.completion)}]
     return [{"prompt": prompt}]
@@ -107,13 +124,18 @@ def write_jsonl_atomic(path: str | os.PathLike, rows: list[dict[str, Any]]) -> N
 
 def run(args: argparse.Namespace) -> int:
     result = load_source(args, args.input)
+    if args.unpaired and result.format is not None and result.format not in PAIR_FORMATS + ("unpaired",):
+        raise DataError(
+            f"{args.input}: --unpaired splits preference pairs into desirable and undesirable rows, but the "
+            f"rows have format '{result.format}' (pair formats: {', '.join(PAIR_FORMATS)})"
+        )
     reasons = list(result.reasons)
     invalid = result.invalid
     renderer = _Renderer(args.tokenizer)
     rows: list[dict[str, Any]] = []
     for location, row in result.rows:
         try:
-            rows.extend(convert_row(row, result.format, args.to, renderer))
+            rows.extend(convert_row(row, result.format, args.to, renderer, args.unpaired))
         except ValueError as error:
             invalid += 1
             reasons.append(f"{location}: {error}")
@@ -128,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"{args.input}: nothing to convert ({result.rows_read} rows read, {invalid} invalid)")
     write_jsonl_atomic(args.output, rows)
     skipped = f", {invalid} invalid rows skipped" if invalid else ""
-    print(f"wrote {len(rows)} rows ({result.format} -> {args.to}) to {args.output}{skipped}")
+    form = f"{args.to} unpaired" if args.unpaired else args.to
+    print(f"wrote {len(rows)} rows ({result.format} -> {form}) to {args.output}{skipped}")
     for reason in reasons[:5]:
         print(f"  skipped: {reason}", file=sys.stderr)
     return 0

@@ -59,7 +59,7 @@ def _examples(result) -> tuple[list[str], list[dict[str, Any]]]:
     fields = (
         ["prompt", "chosen", "rejected"]
         if result.format in PAIR_FORMATS
-        else (["prompt", "completion"] if result.format == "sft" else ["prompt"])
+        else (["prompt", "completion"] if result.format in ("sft", "unpaired") else ["prompt"])
     )
     examples = []
     for _, row in result.rows:
@@ -96,6 +96,9 @@ def compute(
         "identical_pairs": result.invalid_codes.get("identical", 0),
         "first_invalid_reasons": result.reasons[:5],
     }
+    if result.format == "unpaired":
+        stats["desirable"] = sum(bool(row.label) for _, row in result.rows)
+        stats["undesirable"] = len(result.rows) - stats["desirable"]
     keys = [json.dumps([e[f] for f in fields], sort_keys=True) for e in examples]
     stats["duplicate_examples"] = len(keys) - len(set(keys))
     prompts = Counter(json.dumps(e["prompt"]) for e in examples)
@@ -191,6 +194,8 @@ def print_table(stats: dict[str, Any]) -> None:
         f"distinct prompts, {stats['duplicate_examples']} duplicate examples, {stats['identical_pairs']} "
         "identical pairs (chosen == rejected)"
     )
+    if "desirable" in stats:
+        console.print(f"{stats['desirable']} desirable, {stats['undesirable']} undesirable completions")
     for unit in ("chars", "tokens"):
         lengths = stats.get(f"length_{unit}")
         if not lengths:

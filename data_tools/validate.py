@@ -80,6 +80,8 @@ def summarise(result, kind=None) -> dict:
         "invalid_by_kind": dict(sorted(result.invalid_codes.items())),
         "first_reasons": result.reasons[:FIRST],
         "pairs": sum(len(row.pairs) for _, row in result.rows),
+        "desirable": sum(row.label is True for _, row in result.rows),
+        "undesirable": sum(row.label is False for _, row in result.rows),
         "rated_rows_without_pairs": result.rated_rows_without_pairs,
         "problems": problems,
         "ok": not result.invalid and not problems,
@@ -94,6 +96,11 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{summary['file']}: format {summary['format'] or 'unknown'}; {summary['rows']} rows, "
             f"{summary['valid']} valid, {summary['invalid']} invalid; {summary['pairs']} preference pairs"
+            + (
+                f", {summary['desirable']} desirable and {summary['undesirable']} undesirable completions"
+                if summary["desirable"] or summary["undesirable"]
+                else ""
+            )
         )
         if summary["rated_rows_without_pairs"]:
             print(

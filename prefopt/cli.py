@@ -1,4 +1,4 @@
-"""The ``prefopt`` command: ``train``, ``losses``, ``tiny-model``, ``demo``, ``diagnose``.
+"""The ``prefopt`` command: ``train``, ``losses``, ``tiny-model``, ``demo``, ``evaluate``, ``diagnose``.
 
 Bad input (recipe keys, data rows, paths) ends with one message on stderr and exit status 2, never a traceback.
 ``prefopt train`` runs the same under ``accelerate launch -m prefopt train ...`` and ``torchrun -m prefopt train``.
@@ -70,8 +70,12 @@ def cmd_losses(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from prefopt.losses import available_losses, loss_class
+    from prefopt.losses.modifiers import MODIFIERS
 
     console = Console(width=args.width, highlight=False)
+    if args.name in MODIFIERS:  # LD-DPO, WPO, TR-DPO: options of several losses, described like one
+        console.print(_modifier_detail(args.name))
+        return 0
     if args.name is not None:
         try:
             loss_class(args.name)
@@ -92,7 +96,8 @@ def cmd_losses(args: argparse.Namespace) -> int:
     if console.width < WIDE_TABLE_COLUMNS:
         # A five-column table squeezed into a narrow terminal cuts every cell to a few characters: one block
         # per loss instead, each field on its own wrapped line.
-        console.print("prefopt losses: loss.name=... in a recipe; formulas, defaults: docs/losses.md\n")
+        console.print("prefopt losses: loss.name=... in a recipe; formulas, defaults: docs/losses.md")
+        console.print(_modifiers_line(console.width) + "\n", markup=False, highlight=False, soft_wrap=True)
         for name, summary, params, needs, step in rows:
             console.print(Text.assemble((name, "bold"), f"  needs: {needs}; step: {step}"))
             for line in (summary, f"parameters: {params}"):
@@ -108,7 +113,36 @@ def cmd_losses(args: argparse.Namespace) -> int:
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    console.print(_modifiers_line(console.width), markup=False, highlight=False)
     return 0
+
+
+def _modifiers_line(width: int) -> str:
+    from prefopt.losses.modifiers import MODIFIERS
+
+    listed = ", ".join(f"{m.name} ({m.enable.split(' (')[0]})" for m in MODIFIERS.values())
+    return textwrap.fill(f"modifiers (prefopt losses NAME for one): {listed}", width=width)
+
+
+def _modifier_detail(name: str):
+    """A modifier in full: what it does, paper, formula, how to turn it on, defaults, which losses take it."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from prefopt.losses.modifiers import MODIFIERS, modifier_takers
+
+    modifier = MODIFIERS[name]
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
+    grid.add_row("modifier", f"{name}: {escape(modifier.summary)}")
+    grid.add_row("paper", escape(modifier.paper))
+    grid.add_row("formula", escape(modifier.formula))
+    grid.add_row("turn on", escape(modifier.enable))
+    grid.add_row("defaults", escape(modifier.defaults))
+    grid.add_row("taken by", escape(modifier_takers(modifier)))
+    grid.add_row("reference", f"docs/losses.md#{name}")
+    return grid
 
 
 def _needs(cls) -> str:
@@ -182,6 +216,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.out), steps=args.max_steps, eval_prompts=args.eval_prompts)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from prefopt.evaluate_cli import run_evaluate
+
+    return run_evaluate(args)
+
+
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from prefopt.diagnostics.cli import run_diagnose
 
@@ -242,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-prompts", type=int, default=100, help="held-out prompts for the gold evaluation"
     )
     demo.set_defaults(func=cmd_demo)
+
+    from prefopt.evaluate_cli import add_evaluate_parser
+
+    add_evaluate_parser(sub, cmd_evaluate)
 
     try:
         from prefopt.diagnostics.cli import add_diagnose_parser

@@ -81,12 +81,18 @@ class ReferenceConfig(_Section):
     name_or_path: Optional[str] = None  # default: model.name_or_path
     cache_dir: Optional[str] = None  # precomputed cache; default: <output_dir>/../.prefopt_cache
     batch_size: Positive = 16
+    # TR-DPO (prefopt/models/reference_sync.py): every sync_steps optimizer steps,
+    # ref <- sync_mix * policy + (1 - sync_mix) * ref (1 = hard update). None: the reference stays fixed.
+    sync_steps: Optional[Positive] = None
+    sync_mix: float = Field(default=0.6, gt=0.0, le=1.0)
 
 
 class DataConfig(_Section):
     train: Optional[str] = None
     eval: Optional[str] = None
-    format: Literal["auto", "pairs", "conversational", "hh", "rated", "triples", "prompts", "sft"] = "auto"
+    format: Literal[
+        "auto", "pairs", "conversational", "hh", "rated", "triples", "prompts", "sft", "unpaired"
+    ] = "auto"
     split: str = "train"  # split name for hub datasets / saved DatasetDicts
     eval_split: Optional[str] = None  # split of the same source used for eval
     eval_size: NonNegative | NonNegativeFloat = 0  # carve eval out of train: fraction (<1) or row count
@@ -335,7 +341,14 @@ class Config(_Section):
                 f"reference.mode: loss '{self.loss.name}' scores fresh samples with the reference, so it "
                 "needs a live one; use reference.mode=model or adapter"
             )
+        if "mismatched" in loss.needs and self.reference.mode == "precomputed":
+            raise ValueError(
+                f"reference.mode: loss '{self.loss.name}' scores each prompt with another row of its batch, "
+                "pairs that change with every batch, so it needs a live reference; use reference.mode=model "
+                "or adapter"
+            )
         self._check_reward_needs(loss)
+        self._check_reference_sync(loss)
         if self.reference.mode == "adapter" and self.model.peft is None:
             raise ValueError(
                 "reference.mode=adapter needs LoRA on the policy: set model.peft (e.g. model.peft.r=8)"
@@ -353,6 +366,26 @@ class Config(_Section):
         if self.iterations.count:
             _check_iterations(self, loss)
         return self
+
+    def _check_reference_sync(self, loss) -> None:
+        """TR-DPO mixes the policy into a reference model: only a live, separate reference model can follow."""
+        if self.reference.sync_steps is None:
+            return
+        mode = self.resolved_reference_mode()
+        why = {
+            "none": f"loss '{self.loss.name}' uses no reference, so there is nothing to sync",
+            "precomputed": "a precomputed reference is fixed (its cached logps would go stale); "
+            "use reference.mode=model",
+            "adapter": "the adapter reference is the LoRA policy with adapters off, not a second model to move; "
+            "TR-DPO needs full fine-tuning (drop model.peft) with reference.mode=model",
+        }
+        if mode in why:
+            raise ValueError(f"reference.sync_steps: {why[mode]}; or drop reference.sync_steps")
+        if self.model.peft is not None:
+            raise ValueError(
+                "reference.sync_steps: a LoRA policy cannot be mixed into a full reference model parameter by "
+                "parameter; TR-DPO needs full fine-tuning (drop model.peft) or drop reference.sync_steps"
+            )
 
     def _check_reward_needs(self, loss) -> None:
         """What the loss declares it needs from the reward layer and the PPO section, checked before any run."""

@@ -56,6 +56,12 @@ class PolicySamples:
 
 def load_prompts(path: str, tokenizer, *, max_prompts: Optional[int] = None, max_prompt_length: int = 64):
     """Prompt ids/texts of a prefopt-readable file, tokenized exactly as training tokenizes them."""
+    prompt_ids, texts, _ = _prompt_columns(path, tokenizer, max_prompts, max_prompt_length)
+    return prompt_ids, texts
+
+
+def _prompt_columns(path: str, tokenizer, max_prompts: Optional[int], max_prompt_length: int):
+    """Token ids, texts and chat messages (JSON, "" for plain rows) of the prompts in ``path``."""
     from prefopt.data import build_datasets
 
     config = DataConfig(
@@ -66,7 +72,7 @@ def load_prompts(path: str, tokenizer, *, max_prompts: Optional[int] = None, max
         max_length=max_prompt_length + 1,
     )
     bundle = build_datasets(config, tokenizer, "prompts", seed=0)
-    return list(bundle.train["prompt_input_ids"]), list(bundle.train["prompt_text"])
+    return tuple(list(bundle.train[c]) for c in ("prompt_input_ids", "prompt_text", "prompt_messages"))
 
 
 def _load(model_or_path, dtype: str = "float32"):
@@ -93,38 +99,36 @@ def sample_policy(
 ) -> PolicySamples:
     """Draw ``samples_per_prompt`` samples per prompt, score each with ``reward_fn(prompt, completion)``, and
     (with ``reference``) estimate KL(policy || reference) as the mean over samples of ``log pi(y) - log ref(y)``."""
-    tokenizer = load_tokenizer(str(policy)) if not isinstance(policy, torch.nn.Module) else None
-    model = _load(policy)
-    if tokenizer is None:
+    if isinstance(policy, torch.nn.Module):
         raise ValueError("pass the policy as a path so its tokenizer can be loaded")
-    prompt_ids, prompt_texts = load_prompts(prompts_path, tokenizer, max_prompts=max_prompts)
-    generator = HFGenerator(model, tokenizer, batch_size=batch_size)
-    rollouts = generator.generate(
-        prompt_ids,
-        SamplingParams(
-            n=samples_per_prompt, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed
-        ),
+    # Round 0 of the revision loop is exactly this: one sampling pass over the prompts, scored.
+    (samples,) = sample_with_revisions(
+        policy,
+        prompts_path,
+        reward_fn,
+        revisions=0,
+        reference=reference,
+        samples_per_prompt=samples_per_prompt,
+        max_prompts=max_prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        batch_size=batch_size,
     )
-    index = [int(i) for i in rollouts.prompt_index]
-    prompts = [prompt_texts[i] for i in index]
-    samples = PolicySamples(
-        prompts=prompts,
-        completions=list(rollouts.texts),
-        prompt_index=index,
-        rewards=[float(reward_fn(p, c)) for p, c in zip(prompts, rollouts.texts)],
-        lengths=[int(n) for n in rollouts.completion_mask.sum(-1)],
-        finished=[bool(f) for f in rollouts.finished],
-    )
-    if reference is not None:
-        ref_model = _load(reference)
-        seqs = rollouts.to_sequences(tokenizer.pad_token_id)
-        for start in range(0, len(index), batch_size):
-            rows = slice(start, start + batch_size)
-            args = (seqs["input_ids"][rows], seqs["attention_mask"][rows], seqs["completion_mask"][rows])
-            policy_logps = completion_token_logps(model, *args).sums
-            reference_logps = completion_token_logps(ref_model, *args).sums
-            samples.kl_per_sample.extend((policy_logps - reference_logps).tolist())
     return samples
+
+
+def _kl_per_sample(model, ref_model, rollouts, tokenizer, batch_size: int) -> list[float]:
+    """``log pi(y|x) - log ref(y|x)`` summed over each sampled completion (its mean estimates KL(pi || ref))."""
+    seqs = rollouts.to_sequences(tokenizer.pad_token_id)
+    kl = []
+    for start in range(0, len(rollouts.texts), batch_size):
+        rows = slice(start, start + batch_size)
+        args = (seqs["input_ids"][rows], seqs["attention_mask"][rows], seqs["completion_mask"][rows])
+        policy_logps = completion_token_logps(model, *args).sums
+        reference_logps = completion_token_logps(ref_model, *args).sums
+        kl.extend((policy_logps - reference_logps).tolist())
+    return kl
 
 
 def win_rate(candidate: PolicySamples, baseline: PolicySamples) -> float:
@@ -148,6 +152,7 @@ def sample_with_revisions(
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 64,
+    reference=None,
 ) -> list[PolicySamples]:
     """SRPO's inference: ``y_0 ~ pi(. | x)``, then ``y_{n+1} ~ pi(. | x, y_n)`` for ``revisions`` rounds.
 
@@ -155,8 +160,8 @@ def sample_with_revisions(
     ``data.revision_template`` / ``revision_instruction``) rendered and tokenized as training does it, keeping its
     last ``max_revision_prompt_length`` tokens. Returns one :class:`PolicySamples` per round (index 0: no revision),
     each scored with ``reward_fn(prompt, completion)``; sample ``j`` of round ``n+1`` revises sample ``j`` of round n.
+    With ``reference``, round 0 carries the per-sample KL(policy || reference) estimate, as :func:`sample_policy`.
     """
-    from prefopt.data import build_datasets
     from prefopt.data.revision import RevisionTemplate
 
     if revisions < 0:
@@ -164,13 +169,7 @@ def sample_with_revisions(
     template = template or RevisionTemplate()
     tokenizer = load_tokenizer(str(policy))
     model = _load(policy)
-    config = DataConfig(
-        train=prompts_path, shuffle=False, max_samples=max_prompts, max_prompt_length=64, max_length=65
-    )
-    bundle = build_datasets(config, tokenizer, "prompts", seed=0)
-    prompt_ids, texts, messages = (
-        list(bundle.train[c]) for c in ("prompt_input_ids", "prompt_text", "prompt_messages")
-    )
+    prompt_ids, texts, messages = _prompt_columns(prompts_path, tokenizer, max_prompts, 64)
     generator = HFGenerator(model, tokenizer, batch_size=batch_size)
     rollouts = generator.generate(
         prompt_ids,
@@ -192,6 +191,8 @@ def sample_with_revisions(
                 finished=[bool(f) for f in rollouts.finished],
             )
         )
+        if round_number == 0 and reference is not None:
+            rounds[0].kl_per_sample = _kl_per_sample(model, _load(reference), rollouts, tokenizer, batch_size)
         if round_number == revisions:
             break
         revision_ids = []

@@ -22,7 +22,6 @@ fixed seed and scores them with the gold reward: a fast but wrong trainer cannot
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import statistics
@@ -50,13 +49,24 @@ METHODS = ("online_dpo", "xpo")
 
 
 class OnlineClock:
-    """Generation time and optimizer-step ends. Step ends are the learning-rate scheduler's ``step()`` calls
-    (both trainers call it once per optimizer step, after the optimizer); calls before the first sampling call
-    (the scheduler's construction) are ignored. Peak RSS is reset at the first sampling call."""
+    """Generation time and optimizer steps. Step ends are the learning-rate scheduler's ``step()`` calls (both
+    trainers call it once per optimizer step, after the optimizer); calls before the first sampling call (the
+    scheduler's construction) are ignored. Peak RSS is reset at the first sampling call.
 
-    def __init__(self):
+    With ``turns`` (two pipe descriptors from the parent: ``done`` to write, ``go`` to read), the child reports the
+    end of every step and waits for the parent's go before the next: the trainers of a round take turns step by
+    step, so each of their steps meets the same load on a shared machine. A step then starts at the go."""
+
+    def __init__(self, profile: str | None = None, turns: list[int] | None = None, steps: int = 0):
+        self.profile = (
+            profile  # a pstats file: cProfile runs from the end of the warm-up step to the last step
+        )
+        self.profiler = None
+        self.turns = turns
+        self.steps = steps  # the run's optimizer steps: the profiler stays off after the last
         self.started = None
         self.rss_start = None
+        self.step_starts: list[float] = []
         self.step_ends: list[float] = []
         self.generation: list[tuple[float, float]] = []  # (start, end) of every sampling call
 
@@ -64,19 +74,39 @@ class OnlineClock:
         if self.started is None:
             self.rss_start = reset_peak_rss()
             self.started = time.perf_counter()
+            self.step_starts.append(self.started)
         return time.perf_counter()
 
     def generation_ended(self, start):
         self.generation.append((start, time.perf_counter()))
 
     def step_ended(self):
-        if self.started is not None:
-            self.step_ends.append(time.perf_counter())
+        if self.started is None:
+            return
+        self.step_ends.append(time.perf_counter())
+        if self.profiler is not None:
+            self.profiler.disable()  # the wait for the next turn is no part of a step
+        if self.turns is not None:
+            done, go = self.turns
+            os.write(done, b".")
+            if not os.read(go, 1):
+                raise RuntimeError("the benchmark's parent went away")
+        if self.profile and len(self.step_ends) < self.steps:
+            if self.profiler is None:
+                import cProfile
+
+                self.profiler = cProfile.Profile()
+            self.profiler.enable()
+        self.step_starts.append(time.perf_counter())
+
+    def save_profile(self) -> None:
+        if self.profiler is not None:
+            self.profiler.disable()  # (already off after the last step's end)
+            self.profiler.dump_stats(self.profile)
 
     def result(self) -> dict:
-        edges = [self.started, *self.step_ends]
         steps, generation = [], []
-        for begin, end in itertools.pairwise(edges):
+        for begin, end in zip(self.step_starts, self.step_ends):
             steps.append(end - begin)
             generation.append(sum(b - a for a, b in self.generation if a >= begin and b <= end))
         return {
@@ -105,7 +135,7 @@ def child_prefopt(spec: dict) -> dict:
     from prefopt.generation.hf import HFGenerator
     from prefopt.trainer import train
 
-    clock = OnlineClock()
+    clock = OnlineClock(spec.get("profile"), spec.get("turns"), spec["steps"])
     install_scheduler_clock(clock)
     original = HFGenerator.generate
 
@@ -156,6 +186,7 @@ def child_prefopt(spec: dict) -> dict:
         REPO / "recipes/tiny" / f"{spec['method']}.yaml", overrides
     )  # every method has a recipe
     train(config)
+    clock.save_profile()
     records = [
         json.loads(line) for line in (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines() if line
     ]
@@ -173,7 +204,7 @@ def child_trl(spec: dict) -> dict:
 
     from data_tools.synth import score
 
-    clock = OnlineClock()
+    clock = OnlineClock(spec.get("profile"), spec.get("turns"), spec["steps"])
     install_scheduler_clock(clock)
     losses: list[float] = []
 
@@ -229,37 +260,130 @@ def child_trl(spec: dict) -> dict:
         model=spec["model"], reward_funcs=gold, args=args, train_dataset=dataset, processing_class=tokenizer
     )
     trainer.train()
+    clock.save_profile()
     trainer.save_model(str(Path(spec["out"]) / "final"))
     tokenizer.save_pretrained(str(Path(spec["out"]) / "final"))
     return {**clock.result(), "losses": losses, "final": str(Path(spec["out"]) / "final")}
 
 
-def run_child(spec: dict, workdir: Path, log) -> dict:
-    spec_file = workdir / "runs" / f"{spec['name']}.json"
-    spec_file.parent.mkdir(parents=True, exist_ok=True)
-    spec_file.write_text(json.dumps(spec))
-    env = {**CHILD_ENV, **os.environ, **spec.get("env", {})}
-    started = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", str(spec_file)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    result_file = Path(spec["result"])
-    if proc.returncode != 0 or not result_file.is_file():
-        raise RuntimeError(
-            f"run {spec['name']} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}"
+def run_children_in_turns(specs: list[dict], workdir: Path, log) -> list[dict]:
+    """Start every child of a round at once; after their warm-up steps, release them one step at a time, in an
+    order that rotates each step, so that no trainer meets systematically more or less load than another."""
+    children = []
+    for spec in specs:
+        done_read, done_write = os.pipe()
+        go_read, go_write = os.pipe()
+        spec = {**spec, "turns": [done_write, go_read]}
+        spec_file = workdir / "runs" / f"{spec['name']}.json"
+        spec_file.parent.mkdir(parents=True, exist_ok=True)
+        spec_file.write_text(json.dumps(spec))
+        output = open(workdir / "runs" / f"{spec['name']}.log", "w+")  # noqa: SIM115 (closed below)
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--child", str(spec_file)],
+            env={**CHILD_ENV, **os.environ, **spec.get("env", {})},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            pass_fds=(done_write, go_read),
         )
-    result = json.loads(result_file.read_text())
-    result["wall_s"] = time.perf_counter() - started
-    steps = result["step_times"][1:] or result["step_times"]
-    log(
-        f"  {spec['name']:<40} {result['wall_s']:6.1f}s  median step {statistics.median(steps):.3f}s  "
-        f"peak {result['peak_rss_mib']:.0f} MiB"
-    )
-    return result
+        os.close(done_write)
+        os.close(go_read)
+        children.append(
+            {
+                "spec": spec,
+                "proc": proc,
+                "done": done_read,
+                "go": go_write,
+                "log": output,
+                "t": time.perf_counter(),
+            }
+        )
+
+    def failed(child) -> RuntimeError:
+        child["proc"].wait()
+        child["log"].seek(0)
+        return RuntimeError(
+            f"run {child['spec']['name']} failed (exit {child['proc'].returncode}):\n{child['log'].read()[-3000:]}"
+        )
+
+    def step_done(child) -> None:
+        if not os.read(child["done"], 1):
+            raise failed(child)
+
+    try:
+        for child in children:  # warm-up steps (loading and the first step run side by side; not measured)
+            step_done(child)
+        steps = specs[0]["steps"]
+        for step in range(1, steps):
+            shift = step % len(children)
+            for child in children[shift:] + children[:shift]:
+                os.write(child["go"], b"g")
+                step_done(child)
+        for child in children:  # let them save and exit
+            os.write(child["go"], b"g")
+        results = []
+        for child in children:
+            if child["proc"].wait() != 0 or not Path(child["spec"]["result"]).is_file():
+                raise failed(child)
+            result = json.loads(Path(child["spec"]["result"]).read_text())
+            result["wall_s"] = time.perf_counter() - child["t"]
+            measured = result["step_times"][1:] or result["step_times"]
+            log(
+                f"  {child['spec']['name']:<40} {result['wall_s']:6.1f}s  median step "
+                f"{statistics.median(measured):.3f}s  peak {result['peak_rss_mib']:.0f} MiB"
+            )
+            results.append(result)
+        return results
+    finally:
+        for child in children:
+            if child["proc"].poll() is None:
+                child["proc"].kill()
+                child["proc"].wait()
+            os.close(child["done"])
+            os.close(child["go"])
+            child["log"].close()
+
+
+# Phases of a step in a cProfile dump: (label, a piece of the file path, the function name). Cumulative seconds
+# per measured step; nested phases are indented (they are part of the line above, not added to it).
+PROFILE_PHASES = {
+    "prefopt": [
+        ("generation (every sampling call)", "prefopt/generation/hf.py", "generate"),
+        ("  sampler: Gumbel noise per row", "prefopt/generation/hf.py", "__call__"),
+        ("  decode loop", "prefopt/generation/decode.py", "sample_tokens"),
+        ("reward (score call)", "prefopt/models/reward.py", "score"),
+        ("pair collation", "prefopt/data/collate.py", "__call__"),
+        ("policy log-prob forward (grad)", "prefopt/models/logps.py", "forward"),
+        ("reference log-prob forward", "prefopt/models/reference.py", "token_logps"),
+        ("loss", "prefopt/losses/base.py", "__call__"),
+        ("backward", "prefopt/trainer/updates.py", "backward"),
+        ("optimizer step (+clipping)", "prefopt/trainer/updates.py", "optimizer_step"),
+    ],
+    "trl": [
+        ("generation (model.generate)", "online_dpo_trainer.py", "_generate"),
+        ("reward (function call)", "online_dpo_trainer.py", "_calculate_rewards_from_functions"),
+        ("policy + reference log-prob forwards", "online_dpo_trainer.py", "_forward"),
+        ("backward", "accelerate/accelerator.py", "backward"),
+        ("optimizer step (+clipping)", "accelerate/optimizer.py", "step"),
+    ],
+}
+
+
+def profile_phases(path: str, trainer: str, steps: int) -> list[tuple[str, int, float]]:
+    """``(label, calls, seconds per step)`` for the phases found in a cProfile dump."""
+    import pstats
+
+    stats = pstats.Stats(path).stats
+    rows = []
+    for label, file_part, name in PROFILE_PHASES["trl" if trainer == "trl" else "prefopt"]:
+        calls, seconds = 0, 0.0
+        for (file, _, func), (_, ncalls, _, cumtime, _) in stats.items():
+            if func == name and file_part in file:
+                calls, seconds = calls + ncalls, seconds + cumtime
+        if calls:
+            rows.append((label, calls, seconds / steps))
+    total = pstats.Stats(path).total_tt
+    rows.append(("total under the profiler", 0, total / steps))
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -356,19 +480,23 @@ def summarise(results: list[dict], log) -> list[dict]:
                 "steps_per_s_vs_trl": statistics.median(a / b for a, b in zip(rates, base_rates)),
                 "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs),
                 "memory_vs_trl": statistics.median(r["peak_rss_mib"] / b for r, b in zip(runs, base_peaks)),
+                # The step's own memory: the peak above the RSS at the first sampling call (runtime and model
+                # loaded), which is what a trainer's choices can change on a model this small.
+                "above_start_mib": statistics.median(r["peak_rss_mib"] - r["rss_start_mib"] for r in runs),
                 "gold": statistics.mean(r["gold"] for r in runs),
                 "final_loss": statistics.mean(r["losses"][-1] for r in runs),
             }
         )
     log(
         "| trainer | s/step (median) | generation s | rest s | steps/s vs TRL | peak RSS MiB | memory vs TRL "
-        "| gold reward after training | last loss |"
+        "| peak above start MiB | gold reward after training | last loss |"
     )
-    log("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    log("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         log(
             f"| {r['trainer']} | {r['s_per_step']:.3f} | {r['generation_s']:.3f} | {r['rest_s']:.3f} "
             f"| {r['steps_per_s_vs_trl']:.2f}x | {r['peak_rss_mib']:.0f} | {r['memory_vs_trl']:.2f}x "
+            f"| {r['above_start_mib']:.0f} "
             f"| {r['gold']:.3f} | {r['final_loss']:.3f} |"
         )
     return rows
@@ -390,6 +518,11 @@ def main(argv=None) -> int:
         "--overrides", default="", help="extra prefopt overrides, space-separated (key=value)"
     )
     parser.add_argument("--json", help="write all runs and the summary here")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile every run after its warm-up step; prints where a step's time goes (slows the runs down)",
+    )
     parser.add_argument(
         "--workdir", default=os.environ.get("PREFOPT_BENCH_DIR", "/tmp/prefopt-bench") + "/online"
     )
@@ -418,10 +551,8 @@ def main(argv=None) -> int:
     results = []
     stamp = time.strftime("%H%M%S")
     for repeat in range(args.repeats):
-        order = methods + ([] if args.no_trl else ["trl"])
-        if repeat % 2:
-            order.reverse()
-        for trainer in order:
+        specs = []
+        for trainer in methods + ([] if args.no_trl else ["trl"]):
             tag = f"{stamp}-{trainer}-r{repeat}"
             spec = {
                 "name": tag,
@@ -436,7 +567,16 @@ def main(argv=None) -> int:
                 "overrides": args.overrides.split(),
                 "result": str(workdir / "runs" / f"{tag}.result.json"),
             }
-            result = run_child(spec, workdir, log)
+            if args.profile:
+                spec["profile"] = str(workdir / "runs" / f"{tag}.prof")
+            specs.append(spec)
+        for spec, result in zip(specs, run_children_in_turns(specs, workdir, log)):
+            trainer = spec["trainer"]
+            if args.profile:
+                measured = len(result["step_times"]) - 1
+                log(f"    profile of {spec['name']}, seconds per step over {measured} steps:")
+                for label, calls, seconds in profile_phases(spec["profile"], trainer, measured):
+                    log(f"    {label:<40} {seconds:7.3f}s" + (f"  ({calls} calls)" if calls else ""))
             result["gold"] = gold_reward(result["final"], assets["heldout"], args.eval_samples)
             results.append({**result, "trainer": trainer, "repeat": repeat})
     sft_gold = gold_reward(assets["sft"], assets["heldout"], args.eval_samples)

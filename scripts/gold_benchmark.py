@@ -62,6 +62,7 @@ METHODS = {
     "tpo": ("tpo.yaml", [], "rated", None),  # triples: best / second / worst of 3 rated completions
     "srpo": ("srpo.yaml", [], "pairs", None),  # evaluated on its first answer (no revision round)
     "dno": ("dno.yaml", [], "iterations", None),  # 3 iterations on thirds of prompts_train.jsonl
+    "drpo": ("drpo.yaml", [], "sft", None),  # PPO with resets to prefixes of the SFT data's completions
 }
 # The TRL catalogue (issue 16), each with its tiny recipe; opt-in with --methods (16 more runs per seed).
 CATALOGUE = (
@@ -84,6 +85,17 @@ CATALOGUE = (
 )
 DEFAULT_METHODS = list(METHODS)
 METHODS.update({name: (f"{name}.yaml", [], "pairs", None) for name in CATALOGUE})
+# Issue 16's modifiers, opt-in too: LD-DPO and WPO as DPO recipes with the option on, TR-DPO as DPO's recipe with a
+# reference synced every 16 steps (about 3 syncs in the tiny DPO run) at TRL's default mix.
+MODIFIERS = {
+    "ld_dpo": ("ld_dpo.yaml", [], "pairs", None),
+    "wpo": ("wpo.yaml", [], "pairs", None),
+    "tr_dpo": ("dpo.yaml", ["reference.sync_steps=16", "reference.sync_mix=0.6"], "pairs", None),
+}
+METHODS.update(MODIFIERS)
+# KTO trains on unpaired rows: the task's pairs, each split into a desirable and an undesirable completion by
+# `python -m data_tools convert ... --unpaired` (files written next to the task's, once per seed).
+METHODS["kto"] = ("kto.yaml", [], "unpaired", None)
 BOOTSTRAP = 1000
 
 
@@ -176,13 +188,31 @@ def method_overrides(method: str, seed_dir: Path, sft_final: Path, seed: int, ex
         out += [f"data.train={task / 'pairs_train.jsonl'}", f"data.eval={task / 'pairs_eval.jsonl'}"]
     elif kind == "rated":
         out += [f"data.train={task / 'rated_train.jsonl'}", f"data.eval={task / 'rated_eval.jsonl'}"]
+    elif kind == "unpaired":
+        out += [f"data.train={unpaired_file(task, 'train')}", f"data.eval={unpaired_file(task, 'eval')}"]
     elif kind == "iterations":
         out += [f"iterations.prompts={task / 'prompts_train.jsonl'}"]
+    elif kind == "sft":
+        out += [f"data.train={task / 'sft.jsonl'}"]
     else:
         out += [f"data.train={task / 'prompts_train.jsonl'}"]
     if stage1 is not None:
         out.append(f"ppo.dpo_policy={seed_dir / stage1 / 'final'}")
     return out + list(extra)
+
+
+def unpaired_file(task: Path, split: str) -> Path:
+    """``task/unpaired_<split>.jsonl``: ``pairs_<split>.jsonl`` converted with ``data_tools convert --unpaired``."""
+    out = task / f"unpaired_{split}.jsonl"
+    if not out.exists():
+        from data_tools.__main__ import main as data_tools
+
+        status = data_tools(["convert", str(task / f"pairs_{split}.jsonl"), str(out), "--unpaired"])
+        if status != 0:
+            raise RuntimeError(
+                f"converting {task / f'pairs_{split}.jsonl'} to unpaired rows failed ({status})"
+            )
+    return out
 
 
 def sample(policy: Path, task: Path, args, seed: int, reference=None):

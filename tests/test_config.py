@@ -106,4 +106,6 @@ def test_saved_config_round_trips(tmp_path):
         "beta": 0.1,
         "divergence": "alpha",
         "alpha": 0.3,
+        "ld_alpha": None,
+        "wpo_weighting": False,
     }

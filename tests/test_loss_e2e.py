@@ -52,6 +52,8 @@ STEP_KINDS = {
     "scored_pairs": Feed("recipes/tiny/copg.yaml", "gold:pairs_train.jsonl", 3),
     "revision_pairs": Feed("recipes/tiny/srpo.yaml", "gold:pairs_train.jsonl", 3),
     "triples": Feed("recipes/tiny/tpo.yaml", "gold:rated_train.jsonl", 3),
+    # KTO: pair rows split into a desirable and an undesirable row each (the unpaired data kind reads pairs)
+    "unpaired": Feed("recipes/tiny/kto.yaml", "pairs", 12, learns=True),
 }
 # Parameter variants trained besides each loss's defaults.
 VARIANTS = {

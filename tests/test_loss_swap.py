@@ -61,6 +61,8 @@ def test_config_yaml_records_every_loss_parameter_with_its_default():
         "label_smoothing": 0.0,
         "divergence": "reverse_kl",
         "alpha": 0.5,
+        "ld_alpha": None,
+        "wpo_weighting": False,
     }
     mixed = load_config(None, ["loss.mix=[{name: dpo, weight: 0.8}, {name: sft}]"])
     assert config_to_yaml(mixed).count("reduction: token_mean") == 1

@@ -63,24 +63,28 @@ def pairs(tmp_path_factory) -> Path:
     return write_pairs(tmp_path_factory.mktemp("data") / "pairs.jsonl", rows=32)
 
 
+# The base run's schedule: 4 steps, a checkpoint every 2, all kept.
+BASE_SCHEDULE = ("train.max_steps=4", "train.save_steps=2", "train.save_total_limit=null")
+
+
 @pytest.fixture(scope="module")
 def base_run(tiny_model_dir, pairs, tmp_path_factory) -> Path:
-    """4 steps, a checkpoint every 2, all kept: the run the resume tests continue or damage (copies of it)."""
+    """The run the resume tests continue or damage (copies of it)."""
     out = tmp_path_factory.mktemp("base") / "run"
-    assert (
-        main(
-            cli_args(
-                tiny_model_dir,
-                pairs,
-                out,
-                "train.max_steps=4",
-                "train.save_steps=2",
-                "train.save_total_limit=null",
-            )
-        )
-        == 0
-    )
+    assert main(cli_args(tiny_model_dir, pairs, out, *BASE_SCHEDULE)) == 0
     return out
+
+
+def resume_latest(capsys, tiny_model_dir, pairs, run: Path) -> int:
+    """Continue ``run`` with the base run's schedule from its latest usable checkpoint; the exit status."""
+    code, _ = train_cli(capsys, tiny_model_dir, pairs, run, *BASE_SCHEDULE, "train.resume_from=latest")
+    return code
+
+
+def assert_same_as_base(run: Path, base_run: Path) -> None:
+    """Same final weights and the same metrics lines (no duplicates) as the uninterrupted base run."""
+    assert tree_bytes(run / "final") == tree_bytes(base_run / "final")
+    assert steady(run) == steady(base_run)
 
 
 def copy_run(run: Path, tmp_path: Path) -> Path:
@@ -223,20 +227,9 @@ def test_resume_after_a_kill_truncates_metrics_and_is_exact(
     shutil.copytree(run / "checkpoint-2", run / "checkpoint-4.partial")
     lines = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:40])
-    code, _ = train_cli(
-        capsys,
-        tiny_model_dir,
-        pairs,
-        run,
-        "train.max_steps=4",
-        "train.save_steps=2",
-        "train.save_total_limit=null",
-        "train.resume_from=latest",
-    )
-    assert code == 0
-    assert steady(run) == steady(base_run)
+    assert resume_latest(capsys, tiny_model_dir, pairs, run) == 0
+    assert_same_as_base(run, base_run)
     assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4]
-    assert tree_bytes(run / "final") == tree_bytes(base_run / "final")
     assert not (run / "checkpoint-4.partial").exists()
 
 
@@ -335,23 +328,13 @@ def test_damaged_latest_checkpoint_falls_back_and_says_so(
     )
     assert code == 2 and f"{damaged} is truncated" in err and str(explicit) in err
     with caplog.at_level(logging.WARNING, logger="prefopt.trainer.checkpoint"):
-        code, _ = train_cli(
-            capsys,
-            tiny_model_dir,
-            pairs,
-            run,
-            "train.max_steps=4",
-            "train.save_steps=2",
-            "train.save_total_limit=null",
-            "train.resume_from=latest",
-        )
+        code = resume_latest(capsys, tiny_model_dir, pairs, run)
     assert code == 0
     warning = " ".join(r.getMessage() for r in caplog.records)
     assert "checkpoint-4 is unusable" in warning and f"{damaged} is truncated" in warning
     assert "resuming from checkpoint-2" in warning
-    # Resumed from step 2, the run redoes steps 3-4 exactly: same final weights, metrics without duplicates.
-    assert tree_bytes(run / "final") == tree_bytes(base_run / "final")
-    assert steady(run) == steady(base_run)
+    # Resumed from step 2, the run redoes steps 3-4 exactly.
+    assert_same_as_base(run, base_run)
 
 
 class _RunsCode:

@@ -7,8 +7,10 @@ loader = DataLoader(bundle.train, batch_size=4, collate_fn=PairCollator(tokenize
 ```
 
 ``kind`` is what the training step consumes: ``"pairs"`` (preference pairs), ``"prompts"`` (prompt-only rows for
-online methods; pair, rated and SFT rows give their prompts) or ``"sft"`` (prompt/completion; pair rows give
-prompt+chosen, rated rows their best-scored completion). Columns of each kind are listed in :data:`COLUMNS`.
+online methods; pair, rated and SFT rows give their prompts), ``"sft"`` (prompt/completion; pair rows give
+prompt+chosen, rated rows their best-scored completion) or ``"unpaired"`` (prompt/completion/label, KTO; each pair
+gives its chosen completion labelled desirable and its rejected one labelled undesirable). Columns of each kind are
+listed in :data:`COLUMNS`.
 
 Order of operations: rows are read and checked (``data.max_samples`` caps the valid source rows read); the eval split
 is ``data.eval``, else ``data.eval_split`` of the same source, else ``data.eval_size`` source rows carved out of train
@@ -56,7 +58,7 @@ __all__ = [
     "detect_format",
 ]
 
-KINDS = ("pairs", "prompts", "sft", "scored_pairs", "triples", "revision_pairs", "reset_prompts")
+KINDS = ("pairs", "prompts", "sft", "scored_pairs", "triples", "revision_pairs", "reset_prompts", "unpaired")
 _PAIR_COLUMNS = (
     "index",
     "prompt_input_ids",
@@ -78,6 +80,16 @@ COLUMNS = {
     "reset_prompts": ("index", "prompt_input_ids", "prompt_text", "prompt_messages", "completion_input_ids"),
     "prompts": ("index", "prompt_input_ids", "prompt_text", "prompt_messages"),
     "sft": ("index", "prompt_input_ids", "completion_input_ids", "prompt_text", "completion_text"),
+    # KTO: one completion per row, judged on its own (label True: desirable)
+    "unpaired": (
+        "index",
+        "prompt_input_ids",
+        "completion_input_ids",
+        "label",
+        "prompt_text",
+        "completion_text",
+        "prompt_messages",
+    ),
 }
 PAIR_KINDS = (
     "pairs",
@@ -85,7 +97,10 @@ PAIR_KINDS = (
     "triples",
     "revision_pairs",
 )  # kinds whose examples are preference pairs
-PASSTHROUGH = {"scored_pairs": ("chosen_score", "rejected_score")}  # example columns kept as they are
+PASSTHROUGH = {  # example columns kept as they are
+    "scored_pairs": ("chosen_score", "rejected_score"),
+    "unpaired": ("label",),
+}
 # Settings that change neither which rows exist, nor their order, nor their ids: left out of the fingerprint.
 _NOT_FINGERPRINTED = ("train", "eval", "num_proc", "packing")
 
@@ -287,6 +302,13 @@ def _examples(rows: list[tuple[str, NormalRow]], kind: str) -> list[dict[str, An
                         )
                     example.update(chosen_score=pair.chosen_score, rejected_score=pair.rejected_score)
                 examples.append(example)
+        elif kind == "unpaired":
+            if row.label is not None:
+                examples.append({**base, "completion_text": row.completion, "label": row.label})
+            else:  # a pair row: its chosen completion is desirable, its rejected one undesirable
+                for pair in row.pairs:
+                    examples.append({**base, "completion_text": pair.chosen, "label": True})
+                    examples.append({**base, "completion_text": pair.rejected, "label": False})
         elif kind in ("sft", "reset_prompts"):
             examples.append({**base, "completion_text": row.completion})
         else:
@@ -396,6 +418,9 @@ def _tokenize(
     dataset = dataset.add_column("index", list(range(len(dataset))))
     dataset = dataset.select_columns(list(COLUMNS[encoder.kind]))
     report.rows = len(dataset)
+    if "label" in dataset.column_names:
+        report.desirable = sum(dataset["label"])
+        report.undesirable = report.rows - report.desirable
     return dataset
 
 

@@ -184,3 +184,56 @@ class ResetPromptCollator(PromptCollator):
         batch = super().__call__(rows)
         batch["completion_input_ids"] = [list(row["completion_input_ids"]) for row in rows]
         return batch
+
+
+def mismatch_shift(prompts: Sequence[Sequence[int]]) -> int:
+    """How far completions rotate within a batch so that no row is paired with a completion of its own prompt.
+
+    KTO's KL reference point is estimated on mismatched pairs (x_i, y_{i-k}); the paper and TRL rotate by one
+    (``k = 1``). When the rows of one pair sit next to each other (a pair file read without shuffling), ``k = 1``
+    would pair a prompt with its own other completion, so the smallest ``k`` that pairs every row with another
+    prompt is used; ``1`` when no shift does (every row has the same prompt)."""
+    rows = len(prompts)
+    keys = [tuple(p) for p in prompts]
+    for shift in range(1, rows):
+        if all(keys[i] != keys[(i - shift) % rows] for i in range(rows)):
+            return shift
+    return 1
+
+
+class UnpairedCollator:
+    """Unpaired rows (KTO) -> ``input_ids``, ``attention_mask``, ``completion_mask`` ``[B, L]``, ``label`` ``[B]``
+    (bool, True = desirable), ``index``, and the mismatched sequences ``mismatched_input_ids``,
+    ``mismatched_attention_mask``, ``mismatched_completion_mask`` ``[B, L']``: row i's prompt followed by the
+    completion of row ``i - k`` (:func:`mismatch_shift`; ``k = 1`` as in the KTO paper and TRL 1.16's
+    ``add_kl_completion_ids``), cut to ``max_length`` tokens as TRL's collator cuts its KL sequences.
+
+    ``groups = 1``: a precomputed reference caches the logps of the rows' own completions only (the mismatched
+    ones change with every batch, so they need a live reference).
+    """
+
+    groups = 1
+
+    def __init__(
+        self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None, max_length: Optional[int] = None
+    ):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.max_length = max_length
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        _check(rows)
+        prompts = [list(row["prompt_input_ids"]) for row in rows]
+        completions = [list(row["completion_input_ids"]) for row in rows]
+        batch: dict[str, Any] = pad_sequences(
+            prompts, completions, self.pad_token_id, self.pad_to_multiple_of
+        )
+        shift = mismatch_shift(prompts)
+        mismatched = [completions[(i - shift) % len(rows)] for i in range(len(rows))]
+        if self.max_length is not None:
+            mismatched = [c[: max(self.max_length - len(p), 0)] for p, c in zip(prompts, mismatched)]
+        other = pad_sequences(prompts, mismatched, self.pad_token_id, self.pad_to_multiple_of)
+        batch.update({f"mismatched_{key}": value for key, value in other.items()})
+        batch["label"] = torch.tensor([bool(row["label"]) for row in rows], dtype=torch.bool)
+        batch["index"] = _index(rows)
+        return batch

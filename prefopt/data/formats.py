@@ -17,6 +17,9 @@ Formats (``data.format``):
 ``rated``           ``{"prompt"|"instruction", "completions": [{"text"|"response"|..., "score"|"rating"|...}]}``.
 ``prompts``         ``{"prompt": str | messages}``.
 ``sft``             ``{"prompt", "completion"}`` (strings or messages) or ``{"messages": [...]}``.
+``unpaired``        ``{"prompt", "completion", "label": true|false}`` (strings or messages, as ``sft``): one completion
+                    judged desirable (``true``) or undesirable (``false``) on its own, KTO's data. Pair rows give
+                    unpaired rows too: chosen with ``true``, rejected with ``false``.
 
 Problems raise :class:`RowError` whose message names the field and the problem; the caller prefixes the file and
 line/row.
@@ -29,7 +32,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-FORMATS = ("pairs", "conversational", "hh", "rated", "triples", "prompts", "sft")
+FORMATS = ("pairs", "conversational", "hh", "rated", "triples", "prompts", "sft", "unpaired")
 PAIR_FORMATS = ("pairs", "conversational", "hh", "rated", "triples")
 KIND_FORMATS = {
     "pairs": PAIR_FORMATS,
@@ -38,6 +41,7 @@ KIND_FORMATS = {
     "revision_pairs": PAIR_FORMATS,
     "reset_prompts": ("sft",) + PAIR_FORMATS,  # DR-PO resets to prefixes of the row's completion
     "sft": ("sft",) + PAIR_FORMATS,
+    "unpaired": ("unpaired",) + PAIR_FORMATS,  # a pair gives a desirable and an undesirable row
     "prompts": FORMATS,
 }
 RATED_TEXT_KEYS = ("text", "response", "completion", "content", "messages")
@@ -83,6 +87,7 @@ class NormalRow:
     triple: Optional[Pair] = (
         None  # rated rows: gold = best, chosen = second, rejected = worst (>= 3 completions)
     )
+    label: Optional[bool] = None  # unpaired rows: is ``completion`` desirable?
 
     @property
     def conversational(self) -> bool:
@@ -123,6 +128,8 @@ def detect_format(row: Any) -> str:
         if isinstance(row.get("prompt"), list) or isinstance(sample, list):
             return "conversational"
         return "pairs"
+    if "label" in keys and ("completion" in keys or "messages" in keys):
+        return "unpaired"
     if "completion" in keys or "messages" in keys:
         return "sft"
     if "prompt" in keys:
@@ -131,7 +138,7 @@ def detect_format(row: Any) -> str:
     raise RowError(
         f"row matches no known format (fields: {shown}); expected prompt/chosen/rejected (pairs, conversational), "
         "chosen/rejected (hh or implicit-prompt conversational), prompt/completions (rated), prompt/completion or "
-        "messages (sft), or prompt (prompts)",
+        "messages (sft), prompt/completion/label (unpaired), or prompt (prompts)",
         "format",
     )
 
@@ -147,6 +154,7 @@ def check_kind(fmt: str, kind: str, source: str) -> None:
             "triples": "gold/chosen/rejected triples",
             "revision_pairs": "preference pairs",
             "reset_prompts": "completions to reset to",
+            "unpaired": 'completions labelled desirable or undesirable (a "label" field)',
         }[kind]
         raise ValueError(
             f"{source}: data format '{fmt}' has no {need}, but this run needs '{kind}' data "
@@ -176,6 +184,8 @@ def normalize_row(row: Any, fmt: str, options: NormalizeOptions = DEFAULT_OPTION
         return NormalRow(prompt=_prompt(row, "prompt"))
     if fmt == "sft":
         return _normalize_sft(row)
+    if fmt == "unpaired":
+        return _normalize_unpaired(row)
     raise RowError(f"unknown data format '{fmt}'; valid: auto, {', '.join(FORMATS)}", "format")
 
 
@@ -442,6 +452,22 @@ def _normalize_sft(row: dict) -> NormalRow:
     if isinstance(prompt, list):
         _check_alternation(prompt, "messages" if "completion" not in row else "prompt")
     return NormalRow(prompt=prompt, completion=reply)
+
+
+def _normalize_unpaired(row: dict) -> NormalRow:
+    """An sft row plus its ``label``: ``true`` for a desirable completion, ``false`` for an undesirable one."""
+    value = _require(row, "label")
+    # JSON booleans only: a 0/1 or "yes" may be a score or a rating with another meaning; say so, do not guess.
+    if not isinstance(value, bool):
+        raise RowError(
+            f'field "label": expected true (desirable) or false (undesirable), got {value!r} '
+            f"({_type_name(value)})",
+            "type",
+            "label",
+        )
+    result = _normalize_sft(row)
+    result.label = value
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ class SplitReport:
     dropped_rows: int = 0  # a completion would have been cut to nothing
     dropped_reasons: list[str] = field(default_factory=list)
     rows: int = 0  # rows in the final tokenized split
+    desirable: int = 0  # unpaired rows (KTO): completions labelled desirable / undesirable
+    undesirable: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -56,6 +58,8 @@ class SplitReport:
                 f"  {self.pairs_from_rated} pairs from {self.rated_rows} rated rows "
                 f"({self.rated_rows_without_pairs} rows gave no pair: tied or below data.rated_min_gap)"
             )
+        if self.desirable or self.undesirable:
+            lines.append(f"  {self.desirable} desirable and {self.undesirable} undesirable completions")
         counts = self.truncated_completions
         completions = (
             f", {counts['completion']} completions"

@@ -32,6 +32,7 @@ COMPLETIONS = {
     "triples": ("chosen", "rejected", "gold"),
     "revision_pairs": ("chosen", "rejected"),
     "reset_prompts": ("completion",),
+    "unpaired": ("completion",),
 }
 
 

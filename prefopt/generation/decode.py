@@ -21,12 +21,15 @@ Tested against ``model.generate`` token for token (greedy and sampled with a fix
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import os
 from collections.abc import Callable
 from typing import Optional
 
 import torch
 
+from prefopt.generation.static_decode import StaticDecoder, supports_static_decode
 from prefopt.models.logps import _model_attention_mask, _param_dtype, _softcap, _split_model
 
 
@@ -57,8 +60,52 @@ def supports_lean_loop(model: torch.nn.Module) -> bool:
     return impl in ("sdpa", "eager") and bool({"cache", "past_key_values"} & parameters)
 
 
+# A decode step's GEMMs are [rows, hidden] x [hidden, out]. Below this many multiply-adds for the largest of them
+# (the lm head or the MLP), splitting a GEMM over threads costs more than it saves: each of the step's few dozen
+# kernels then waits for a second thread to wake. Measured on the benchmark's tiny Llama (16 rows x 64 x 853 =
+# 0.9M) on a loaded 2-core box: one thread ran the decode loop 2.2x faster than two (docs/performance.md).
+SMALL_DECODE_MACS = 1 << 22
+
+
+def decode_threads(model: torch.nn.Module, rows: int) -> Optional[int]:
+    """1 when the decode step's largest GEMM is too small to split across threads, else None (keep torch's
+    setting). ``PREFOPT_DECODE_THREADS`` overrides it (a positive count, or 0 for torch's setting)."""
+    override = os.environ.get("PREFOPT_DECODE_THREADS")
+    if override is not None:
+        return int(override) or None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    get_text_config = getattr(config, "get_text_config", None)
+    config = get_text_config() if get_text_config is not None else config
+    hidden = getattr(config, "hidden_size", None)
+    widest = max(getattr(config, "intermediate_size", 0) or 0, getattr(config, "vocab_size", 0) or 0)
+    if not hidden or not widest:
+        return None
+    return 1 if rows * hidden * widest <= SMALL_DECODE_MACS else None
+
+
+@contextlib.contextmanager
+def torch_threads(count: Optional[int]):
+    """``torch.set_num_threads(count)`` for the block (nothing when ``count`` is None or already the setting)."""
+    previous = torch.get_num_threads()
+    if count is None or count == previous:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def sample_tokens(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+    """:func:`sample_loop` with the thread count :func:`decode_threads` picks for this model and batch."""
+    with torch_threads(decode_threads(model, input_ids.shape[0])):
+        return sample_loop(model, input_ids, attention_mask, **kwargs)
+
+
 @torch.no_grad()
-def sample_tokens(
+def sample_loop(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -70,11 +117,15 @@ def sample_tokens(
     top_k: int = 0,
     top_p: float = 1.0,
     draw: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    static: bool = True,
 ) -> torch.Tensor:
     """``[B, T]`` new tokens for left-padded prompts (``T <= max_new_tokens``; pad after a row's EOS).
 
     ``temperature == 0`` is greedy decoding. ``draw`` replaces the sampler: fp32 ``[B, vocab]`` logits in, ``[B]``
-    token ids out (e.g. per-row seeded Gumbel-max sampling, which then also owns the filters).
+    token ids out (e.g. per-row seeded Gumbel-max sampling, which then also owns the filters). ``static``: run
+    Llama-family bodies through :class:`~prefopt.generation.static_decode.StaticDecoder` (pre-allocated cache, no
+    HF layer plumbing per token; the same logits to float round-off) instead of the HF decoder with a
+    ``DynamicCache``.
     """
     from transformers import DynamicCache
 
@@ -93,14 +144,25 @@ def sample_tokens(
     step_mask = mask_2d[:, None, None, :]
     dtype = _param_dtype(model)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
-    hidden = decoder(
-        input_ids=input_ids,
-        attention_mask=_model_attention_mask(decoder, prefill_mask, dtype),
-        position_ids=positions,
-        use_cache=True,
-        **{cache_kwarg: cache},
-    ).last_hidden_state[:, -1]
+    if static and supports_static_decode(decoder, width + max_new_tokens):
+        # Llama-family bodies: the same layers over a pre-allocated cache, without HF's per-token plumbing.
+        static_decoder = StaticDecoder(decoder, rows, width + max_new_tokens)
+
+        def forward(ids, mask, position_ids):
+            return static_decoder.forward(ids, position_ids, mask)[:, -1]
+    else:
+        cache = DynamicCache()
+
+        def forward(ids, mask, position_ids):
+            return decoder(
+                input_ids=ids,
+                attention_mask=_model_attention_mask(decoder, mask, dtype),
+                position_ids=position_ids,
+                use_cache=True,
+                **{cache_kwarg: cache},
+            ).last_hidden_state[:, -1]
+
+    hidden = forward(input_ids, prefill_mask, positions)
     position = positions[:, -1:] + 1
     eos = torch.tensor(eos_ids, device=device)
     unfinished = torch.ones(rows, dtype=torch.bool, device=device)
@@ -119,13 +181,6 @@ def sample_tokens(
         unfinished &= ~torch.isin(next_tokens, eos)
         if step + 1 == max_new_tokens or not bool(unfinished.any()):
             break
-        mask = step_mask[..., : width + step + 1]
-        hidden = decoder(
-            input_ids=next_tokens[:, None],
-            attention_mask=_model_attention_mask(decoder, mask, dtype),
-            position_ids=position,
-            use_cache=True,
-            **{cache_kwarg: cache},
-        ).last_hidden_state[:, -1]
+        hidden = forward(next_tokens[:, None], step_mask[..., : width + step + 1], position)
         position = position + 1
     return torch.stack(tokens, dim=1)

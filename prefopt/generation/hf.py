@@ -107,9 +107,33 @@ class SeededSampler:
     draws one noise vector per decoding step from its own generator, so a row's tokens depend only on its seed and
     its prompt, not on the other rows of the batch (up to float round-off in the logits of a padded batch)."""
 
+    # Noise is drawn for several decoding steps per generator call: one ``torch.rand`` per row per block instead
+    # of per token (a CPU generator's stream is sequential, so ``rand(S, V)`` equals S successive ``rand(V)``:
+    # the same draws, tested). A block holds at most this many steps and this many bytes of float64 noise.
+    BLOCK_STEPS = 16
+    BLOCK_BYTES = 64 << 20
+
     def __init__(self, seeds: list[int], sampling: SamplingParams):
         self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         self.sampling = sampling
+        self.noise: torch.Tensor | None = None  # [B, S, V] Gumbel noise of the current block
+        self.used = 0  # steps of the block handed out
+        self.drawn = 0  # steps drawn so far (never more than max_new_tokens)
+
+    def gumbel(self, vocab: int, device) -> torch.Tensor:
+        """The next step's ``[B, V]`` Gumbel noise, ``-log(-log(U))`` with ``U`` uniform in float64."""
+        if self.noise is None or self.used == self.noise.shape[1]:
+            budget = self.BLOCK_BYTES // (8 * vocab * max(len(self.generators), 1))
+            left = max(self.sampling.max_new_tokens - self.drawn, 1)
+            steps = max(1, min(self.BLOCK_STEPS, budget, left))
+            uniform = torch.stack(
+                [torch.rand(steps, vocab, generator=g, dtype=torch.float64) for g in self.generators]
+            )
+            self.noise = -torch.log(-torch.log(uniform.clamp(min=1e-300))).to(device, torch.float32)
+            self.used, self.drawn = 0, self.drawn + steps
+        noise = self.noise[:, self.used]
+        self.used += 1
+        return noise
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         from transformers import TopKLogitsWarper, TopPLogitsWarper
@@ -119,11 +143,7 @@ class SeededSampler:
             scores = TopKLogitsWarper(self.sampling.top_k)(input_ids, scores)
         if self.sampling.top_p < 1.0:
             scores = TopPLogitsWarper(self.sampling.top_p)(input_ids, scores)
-        uniform = torch.stack(
-            [torch.rand(scores.shape[-1], generator=g, dtype=torch.float64) for g in self.generators]
-        )
-        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-300))).to(scores.device, torch.float32)
-        return torch.log_softmax(scores, dim=-1) + gumbel
+        return torch.log_softmax(scores, dim=-1) + self.gumbel(scores.shape[-1], scores.device)
 
 
 class HFGenerator:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 
@@ -18,8 +18,10 @@ _PAPER = (
 class _SortedLoss(RewardDifferenceLoss):
     """AOT's shared form: sort two batch quantities, pair them by rank, and apply the cDPO loss per rank."""
 
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0) -> None:
-        self._setup(beta)
+    def __init__(
+        self, beta: float = 0.1, label_smoothing: float = 0.0, ld_alpha: Optional[float] = None
+    ) -> None:
+        self._setup(beta, ld_alpha=ld_alpha)
         self.label_smoothing = check_number(
             self.name,
             "label_smoothing",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 
@@ -32,8 +32,10 @@ class APOZeroLoss(RewardDifferenceLoss):
     paper: ClassVar[str] = _PAPER
     formula: ClassVar[str] = "L = 1 - sigmoid(r_w) + sigmoid(r_l),  r = beta lr"
 
-    def __init__(self, beta: float = 0.1) -> None:
-        self._setup(beta)
+    def __init__(
+        self, beta: float = 0.1, ld_alpha: Optional[float] = None, wpo_weighting: bool = False
+    ) -> None:
+        self._setup(beta, ld_alpha=ld_alpha, wpo_weighting=wpo_weighting)
 
     def pair_losses(self, terms: PairTerms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         chosen = self.beta * terms.chosen_logratios
@@ -59,8 +61,10 @@ class APODownLoss(RewardDifferenceLoss):
     paper: ClassVar[str] = _PAPER
     formula: ClassVar[str] = "L = sigmoid(r_w) + 1 - sigmoid(r_w - r_l),  r = beta lr"
 
-    def __init__(self, beta: float = 0.1) -> None:
-        self._setup(beta)
+    def __init__(
+        self, beta: float = 0.1, ld_alpha: Optional[float] = None, wpo_weighting: bool = False
+    ) -> None:
+        self._setup(beta, ld_alpha=ld_alpha, wpo_weighting=wpo_weighting)
 
     def pair_losses(self, terms: PairTerms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         chosen = self.beta * terms.chosen_logratios

@@ -24,6 +24,8 @@ hyperparameter attributes):
   ``"scored_pairs"``   offline pairs plus a scalar reward of each completion from the data (CoPG).
   ``"triples"``        offline pairs plus a gold completion scored by the policy (TPO).
   ``"revision_pairs"`` offline pairs plus each completion scored as a revision of either one (SRPO).
+  ``"unpaired"``       single completions labelled desirable or undesirable (KTO), plus each prompt paired with
+                       another row's completion when the loss needs ``"mismatched"``.
 
 * ``needs`` -- a set drawn from :data:`NEEDS` (class attribute; an instance may narrow it in ``__init__``, e.g. RTO
   drops ``"dpo_policy"`` when its DPO reward is switched off):
@@ -37,6 +39,11 @@ hyperparameter attributes):
   ``"gold"``        a third, gold completion per pair scored by the policy, TPO.
   ``"revisions"``   the pair's completions scored again as revisions of each other, SRPO.
   ``"resets"``      prompt rows with a dataset completion whose prefixes rollouts restart from, DR-PO.
+  ``"length_tails"`` the ``*_tail_logps`` fields: log-prob of the tokens past the pair's shared length (LD-DPO,
+                    ``ld_alpha``; :mod:`prefopt.losses.modifiers`).
+  ``"aligned_logps"`` the ``*_aligned_logps`` fields: WPO's aligned log-prob sums of the policy (``wpo_weighting``).
+  ``"mismatched"``  policy and reference logps of each prompt paired with another row's completion (KTO's KL
+                    reference point); built anew for every batch, so the reference must be live (not precomputed).
 
   The config refuses, at load time, a recipe that cannot satisfy them (e.g. ``reward.kind=none`` for a loss that
   needs a reward, exit status 2).
@@ -74,8 +81,22 @@ STEP_KINDS = (
     "triples",
     "revision_pairs",
     "ppo_resets",
+    "unpaired",
 )
-NEEDS = ("reference", "online", "reward", "preference", "dpo_policy", "scores", "gold", "revisions", "resets")
+NEEDS = (
+    "reference",
+    "online",
+    "reward",
+    "preference",
+    "dpo_policy",
+    "scores",
+    "gold",
+    "revisions",
+    "resets",
+    "length_tails",
+    "aligned_logps",
+    "mismatched",
+)
 
 
 @dataclass
@@ -93,6 +114,17 @@ class LossInputs:
     reference_rejected_logps: Optional[torch.Tensor] = None  # [B]
     chosen_lengths: Optional[torch.Tensor] = None  # [B] completion token counts
     rejected_lengths: Optional[torch.Tensor] = None  # [B]
+
+    # LD-DPO (need "length_tails"): sums over the completion tokens past min(|y_w|, |y_l|), i.e. the longer
+    # completion's excess; 0 for the shorter one ----------------------------------------------------------------
+    policy_chosen_tail_logps: Optional[torch.Tensor] = None  # [B], with grad
+    policy_rejected_tail_logps: Optional[torch.Tensor] = None  # [B], with grad
+    reference_chosen_tail_logps: Optional[torch.Tensor] = None  # [B]
+    reference_rejected_tail_logps: Optional[torch.Tensor] = None  # [B]
+
+    # WPO (need "aligned_logps"): sum_t log(p(y_t) / sum_v p(v)^2) under the policy, no grad -------------------
+    chosen_aligned_logps: Optional[torch.Tensor] = None  # [B]
+    rejected_aligned_logps: Optional[torch.Tensor] = None  # [B]
 
     # HyPO: unlabelled samples y_j ~ pi for the batch's prompts -------------------------------------------------
     sample_policy_logps: Optional[torch.Tensor] = None  # [M], with grad
@@ -122,6 +154,18 @@ class LossInputs:
     # SRPO: logps of y_w / y_l as revisions of y_l / y_w; columns in srpo.REVISION_COLUMNS order --------------
     policy_revision_logps: Optional[torch.Tensor] = None  # [B, 4], with grad
     reference_revision_logps: Optional[torch.Tensor] = None  # [B, 4]
+
+    # Unpaired rows (KTO): one completion per prompt, judged on its own ----------------------------------------
+    policy_logps: Optional[torch.Tensor] = None  # [B] sums over the completion tokens, with grad
+    reference_logps: Optional[torch.Tensor] = None  # [B]
+    desirable: Optional[torch.Tensor] = (
+        None  # [B] bool: True for a desirable completion, False for undesirable
+    )
+    completion_lengths: Optional[torch.Tensor] = None  # [B]
+    # Each prompt with another row's completion (KTO's KL reference point). Constants of the objective; during
+    # training the step gathers them from every process, so M = B x processes.
+    mismatched_policy_logps: Optional[torch.Tensor] = None  # [M]
+    mismatched_reference_logps: Optional[torch.Tensor] = None  # [M]
 
     # PPO (RTO): per-token tensors of one minibatch, already aligned to response tokens -------------------------
     response_mask: Optional[torch.Tensor] = None  # [N, T] 1 on response tokens
@@ -224,6 +268,17 @@ class PreferenceLoss:
     summary: ClassVar[str] = ""  # one line for `prefopt losses`
     paper: ClassVar[str] = ""  # authors, year, title, arXiv id (for `prefopt losses NAME`)
     formula: ClassVar[str] = ""  # the minimised per-pair loss, plain text (for `prefopt losses NAME`)
+    ld_alpha: Optional[float] = (
+        None  # LD-DPO, for losses that take ``ld_alpha`` (prefopt/losses/modifiers.py)
+    )
+
+    def _set_ld_alpha(self, ld_alpha: Optional[float]) -> None:
+        """Take the LD-DPO option (``ld_alpha``; None = off) and declare the need for the tail log-probs."""
+        from prefopt.losses.modifiers import LENGTH_TAILS, check_ld_alpha
+
+        self.ld_alpha = check_ld_alpha(self.name, ld_alpha)
+        if self.ld_alpha is not None:
+            self.needs = frozenset(self.needs | {LENGTH_TAILS})
 
     def implicit_reward(self) -> Optional[ImplicitReward]:
         """The reward this loss's objective compares, or None when it has none (SFT, reward model, PPO).
@@ -241,7 +296,15 @@ class PreferenceLoss:
         raise NotImplementedError
 
     def __call__(self, inputs: LossInputs) -> LossOutput:
+        if self.ld_alpha is not None:  # LD-DPO: the loss runs on length-desensitised sums
+            from prefopt.losses.modifiers import desensitize
+
+            inputs = desensitize(self.name, inputs, self.ld_alpha)
         return self.forward(inputs)
+
+    def label_balance_warning(self, desirable: int, undesirable: int) -> Optional[str]:
+        """A warning about the training split's desirable/undesirable counts (unpaired data), or None."""
+        return None
 
     def online_samples_per_prompt(self) -> int:
         """How many online policy samples per prompt a ``pairs+samples`` step draws for this loss (default 1)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 from prefopt.losses._checks import check_number, lengths_as_float, pair_tensors
 from prefopt.losses._metrics import pairwise_metrics
@@ -22,6 +22,9 @@ class CPOLoss(PreferenceLoss):
     ``logp`` are sums over completion tokens; ``NLL`` is the token mean over every chosen token of the batch
     (TRL's ``cross_entropy`` on the chosen half). ``cpo_alpha=0`` leaves the contrastive term alone.
 
+    ``ld_alpha`` (LD-DPO, :mod:`prefopt.losses.modifiers`; default None = off) runs both terms on the
+    length-desensitised sums.
+
     Defaults: ``beta=0.1``, ``label_smoothing=0.0``, ``cpo_alpha=1.0`` (TRL's defaults; the paper's BC weight
     is 1). TRL: ``trl.experimental.cpo`` with ``loss_type="sigmoid"``.
     Reads: ``policy_{chosen,rejected}_logps``; ``chosen_lengths`` when ``cpo_alpha > 0`` (zero raises).
@@ -38,8 +41,15 @@ class CPOLoss(PreferenceLoss):
     )
     formula: ClassVar[str] = "L = -logsigmoid(beta (logp_w - logp_l)) + cpo_alpha NLL(y_w)"
 
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, cpo_alpha: float = 1.0) -> None:
+    def __init__(
+        self,
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        cpo_alpha: float = 1.0,
+        ld_alpha: Optional[float] = None,
+    ) -> None:
         self.beta = check_number(self.name, "beta", beta, low=0.0, low_open=True)
+        self._set_ld_alpha(ld_alpha)  # LD-DPO: the preference and NLL terms run on the desensitised sums
         self.label_smoothing = check_number(
             self.name,
             "label_smoothing",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +39,15 @@ class DiscoPOPLoss(RewardDifferenceLoss):
     )
 
     def __init__(
-        self, beta: float = 0.1, tau: float = 0.05, divergence: str = "reverse_kl", alpha: float = 0.5
+        self,
+        beta: float = 0.1,
+        tau: float = 0.05,
+        divergence: str = "reverse_kl",
+        alpha: float = 0.5,
+        ld_alpha: Optional[float] = None,
+        wpo_weighting: bool = False,
     ) -> None:
-        self._setup(beta, divergence, alpha)
+        self._setup(beta, divergence, alpha, ld_alpha=ld_alpha, wpo_weighting=wpo_weighting)
         self.tau = check_number(self.name, "tau", tau, low=0.0, low_open=True)
 
     def pair_losses(self, terms: PairTerms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

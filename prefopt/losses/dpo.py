@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,14 @@ class DPOLoss(RewardDifferenceLoss):
     parameter ``label_smoothing``. With ``divergence`` other than ``reverse_kl``, ``h = s(lr_w) - s(lr_l)``
     with the divergence's score (:mod:`prefopt.losses.divergence`; ``fdpo`` is the same loss under its own name).
 
+    Two modifiers (:mod:`prefopt.losses.modifiers`), as on every reward-difference loss: ``ld_alpha`` (LD-DPO,
+    Liu et al. 2024, arXiv 2409.06411) weights the tokens of the longer completion past the shorter one's length
+    by ``ld_alpha`` in every sum; ``wpo_weighting`` (WPO, Zhou et al. 2024, arXiv 2406.11827) multiplies each
+    pair's loss by the detached ``w(y_w) * w(y_l)``, ``w(y) = exp(mean_t log(p(y_t) / sum_v p(v)^2))``.
+
     Defaults: ``beta=0.1``, ``label_smoothing=0.0`` (must lie in [0, 0.5)), ``divergence="reverse_kl"``,
-    ``alpha=0.5``. TRL: ``loss_type="sigmoid"``.
+    ``alpha=0.5``, ``ld_alpha=None`` (off), ``wpo_weighting=False``. TRL: ``loss_type="sigmoid"``
+    (``ld_alpha``, ``use_weighting``).
     Reads: ``policy_{chosen,rejected}_logps``, ``reference_{chosen,rejected}_logps``.
     Logs: ``rewards/*`` (``beta * lr``), ``logps/*`` (sums).
     """
@@ -55,8 +61,10 @@ class DPOLoss(RewardDifferenceLoss):
         label_smoothing: float = 0.0,
         divergence: str = "reverse_kl",
         alpha: float = 0.5,
+        ld_alpha: Optional[float] = None,
+        wpo_weighting: bool = False,
     ) -> None:
-        self._setup(beta, divergence, alpha)
+        self._setup(beta, divergence, alpha, ld_alpha=ld_alpha, wpo_weighting=wpo_weighting)
         self.label_smoothing = check_number(
             self.name,
             "label_smoothing",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 
@@ -34,8 +34,15 @@ class IPOLoss(LengthNormalizedDifferenceLoss):
     )
     formula: ClassVar[str] = "L = (s(lr_w)/|y_w| - s(lr_l)/|y_l| - 1/(2 beta))^2"
 
-    def __init__(self, beta: float = 0.1, divergence: str = "reverse_kl", alpha: float = 0.5) -> None:
-        self._setup(beta, divergence, alpha)
+    def __init__(
+        self,
+        beta: float = 0.1,
+        divergence: str = "reverse_kl",
+        alpha: float = 0.5,
+        ld_alpha: Optional[float] = None,
+        wpo_weighting: bool = False,
+    ) -> None:
+        self._setup(beta, divergence, alpha, ld_alpha=ld_alpha, wpo_weighting=wpo_weighting)
 
     def pair_losses(self, terms: PairTerms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         delta = self.normalized_difference(terms)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,10 @@ class NCAPairLoss(RewardDifferenceLoss):
         "L = -logsigmoid(r_w) - 0.5 logsigmoid(-r_w) - 0.5 logsigmoid(-r_l),  r = beta lr"
     )
 
-    def __init__(self, beta: float = 0.1) -> None:
-        self._setup(beta)
+    def __init__(
+        self, beta: float = 0.1, ld_alpha: Optional[float] = None, wpo_weighting: bool = False
+    ) -> None:
+        self._setup(beta, ld_alpha=ld_alpha, wpo_weighting=wpo_weighting)
 
     def pair_losses(self, terms: PairTerms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         chosen = self.beta * terms.chosen_logratios

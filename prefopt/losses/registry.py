@@ -23,6 +23,7 @@ from prefopt.losses.fdpo import FDPOLoss
 from prefopt.losses.hinge import HingeLoss
 from prefopt.losses.hypo import HyPOLoss
 from prefopt.losses.ipo import IPOLoss
+from prefopt.losses.kto import KTOLoss
 from prefopt.losses.mixture import MixtureLoss
 from prefopt.losses.nca import NCAPairLoss
 from prefopt.losses.online_dpo import OnlineDPOLoss
@@ -73,6 +74,7 @@ _LOSSES: dict[str, type[PreferenceLoss]] = {
     )
 }
 _LOSSES.update({cls.name: cls for cls in (CoPGLoss, TPOLoss, TPOLLoss, SRPOLoss, DRPOLoss)})
+_LOSSES[KTOLoss.name] = KTOLoss  # unpaired rows (its own step kind)
 
 
 DEFAULT_LOSS = (

@@ -4,6 +4,8 @@ Each such loss is a per-pair function of the log-ratios ``lr = logp_policy - log
 rejected response. The ones built on the reward difference ``s(lr_w) - s(lr_l)`` also take the f-divergence
 option (:mod:`prefopt.losses.divergence`): ``divergence="reverse_kl"`` (``s = lr``, the default) or another
 divergence's score, exactly as TRL 1.16 applies ``f_divergence_type`` to every loss type built on ``delta_score``.
+All of them take the LD-DPO option ``ld_alpha`` and (except AOT, which sorts the batch) WPO's ``wpo_weighting``
+(:mod:`prefopt.losses.modifiers`).
 
 A subclass sets ``name``/``summary``/``paper``/``formula``, takes its hyperparameters in ``__init__`` (calling
 :meth:`RewardDifferenceLoss._setup`) and implements :meth:`pair_losses`. ``rewards/*`` are the loss's
@@ -21,6 +23,7 @@ from prefopt.losses._checks import check_number, lengths_as_float, pair_tensors
 from prefopt.losses._metrics import pairwise_metrics
 from prefopt.losses.base import ImplicitReward, LossInputs, LossOutput, PreferenceLoss
 from prefopt.losses.divergence import check_divergence, divergence_score
+from prefopt.losses.modifiers import ALIGNED_LOGPS, check_wpo_weighting, wpo_pair_weights
 
 
 @dataclass
@@ -55,9 +58,22 @@ class RewardDifferenceLoss(PreferenceLoss):
     divergence: str = "reverse_kl"
     alpha: float = 0.5
 
-    def _setup(self, beta: float, divergence: str = "reverse_kl", alpha: float = 0.5) -> None:
+    wpo_weighting: bool = False
+
+    def _setup(
+        self,
+        beta: float,
+        divergence: str = "reverse_kl",
+        alpha: float = 0.5,
+        ld_alpha: Optional[float] = None,
+        wpo_weighting: bool = False,
+    ) -> None:
         self.beta = check_number(self.name, "beta", beta, low=0.0, low_open=True)
         self.divergence, self.alpha = check_divergence(self.name, divergence, alpha)
+        self._set_ld_alpha(ld_alpha)
+        self.wpo_weighting = check_wpo_weighting(self.name, wpo_weighting)
+        if self.wpo_weighting:
+            self.needs = frozenset(self.needs | {ALIGNED_LOGPS})
 
     def implicit_reward(self) -> ImplicitReward:
         """``beta * (logp - logp_ref)`` whatever the divergence (the logged reward stays comparable)."""
@@ -91,6 +107,10 @@ class RewardDifferenceLoss(PreferenceLoss):
                 self.name, "rejected_lengths", inputs.rejected_lengths, policy_rejected
             )
         losses, extra = self.pair_losses(terms)
+        if self.wpo_weighting:
+            weights = wpo_pair_weights(self.name, inputs, losses)
+            losses = losses * weights
+            extra = {**extra, "wpo/weight": weights}
         reward = self.implicit_reward()
         chosen_rewards = reward.sequence(policy_chosen, terms.reference_chosen, terms.chosen_lengths)
         rejected_rewards = reward.sequence(policy_rejected, terms.reference_rejected, terms.rejected_lengths)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +43,10 @@ class RobustDPOLoss(RewardDifferenceLoss):
         label_smoothing: float = 0.1,
         divergence: str = "reverse_kl",
         alpha: float = 0.5,
+        ld_alpha: Optional[float] = None,
+        wpo_weighting: bool = False,
     ) -> None:
-        self._setup(beta, divergence, alpha)
+        self._setup(beta, divergence, alpha, ld_alpha=ld_alpha, wpo_weighting=wpo_weighting)
         self.label_smoothing = check_number(
             self.name,
             "label_smoothing",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 from prefopt.losses._checks import check_choice, check_number, lengths_as_float, log_ratios
 from prefopt.losses._metrics import pairwise_metrics
@@ -26,7 +26,8 @@ class RPOLoss(PreferenceLoss):
     token mean over all chosen tokens of the batch: it equals ``nll="mean"`` with ``eta = w`` (and
     ``nll="sum"`` with ``eta * beta * |y_w| = w``) when every chosen completion has the same length.
 
-    Defaults: ``beta=0.1``, ``eta=0.005``, ``nll="sum"``.
+    Defaults: ``beta=0.1``, ``eta=0.005``, ``nll="sum"``, ``ld_alpha=None`` (LD-DPO off; with it both terms read
+    the length-desensitised sums, :mod:`prefopt.losses.modifiers`).
     Reads: ``policy_{chosen,rejected}_logps``, ``reference_{chosen,rejected}_logps``; ``chosen_lengths`` when
     ``nll="mean"`` (a zero length raises).
     Logs: ``rewards/*``, ``logps/*`` (sums), ``sft/nll`` = the unweighted NLL term (sum or mean per ``nll``).
@@ -44,8 +45,11 @@ class RPOLoss(PreferenceLoss):
         "L = L_DPO + eta beta (-logp_w)   (nll='sum');   L_DPO + eta (-logp_w/|y_w|)   (nll='mean')"
     )
 
-    def __init__(self, beta: float = 0.1, eta: float = 0.005, nll: str = "sum") -> None:
+    def __init__(
+        self, beta: float = 0.1, eta: float = 0.005, nll: str = "sum", ld_alpha: Optional[float] = None
+    ) -> None:
         self.beta = check_number(self.name, "beta", beta, low=0.0, low_open=True)
+        self._set_ld_alpha(ld_alpha)  # LD-DPO: both terms run on the length-desensitised sums
         self.eta = check_number(self.name, "eta", eta, low=0.0)
         self.nll = check_choice(
             self.name,

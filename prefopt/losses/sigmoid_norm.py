@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,15 @@ class SigmoidNormLoss(LengthNormalizedDifferenceLoss):
     )
     formula: ClassVar[str] = "L = -logsigmoid(beta (s(lr_w)/|y_w| - s(lr_l)/|y_l|))"
 
-    def __init__(self, beta: float = 0.1, divergence: str = "reverse_kl", alpha: float = 0.5) -> None:
-        self._setup(beta, divergence, alpha)
+    def __init__(
+        self,
+        beta: float = 0.1,
+        divergence: str = "reverse_kl",
+        alpha: float = 0.5,
+        ld_alpha: Optional[float] = None,
+        wpo_weighting: bool = False,
+    ) -> None:
+        self._setup(beta, divergence, alpha, ld_alpha=ld_alpha, wpo_weighting=wpo_weighting)
 
     def pair_losses(self, terms: PairTerms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         delta = self.normalized_difference(terms)

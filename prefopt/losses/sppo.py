@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 
@@ -32,8 +32,10 @@ class SPPOHardLoss(RewardDifferenceLoss):
     )
     formula: ClassVar[str] = "L = (lr_w - 1/(2 beta))^2 + (lr_l + 1/(2 beta))^2"
 
-    def __init__(self, beta: float = 0.1) -> None:
-        self._setup(beta)
+    def __init__(
+        self, beta: float = 0.1, ld_alpha: Optional[float] = None, wpo_weighting: bool = False
+    ) -> None:
+        self._setup(beta, ld_alpha=ld_alpha, wpo_weighting=wpo_weighting)
 
     def pair_losses(self, terms: PairTerms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         target = 0.5 / self.beta

@@ -43,6 +43,8 @@ class TokenLogps:
 
     token_logps: torch.Tensor
     mask: torch.Tensor
+    # WPO (``square_probs=True``): log sum_v p(v)^2 of each position's next-token distribution, no grad; else None
+    log_sum_sq: Optional[torch.Tensor] = None
 
     @property
     def sums(self) -> torch.Tensor:
@@ -335,6 +337,7 @@ def completion_token_logps(
     attention_bias: Optional[torch.Tensor] = None,
     head_impl: Optional[str] = None,
     share_prompt: bool = False,
+    square_probs: bool = False,
 ) -> TokenLogps:
     """Log-probs of the completion tokens of each row. ``completion_mask`` is unshifted (marks completion tokens).
 
@@ -344,8 +347,16 @@ def completion_token_logps(
     ``share_prompt``: the batch is a pair batch (rows ``i`` and ``i + B`` share a prompt): run each prompt through
     the decoder once (``prefopt/models/prefix_sharing.py``); falls back to the plain forward where that does not
     apply (packed rows, flash attention, gradient checkpointing, an empty prompt, rows that differ in the prompt).
+    ``square_probs``: also return ``log sum_v p(v)^2`` per completion position (WPO's weight alignment), from one
+    extra no-grad pass of the lm head over the completion rows (the plain forward then; no prompt sharing).
     """
-    if share_prompt and chunk_size is not None and attention_bias is None and position_ids is None:
+    if (
+        share_prompt
+        and not square_probs
+        and chunk_size is not None
+        and attention_bias is None
+        and position_ids is None
+    ):
         from prefopt.models.prefix_sharing import can_share_prompt, pair_layout, shared_prompt_token_logps
 
         layout = pair_layout(input_ids, attention_mask, completion_mask) if can_share_prompt(model) else None
@@ -369,8 +380,10 @@ def completion_token_logps(
         logits = model(
             input_ids=input_ids, attention_mask=model_mask, position_ids=position_ids, use_cache=False
         ).logits
-        logps = torch.gather(F.log_softmax(logits[:, :-1].float(), dim=-1), 2, labels[..., None]).squeeze(-1)
-        return TokenLogps(logps * mask, mask)
+        all_logps = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        logps = torch.gather(all_logps, 2, labels[..., None]).squeeze(-1)
+        log_sum_sq = torch.logsumexp(2.0 * all_logps.detach(), dim=-1) * mask if square_probs else None
+        return TokenLogps(logps * mask, mask, log_sum_sq)
 
     decoder, head = parts
     hidden = decoder(
@@ -380,7 +393,25 @@ def completion_token_logps(
     selected = hidden[rows, cols]  # hidden state at t predicts token t+1
     flat = head_token_logps(head, selected, labels[rows, cols], chunk_size, head_impl, _softcap(model))
     token_logps = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
-    return TokenLogps(token_logps.index_put((rows, cols), flat), mask)
+    log_sum_sq = None
+    if square_probs:
+        squares = head_log_sum_sq(head, selected.detach(), chunk_size, _softcap(model))
+        log_sum_sq = torch.zeros_like(token_logps).index_put((rows, cols), squares)
+    return TokenLogps(token_logps.index_put((rows, cols), flat), mask, log_sum_sq)
+
+
+@torch.no_grad()
+def head_log_sum_sq(
+    head: torch.nn.Module, selected: torch.Tensor, chunk_size: int, softcap: Optional[float] = None
+) -> torch.Tensor:
+    """``log sum_v softmax(head(selected))_v^2`` in fp32 per ``[n, H]`` row, ``chunk_size`` rows at a time (WPO)."""
+    pieces = []
+    for start in range(0, selected.shape[0], chunk_size):
+        logits = head(selected[start : start + chunk_size]).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        pieces.append(torch.logsumexp(2.0 * F.log_softmax(logits, dim=-1), dim=-1))
+    return torch.cat(pieces) if pieces else selected.new_zeros(0, dtype=torch.float32)
 
 
 def head_token_logps(
@@ -509,6 +540,7 @@ class CompletionLogpModel(torch.nn.Module):
         position_ids=None,
         attention_bias=None,
         share_prompt: Optional[bool] = None,
+        square_probs: bool = False,
     ) -> TokenLogps:
         return completion_token_logps(
             self.model,
@@ -520,4 +552,5 @@ class CompletionLogpModel(torch.nn.Module):
             attention_bias=attention_bias,
             head_impl=self.head_impl,
             share_prompt=self.share_prompt if share_prompt is None else share_prompt,
+            square_probs=square_probs,
         )

@@ -5,6 +5,8 @@
 ``precomputed``  one pass before training computes reference logps for every pair and caches them on disk, keyed by
                  a hash of the reference weights, the data and every tokenization setting; the model is then freed.
 ``none``         reference-free losses (SimPO, SFT, reward-model training).
+``synced``       ``model`` plus ``reference.sync_steps``: TR-DPO's reference, mixed with the policy every N steps
+                 (``prefopt/models/reference_sync.py``); checkpointed with the run.
 
 Every mode returns the same numbers for the same rows, so they give the same training losses (tested).
 """
@@ -23,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prefopt.models.logps import TokenLogps, completion_token_logps, sequence_totals
+from prefopt.models.pair_parts import pair_tail_sums
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,21 @@ class Reference:
         half = sums.shape[0] // 2
         return sums[:half], sums[half:]
 
+    def pair_logps_and_tails(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        """(chosen, rejected, chosen tail, rejected tail) ``[B]`` each, from one forward: the tails are the sums
+        past the pair's shared length (LD-DPO, ``prefopt/models/pair_parts.py``)."""
+        logps = self.token_logps(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["completion_mask"],
+            position_ids=batch.get("position_ids"),
+            attention_bias=batch.get("attention_bias"),
+        )
+        sums, _ = sequence_totals(logps, batch)
+        tails = pair_tail_sums(logps, batch)
+        half = sums.shape[0] // 2
+        return sums[:half], sums[half:], tails[:half], tails[half:]
+
     def group_logps(self, batch: dict, groups: int) -> torch.Tensor:
         """``[groups, B]`` sums for a batch whose ``input_ids`` stack ``groups`` row groups of B sequences (triples,
         SRPO's revision sequences); ``pair_logps`` is the first two groups."""
@@ -60,6 +78,20 @@ class Reference:
 
     def token_logps(self, input_ids, attention_mask, completion_mask, **kwargs) -> TokenLogps:
         raise NotImplementedError(f"reference mode '{self.mode}' cannot score new sequences")
+
+    # Hooks the trainer calls for every mode; only a reference that changes during training (TR-DPO's synced one,
+    # prefopt/models/reference_sync.py) does anything in them.
+    def check_policy(self, policy: torch.nn.Module) -> None:
+        """Called once with the unwrapped policy model before training; raise ``ConfigError`` if it cannot work."""
+
+    def after_optimizer_step(self, global_step: int, policy: torch.nn.Module) -> None:
+        """Called after every optimizer step (``global_step`` counts them) with the unwrapped policy model."""
+
+    def save_state(self, directory: Path) -> None:
+        """Write what a resume needs into a checkpoint directory (main process only)."""
+
+    def load_state(self, directory: Path) -> None:
+        """Restore :meth:`save_state`'s files from a checkpoint directory (every process)."""
 
 
 class NoReference(Reference):
@@ -165,6 +197,16 @@ class PrecomputedReference(Reference):
         device = batch["input_ids"].device
         return table["chosen"][index].to(device), table["rejected"][index].to(device)
 
+    def pair_logps_and_tails(self, batch):
+        table = self.tables[self.split]
+        if "chosen_tail" not in table:  # the trainer asks for tails only when it precomputed them
+            raise RuntimeError("the precomputed reference table has no LD-DPO tails")
+        index = batch["index"].to("cpu")
+        device = batch["input_ids"].device
+        return tuple(
+            table[key][index].to(device) for key in ("chosen", "rejected", "chosen_tail", "rejected_tail")
+        )
+
     def group_logps(self, batch, groups):
         table = self.tables[self.split]
         if groups == 2:
@@ -187,18 +229,22 @@ def precompute_table(
     accelerator,
     batch_size: int,
     progress: Optional[Callable[[int], None]] = None,
+    tails: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Compute (or load) reference pair logps for every row of ``dataset``; every rank ends with the full table.
 
     Ranks split the rows (rank r takes rows r, r+W, ...), then gather. Rank 0 writes the cache atomically.
+    ``tails``: also the LD-DPO tails of each pair (``chosen_tail``/``rejected_tail``; the cache key must say so).
     """
     if cache_file.is_file():
         logger.info("reference logps loaded from cache %s", cache_file)
         return load_file(str(cache_file))
     total = len(dataset)
     own = list(range(accelerator.process_index, total, accelerator.num_processes))
-    groups = getattr(collator, "groups", 2)  # SRPO caches all six sequences of a pair, triples all three
-    values = torch.zeros(groups, total, dtype=torch.float64)
+    # SRPO caches all six sequences of a pair, triples all three, unpaired rows their one completion
+    groups = getattr(collator, "groups", 2)
+    rows_cached = 4 if tails else groups  # pairs with tails: chosen, rejected, chosen tail, rejected tail
+    values = torch.zeros(rows_cached, total, dtype=torch.float64)
     # Every rank runs the same number of forwards (a rank with fewer rows repeats its first batch and drops the
     # result): a ZeRO-3 reference gathers each layer's partitions collectively, and one rank short would hang all.
     per_rank = math.ceil(total / accelerator.num_processes)
@@ -206,7 +252,9 @@ def precompute_table(
         rows = own[start : start + batch_size]
         batch = collator([dataset[i] for i in (rows or own[:batch_size] or [0])])
         batch = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        if groups == 2:
+        if tails:
+            computed = torch.stack(reference.pair_logps_and_tails(batch)).double().cpu()
+        elif groups == 2:
             computed = torch.stack(reference.pair_logps(batch)).double().cpu()
         else:
             computed = reference.group_logps(batch, groups).double().cpu()
@@ -218,8 +266,12 @@ def precompute_table(
     if accelerator.num_processes > 1:
         # Each row was computed by exactly one rank and is zero elsewhere: a sum-reduce assembles the table.
         values = accelerator.reduce(values.to(accelerator.device), reduction="sum").cpu()
-    table = {"chosen": values[0].float(), "rejected": values[1].float()}
-    if groups > 2:
+    table = {"chosen": values[0].float()}  # unpaired rows (groups == 1): the row's own completion
+    if rows_cached >= 2:
+        table["rejected"] = values[1].float()
+    if tails:
+        table.update(chosen_tail=values[2].float(), rejected_tail=values[3].float())
+    elif groups != 2:
         table["groups"] = values.T.float().contiguous()  # [N, groups]
     if accelerator.is_main_process:
         cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ import pickle
 import re
 import shutil
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -204,8 +205,13 @@ def clean_leftovers(output_dir: Path) -> None:
 
 
 def save_checkpoint(
-    accelerator, output_dir: Path, state: TrainerState, save_total_limit: Optional[int]
+    accelerator,
+    output_dir: Path,
+    state: TrainerState,
+    save_total_limit: Optional[int],
+    save_extra: Optional[Callable[[Path], None]] = None,
 ) -> Path:
+    """``save_extra(directory)``: more state to write into the checkpoint on the main process (the reference's)."""
     final = output_dir / f"checkpoint-{state.global_step}"
     partial = output_dir / f"checkpoint-{state.global_step}.partial"
     if accelerator.is_main_process and partial.exists():
@@ -217,6 +223,8 @@ def save_checkpoint(
         fingerprint = output_dir / FINGERPRINT_FILE
         if fingerprint.is_file():
             shutil.copyfile(fingerprint, partial / FINGERPRINT_FILE)
+        if save_extra is not None:
+            save_extra(partial)
         (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
         remove_tree(final)
         partial.rename(final)

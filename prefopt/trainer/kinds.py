@@ -7,7 +7,7 @@ to the import list below; nothing else in the trainer changes.
 from __future__ import annotations
 
 from prefopt.errors import ConfigError
-from prefopt.trainer import online, pair_variants, ppo, ppo_resets, steps  # noqa: F401 - @register_step
+from prefopt.trainer import online, pair_variants, ppo, ppo_resets, steps, unpaired  # noqa: F401 - @register_step
 from prefopt.trainer.steps import StepKind, registered_steps
 
 

@@ -22,7 +22,13 @@ from torch.utils.data import DataLoader
 
 from prefopt.config import Config, save_config
 from prefopt.data import PairCollator, PromptCollator, SFTCollator, build_datasets
-from prefopt.data.collate import ResetPromptCollator, RevisionPairCollator, ScoredPairCollator, TripleCollator
+from prefopt.data.collate import (
+    ResetPromptCollator,
+    RevisionPairCollator,
+    ScoredPairCollator,
+    TripleCollator,
+    UnpairedCollator,
+)
 from prefopt.errors import ConfigError
 from prefopt.trainer import checkpoint as ckpt
 from prefopt.trainer import sparse_embedding
@@ -59,7 +65,11 @@ class TrainResult:
 
 
 def collator_for(
-    data_kind: str, pad_token_id: int, packing: bool = False, attn_implementation: str | None = None
+    data_kind: str,
+    pad_token_id: int,
+    packing: bool = False,
+    attn_implementation: str | None = None,
+    max_length: int | None = None,
 ):
     if packing and data_kind == "pairs":
         from prefopt.data.packing import PackedPairCollator
@@ -75,6 +85,8 @@ def collator_for(
     }
     if data_kind in variants:
         return variants[data_kind](pad_token_id)
+    if data_kind == "unpaired":  # KTO: max_length cuts the mismatched prompt/completion sequences
+        return UnpairedCollator(pad_token_id, max_length=max_length)
     if data_kind == "reset_prompts":  # DR-PO: prompts plus the dataset responses rollouts restart from
         return ResetPromptCollator()
     return {
@@ -127,6 +139,7 @@ class Trainer:
             seed=config.seed,
             cache_dir=str(out_dir.parent / ".prefopt_cache" / "data"),
         )
+        step_cls.check_data(config, loss, self.bundle)
         self.run_dir.open(acc, run_fingerprint(config, self.tokenizer, self.bundle))
         if acc.is_main_process:
             save_config(config, self.output_dir / "config.yaml")
@@ -139,6 +152,7 @@ class Trainer:
             self.tokenizer.pad_token_id,
             config.data.packing,
             config.model.attn_implementation,
+            config.data.max_length,
         )
         policy = build_policy(config, step_cls.model_kind, self.tokenizer)
         reference = build_reference(
@@ -184,9 +198,11 @@ class Trainer:
         )
         self._setup_online()
         self.step_fn = step_cls(self.ctx)
+        self.reference.check_policy(self._policy_model())
         if self.resume_path is not None:
             self.state = ckpt.load_checkpoint(acc, self.resume_path)
             self.step_fn.load_state_dict(self.state.step_state)
+            self.reference.load_state(self.resume_path)
             logger.info("resumed from %s at step %d", self.resume_path, self.state.global_step)
         self.updater = Updater(acc, self.modules, self.state, config, self.output_dir)
         if trackers:
@@ -309,6 +325,7 @@ class Trainer:
                     if result is None:  # inside a gradient-accumulation window
                         continue
                     state.global_step += 1
+                    self.reference.after_optimizer_step(state.global_step, self._policy_model())
                     self.log.advance(state.global_step)
                     if self.ctx.generator is not None:
                         self.ctx.generator.load_weights(acc.unwrap_model(self.policy).model)
@@ -343,8 +360,16 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         self.state.step_state = self.step_fn.state_dict()
         return ckpt.save_checkpoint(
-            self.accelerator, self.output_dir, self.state, self.config.train.save_total_limit
+            self.accelerator,
+            self.output_dir,
+            self.state,
+            self.config.train.save_total_limit,
+            save_extra=self.reference.save_state,
         )
+
+    def _policy_model(self) -> torch.nn.Module:
+        """The policy's transformers model, unwrapped (what the reference hooks compare and read)."""
+        return _hf_model(self.accelerator.unwrap_model(self.policy))
 
     def _log_train(self) -> None:
         updater = self.updater

@@ -62,6 +62,43 @@ def stack_padded(batches: list[dict], pad_token_id: int) -> dict:
     return out
 
 
+def ordered_pair_batch(
+    ctx: StepContext, batch: dict, first: list[list[int]], second: list[list[int]], first_wins: torch.Tensor
+) -> tuple[dict, torch.Tensor, LossInputs]:
+    """The pair batch of an online step, built once: per prompt ``i`` the winner of ``first[i]`` / ``second[i]``
+    (by ``first_wins``) as chosen, the other as rejected; then ONE policy forward and ONE reference forward over it.
+
+    Returns ``(pairs, per-sequence policy logp sums [2B], LossInputs)`` with the policy and reference logps and the
+    lengths filled in; the caller adds its method's own fields (scores, XPO's reference-sample logps)."""
+    features = []
+    for i, prompt in enumerate(batch["prompt_input_ids"]):
+        chosen, rejected = (first[i], second[i]) if first_wins[i] else (second[i], first[i])
+        features.append(
+            {
+                "index": int(batch["index"][i]),
+                "prompt_input_ids": prompt,
+                "chosen_input_ids": chosen,
+                "rejected_input_ids": rejected,
+                "prompt_text": batch["prompt_text"][i],
+                "prompt_messages": batch["prompt_messages"][i],
+                "chosen_text": "",
+                "rejected_text": "",
+            }
+        )
+    pairs = _move(PairCollator(ctx.tokenizer.pad_token_id)(features), ctx.accelerator.device)
+    logps = ctx.policy(pairs["input_ids"], pairs["attention_mask"], pairs["completion_mask"])
+    sums, lengths = sequence_totals(logps, pairs)
+    half = sums.shape[0] // 2
+    inputs = LossInputs(
+        policy_chosen_logps=sums[:half],
+        policy_rejected_logps=sums[half:],
+        chosen_lengths=lengths[:half],
+        rejected_lengths=lengths[half:],
+    )
+    inputs.reference_chosen_logps, inputs.reference_rejected_logps = ctx.reference.pair_logps(pairs)
+    return pairs, sums, inputs
+
+
 @register_step("pairs+samples")
 class HyPOStep(PairStep):
     """DPO on the offline pair plus a reverse-KL penalty on fresh policy samples (docs/losses.md, hypo)."""
@@ -139,46 +176,17 @@ class OnlinePairStep(StepKind):
             prompts, sampling_params(ctx, 1, batch["index"], "reference")
         )
         policy_scores, reference_scores, policy_wins = self._order(batch, policy_rollouts, reference_rollouts)
-        policy_tokens, reference_tokens = (
-            completion_tokens(policy_rollouts),
-            completion_tokens(reference_rollouts),
+        pairs, sums, inputs = ordered_pair_batch(
+            ctx, batch, completion_tokens(policy_rollouts), completion_tokens(reference_rollouts), policy_wins
         )
-        features = []
-        for i, prompt in enumerate(prompts):
-            chosen, rejected = (
-                (policy_tokens[i], reference_tokens[i])
-                if policy_wins[i]
-                else (reference_tokens[i], policy_tokens[i])
-            )
-            features.append(
-                {
-                    "index": int(batch["index"][i]),
-                    "prompt_input_ids": prompt,
-                    "chosen_input_ids": chosen,
-                    "rejected_input_ids": rejected,
-                    "prompt_text": batch["prompt_text"][i],
-                    "prompt_messages": batch["prompt_messages"][i],
-                    "chosen_text": "",
-                    "rejected_text": "",
-                }
-            )
-        pairs = _move(PairCollator(ctx.tokenizer.pad_token_id)(features), ctx.accelerator.device)
-        logps = ctx.policy(pairs["input_ids"], pairs["attention_mask"], pairs["completion_mask"])
-        sums, lengths = sequence_totals(logps, pairs)
         half = sums.shape[0] // 2
-        wins = policy_wins.to(sums.device)
-        inputs = LossInputs(
-            policy_chosen_logps=sums[:half],
-            policy_rejected_logps=sums[half:],
-            chosen_lengths=lengths[:half],
-            rejected_lengths=lengths[half:],
-            # The reference sample is whichever side the policy sample is not.
-            reference_sample_policy_logps=torch.where(wins, sums[half:], sums[:half]),
+        # The reference sample is whichever side the policy sample is not.
+        inputs.reference_sample_policy_logps = torch.where(
+            policy_wins.to(sums.device), sums[half:], sums[:half]
         )
         if policy_scores is not None:
             inputs.policy_sample_scores = policy_scores.to(sums.device)
             inputs.reference_sample_scores = reference_scores.to(sums.device)
-        inputs.reference_chosen_logps, inputs.reference_rejected_logps = ctx.reference.pair_logps(pairs)
         output = ctx.loss(inputs)
         output.metrics.setdefault("online/policy_win_rate", float(policy_wins.float().mean()))
         output.metrics.setdefault(
@@ -260,37 +268,11 @@ class OnlinePolicyPairStep(StepKind):
                 scores[0::2] >= scores[1::2]
             )  # ties: the first sample (TRL: first_half >= second_half)
         tokens = completion_tokens(rollouts)
-        features = []
-        for i, prompt in enumerate(prompts):
-            a, b = tokens[2 * i], tokens[2 * i + 1]
-            chosen, rejected = (a, b) if first_wins[i] else (b, a)
-            features.append(
-                {
-                    "index": int(batch["index"][i]),
-                    "prompt_input_ids": prompt,
-                    "chosen_input_ids": chosen,
-                    "rejected_input_ids": rejected,
-                    "prompt_text": batch["prompt_text"][i],
-                    "prompt_messages": batch["prompt_messages"][i],
-                    "chosen_text": "",
-                    "rejected_text": "",
-                }
-            )
-        pairs = _move(PairCollator(ctx.tokenizer.pad_token_id)(features), ctx.accelerator.device)
-        logps = ctx.policy(pairs["input_ids"], pairs["attention_mask"], pairs["completion_mask"])
-        sums, lengths = sequence_totals(logps, pairs)
-        half = sums.shape[0] // 2
-        inputs = LossInputs(
-            policy_chosen_logps=sums[:half],
-            policy_rejected_logps=sums[half:],
-            chosen_lengths=lengths[:half],
-            rejected_lengths=lengths[half:],
-        )
+        pairs, sums, inputs = ordered_pair_batch(ctx, batch, tokens[0::2], tokens[1::2], first_wins)
         if scores is not None:
             first, second = scores[0::2], scores[1::2]
             inputs.chosen_scores = torch.where(first_wins, first, second).to(sums.device)
             inputs.rejected_scores = torch.where(first_wins, second, first).to(sums.device)
-        inputs.reference_chosen_logps, inputs.reference_rejected_logps = ctx.reference.pair_logps(pairs)
         output = ctx.loss(inputs)
         eos = float(rollouts.finished.float().mean())
         output.metrics.setdefault("val/contain_eos_token", eos)  # TRL's name for it

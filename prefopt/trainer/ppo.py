@@ -233,6 +233,8 @@ class PPOStep(StepKind):
                 returns=minibatch["returns"],
                 values=values,
                 old_values=minibatch["old_values"],
+                # tokens forced from a dataset prefix (DR-PO's resets, ppo_resets.py); absent for plain PPO
+                reset_mask=minibatch.get("reset_mask"),
             )
         )
         return StepResult(output, tokens=0.0)

@@ -16,10 +16,9 @@ import torch
 
 from prefopt.generation.base import eos_token_ids
 from prefopt.generation.resets import generate_with_resets
-from prefopt.losses import LossInputs
 from prefopt.trainer.online import sampling_params
 from prefopt.trainer.ppo import PPOStep
-from prefopt.trainer.steps import StepResult, register_step
+from prefopt.trainer.steps import register_step
 
 
 @register_step("ppo_resets")
@@ -70,25 +69,6 @@ class ResetPPOStep(PPOStep):
         data["metrics"]["drpo/reset_share"] = sum(k > 0 for k in resets) / max(len(resets), 1)
         data["metrics"]["drpo/reset_length"] = sum(resets) / max(sum(k > 0 for k in resets), 1)
         return data
-
-    def __call__(self, minibatch: dict) -> StepResult:
-        new = self.ctx.policy(
-            minibatch["input_ids"], minibatch["attention_mask"], minibatch["completion_mask"]
-        )
-        values = self.critic(minibatch["input_ids"], minibatch["attention_mask"])[:, :-1].float()
-        output = self.ctx.loss(
-            LossInputs(
-                response_mask=minibatch["mask"],
-                policy_token_logps=new.token_logps,
-                old_token_logps=minibatch["old_logps"],
-                advantages=minibatch["advantages"],
-                returns=minibatch["returns"],
-                values=values,
-                old_values=minibatch["old_values"],
-                reset_mask=minibatch.get("reset_mask"),
-            )
-        )
-        return StepResult(output, tokens=0.0)
 
     @torch.no_grad()
     def eval_batch(self, batch: dict):

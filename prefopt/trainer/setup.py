@@ -196,6 +196,17 @@ def build_reference(config: Config, policy_getter, accelerator=None, root_getter
         from prefopt.trainer.distributed import prepare_frozen
 
         model = prepare_frozen(accelerator, model)
+    if config.reference.sync_steps is not None:  # TR-DPO: the reference follows the policy
+        from prefopt.models.reference_sync import SyncedModelReference
+
+        return SyncedModelReference(
+            model,
+            chunk,
+            autocast,
+            share_prompt=config.train.share_prompt,
+            sync_steps=config.reference.sync_steps,
+            sync_mix=config.reference.sync_mix,
+        )
     return ModelReference(model, chunk, autocast, share_prompt=config.train.share_prompt)
 
 
@@ -203,6 +214,9 @@ def precompute_reference(
     config: Config, accelerator, live_reference, bundle, collator
 ) -> PrecomputedReference:
     """Fill the on-disk cache of reference logps (train and eval splits), then drop the live model."""
+    from prefopt.losses.modifiers import LENGTH_TAILS
+
+    tails = LENGTH_TAILS in loss_from_config(config).needs  # LD-DPO: cache the reference tails too
     path = config.reference.name_or_path or config.model.name_or_path
     identity = model_identity(path)
     cache_dir = Path(config.reference.cache_dir or Path(config.output_dir).parent / ".prefopt_cache")
@@ -212,7 +226,7 @@ def precompute_reference(
             continue
         key = cache_key(
             identity,
-            f"{bundle.fingerprint}:{split}",
+            f"{bundle.fingerprint}:{split}" + (":tails" if tails else ""),
             f"{config.model.dtype}/{accelerator.mixed_precision}",
             config.train.logps_chunk_size,
         )
@@ -224,6 +238,7 @@ def precompute_reference(
             cache_file=cache_file,
             accelerator=accelerator,
             batch_size=config.reference.batch_size,
+            tails=tails,
         )
         if accelerator.is_main_process:
             logger.info("reference logps for %s split: %s", split, cache_file)

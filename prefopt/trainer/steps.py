@@ -18,6 +18,7 @@ How to add a step kind
 
    * :meth:`StepKind.check_config` / :meth:`StepKind.check_models` -- refuse (``ConfigError``, exit 2) settings
      the step cannot honour (the second gets the policy's tokenizer); called before the scaffold writes anything.
+   * :meth:`StepKind.check_data` -- look at the built datasets (e.g. warn about label balance, KTO).
    * :meth:`StepKind.loader_batch_size` / :meth:`StepKind.batches_per_step` / :meth:`StepKind.updates_per_step` --
      rows per loader batch, loader batches per global step, optimizer updates per global step (PPO: one rollout
      batch per step, ``epochs x minibatches`` updates).
@@ -39,7 +40,9 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from prefopt.losses import LossInputs, LossOutput, PreferenceLoss
+from prefopt.losses.modifiers import ALIGNED_LOGPS, LENGTH_TAILS
 from prefopt.models.logps import sequence_totals
+from prefopt.models.pair_parts import aligned_sums, pair_tail_sums
 from prefopt.models.reference import Reference
 
 
@@ -130,6 +133,10 @@ class StepKind:
         """Checks that need the policy's tokenizer (e.g. tokenizer lineage); called before anything is written."""
 
     @classmethod
+    def check_data(cls, config, loss: PreferenceLoss, bundle) -> None:
+        """Checks (or warnings) on the tokenized datasets (``prefopt.data.DataBundle``); called once built."""
+
+    @classmethod
     def loader_batch_size(cls, config) -> int:
         """Rows per device in one loader batch."""
         return config.train.per_device_batch_size
@@ -193,40 +200,59 @@ def step_metrics(result: StepResult) -> dict:
     return metrics
 
 
-def pair_logps(
-    ctx: StepContext, batch: dict
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One concatenated chosen+rejected forward: (chosen sums, rejected sums, chosen lengths, rejected lengths)."""
+def pair_inputs(ctx: StepContext, batch: dict) -> LossInputs:
+    """``LossInputs`` of a pair batch: one concatenated chosen+rejected policy forward, the reference's sums, and
+    what the loss's modifiers declare (``length_tails``: LD-DPO's tails; ``aligned_logps``: WPO's sums)."""
+    needs = ctx.loss.needs
+    wpo = ALIGNED_LOGPS in needs
     logps = ctx.policy(
         batch["input_ids"],
         batch["attention_mask"],
         batch["completion_mask"],
         position_ids=batch.get("position_ids"),
         attention_bias=batch.get("attention_bias"),
+        **({"square_probs": True} if wpo else {}),
     )
     sums, lengths = sequence_totals(logps, batch)
     half = sums.shape[0] // 2
-    return sums[:half], sums[half:], lengths[:half], lengths[half:]
+    inputs = LossInputs(
+        policy_chosen_logps=sums[:half],
+        policy_rejected_logps=sums[half:],
+        chosen_lengths=lengths[:half],
+        rejected_lengths=lengths[half:],
+    )
+    tails = LENGTH_TAILS in needs
+    if tails:
+        policy_tails = pair_tail_sums(logps, batch)
+        inputs.policy_chosen_tail_logps, inputs.policy_rejected_tail_logps = (
+            policy_tails[:half],
+            policy_tails[half:],
+        )
+    if wpo:
+        aligned = aligned_sums(logps, batch)
+        inputs.chosen_aligned_logps, inputs.rejected_aligned_logps = aligned[:half], aligned[half:]
+    if "reference" in needs and tails:
+        (
+            inputs.reference_chosen_logps,
+            inputs.reference_rejected_logps,
+            inputs.reference_chosen_tail_logps,
+            inputs.reference_rejected_tail_logps,
+        ) = ctx.reference.pair_logps_and_tails(batch)
+    elif "reference" in needs:
+        inputs.reference_chosen_logps, inputs.reference_rejected_logps = ctx.reference.pair_logps(batch)
+    return inputs
 
 
 @register_step("pairs")
 class PairStep(StepKind):
-    """Offline preference pairs (DPO, SimPO, f-DPO, RPO)."""
+    """Offline preference pairs (DPO, SimPO, f-DPO, RPO, ... and the LD-DPO / WPO modifiers)."""
 
     data_kind = "pairs"
 
     def __call__(self, batch: dict) -> StepResult:
         ctx = self.ctx
         batch = _move(batch, ctx.accelerator.device)
-        chosen, rejected, chosen_len, rejected_len = pair_logps(ctx, batch)
-        inputs = LossInputs(
-            policy_chosen_logps=chosen,
-            policy_rejected_logps=rejected,
-            chosen_lengths=chosen_len,
-            rejected_lengths=rejected_len,
-        )
-        if "reference" in ctx.loss.needs:
-            inputs.reference_chosen_logps, inputs.reference_rejected_logps = ctx.reference.pair_logps(batch)
+        inputs = pair_inputs(ctx, batch)
         self.extend(inputs, batch)
         return StepResult(ctx.loss(inputs), tokens=float(batch["attention_mask"].sum()))
 

@@ -203,6 +203,14 @@ class TrainConfig(_Section):
     hub_model_id: Optional[str] = None  # "user/name" or "org/name"
     hub_private: bool = True  # a new repository is created private
 
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_no(cls, data: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as False: `mixed_precision: no` (file or override) means the string "no".
+        if isinstance(data, dict) and data.get("mixed_precision") is False:
+            data = {**data, "mixed_precision": "no"}
+        return data
+
     @model_validator(mode="after")
     def _check_push(self) -> TrainConfig:
         if self.push_to_hub and not self.hub_model_id:
@@ -263,6 +271,14 @@ class IterationsConfig(_Section):
     gold_margin: float = Field(0.0, ge=0)  # paper: 2 (a gold positive must beat its negative by this much)
     student_margin: float = Field(0.0, ge=0)  # paper: 1 (a sampled positive)
     replay: list[float] = Field(default_factory=lambda: [0.3, 0.15])  # share of pairs from t-1, t-2, ...
+    # Automatic negatives (the paper's "samples with many repeated n-grams"): a sample whose share of repeated
+    # word n-grams exceeds this is never a positive and is the negative of every positive, margins aside.
+    repetition_negative: Optional[float] = Field(None, gt=0, lt=1)  # None: off
+    repetition_ngram: int = Field(3, ge=1)  # n of those n-grams
+    # Return the best of pi_1..pi_{T+1} on validation prompts (Alg. 2's last line) instead of the last iterate.
+    validation: Optional[str] = None  # prompt rows; required by select_best
+    validation_samples: int = Field(2, ge=1)  # samples per validation prompt and iterate
+    select_best: bool = False
 
 
 class PPOConfig(_Section):
@@ -413,10 +429,11 @@ def _check_iterations(config: Config, loss) -> None:
     it = config.iterations
     if not it.prompts:
         raise ValueError("iterations.prompts: the prompt file each iteration samples from is required")
-    if loss.step != "pairs":
+    # Every iteration writes pairs with both scores, so score-aware pair losses (dno_soft, copg) train too.
+    if loss.step not in ("pairs", "scored_pairs"):
         raise ValueError(
-            f"iterations: each iteration trains a pairwise loss on its pairs (e.g. loss.name=dpo, as DNO "
-            f"does); loss '{config.loss.name}' runs a '{loss.step}' step"
+            f"iterations: each iteration trains a pairwise loss on its scored pairs (e.g. loss.name=dpo, as "
+            f"DNO-Prct does, or dno_soft); loss '{config.loss.name}' runs a '{loss.step}' step"
         )
     if config.reward.kind == "none":
         raise ValueError(
@@ -435,6 +452,11 @@ def _check_iterations(config: Config, loss) -> None:
         )
     if any(not 0 <= share <= 1 for share in it.replay):
         raise ValueError(f"iterations.replay: shares must lie in [0, 1], got {it.replay}")
+    if it.select_best and not it.validation:
+        raise ValueError(
+            "iterations.select_best: choosing the best iterate needs validation prompts; set "
+            "iterations.validation=FILE (prompt rows not used for training)"
+        )
 
 
 def _check_vllm_available() -> None:

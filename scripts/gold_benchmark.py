@@ -62,7 +62,8 @@ METHODS = {
     "tpo": ("tpo.yaml", [], "rated", None),  # triples: best / second / worst of 3 rated completions
     "srpo": ("srpo.yaml", [], "pairs", None),  # evaluated on its first answer (no revision round)
     "dno": ("dno.yaml", [], "iterations", None),  # 3 iterations on thirds of prompts_train.jsonl
-    "drpo": ("drpo.yaml", [], "sft", None),  # PPO with resets to prefixes of the SFT data's completions
+    # PPO with resets to prefixes of the SFT data's completions
+    "drpo": ("drpo.yaml", [], "completions", None),
 }
 # The TRL catalogue (issue 16), each with its tiny recipe; opt-in with --methods (16 more runs per seed).
 CATALOGUE = (
@@ -192,7 +193,7 @@ def method_overrides(method: str, seed_dir: Path, sft_final: Path, seed: int, ex
         out += [f"data.train={unpaired_file(task, 'train')}", f"data.eval={unpaired_file(task, 'eval')}"]
     elif kind == "iterations":
         out += [f"iterations.prompts={task / 'prompts_train.jsonl'}"]
-    elif kind == "sft":
+    elif kind == "completions":
         out += [f"data.train={task / 'sft.jsonl'}"]
     else:
         out += [f"data.train={task / 'prompts_train.jsonl'}"]

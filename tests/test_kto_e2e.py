@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 
 import pytest
 import torch
@@ -229,3 +230,48 @@ def test_kto_step_gathers_the_mismatched_logps_of_every_process_in_training_only
     raw_local = spanning * 2 - 3.0
     assert local > 0.01 and raw_local == pytest.approx(local, abs=1e-5)
     assert evaluated["kl"] == pytest.approx(local, abs=1e-6)
+
+
+@pytest.mark.multiproc
+def test_kto_two_processes_match_one(tiny_model_dir, tmp_path):
+    """DDP over gloo: with every row sharing one completion the mismatched pairs are the rows themselves whatever
+    the rotation, so 2 processes x 4 rows must give one process x 8 rows' loss curve exactly when (and only
+    when) the reference point is gathered over both processes."""
+    from tests.test_multiprocess import _launch
+
+    data = tmp_path / "same_completion.jsonl"
+    rng = random.Random(3)
+    with data.open("w") as handle:
+        for i in range(32):
+            row = {
+                "prompt": f"Review {i} of the film:",
+                "completion": " wonderful",
+                "label": rng.random() < 0.75,
+            }
+            handle.write(json.dumps(row) + "\n")
+    common = ("train.max_steps=4", "loss={name: kto, beta: 0.5}")
+    run(tiny_model_dir, data, tmp_path / "single", *common, "train.per_device_batch_size=8")
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29541",
+    ]
+    result = _launch(
+        launcher,
+        tiny_model_dir,
+        data,
+        tmp_path / "multi",
+        *common,
+        "train.per_device_batch_size=4",
+        use_cpu_flag=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "multi" / "run_info.json").read_text())["world_size"] == 2
+    single, multi = metrics(tmp_path / "single"), metrics(tmp_path / "multi")
+    assert any(record["kl"] > 0.01 for record in single)  # the reference point is in play, not clamped to 0
+    assert [r["kl"] for r in multi] == pytest.approx([r["kl"] for r in single], abs=2e-5)
+    assert [r["loss"] for r in multi] == pytest.approx([r["loss"] for r in single], abs=2e-5)

@@ -92,3 +92,26 @@ def test_ld_dpo_precomputed_reference_trains_like_the_live_one(tiny_model_dir, p
     pre = [m["loss"] for m in metrics(tmp_path / "pre") if "loss" in m]
     assert len(live) == 3 and live == pytest.approx(pre, abs=1e-6)
     assert live[1] != pytest.approx(math.log(2), abs=1e-4)  # it trained: the reference tails mattered
+
+
+def test_ld_dpo_and_wpo_packed_batches_train_like_padded_ones(tiny_model_dir, pairs_and_truth, tmp_path):
+    # Packed rows number their sequences (sequence_ids): the tails and the aligned sums are scattered by id.
+    data, _ = pairs_and_truth
+    common = (
+        "data.shuffle=false",
+        "train.max_steps=2",
+        "train.per_device_batch_size=4",
+        "loss.ld_alpha=0.3",
+        "loss.wpo_weighting=true",
+    )
+    run(tiny_model_dir, data, tmp_path / "padded", *common)
+    run(tiny_model_dir, data, tmp_path / "packed", *common, "data.packing=true")
+    padded = [
+        (m["loss"], m["wpo/weight"], m["logps/rejected"]) for m in metrics(tmp_path / "padded") if "loss" in m
+    ]
+    packed = [
+        (m["loss"], m["wpo/weight"], m["logps/rejected"]) for m in metrics(tmp_path / "packed") if "loss" in m
+    ]
+    assert len(padded) == 2
+    for ours, theirs in zip(packed, padded):
+        assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-5)

@@ -112,7 +112,8 @@ def test_hard_sync_makes_the_next_step_start_from_ln2(tiny_model_dir, tmp_path):
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path, capsys):
     data = write_pairs(tmp_path / "pairs.jsonl", rows=48)
-    sync = ("reference.sync_steps=2", "reference.sync_mix=0.5", "train.max_steps=6", "train.save_steps=3")
+    # syncs after steps 2 and 4; the checkpoint at step 3 holds the reference synced at step 2
+    sync = ("reference.sync_steps=2", "reference.sync_mix=0.5", "train.max_steps=5", "train.save_steps=3")
     full = tmp_path / "full"
     run(tiny_model_dir, data, full, *sync, "train.save_total_limit=null")
     assert (full / "checkpoint-3" / STATE_FILE).is_file()

@@ -14,6 +14,15 @@ class Candidate:
     text: str
     score: float
     is_gold: bool = False  # the teacher's (dataset's) answer rather than a policy sample
+    auto_negative: bool = False  # a degenerate sample (repeated n-grams): only ever a negative
+
+
+def repeated_ngram_share(text: str, n: int = 3) -> float:
+    """Share of the word ``n``-grams of ``text`` that repeat an earlier one: ``1 - unique / total`` (0 when the
+    text has fewer than ``n`` words). "the cat the cat the cat" has 4 trigrams, 2 unique: 0.5."""
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 def large_margin_pairs(
@@ -32,15 +41,19 @@ def large_margin_pairs(
     are kept: gold over sample, sample over gold and sample over sample (dropping sample-over-gold,
     "DNO-Restrictive",
     hurt in the paper). Identical texts never pair. Order: by positive, then negative, in candidate order.
+    An ``auto_negative`` candidate (a degenerate sample, the paper's automatic negatives) is never a positive and
+    is the negative of every positive whatever the scores.
     """
     pairs = []
     for i, positive in enumerate(candidates):
-        if min_positive is not None and positive.score < min_positive:
+        if positive.auto_negative or (min_positive is not None and positive.score < min_positive):
             continue
         margin = gold_margin if positive.is_gold else student_margin
         for j, negative in enumerate(candidates):
+            if i == j or positive.text == negative.text:
+                continue
             gap = positive.score - negative.score
-            if i != j and gap > 0 and gap >= margin and positive.text != negative.text:
+            if negative.auto_negative or (gap > 0 and gap >= margin):
                 pairs.append((i, j))
     return pairs
 

@@ -32,10 +32,10 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from prefopt.errors import ConfigError
-from prefopt.iterative.pairs import Candidate, large_margin_pairs, replay
+from prefopt.iterative.pairs import Candidate, large_margin_pairs, repeated_ngram_share, replay
 from prefopt.iterative.scoring import judge_win_rates
 
 logger = logging.getLogger(__name__)
@@ -79,17 +79,17 @@ def _load_state(out: Path, config) -> dict:
     return json.loads(path.read_text())
 
 
-def _prompt_rows(config) -> list[tuple[str, Any, Optional[str]]]:
-    """``(location, prompt, gold answer or None)`` of every valid row of ``iterations.prompts``."""
+def _prompt_rows(config, path: Optional[str] = None, key: str = "iterations.prompts") -> list:
+    """``(location, prompt, gold answer or None)`` of every valid row of ``iterations.prompts`` (or ``path``)."""
     from prefopt.data.sources import Source, load_rows, raise_for_invalid
     from prefopt.errors import DataError
 
-    source = Source(config.iterations.prompts, config.data.split)
+    source = Source(path or config.iterations.prompts, config.data.split)
     result = load_rows(source, "auto")
     if config.data.on_invalid == "error":
         raise_for_invalid(result)
     if not result.rows:
-        raise DataError(f"iterations.prompts: no usable rows in {source.name}")
+        raise DataError(f"{key}: no usable rows in {source.name}")
     return [(location, row.prompt, row.completion) for location, row in result.rows]
 
 
@@ -107,19 +107,19 @@ def _partition(rows: list, t: int, count: int, partition: bool, seed: int) -> li
     return share
 
 
-def _sample_and_score(config, policy_path: str, rows: list, t: int, it_dir: Path) -> list[dict]:
-    """Candidates per prompt (K samples + gold) with their scores; written to ``samples.jsonl``."""
+def _generate(config, policy_path: str, prompts: list, n: int, seed: int, prompts_file: Path):
+    """``n`` samples per prompt from the model at ``policy_path`` (the recipe's ``generation`` section).
+
+    Returns the prompts' texts and chat messages as training tokenizes them, and per prompt its samples and
+    whether each ended with EOS."""
     import torch
 
     from prefopt.config import DataConfig
     from prefopt.data import build_datasets
     from prefopt.generation import build_generator, sampling_from_config
     from prefopt.models.loading import load_frozen_causal_lm, load_tokenizer
-    from prefopt.models.reward import build_reward, import_callable
 
-    it = config.iterations
-    prompts_file = it_dir / "prompts.jsonl"
-    _write_jsonl(prompts_file, [{"prompt": prompt} for _, prompt, _ in rows])
+    _write_jsonl(prompts_file, [{"prompt": prompt} for prompt in prompts])
     tokenizer = load_tokenizer(policy_path)
     data_cfg = DataConfig(
         train=str(prompts_file),
@@ -133,73 +133,142 @@ def _sample_and_score(config, policy_path: str, rows: list, t: int, it_dir: Path
     model = load_frozen_causal_lm(
         policy_path, config.model.model_copy(update={"name_or_path": policy_path}), key="model.name_or_path"
     )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     generator = build_generator(config.generation, model, tokenizer)
     rollouts = generator.generate(
-        list(bundle.train["prompt_input_ids"]),
-        sampling_from_config(config.generation, n=it.samples_per_prompt, seed=config.seed * 1000 + t),
+        list(bundle.train["prompt_input_ids"]), sampling_from_config(config.generation, n=n, seed=seed)
     )
-    texts, messages = list(bundle.train["prompt_text"]), list(bundle.train["prompt_messages"])
-    candidates: list[list[str]] = [[] for _ in rows]
-    finished: list[list[bool]] = [[] for _ in rows]
+    samples: list[list[str]] = [[] for _ in prompts]
+    finished: list[list[bool]] = [[] for _ in prompts]
     for index, text, done in zip(rollouts.prompt_index.tolist(), rollouts.texts, rollouts.finished):
-        candidates[index].append(text)
+        samples[index].append(text)
         finished[index].append(bool(done))
+    del model, generator
+    return list(bundle.train["prompt_text"]), list(bundle.train["prompt_messages"]), samples, finished
+
+
+def _score(config, policy_path, texts, messages, candidates, finished, locations) -> list[list[float]]:
+    """One score per candidate: the reward layer's, or with ``reward.kind=judge`` each candidate's win-rate
+    against the other candidates of its prompt."""
+    import torch
+
+    from prefopt.models.loading import load_tokenizer
+    from prefopt.models.reward import build_reward, import_callable
+
+    if config.reward.kind == "judge":
+        return judge_win_rates(
+            import_callable(config.reward.function),
+            texts,
+            candidates,
+            locations,
+            judge=f"reward.function {config.reward.function}",
+        )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    scorer = build_reward(config.reward, device=device, policy_tokenizer=load_tokenizer(policy_path))
+    flat = [(i, c) for i, row in enumerate(candidates) for c in row]
+    values = scorer.score(
+        [texts[i] for i, _ in flat],
+        [c for _, c in flat],
+        prompt_messages=[messages[i] for i, _ in flat] if any(messages) else None,
+        finished=torch.tensor([f for row in finished for f in row]),
+    ).tolist()
+    scores, k = [], 0
+    for row in candidates:
+        scores.append(values[k : k + len(row)])
+        k += len(row)
+    return scores
+
+
+def _sample_and_score(config, policy_path: str, rows: list, t: int, it_dir: Path) -> list[dict]:
+    """Candidates per prompt (K samples + gold) with their scores; written to ``samples.jsonl``."""
+    it = config.iterations
+    texts, messages, candidates, finished = _generate(
+        config,
+        policy_path,
+        [prompt for _, prompt, _ in rows],
+        it.samples_per_prompt,
+        config.seed * 1000 + t,
+        it_dir / "prompts.jsonl",
+    )
     gold = [it.include_gold and answer is not None for _, _, answer in rows]
     for i, (_, _, answer) in enumerate(rows):
         if gold[i]:
             candidates[i].append(answer)
             finished[i].append(True)
-    del model, generator
-    if config.reward.kind == "judge":
-        scores = judge_win_rates(
-            import_callable(config.reward.function),
-            texts,
-            candidates,
-            [location for location, _, _ in rows],
-            judge=f"reward.function {config.reward.function}",
-        )
-    else:
-        scorer = build_reward(config.reward, device=device, policy_tokenizer=tokenizer)
-        flat = [(i, c) for i, row in enumerate(candidates) for c in row]
-        values = scorer.score(
-            [texts[i] for i, _ in flat],
-            [c for _, c in flat],
-            prompt_messages=[messages[i] for i, _ in flat] if any(messages) else None,
-            finished=torch.tensor([f for row in finished for f in row]),
-        ).tolist()
-        scores, k = [], 0
-        for row in candidates:
-            scores.append(values[k : k + len(row)])
-            k += len(row)
+    locations = [location for location, _, _ in rows]
+    scores = _score(config, policy_path, texts, messages, candidates, finished, locations)
     samples = []
     for i, (location, prompt, _) in enumerate(rows):
         count = len(candidates[i])
-        samples.append(
-            {
-                "prompt": prompt,
-                "source": location,
-                "candidates": [
-                    {
-                        "text": text,
-                        "score": float(score),
-                        "gold": gold[i] and j == count - 1,
-                        "finished": done,
-                    }
-                    for j, (text, score, done) in enumerate(zip(candidates[i], scores[i], finished[i]))
-                ],
-            }
-        )
+        entries = []
+        for j, (text, score, done) in enumerate(zip(candidates[i], scores[i], finished[i])):
+            is_gold = gold[i] and j == count - 1
+            entry = {"text": text, "score": float(score), "gold": is_gold, "finished": done}
+            if it.repetition_negative is not None and not is_gold:
+                share = repeated_ngram_share(text, it.repetition_ngram)
+                entry["repeated_ngrams"] = share
+                entry["auto_negative"] = share > it.repetition_negative
+            entries.append(entry)
+        samples.append({"prompt": prompt, "source": location, "candidates": entries})
     _write_jsonl(it_dir / "samples.jsonl", samples)
     return samples
+
+
+def _select_best(config, policies: list[str], out: Path) -> tuple[int, list[dict]]:
+    """Alg. 2's last line: the best of ``policies`` (pi_1..pi_{T+1}) on ``iterations.validation``.
+
+    Every iterate answers the same validation prompts (``validation_samples`` each, one sampling seed); a scorer
+    gives each iterate its mean score, a judge its mean win-rate in a round robin of the iterates' answers to
+    the same prompt and slot. Returns the index of the best and one record per iterate (``validation.json``)."""
+    it = config.iterations
+    rows = _prompt_rows(config, it.validation, "iterations.validation")
+    prompts, locations = [prompt for _, prompt, _ in rows], [location for location, _, _ in rows]
+    val_dir = out / "validation"
+    val_dir.mkdir(parents=True, exist_ok=True)
+    answers = []  # per iterate: per prompt, its samples
+    for policy in policies:
+        texts, messages, samples, finished = _generate(
+            config, policy, prompts, it.validation_samples, config.seed * 1000, val_dir / "prompts.jsonl"
+        )
+        answers.append((samples, finished))
+    if config.reward.kind == "judge":
+        # one tournament per (prompt, slot): candidate k is iterate k's answer
+        slots = [(i, s) for i in range(len(prompts)) for s in range(it.validation_samples)]
+        rates = _score(
+            config,
+            policies[0],
+            [texts[i] for i, _ in slots],
+            [messages[i] for i, _ in slots],
+            [[answers[k][0][i][s] for k in range(len(policies))] for i, s in slots],
+            [[answers[k][1][i][s] for k in range(len(policies))] for i, s in slots],
+            [locations[i] for i, _ in slots],
+        )
+        means = [sum(row[k] for row in rates) / len(rates) for k in range(len(policies))]
+    else:
+        means = []
+        for samples, finished in answers:
+            scores = _score(config, policies[0], texts, messages, samples, finished, locations)
+            flat = [value for row in scores for value in row]
+            means.append(sum(flat) / len(flat))
+    records = [
+        {"iterate": k + 1, "policy": p, "validation_score": m}
+        for k, (p, m) in enumerate(zip(policies, means))
+    ]
+    best = max(range(len(policies)), key=lambda k: (means[k], k))  # ties: the later iterate
+    tmp = val_dir / "validation.json.tmp"
+    tmp.write_text(json.dumps({"iterates": records, "best": records[best]}, indent=2))
+    tmp.replace(val_dir / "validation.json")
+    return best, records
 
 
 def _pairs_from_samples(config, samples: list[dict], t: int) -> list[dict]:
     it = config.iterations
     pairs = []
     for sample in samples:
-        candidates = [Candidate(c["text"], c["score"], c["gold"]) for c in sample["candidates"]]
+        candidates = [
+            Candidate(c["text"], c["score"], c["gold"], c.get("auto_negative", False))
+            for c in sample["candidates"]
+        ]
         conversational = isinstance(sample["prompt"], list)
         for i, j in large_margin_pairs(
             candidates,
@@ -248,6 +317,8 @@ def train_iterations(config) -> IterationsResult:
     out = Path(config.output_dir)
     state = _load_state(out, config)
     rows = _prompt_rows(config)  # bad prompt rows stop the run before anything is written
+    if it.select_best:
+        _prompt_rows(config, it.validation, "iterations.validation")
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     policy_path, history, records, steps, last = str(config.model.name_or_path), [], [], 0, {}
@@ -297,7 +368,17 @@ def train_iterations(config) -> IterationsResult:
             len(carried),
             policy_path,
         )
-    final = out / "final"  # output_dir/final, like every run: the last iterate
+    if it.select_best:
+        policies = [str(config.model.name_or_path)] + [r["policy"] for r in records]
+        best, scores = _select_best(config, policies, out)
+        policy_path = policies[best]
+        logger.info(
+            "validation: %s; best is iterate %d (%s)",
+            ", ".join(f"pi_{r['iterate']} {r['validation_score']:.4f}" for r in scores),
+            best + 1,
+            policy_path,
+        )
+    final = out / "final"  # output_dir/final, like every run: the last iterate, or the best one on validation
     if final.is_symlink() or final.exists():
         final.unlink()
     if Path(policy_path).resolve() != final.resolve():

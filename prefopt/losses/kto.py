@@ -18,12 +18,15 @@ class KTOLoss(PreferenceLoss):
     (arXiv 2402.01306), Eq. 7-8; TRL 1.16 ``KTOTrainer`` (``trl/trainer/kto_trainer.py``, ``_compute_loss``).
 
     Each row is one completion ``y`` of a prompt ``x`` with a label: desirable (``D``) or undesirable (``U``);
-    no pairs are needed. With the implicit reward ``r(x, y) = beta * (logp(y|x) - logp_ref(y|x))``::
+    no pairs are needed. With ``lr(x, y) = logp(y|x) - logp_ref(y|x)`` and the implicit reward
+    ``r = beta * lr``::
 
-        z0     = max(0, mean_j [logp(y'_j|x_j) - logp_ref(y'_j|x_j)])      (no gradient)
-        L(y)   = desirable_weight   * (1 - sigmoid(r(x, y) - beta * z0))   y desirable
-               = undesirable_weight * (1 - sigmoid(beta * z0 - r(x, y)))   y undesirable
-        L      = mean over the batch's rows (desirable and undesirable together)
+        z0   = max(0, mean_j lr(x_j, y'_j))        (no gradient)
+        L(y) = w_D * (1 - sigmoid(r - beta*z0))    y desirable
+             = w_U * (1 - sigmoid(beta*z0 - r))    y undesirable
+        L    = mean over the batch's rows
+
+    (``w_D``, ``w_U``: ``desirable_weight``, ``undesirable_weight``).
 
     ``z0`` is the reference point, an estimate of KL(pi || pi_ref): as the paper and TRL do, it is the mean
     log-ratio of *mismatched* pairs -- each prompt ``x_j`` of the batch followed by the completion ``y'_j`` of

@@ -3,7 +3,7 @@
 Both are keyword parameters of the losses that take them (``prefopt losses NAME`` lists them), validated here and
 applied by the loss itself, so the trainer only sees what the loss declares it ``needs``:
 
-**LD-DPO** (``ld_alpha``) -- Liu et al. 2024, "LD-DPO: Length Desensitization in Direct Preference Optimization"
+**LD-DPO** (``ld_alpha``) -- Liu et al. 2024, "Length Desensitization in Direct Preference Optimization"
 (arXiv 2409.06411). DPO's log-probabilities are sums over tokens, so the longer completion of a pair carries more
 terms and the implicit reward grows with verbosity. LD-DPO splits each completion at the pair's shared length
 ``l_p = min(|y_w|, |y_l|)`` and down-weights the tokens beyond it::
@@ -12,7 +12,7 @@ terms and the implicit reward grows with verbosity. LD-DPO splits each completio
 
 for the policy and the reference alike; the loss then runs on ``logp_ld`` (and so do its ``rewards/*`` and
 ``logps/*``, as in TRL). ``ld_alpha = 1`` is the plain loss, ``0`` drops the excess tokens; the paper tunes
-alpha in [0.1, 0.9] per model (TRL: ``DPOConfig.ld_alpha``, default None = off, which is prefopt's default too).
+alpha per model, no value is a default (TRL: ``DPOConfig.ld_alpha``, default None = off, as here).
 The step provides ``tail(y)`` as the ``*_tail_logps`` fields of :class:`~prefopt.losses.base.LossInputs`
 (need ``"length_tails"``); a precomputed reference caches the reference tails beside the sums.
 
@@ -125,7 +125,7 @@ MODIFIERS = {
         Modifier(
             name="ld_dpo",
             summary="LD-DPO: down-weight the longer completion's tokens past the shorter one's length",
-            paper="Liu et al. 2024, LD-DPO: Length Desensitization in Direct Preference Optimization "
+            paper="Liu et al. 2024, Length Desensitization in Direct Preference Optimization "
             "(arXiv 2409.06411)",
             formula="logp_ld(y) = logp(y) - (1 - ld_alpha) * tail(y),  tail = tokens past min(|y_w|, |y_l|); "
             "policy and reference alike, then the loss as usual",

@@ -16,6 +16,7 @@ from prefopt.losses.bco import BCOPairLoss
 from prefopt.losses.copg import CoPGLoss
 from prefopt.losses.cpo import CPOLoss
 from prefopt.losses.discopop import DiscoPOPLoss
+from prefopt.losses.dno import DNOSoftLoss
 from prefopt.losses.dpo import DPOLoss
 from prefopt.losses.drpo import DRPOLoss
 from prefopt.losses.exo import EXOPairLoss
@@ -73,7 +74,7 @@ _LOSSES: dict[str, type[PreferenceLoss]] = {
         MixtureLoss,
     )
 }
-_LOSSES.update({cls.name: cls for cls in (CoPGLoss, TPOLoss, TPOLLoss, SRPOLoss, DRPOLoss)})
+_LOSSES.update({cls.name: cls for cls in (CoPGLoss, TPOLoss, TPOLLoss, SRPOLoss, DRPOLoss, DNOSoftLoss)})
 _LOSSES[KTOLoss.name] = KTOLoss  # unpaired rows (its own step kind)
 
 

@@ -43,31 +43,14 @@ def _cache_key(config, source) -> str:
 
 
 def _score_file(config, source, cache_file: Path, batch_size: int = 256) -> None:
-    import torch
-
     from prefopt.data.formats import NormalizeOptions
     from prefopt.data.sources import load_rows, raise_for_invalid
-    from prefopt.models.loading import load_tokenizer
-    from prefopt.models.reward import build_reward
 
     result = load_rows(
         source, config.data.format, NormalizeOptions(config.data.rated_pairs, config.data.rated_min_gap)
     )
     if config.data.on_invalid == "error":
         raise_for_invalid(result)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    scorer = build_reward(
-        config.reward,
-        device=device,
-        policy_tokenizer=load_tokenizer(config.model.name_or_path, revision=config.model.revision),
-    )
-    if not hasattr(scorer, "score"):
-        from prefopt.errors import ConfigError
-
-        raise ConfigError(
-            "reward.kind: scoring pairs for this loss needs a scorer (model, function or implicit), "
-            "not a pairwise judge"
-        )
     rows, todo = [], []  # todo: (row index, side, prompt text, messages json, completion)
     for location, normal in result.rows:
         conversational = isinstance(normal.prompt, list)
@@ -95,6 +78,9 @@ def _score_file(config, source, cache_file: Path, batch_size: int = 256) -> None
                         )
                     )
             rows.append(row)
+    # The scorer is built only when a row lacks scores: pairs that carry theirs (a DNO iteration's, scored by
+    # a pairwise judge) need no scorer, whatever reward.kind is.
+    scorer = _scorer(config) if todo else None
     for start in range(0, len(todo), batch_size):
         block = todo[start : start + batch_size]
         messages = [m for _, _, _, m, _ in block]
@@ -116,6 +102,28 @@ def _score_file(config, source, cache_file: Path, batch_size: int = 256) -> None
         config.reward.kind,
         cache_file,
     )
+
+
+def _scorer(config):
+    import torch
+
+    from prefopt.models.loading import load_tokenizer
+    from prefopt.models.reward import build_reward
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    scorer = build_reward(
+        config.reward,
+        device=device,
+        policy_tokenizer=load_tokenizer(config.model.name_or_path, revision=config.model.revision),
+    )
+    if not hasattr(scorer, "score"):
+        from prefopt.errors import ConfigError
+
+        raise ConfigError(
+            "reward.kind: scoring pairs for this loss needs a scorer (model, function or implicit), "
+            "not a pairwise judge"
+        )
+    return scorer
 
 
 def with_scored_pairs(config):

@@ -539,6 +539,12 @@ def main(argv=None) -> int:
         "environment setting (e.g. PREFOPT_DECODE_THREADS=0)",
     )
     parser.add_argument(
+        "--override-variants",
+        default="",
+        help="extra prefopt runs of the same methods in the same turns, one per space-separated config override "
+        "(e.g. train.share_prompt=false)",
+    )
+    parser.add_argument(
         "--eval-samples", type=int, default=2, help="samples per held-out prompt for the gold reward"
     )
     parser.add_argument(
@@ -579,11 +585,13 @@ def main(argv=None) -> int:
     stamp = time.strftime("%H%M%S")
     for repeat in range(args.repeats):
         specs = []
-        runs = [(method, method, {}) for method in methods]
+        runs = [(method, method, {}, []) for method in methods]
         for setting in args.env_variants.split():
             name, _, value = setting.partition("=")
-            runs += [(f"{method} {setting}", method, {name: value}) for method in methods]
-        for trainer, method, env in runs + ([] if args.no_trl else [("trl", "trl", {})]):
+            runs += [(f"{method} {setting}", method, {name: value}, []) for method in methods]
+        for setting in args.override_variants.split():
+            runs += [(f"{method} {setting}", method, {}, [setting]) for method in methods]
+        for trainer, method, env, extra in runs + ([] if args.no_trl else [("trl", "trl", {}, [])]):
             tag = f"{stamp}-{trainer.replace(' ', '-').replace('=', '')}-r{repeat}"
             spec = {
                 "name": tag,
@@ -596,7 +604,7 @@ def main(argv=None) -> int:
                 "batch": args.batch,
                 "steps": args.steps,
                 "out": str(workdir / "out" / tag),
-                "overrides": args.overrides.split(),
+                "overrides": args.overrides.split() + extra,
                 "result": str(workdir / "runs" / f"{tag}.result.json"),
             }
             if args.profile:

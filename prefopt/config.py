@@ -203,6 +203,14 @@ class TrainConfig(_Section):
     hub_model_id: Optional[str] = None  # "user/name" or "org/name"
     hub_private: bool = True  # a new repository is created private
 
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_no(cls, data: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as False: `mixed_precision: no` (file or override) means the string "no".
+        if isinstance(data, dict) and data.get("mixed_precision") is False:
+            data = {**data, "mixed_precision": "no"}
+        return data
+
     @model_validator(mode="after")
     def _check_push(self) -> TrainConfig:
         if self.push_to_hub and not self.hub_model_id:

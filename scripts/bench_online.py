@@ -9,14 +9,22 @@ constant lr, no warmup, no weight decay), gradient clipping at 1.0, fp32, no gra
 What differs is each method's own definition: TRL's online DPO and prefopt's ``online_dpo`` draw two policy
 samples per prompt; prefopt's XPO one policy and one reference sample (``--methods``).
 
-Every run is a fresh child process; prefopt and TRL runs alternate. Per optimizer step we time generation (every
-sampling call of the step, the reference's included) and the rest (scoring, the forwards, backward, optimizer)
-separately; the first step is a warm-up and is not counted. Peak RSS is the kernel's peak of the child from its
-first sampling call on. After training, the parent samples the held-out prompts from each final model with one
-fixed seed and scores them with the gold reward: a fast but wrong trainer cannot win.
+Every run is a fresh child process. The runs of one repeat (each prefopt method and TRL) start together and, after
+their warm-up steps, take turns step by step (the parent releases one child's step at a time, in an order that
+rotates each step; the others wait, idle): on a shared machine every trainer's steps then meet the same load. Per
+optimizer step we time generation (every sampling call of the step, the reference's included) and the rest
+(scoring, the forwards, backward, optimizer) separately, and count the decode steps of the sampling calls (each
+call runs until its longest sample ends), so that generation is also compared per decode step: the trainers draw
+different samples. The first step is a warm-up and is not counted. Peak RSS is the kernel's peak of the child from
+its first sampling call on, also given above the RSS at that call (the step's own memory; the rest is the Python
+runtime and the model). ``--profile`` runs cProfile in every child after its warm-up step (not while it waits for
+its turn) and prints the seconds per step of each phase (generation, the sampler, reward, policy and reference
+forwards, backward, optimizer). After training, the parent samples the held-out prompts from each final model with
+one fixed seed and scores them with the gold reward: a fast but wrong trainer cannot win.
 
     python scripts/bench_online.py                                   # online_dpo, xpo, TRL; 12 steps, 2 repeats
     python scripts/bench_online.py --methods xpo --steps 6 --repeats 1 --json out.json
+    python scripts/bench_online.py --methods online_dpo,xpo --steps 6 --repeats 1 --profile   # where time goes
 """
 
 from __future__ import annotations
@@ -68,7 +76,9 @@ class OnlineClock:
         self.rss_start = None
         self.step_starts: list[float] = []
         self.step_ends: list[float] = []
-        self.generation: list[tuple[float, float]] = []  # (start, end) of every sampling call
+        self.generation: list[
+            tuple[float, float, int]
+        ] = []  # (start, end, decode steps) of every sampling call
 
     def generation_started(self):
         if self.started is None:
@@ -77,8 +87,8 @@ class OnlineClock:
             self.step_starts.append(self.started)
         return time.perf_counter()
 
-    def generation_ended(self, start):
-        self.generation.append((start, time.perf_counter()))
+    def generation_ended(self, start, decode_steps: int):
+        self.generation.append((start, time.perf_counter(), decode_steps))
 
     def step_ended(self):
         if self.started is None:
@@ -105,13 +115,18 @@ class OnlineClock:
             self.profiler.dump_stats(self.profile)
 
     def result(self) -> dict:
-        steps, generation = [], []
+        steps, generation, decode_steps = [], [], []
         for begin, end in zip(self.step_starts, self.step_ends):
+            calls = [(a, b, n) for a, b, n in self.generation if a >= begin and b <= end]
             steps.append(end - begin)
-            generation.append(sum(b - a for a, b in self.generation if a >= begin and b <= end))
+            generation.append(sum(b - a for a, b, _ in calls))
+            decode_steps.append(sum(n for _, _, n in calls))
         return {
             "step_times": steps,
             "generation_times": generation,
+            # Decode steps of the step's sampling calls (each call runs until its longest sample ends): the
+            # trainers draw different samples, so generation seconds per decode step compare the loops' speed.
+            "decode_steps": decode_steps,
             "peak_rss_mib": _status_mib("VmHWM"),
             "rss_start_mib": self.rss_start,
         }
@@ -141,10 +156,9 @@ def child_prefopt(spec: dict) -> dict:
 
     def generate(self, *args, **kwargs):
         start = clock.generation_started()
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            clock.generation_ended(start)
+        rollouts = original(self, *args, **kwargs)
+        clock.generation_ended(start, rollouts.completion_ids.shape[1])  # decode steps: the longest sample
+        return rollouts
 
     HFGenerator.generate = generate
     overrides = [
@@ -211,10 +225,9 @@ def child_trl(spec: dict) -> dict:
     class TimedOnlineDPOTrainer(OnlineDPOTrainer):
         def _generate(self, *args, **kwargs):
             start = clock.generation_started()
-            try:
-                return super()._generate(*args, **kwargs)
-            finally:
-                clock.generation_ended(start)
+            out = super()._generate(*args, **kwargs)
+            clock.generation_ended(start, out[2].shape[1])  # completion_ids [2B, decode steps]
+            return out
 
         def training_step(self, *args, **kwargs):
             loss = super().training_step(*args, **kwargs)
@@ -470,6 +483,10 @@ def summarise(results: list[dict], log) -> list[dict]:
         runs = [r for r in results if r["trainer"] == label]
         step = statistics.median(t for r in runs for t in r["step_times"][1:])
         generation = statistics.median(t for r in runs for t in r["generation_times"][1:])
+        per_token = statistics.median(
+            t / n * 1000 for r in runs for t, n in zip(r["generation_times"][1:], r["decode_steps"][1:])
+        )
+        decode_steps = statistics.mean(n for r in runs for n in r["decode_steps"][1:])
         rates = [1 / statistics.median(r["step_times"][1:]) for r in runs]
         rows.append(
             {
@@ -477,6 +494,8 @@ def summarise(results: list[dict], log) -> list[dict]:
                 "s_per_step": step,
                 "generation_s": generation,
                 "rest_s": step - generation,
+                "generation_ms_per_decode_step": per_token,
+                "decode_steps_per_step": decode_steps,
                 "steps_per_s_vs_trl": statistics.median(a / b for a, b in zip(rates, base_rates)),
                 "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs),
                 "memory_vs_trl": statistics.median(r["peak_rss_mib"] / b for r, b in zip(runs, base_peaks)),
@@ -488,13 +507,15 @@ def summarise(results: list[dict], log) -> list[dict]:
             }
         )
     log(
-        "| trainer | s/step (median) | generation s | rest s | steps/s vs TRL | peak RSS MiB | memory vs TRL "
-        "| peak above start MiB | gold reward after training | last loss |"
+        "| trainer | s/step (median) | generation s | decode steps/step (mean) | generation ms/decode step "
+        "| rest s | steps/s vs TRL | peak RSS MiB | memory vs TRL | peak above start MiB "
+        "| gold reward after training | last loss |"
     )
-    log("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    log("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         log(
-            f"| {r['trainer']} | {r['s_per_step']:.3f} | {r['generation_s']:.3f} | {r['rest_s']:.3f} "
+            f"| {r['trainer']} | {r['s_per_step']:.3f} | {r['generation_s']:.3f} "
+            f"| {r['decode_steps_per_step']:.1f} | {r['generation_ms_per_decode_step']:.1f} | {r['rest_s']:.3f} "
             f"| {r['steps_per_s_vs_trl']:.2f}x | {r['peak_rss_mib']:.0f} | {r['memory_vs_trl']:.2f}x "
             f"| {r['above_start_mib']:.0f} "
             f"| {r['gold']:.3f} | {r['final_loss']:.3f} |"
@@ -511,6 +532,18 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="prompts per optimizer step")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-trl", action="store_true")
+    parser.add_argument(
+        "--env-variants",
+        default="",
+        help="extra prefopt runs of the same methods in the same turns, one per space-separated NAME=VALUE "
+        "environment setting (e.g. PREFOPT_DECODE_THREADS=0)",
+    )
+    parser.add_argument(
+        "--override-variants",
+        default="",
+        help="extra prefopt runs of the same methods in the same turns, one per space-separated config override "
+        "(e.g. train.share_prompt=false)",
+    )
     parser.add_argument(
         "--eval-samples", type=int, default=2, help="samples per held-out prompt for the gold reward"
     )
@@ -552,19 +585,26 @@ def main(argv=None) -> int:
     stamp = time.strftime("%H%M%S")
     for repeat in range(args.repeats):
         specs = []
-        for trainer in methods + ([] if args.no_trl else ["trl"]):
-            tag = f"{stamp}-{trainer}-r{repeat}"
+        runs = [(method, method, {}, []) for method in methods]
+        for setting in args.env_variants.split():
+            name, _, value = setting.partition("=")
+            runs += [(f"{method} {setting}", method, {name: value}, []) for method in methods]
+        for setting in args.override_variants.split():
+            runs += [(f"{method} {setting}", method, {}, [setting]) for method in methods]
+        for trainer, method, env, extra in runs + ([] if args.no_trl else [("trl", "trl", {}, [])]):
+            tag = f"{stamp}-{trainer.replace(' ', '-').replace('=', '')}-r{repeat}"
             spec = {
                 "name": tag,
                 "trainer": trainer,
-                "method": trainer,
+                "method": method,
+                "env": env,
                 "model": assets["sft"],
                 "prompts": assets["prompts"],
                 "prompt_texts": assets["prompt_texts"],
                 "batch": args.batch,
                 "steps": args.steps,
                 "out": str(workdir / "out" / tag),
-                "overrides": args.overrides.split(),
+                "overrides": args.overrides.split() + extra,
                 "result": str(workdir / "runs" / f"{tag}.result.json"),
             }
             if args.profile:

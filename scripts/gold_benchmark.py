@@ -62,12 +62,8 @@ METHODS = {
     "tpo": ("tpo.yaml", [], "rated", None),  # triples: best / second / worst of 3 rated completions
     "srpo": ("srpo.yaml", [], "pairs", None),  # evaluated on its first answer (no revision round)
     "dno": ("dno.yaml", [], "iterations", None),  # 3 iterations on thirds of prompts_train.jsonl
-    "drpo": (
-        "drpo.yaml",
-        [],
-        "completions",
-        None,
-    ),  # PPO with resets to prefixes of the SFT data's completions
+    # PPO with resets to prefixes of the SFT data's completions
+    "drpo": ("drpo.yaml", [], "completions", None),
 }
 # The TRL catalogue (issue 16), each with its tiny recipe; opt-in with --methods (16 more runs per seed).
 CATALOGUE = (

@@ -95,8 +95,7 @@ def plan(args, model_dir: Path, data_dir: Path, ds_dir: Path) -> list[Check]:
             f"accelerate:{REPO / 'recipes/accelerate/fsdp2.yaml'}",
             dpo,
             common,
-            gpu_only=True,
-            verify="full",
+            verify="full",  # runs on CPU too: prefopt builds accelerate's FSDP state over gloo
         ),
         Check(
             "lora-zero3",

@@ -36,6 +36,20 @@ def test_no_citation_points_to_a_file_outside_the_repository():
     assert not stale, f"cite docs/losses.md instead of the spec file: {stale}"
 
 
+# A merge conflict left in a file: the three marker lines git writes (built from parts, as above).
+CONFLICT = re.compile("^(" + "<" * 7 + " |" + "=" * 7 + "$|" + ">" * 7 + " )")
+
+
+def test_no_merge_conflict_markers_in_the_repository():
+    left = [
+        f"{path.relative_to(REPO)}:{number}"
+        for path in _tracked_text_files()
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+        if CONFLICT.match(line)
+    ]
+    assert not left, f"merge conflict markers: {left}"
+
+
 def test_every_registered_loss_has_a_section_in_docs_losses_md():
     headings = set(re.findall(r"^## (\S+)\s*$", LOSSES_DOC.read_text(), flags=re.M))
     missing = [name for name in available_losses() if name not in headings]

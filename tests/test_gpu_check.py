@@ -60,13 +60,13 @@ def _run(tmp_path, only: str):
 
 
 def test_cpu_tiny_bf16_dpo_check(tmp_path):
-    rows = _run(tmp_path, "dpo-bf16,fsdp2")
+    rows = _run(tmp_path, "dpo-bf16,packing")
     assert rows["dpo-bf16"]["status"] == "ok" and rows["dpo-bf16"]["tokens_per_second"] > 0
-    assert rows["fsdp2"]["status"] == "skipped (GPU only)"
+    assert rows["packing"]["status"] == "skipped (GPU only)"
 
 
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_cpu_tiny_sharded_and_online_checks(tmp_path):
-    rows = _run(tmp_path, "zero2,zero3,lora-zero3,hypo,xpo")
+    rows = _run(tmp_path, "zero2,zero3,fsdp2,lora-zero3,hypo,xpo")
     assert {name: row["status"] for name, row in rows.items()} == dict.fromkeys(rows, "ok")

@@ -71,7 +71,8 @@ def test_bf16_autocast_dpo_starts_at_ln2_with_a_live_reference(tiny_model_dir, t
 
 
 def test_bf16_loaded_model_trains_at_small_learning_rate(tiny_model_dir, tmp_path):
-    """model.dtype=bfloat16 at lr 5e-7: AdamW on bf16 weights would round every update away; fp32 masters move."""
+    """model.dtype=bfloat16 at lr 5e-7: AdamW on bf16 weights would round every update away; fp32 masters move.
+    final/ is written in bf16, the dtype the model was loaded in (item 22); the checkpoint keeps the fp32 masters."""
     from safetensors.torch import load_file
 
     data = write_pairs(tmp_path / "pairs.jsonl", rows=24)
@@ -83,20 +84,27 @@ def test_bf16_loaded_model_trains_at_small_learning_rate(tiny_model_dir, tmp_pat
         "train.mixed_precision=bf16",
         "train.learning_rate=5e-7",
         "train.max_steps=3",
+        "train.save_steps=3",
         "train.lr_scheduler=constant",
     )
-    trained = load_file(str(result.final_dir / "model.safetensors"))
+    masters = load_file(str(tmp_path / "out" / "checkpoint-3" / "model.safetensors"))
+    masters = {k.removeprefix("model."): v for k, v in masters.items()}
+    final = load_file(str(result.final_dir / "model.safetensors"))
     initial = {
         k: v.to(torch.bfloat16).float()
         for k, v in load_file(str(tiny_model_dir / "model.safetensors")).items()
     }
-    assert all(t.dtype == torch.float32 for t in trained.values())  # the master weights are what was trained
-    changed = sum(int((trained[k] != initial[k]).sum()) for k in initial)
+    assert all(t.dtype == torch.float32 for t in masters.values())  # the master weights are what was trained
+    changed = sum(int((masters[k] != initial[k]).sum()) for k in initial)
     total = sum(v.numel() for v in initial.values())
     assert changed > total // 2
     # an update of ~lr per step, far below bf16 spacing (which would have rounded it away)
-    step = max((trained[k] - initial[k]).abs().max().item() for k in initial)
+    step = max((masters[k] - initial[k]).abs().max().item() for k in initial)
     assert 1e-7 < step < 3 * 3 * 5e-7
+    assert sorted(final) == sorted(initial)
+    for name, tensor in final.items():
+        assert tensor.dtype == torch.bfloat16, name
+        assert torch.equal(tensor, masters[name].to(torch.bfloat16)), name
 
 
 def test_flash_attention_with_fp32_is_a_config_error(tiny_model_dir, tmp_path):

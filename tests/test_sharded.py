@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from tests.trainer_helpers import REPO, losses, run, write_pairs
+from tests.trainer_helpers import REPO, losses, metrics, run, write_pairs
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.filterwarnings("ignore")]
 deepspeed = pytest.importorskip("deepspeed")
@@ -226,3 +226,110 @@ def test_zero3_online_xpo_with_frozen_implicit_reward_models(tiny_model_dir, gol
     steps = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
     assert len(steps) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in steps)
     assert steps[0]["dpo/loss"] == pytest.approx(0.693147, abs=1e-5)  # policy == reference at step 0
+
+
+def _torchrun_args(*program: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(next(_PORTS)),
+        *program,
+    ]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **extra)
+    return env
+
+
+def test_rto_under_deepspeed_is_a_config_error(tiny_model_dir, gold_task_dir, tmp_path):
+    """Item 3: RTO's PPO stage trains a policy and a critic as two prepared models, which accelerate refuses under
+    DeepSpeed (accelerator.py, prepare: "You can't use same `Accelerator()` instance with multiple models when
+    using DeepSpeed"). prefopt stops first: exit 2, one line saying what to change, nothing half-written."""
+    out = tmp_path / "rto"
+    result = subprocess.run(
+        _torchrun_args(
+            "-m",
+            "prefopt",
+            "train",
+            str(REPO / "recipes/tiny/rto.yaml"),
+            f"model.name_or_path={tiny_model_dir}",
+            f"ppo.dpo_policy={tiny_model_dir}",
+            f"data.train={gold_task_dir / 'prompts_train.jsonl'}",
+            f"output_dir={out}",
+            "logging.progress=false",
+            f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero2_cpu.json'}",
+        ),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+        cwd=REPO,
+    )
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors and "does not run under DeepSpeed" in errors[0] and "train.deepspeed unset" in errors[0]
+    # torchrun prints its own traceback (ChildFailedError) for a failed rank; the ranks print none
+    assert not any(line.startswith("[rank") and "Traceback" in line for line in result.stderr.splitlines())
+    assert "exitcode  : 2" in result.stderr  # torchrun reports each rank's exit status
+    assert not (out / "metrics.jsonl").exists() and not (out / "final").exists()
+
+
+def _nan_run(model_dir, data, out, nan_from: int, steps: int) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        _torchrun_args(
+            str(REPO / "tests/nan_loss_launch.py"),
+            "train",
+            str(REPO / "recipes/tiny/dpo.yaml"),
+            f"model.name_or_path={model_dir}",
+            f"data.train={data}",
+            "data.eval=null",
+            f"output_dir={out}",
+            "overwrite_output_dir=true",
+            "logging.progress=false",
+            "logging.logging_steps=1",
+            "train.per_device_batch_size=4",
+            "train.warmup_ratio=0",
+            "train.lr_scheduler=constant",  # the same learning rate at every step, whatever max_steps is
+            "train.learning_rate=1e-3",
+            f"train.max_steps={steps}",
+            "train.max_skipped_steps=5",
+            f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero2_cpu.json'}",
+        ),
+        capture_output=True,
+        text=True,
+        env=_env(PREFOPT_NAN_FROM=str(nan_from)),
+        timeout=600,
+        cwd=REPO,
+    )
+
+
+@pytest.mark.slow
+def test_zero2_skipped_non_finite_steps_change_no_weight(tiny_model_dir, tmp_path):
+    """Item 12: DeepSpeed steps inside ``backward``, so prefopt asks the engine whether it applied the update
+    (``was_step_applied``) instead of assuming a skip. ZeRO-2's own overflow check skips a non-finite step; the
+    skips prefopt counts must then have changed nothing: 2 good steps + 2 NaN steps end with the weights of a run
+    of the 2 good steps alone. (Where the engine did apply it -- no ZeRO, or a bf16 optimizer without the check --
+    the run stops with "DeepSpeed has already applied the update"; that branch is in trainer/updates.py.)"""
+    from transformers import AutoModelForCausalLM
+
+    data = write_pairs(tmp_path / "pairs.jsonl", rows=64)
+    skipped, clean = tmp_path / "skipped", tmp_path / "clean"
+    result = _nan_run(tiny_model_dir, data, skipped, nan_from=3, steps=4)  # steps 1, 2 finite; 3, 4 NaN
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "step 4: non-finite loss or gradient; optimizer step skipped (2 in a row)" in result.stderr
+    assert metrics(skipped)[-1]["train/skipped_steps"] == 2
+    result = _nan_run(tiny_model_dir, data, clean, nan_from=10**6, steps=2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert losses(skipped)[:2] == pytest.approx(losses(clean), abs=1e-6)
+    after_skips = AutoModelForCausalLM.from_pretrained(skipped / "final").state_dict()
+    expected = AutoModelForCausalLM.from_pretrained(clean / "final").state_dict()
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert any(not torch.equal(expected[n], initial[n]) for n in initial)  # the good steps did train
+    for name, tensor in after_skips.items():
+        assert torch.equal(tensor, expected[name]), name

@@ -138,9 +138,14 @@ class FakeLLM:
         if self.runner_model.tied:
             model.tie_weights()
         outputs = []
-        for prompt in prompts:
+        # LLM.generate takes one SamplingParams or one per prompt (vllm/entrypoints/llm.py; prefopt sends a list
+        # when every prompt carries its own seed).
+        if not isinstance(sampling_params, (list, tuple)):
+            sampling_params = [sampling_params] * len(prompts)
+        assert len(sampling_params) == len(prompts), "one SamplingParams per prompt"
+        for prompt, params in zip(prompts, sampling_params):
             ids = prompt["prompt_token_ids"]
-            budget = sampling_params.kwargs["max_tokens"]
+            budget = params.kwargs["max_tokens"]
             if len(ids) + budget > self.max_model_len:
                 raise ValueError(
                     f"prompt ({len(ids)}) + max_tokens ({budget}) > max_model_len {self.max_model_len}"

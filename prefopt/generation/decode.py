@@ -63,7 +63,8 @@ def supports_lean_loop(model: torch.nn.Module) -> bool:
 # A decode step's GEMMs are [rows, hidden] x [hidden, out]. Below this many multiply-adds for the largest of them
 # (the lm head or the MLP), splitting a GEMM over threads costs more than it saves: each of the step's few dozen
 # kernels then waits for a second thread to wake. Measured on the benchmark's tiny Llama (16 rows x 64 x 853 =
-# 0.9M) on a loaded 2-core box: one thread ran the decode loop 2.2x faster than two (docs/performance.md).
+# 0.9M) on a loaded 2-core box: one thread ran the decode loop 2.2x faster than two under cProfile and 1.23-1.40x
+# per decode step in the online benchmark (docs/performance.md, fourth round).
 SMALL_DECODE_MACS = 1 << 22
 
 

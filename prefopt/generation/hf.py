@@ -40,13 +40,18 @@ def unwrap_model(model, accelerator=None):
 
 @contextlib.contextmanager
 def gathered_parameters(model, accelerator=None) -> Iterator[None]:
-    """Under DeepSpeed ZeRO-3, gather the full parameters for the duration of generation so that each forward
-    step does not all-gather (and ranks with different completion lengths cannot deadlock). Elsewhere a no-op.
+    """Gather the full parameters for the duration of generation so that each forward step does not all-gather
+    (and ranks with different completion lengths cannot deadlock): DeepSpeed ZeRO-3 partitions, or FSDP2 shards
+    (``prefopt/generation/fsdp.py``, which also makes sure the prepared root, not an inner layer, is FSDP's root).
+    Elsewhere a no-op.
 
     DeepSpeed's own ZeRO-3 forward hooks stay installed; with the parameters already gathered they have nothing
-    to fetch. Not exercised in the test suite (no DeepSpeed here)."""
+    to fetch."""
     if not _zero3_enabled(accelerator):
-        yield
+        from prefopt.generation.fsdp import fsdp_full_parameters
+
+        with fsdp_full_parameters(model, accelerator):
+            yield
         return
     import deepspeed
 
@@ -133,7 +138,9 @@ class SeededSampler:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         from transformers import TopKLogitsWarper, TopPLogitsWarper
 
-        scores = scores.float() / self.sampling.temperature
+        scores = scores.float()
+        if self.sampling.temperature != 1.0:  # x / 1.0 is x: one kernel less per token at T=1
+            scores = scores / self.sampling.temperature
         if self.sampling.top_k > 0:
             scores = TopKLogitsWarper(self.sampling.top_k)(input_ids, scores)
         if self.sampling.top_p < 1.0:

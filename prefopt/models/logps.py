@@ -499,13 +499,38 @@ class CompletionLogpModel(torch.nn.Module):
         # property of the module: SFT or mixed batches simply fail the check and take the plain forward.
         self.share_prompt = share_prompt
 
+    # accelerate's FSDP2 preparation (``accelerate/utils/fsdp_utils.py``, ``fsdp2_prepare_model``) reads these off
+    # the prepared module -- this wrapper -- to shard the input embedding and the tail (final norm + lm-head) as
+    # their own units; without them both stay in the root unit, gathered from forward to the end of backward.
+    base_model_prefix = "decoder"  # ``_find_final_norm``: getattr(model, model.base_model_prefix)
+
+    def _causal_lm(self) -> torch.nn.Module:
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    @property
+    def decoder(self) -> Optional[torch.nn.Module]:
+        """The decoder stack (e.g. ``LlamaModel``), whose direct children include the final norm."""
+        return getattr(self._causal_lm(), "base_model", None)
+
+    def tie_weights(self, *args, **kwargs) -> None:
+        """Re-tie the wrapped model's tied embeddings. accelerate's ``fsdp2_prepare_model`` moves the model to the
+        meta device (``fsdp_cpu_ram_efficient_loading``), which unties them, and re-ties only through
+        ``model.tie_weights()``; without this the embedding and the lm-head of a tied model (Qwen2.5-0.5B/1.5B)
+        would train as two separate tensors."""
+        self._causal_lm().tie_weights(*args, **kwargs)
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self._causal_lm().get_input_embeddings()
+
+    def get_output_embeddings(self) -> Optional[torch.nn.Module]:
+        return self._causal_lm().get_output_embeddings()
+
     @property
     def _no_split_modules(self):
         """The wrapped model's decoder-layer classes: accelerate's FSDP ``TRANSFORMER_BASED_WRAP`` with no layer
         class reads ``model._no_split_modules`` of the prepared module (this wrapper); without it only the root
         would be sharded, i.e. no sharding at all."""
-        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return getattr(inner, "_no_split_modules", None)
+        return getattr(self._causal_lm(), "_no_split_modules", None)
 
     def forward(
         self,

@@ -145,7 +145,12 @@ class AdapterReference(Reference):
         chunk_size: Optional[int],
         autocast: Callable = contextlib.nullcontext,
         share_prompt: bool = False,
+        get_sharded_root: Optional[Callable[[], Optional[torch.nn.Module]]] = None,
     ):
+        # FSDP2: the prepared policy (the FSDP root). Its forward is the logps forward of the same model; the PEFT
+        # model inside it is not a root, and calling it directly leaves the root's groups sharded and lets an
+        # inner layer claim to be FSDP's root (prefopt/generation/fsdp.py).
+        self._get_sharded_root = get_sharded_root
         self._get_peft_model = (
             get_peft_model  # unwrapped lazily: accelerate may rewrap the policy after setup
         )
@@ -159,6 +164,10 @@ class AdapterReference(Reference):
     def token_logps(self, input_ids, attention_mask, completion_mask, **kwargs) -> TokenLogps:
         kwargs.setdefault("share_prompt", self.share_prompt)
         peft_model = self._get_peft_model()
+        root = self._get_sharded_root() if self._get_sharded_root is not None else None
+        if root is not None:
+            with peft_model.disable_adapter(), self.autocast():
+                return root(input_ids, attention_mask, completion_mask, **kwargs)
         with peft_model.disable_adapter(), self.autocast():
             return completion_token_logps(
                 peft_model, input_ids, attention_mask, completion_mask, chunk_size=self.chunk_size, **kwargs

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from prefopt.errors import ConfigError
 from prefopt.trainer.model_card import push_final_if_asked, write_model_card
 
@@ -302,6 +304,24 @@ def last_good_checkpoint_note(output_dir: Path) -> str:
     return "No checkpoint was saved in this run (set train.save_steps to keep some)"
 
 
+def in_training_dtype(model, state_dict: dict) -> dict:
+    """A full model's weights in the dtype it was loaded in (``model.dtype=bfloat16`` -> a bf16 ``final/``).
+
+    Trainable weights are kept in fp32 while training (AdamW master weights: ``ensure_fp32_master_weights`` for
+    DDP, accelerate's upcast in ``fsdp2_prepare_model`` under FSDP), but ``config.json`` still says bf16 and a
+    user who trained a bf16 model expects a bf16 checkpoint of half the size. A PEFT adapter is left as PEFT keeps
+    it (fp32 adapter weights by default, ``autocast_adapter_dtype``)."""
+    if hasattr(model, "peft_config"):
+        return state_dict
+    dtype = getattr(getattr(model, "config", None), "dtype", None)
+    if dtype not in (torch.bfloat16, torch.float16):
+        return state_dict
+    return {
+        name: tensor.to(dtype) if tensor.dtype == torch.float32 else tensor
+        for name, tensor in state_dict.items()
+    }
+
+
 def save_final_model(accelerator, prepared_policy, tokenizer, output_dir: Path) -> Path:
     """``final/`` with ``save_pretrained`` (safetensors; the adapter alone for LoRA), written then renamed.
 
@@ -319,6 +339,8 @@ def save_final_model(accelerator, prepared_policy, tokenizer, output_dir: Path) 
     state_dict = accelerator.get_state_dict(prepared_policy)
     if state_dict is not None and wrapped_lm:
         state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+    if state_dict is not None:
+        state_dict = in_training_dtype(model, state_dict)
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
         model.save_pretrained(partial, state_dict=state_dict, safe_serialization=True)

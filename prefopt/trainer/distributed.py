@@ -14,6 +14,15 @@ accelerate decides the distributed type from the environment. Two of its decisio
   state with the launcher's world size -- the same route the transformers Trainer takes with ``deepspeed=...``
   (``TrainingArguments._setup_devices`` sets ``ACCELERATE_USE_DEEPSPEED`` and builds ``PartialState`` itself).
 
+FSDP2 on CPU: accelerate only turns a GPU-family multi-process state into FSDP (``accelerate/state.py``,
+``AcceleratorState.__init__``: the ``ACCELERATE_USE_FSDP`` test sits inside ``elif self.distributed_type in
+[MULTI_GPU, ...]``, which leaves out ``MULTI_CPU``; accelerate 1.15 lines 985-1016), so ``accelerate launch
+--config_file recipes/accelerate/fsdp2.yaml`` on a CPU machine would train N unsharded copies with DDP. prefopt
+builds that state itself (:func:`build_cpu_fsdp_state`): the gloo process group accelerate makes for ``MULTI_CPU``,
+then the distributed type and FSDP plugin accelerate would have set on a GPU. Everything after that -- accelerate's
+``fsdp2_prepare_model`` (``fully_shard`` per decoder layer, then the root), its gradient clipping, sharded
+checkpoints and the gathered ``get_state_dict`` -- is the code a GPU user runs; only the process group differs.
+
 Frozen models (the reference, a reward model, RTO's DPO scorer) are wrapped by a DeepSpeed engine in eval mode
 under ZeRO-3: accelerate registers the DeepSpeed config with transformers, so every ``from_pretrained`` runs
 under ``zero.Init`` and leaves empty parameter partitions that only an engine's hooks gather (the same idea as
@@ -61,6 +70,78 @@ def accelerator_process_kwargs(use_deepspeed: bool) -> dict[str, Any]:
         return {"cpu": True}
     disable_deepspeed_shm_kernel()
     return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+
+
+def fsdp_requested() -> bool:
+    """Whether the launcher asked for FSDP (``accelerate launch`` with an FSDP config sets ``ACCELERATE_USE_FSDP``)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def fsdp_plugin(mixed_precision: str):
+    """The FSDP plugin of an FSDP launch (None otherwise), with prefopt's mixed-precision policy under FSDP2.
+
+    accelerate's default FSDP2 policy for bf16 (``accelerate/utils/dataclasses.py``,
+    ``FullyShardedDataParallelPlugin.set_mixed_precision``) is ``param_dtype=reduce_dtype=output_dtype=bf16`` with no
+    autocast: gradients are averaged across ranks in bf16, and the module's outputs -- prefopt's per-token logps --
+    are rounded to bf16 (seen: a DPO step-0 loss of 0.6906 instead of ln 2 against a reference under autocast).
+    prefopt keeps bf16 parameters for compute, reduces gradients in fp32 (as torchtitan does) and leaves the
+    outputs alone; the policy's forward runs under autocast like the reference's (:func:`autocast_forward`).
+    ``set_mixed_precision`` keeps a policy that is already set, so this one survives on GPUs and on CPU.
+    """
+    if not fsdp_requested():
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* variables
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    if plugin.fsdp_version == 2 and dtype is not None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(
+            param_dtype=dtype, reduce_dtype=torch.float32, output_dtype=None
+        )
+    return plugin
+
+
+def autocast_forward(accelerator, model: torch.nn.Module) -> None:
+    """Run ``model``'s forward under the accelerator's autocast, as ``prepare`` does for DDP models
+    (``accelerator.py``, ``prepare_model``: ``model.forward = autocast_context(model_forward_func)``) but not for
+    FSDP2 models (``_prepare_fsdp2``). FSDP2's hooks wrap the module call, so they still run around it."""
+    if not accelerator.native_amp:
+        return
+    forward = model.forward
+
+    def forward_under_autocast(*args, **kwargs):
+        with accelerator.autocast():
+            return forward(*args, **kwargs)
+
+    model.forward = forward_under_autocast
+
+
+def build_cpu_fsdp_state(mixed_precision: str, plugin) -> None:
+    """Set up accelerate's FSDP state on a CPU-only, multi-process launch, as accelerate does on GPUs.
+
+    Must run before ``Accelerator(...)`` (which then finds the state initialised and keeps it). ``plugin`` is
+    :func:`fsdp_plugin`'s, the one the ``Accelerator`` gets too; it gets the mixed precision the way
+    ``AcceleratorState`` gives it on a GPU (``state.py`` 1013-1016).
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, TorchDynamoPlugin
+
+    state = AcceleratorState(
+        mixed_precision=mixed_precision,
+        cpu=True,
+        dynamo_plugin=TorchDynamoPlugin(),  # what Accelerator() passes when no dynamo backend is asked for
+        _from_accelerator=True,
+    )
+    if state.distributed_type != DistributedType.MULTI_CPU:  # e.g. one process: nothing to shard across
+        return
+    if mixed_precision != "no":
+        plugin.set_mixed_precision(mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    # AcceleratorState copies its distributed type back into PartialState's shared dict (state.py, end of __init__).
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def disable_deepspeed_shm_kernel() -> None:

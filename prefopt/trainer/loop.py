@@ -155,7 +155,12 @@ class Trainer:
             config.data.max_length,
         )
         policy = build_policy(config, step_cls.model_kind, self.tokenizer)
-        reference = build_reference(config, lambda: self.accelerator.unwrap_model(self.policy).model, acc)
+        reference = build_reference(
+            config,
+            lambda: self.accelerator.unwrap_model(self.policy).model,
+            acc,
+            root_getter=lambda: self.policy if acc.is_fsdp2 else None,
+        )
         if config.resolved_reference_mode() == "precomputed":
             reference = precompute_reference(config, acc, reference, self.bundle, self.collator)
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -239,6 +244,17 @@ class Trainer:
         count = len(modules)
         prepared = acc.prepare(*modules, *optimizers, *schedulers)
         prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
+        if acc.is_fsdp2:
+            from torch.distributed.fsdp import FSDPModule
+
+            from prefopt.trainer.distributed import autocast_forward
+
+            autocast_forward(acc, prepared[0])  # as accelerate does for DDP: the reference runs under it too
+
+            units = sum(isinstance(m, FSDPModule) for m in prepared[0].modules())
+            logger.info(
+                "FSDP2: the policy is sharded in %d units over %d processes", units, acc.num_processes
+            )
         names = ["policy", *(t.name for t in extra)]
         return [
             TrainedModule(
@@ -383,8 +399,17 @@ class Trainer:
         averager = MetricAverager()
         split = getattr(self.reference, "use_split", None)
         context = split("eval") if split else contextlib.nullcontext()
+        # Every rank runs the same number of eval forwards: under FSDP2 / ZeRO-3 each forward gathers parameters
+        # collectively, and a rank with one batch fewer fails or hangs the others. A rank that runs out repeats a
+        # batch and drops its metrics.
+        batches = math.ceil(math.ceil(len(self.bundle.eval) / acc.num_processes) / size)
+        loader = iter(DataLoader(shard, batch_size=size, shuffle=False, collate_fn=self.collator))
         with context:
-            for batch in DataLoader(shard, batch_size=size, shuffle=False, collate_fn=self.collator):
+            for _ in range(batches):
+                batch = next(loader, None)
+                if batch is None:
+                    self.step_fn.eval_batch(self.collator([self.bundle.eval[0]]))
+                    continue
                 metrics, weight = self.step_fn.eval_batch(batch)
                 averager.add(metrics, weight=weight)
         metrics = {f"eval/{k}": v for k, v in averager.reduce(self.accelerator, keys=None).items()}

@@ -54,16 +54,25 @@ def make_accelerator(config: Config):
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError("train.deepspeed: DeepSpeed is not installed; pip install 'prefopt[deepspeed]'")
         plugin = DeepSpeedPlugin(hf_ds_config=config.train.deepspeed)
-    from prefopt.trainer.distributed import accelerator_process_kwargs, fresh_accelerator_state
+    from prefopt.trainer.distributed import (
+        accelerator_process_kwargs,
+        build_cpu_fsdp_state,
+        fresh_accelerator_state,
+        fsdp_plugin,
+    )
 
     fresh_accelerator_state()
     extra = accelerator_process_kwargs(use_deepspeed=plugin is not None)
+    fsdp = None if plugin is not None else fsdp_plugin(precision)
+    if extra.get("cpu") and fsdp is not None:
+        build_cpu_fsdp_state(precision, fsdp)
     handlers = [
         DistributedDataParallelKwargs(find_unused_parameters=False),
         *extra.pop("kwargs_handlers", []),
     ]
     accelerator = Accelerator(
         deepspeed_plugin=plugin,
+        fsdp_plugin=fsdp,
         mixed_precision=precision,
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         # The loop steps the scheduler once per optimizer step itself; accelerate's default would step it once per
@@ -84,15 +93,18 @@ def make_accelerator(config: Config):
             f"{accelerator.num_processes} ({accelerator.distributed_type}); refusing to train N copies "
             "side by side; launch with torchrun or accelerate launch without --cpu"
         )
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and _trains_several_models(config):
+    sharded = accelerator.distributed_type == DistributedType.DEEPSPEED or accelerator.is_fsdp2
+    if sharded and _trains_several_models(config):
         from prefopt.errors import ConfigError
 
         # accelerate 1.15 accelerator.py, prepare(): "You can't use same `Accelerator()` instance with multiple
-        # models when using DeepSpeed"; the PPO stage trains a policy and a critic as two models.
+        # models when using DeepSpeed", and "Only one model is supported when using FSDP2"; the PPO stage trains a
+        # policy and a critic as two models.
+        backend = "DeepSpeed" if accelerator.distributed_type == DistributedType.DEEPSPEED else "FSDP2"
         raise ConfigError(
-            f"loss.name={config.loss.name}: the PPO stage (policy + critic) does not run under "
-            "DeepSpeed yet; launch it with DDP (torchrun / accelerate launch without a DeepSpeed "
-            "config, train.deepspeed unset)"
+            f"loss.name={config.loss.name}: the PPO stage (policy + critic) does not run under {backend} "
+            "yet; launch it with DDP (torchrun / accelerate launch without a DeepSpeed or FSDP config, "
+            "train.deepspeed unset)"
         )
     if plugin is not None and accelerator.state.deepspeed_plugin is None:
         logger.warning(
@@ -161,15 +173,23 @@ def build_policy(config: Config, model_kind: str, tokenizer) -> torch.nn.Module:
     )
 
 
-def build_reference(config: Config, policy_getter, accelerator=None) -> Any:
-    """The reference of ``reference.mode``; a frozen model goes through ``prepare_frozen`` (ZeRO-3 engine)."""
+def build_reference(config: Config, policy_getter, accelerator=None, root_getter=None) -> Any:
+    """The reference of ``reference.mode``; a frozen model goes through ``prepare_frozen`` (ZeRO-3 engine).
+
+    ``root_getter``: the prepared policy when it is an FSDP2 root (the adapter reference runs through it)."""
     mode = config.resolved_reference_mode()
     chunk = config.train.logps_chunk_size
     if mode == "none":
         return NoReference()
     autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
     if mode == "adapter":
-        return AdapterReference(policy_getter, chunk, autocast, share_prompt=config.train.share_prompt)
+        return AdapterReference(
+            policy_getter,
+            chunk,
+            autocast,
+            share_prompt=config.train.share_prompt,
+            get_sharded_root=root_getter,
+        )
     path = config.reference.name_or_path or config.model.name_or_path
     model = load_frozen_causal_lm(path, config.model, key="reference.name_or_path")
     if accelerator is not None:

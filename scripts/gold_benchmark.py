@@ -476,6 +476,11 @@ def plot(results: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _fmt_acc(value) -> str:
+    """An implicit-reward accuracy, or "-" for a loss without an implicit reward (PPO, RTO)."""
+    return "-" if value is None else f"{value:.3f}"
+
+
 def main(argv=None) -> int:
     import logging
 
@@ -573,7 +578,7 @@ def main(argv=None) -> int:
                 progress.console.print(
                     f"seed {seed} {method:16s} gold {res['mean_reward']:+.3f} (SFT {sft_eval['mean_reward']:+.3f}) "
                     f"win {res['win_rate_vs_sft']:.2f} KL {res['kl']:.2f} len {res['mean_length']:.1f} "
-                    f"EOS {res['eos_rate']:.2f} acc {res['implicit_acc']:.3f}"
+                    f"EOS {res['eos_rate']:.2f} acc {_fmt_acc(res['implicit_acc'])}"
                     + (
                         f"  [{res.get('train_seconds', 0):.0f}s train, {res.get('eval_seconds', 0):.0f}s eval]"
                         if "train_seconds" in res

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests.test_vllm_contract import tied_model_dir  # noqa: F401 (a fixture, used by name)
-from tests.trainer_helpers import REPO, losses, metrics, run, write_pairs
+from tests.trainer_helpers import REPO, assert_final_matches_one_process, losses, metrics, run, write_pairs
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.filterwarnings("ignore")]
 
@@ -93,25 +93,6 @@ def _check_run(result, out, single) -> None:
     assert len(losses(out)) == STEPS
 
 
-def _check_full_model(out, single, initial_dir) -> None:
-    """``final/`` loads with from_pretrained, every tensor full-size, trained, and equal to the 1-process run's."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(out / "final")
-    initial = AutoModelForCausalLM.from_pretrained(initial_dir).state_dict()
-    reference = AutoModelForCausalLM.from_pretrained(single / "final").state_dict()
-    moved = 0
-    for name, tensor in model.state_dict().items():
-        assert tensor.shape == initial[name].shape, name
-        # Adam moves each weight by about lr (1e-3) per step in a sign-like way: a gradient ~0 summed in another
-        # order can flip one update, hence 2 * lr per element and the mean-error bound below.
-        torch.testing.assert_close(tensor, reference[name], atol=2e-3, rtol=0, msg=name)
-        moved += int(not torch.equal(tensor, initial[name]))
-    assert moved >= len(initial) // 2
-    error = [(model.state_dict()[n] - reference[n]).abs().mean().item() for n in reference]
-    assert max(error) < 1e-5
-
-
 def test_fsdp2_dpo_live_reference_matches_one_process(tiny_model_dir, tmp_path):
     """Also the eval split: 33 rows in batches of 16 give rank 0 two batches and rank 1 one; every rank must still
     run the same number of (collective) forwards, and the eval metrics equal the one-process run's."""
@@ -124,7 +105,7 @@ def test_fsdp2_dpo_live_reference_matches_one_process(tiny_model_dir, tmp_path):
     out = tmp_path / "fsdp2"
     result = fsdp_dpo(tiny_model_dir, data, out, *evaluation)
     _check_run(result, out, single)
-    _check_full_model(out, single, tiny_model_dir)
+    assert_final_matches_one_process(out, single, tiny_model_dir)
     evaluated = [m for m in metrics(out) if "eval/loss" in m]
     expected = [m for m in metrics(single) if "eval/loss" in m]
     assert len(evaluated) == len(expected) == 1
@@ -140,7 +121,7 @@ def test_fsdp2_precomputed_reference_matches_one_process(tiny_model_dir, tmp_pat
     out = tmp_path / "fsdp2"
     result = fsdp_dpo(tiny_model_dir, data, out, *cache, f"reference.cache_dir={tmp_path / 'c2'}")
     _check_run(result, out, single)
-    _check_full_model(out, single, tiny_model_dir)
+    assert_final_matches_one_process(out, single, tiny_model_dir)
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from tests.trainer_helpers import REPO, losses, metrics, run, write_pairs
+from tests.trainer_helpers import REPO, assert_final_matches_one_process, losses, metrics, run, write_pairs
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.filterwarnings("ignore")]
 deepspeed = pytest.importorskip("deepspeed")
@@ -70,25 +70,6 @@ def _check_run(result, out, single, stage: int) -> None:
     assert len(losses(out)) == STEPS
 
 
-def _check_full_model(out, single, initial_dir) -> None:
-    """``final/`` loads with from_pretrained, every tensor full-size, trained, and equal to the 1-process run's."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(out / "final")
-    initial = AutoModelForCausalLM.from_pretrained(initial_dir).state_dict()
-    reference = AutoModelForCausalLM.from_pretrained(single / "final").state_dict()
-    moved = 0
-    for name, tensor in model.state_dict().items():
-        assert tensor.shape == initial[name].shape, name
-        # Adam's first steps move each weight by about lr (1e-3) in a sign-like way; fp32 sums in a different
-        # order can flip the update of a weight whose gradient is ~0, hence 2 * lr, and a mean-error check below.
-        torch.testing.assert_close(tensor, reference[name], atol=2e-3, rtol=0, msg=name)
-        moved += int(not torch.equal(tensor, initial[name]))
-    assert moved >= len(initial) // 2
-    error = [(model.state_dict()[n] - reference[n]).abs().mean().item() for n in reference]
-    assert max(error) < 1e-5
-
-
 def test_zero3_dpo_live_reference_matches_one_process(tiny_model_dir, tmp_path):
     """ZeRO-3: policy and reference loaded under zero.Init (empty partitions), the reference wrapped by its own
     DeepSpeed engine; losses equal the one-process run; final/ gathered."""
@@ -100,7 +81,7 @@ def test_zero3_dpo_live_reference_matches_one_process(tiny_model_dir, tmp_path):
         tiny_model_dir, data, out, f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero3_cpu.json'}"
     )
     _check_run(result, out, single, 3)
-    _check_full_model(out, single, tiny_model_dir)
+    assert_final_matches_one_process(out, single, tiny_model_dir)
 
 
 @pytest.mark.slow
@@ -126,7 +107,7 @@ def test_zero_precomputed_reference_matches_one_process(tiny_model_dir, tmp_path
         f"train.deepspeed={REPO / f'recipes/accelerate/ds_zero{stage}_cpu.json'}",
     )
     _check_run(result, out, single, stage)
-    _check_full_model(out, single, tiny_model_dir)
+    assert_final_matches_one_process(out, single, tiny_model_dir)
 
 
 @pytest.mark.slow
@@ -139,7 +120,7 @@ def test_zero2_dpo_live_reference_matches_one_process(tiny_model_dir, tmp_path):
         tiny_model_dir, data, out, f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero2_cpu.json'}"
     )
     _check_run(result, out, single, 2)
-    _check_full_model(out, single, tiny_model_dir)
+    assert_final_matches_one_process(out, single, tiny_model_dir)
 
 
 LORA = (

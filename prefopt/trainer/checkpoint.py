@@ -322,23 +322,35 @@ def in_training_dtype(model, state_dict: dict) -> dict:
     }
 
 
+def _saved_model(unwrapped: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """The model ``final/`` holds and its prefix in the prepared module's state dict: the causal LM inside the
+    ``CompletionLogpModel`` wrapper (``model.``) or inside the policy of a ``PolicyAndCritic`` (``policy.model.``,
+    the critic left out); a reward model as it is."""
+    from prefopt.trainer.joint import PolicyAndCritic
+
+    if isinstance(unwrapped, PolicyAndCritic):
+        return unwrapped.policy.model, "policy.model."
+    if hasattr(unwrapped, "chunk_size") and hasattr(unwrapped, "model"):
+        return unwrapped.model, "model."
+    return unwrapped, ""
+
+
 def save_final_model(accelerator, prepared_policy, tokenizer, output_dir: Path) -> Path:
     """``final/`` with ``save_pretrained`` (safetensors; the adapter alone for LoRA), written then renamed.
 
     ``get_state_dict`` gathers ZeRO-3 / FSDP shards; the causal LM sits inside the ``CompletionLogpModel`` wrapper
-    (``model.`` prefix), a reward model is saved as it is.
+    (``model.`` prefix; ``policy.model.`` in a ``PolicyAndCritic``), a reward model is saved as it is.
     """
     final, partial = output_dir / "final", output_dir / "final.partial"
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(prepared_policy)
-    wrapped_lm = hasattr(unwrapped, "chunk_size") and hasattr(unwrapped, "model")
-    model = unwrapped.model if wrapped_lm else unwrapped
+    model, prefix = _saved_model(unwrapped)
     # Every rank takes part: under ZeRO-3 / FSDP the full weights exist only after this gather. A LoRA policy is
     # gathered too: its own (sharded) parameters would write an empty or partial adapter; PeftModel.save_pretrained
     # keeps only the adapter entries of the state dict it is given.
     state_dict = accelerator.get_state_dict(prepared_policy)
-    if state_dict is not None and wrapped_lm:
-        state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+    if state_dict is not None and prefix:
+        state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
     if state_dict is not None:
         state_dict = in_training_dtype(model, state_dict)
     if accelerator.is_main_process:

@@ -107,7 +107,11 @@ def joint_optimizer(optimizers: list[torch.optim.Optimizer]) -> tuple[torch.opti
             raise TypeError("joint_optimizer: all optimizers must be of one class")
         starts.append(len(groups))
         groups.extend(dict(group) for group in optimizer.param_groups)
-    return type(first)(groups, **first.defaults), starts
+    # every group carries all its hyperparameters (torch fills them in from the defaults), so the constructor's
+    # own defaults are never used; copy the originals for anything that adds a group later
+    joint = type(first)(groups)
+    joint.defaults.update(first.defaults)
+    return joint, starts
 
 
 def parameters_of(module: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -271,7 +271,8 @@ class Trainer:
 
         autocast_forward(acc, root)  # as accelerate does for DDP: the reference runs under it too
         units = sum(isinstance(m, FSDPModule) for m in root.modules())
-        logger.info("FSDP2: the policy is sharded in %d units over %d processes", units, acc.num_processes)
+        what = "the policy and the critic are" if hasattr(root, "critic") else "the policy is"
+        logger.info("FSDP2: %s sharded in %d units over %d processes", what, units, acc.num_processes)
 
     def _setup_online(self) -> None:
         """A generator when the loss samples online; the reward layer when it needs scores or a judge."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,16 +79,12 @@ def _env() -> dict[str, str]:
     return env
 
 
-def launch(launcher: list[str], model_dir, dpo_dir, gold_task_dir, out, *extra: str):
-    """Two processes, 4 rollouts each, one minibatch of 4 per update."""
-    args = [
-        *launcher,
-        "-m",
-        "prefopt",
-        "train",
-        str(REPO / "recipes/tiny/rto.yaml"),
-        *rto_overrides(model_dir, dpo_dir, gold_task_dir, out, 4, "ppo.minibatch_size=4", *extra),
-    ]
+def launch(launcher: list[str], model_dir, dpo_dir, gold_task_dir, out, *extra: str, fresh: bool = True):
+    """Two processes, 4 rollouts each, one minibatch of 4 per update (``fresh=False``: keep what ``out`` holds)."""
+    overrides = rto_overrides(model_dir, dpo_dir, gold_task_dir, out, 4, "ppo.minibatch_size=4", *extra)
+    if not fresh:
+        overrides.remove("overwrite_output_dir=true")
+    args = [*launcher, "-m", "prefopt", "train", str(REPO / "recipes/tiny/rto.yaml"), *overrides]
     return subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=900, cwd=REPO)
 
 
@@ -278,3 +275,46 @@ def test_fsdp2_rto_matches_one_process(tiny_model_dir, dpo_model_dir, gold_task_
         for key in ("grad_norm", "critic/grad_norm"):
             assert got[key] == pytest.approx(expected[key], rel=1e-4), key
     assert_final_is_the_policy(out, single, tiny_model_dir)
+
+
+BACKENDS = {
+    "zero3": (torchrun, (f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero3_cpu.json'}",)),
+    "fsdp2": (accelerate_fsdp2, ("train.mixed_precision=no",)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_sharded_rto_resume_continues_exactly(
+    tiny_model_dir, dpo_model_dir, gold_task_dir, tmp_path, backend
+):
+    """A checkpoint of the one engine / FSDP root holds policy, critic, their optimizer state and the adaptive KL
+    coefficient: resuming from step 2 reproduces the uninterrupted run's step 3."""
+    if backend == "zero3":
+        pytest.importorskip("deepspeed")
+    launcher, options = BACKENDS[backend]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    settings = (f"train.max_steps={STEPS}", *options)
+    result = launch(
+        launcher(), tiny_model_dir, dpo_model_dir, gold_task_dir, full, *settings, "train.save_steps=1"
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    result = launch(
+        launcher(),
+        tiny_model_dir,
+        dpo_model_dir,
+        gold_task_dir,
+        resumed,
+        *settings,
+        "train.resume_from=latest",
+        fresh=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    (last,) = _steps(resumed)
+    expected = _steps(full)[-1]
+    assert last["step"] == STEPS
+    for key in (*PER_STEP, "ppo/kl_coef", "critic/learning_rate"):
+        assert last[key] == pytest.approx(expected[key], abs=1e-6), key

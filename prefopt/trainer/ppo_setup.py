@@ -143,8 +143,8 @@ def dpo_scorer(config: Config, policy_module, accelerator) -> Callable:
         from prefopt.trainer.distributed import frozen_module, prepare_frozen
 
         # ZeRO-3: loaded under zero.Init (empty partitions), so it gets its own engine, like the reference (FSDP2:
-        # sharded like it); the engine stays referenced here for its hooks, the calls go to its module. Under the policy's autocast, as
-        # the reference runs: the token reward compares the two.
+        # sharded like it); the engine stays referenced here for its hooks, the calls go to its module. Under the
+        # policy's autocast, as the reference runs: the token reward compares the two.
         engine = prepare_frozen(
             accelerator,
             load_frozen_causal_lm(config.ppo.dpo_policy, config.model, key="ppo.dpo_policy"),

@@ -125,11 +125,24 @@ def checkpoint_problem(path: Path) -> Optional[str]:
     except (ValueError, TypeError) as error:
         return f"{STATE_FILE} is unreadable ({error})"
     files = [p for p in sorted(path.iterdir()) if p.is_file()]
-    if not any(p.name.startswith(("model", "pytorch_model")) for p in files):
+    # A DeepSpeed engine saves into a directory of its own (accelerate's save_state: engine.save_checkpoint(path,
+    # "pytorch_model"), one *model_states.pt and *optim_states.pt per rank), not beside the other files.
+    engine_files = [
+        f
+        for d in sorted(path.iterdir())
+        if d.is_dir() and d.name.startswith("pytorch_model")
+        for f in sorted(d.iterdir())
+        if f.is_file()
+    ]
+    if not any(p.name.startswith(("model", "pytorch_model")) for p in files) and not any(
+        f.name.endswith("model_states.pt") for f in engine_files
+    ):
         return "no model weights (model.safetensors) in it"
-    if not any(p.name.startswith("optimizer") for p in files):
+    if not any(p.name.startswith("optimizer") for p in files) and not any(
+        f.name.endswith("optim_states.pt") for f in engine_files
+    ):
         return "no optimizer state (optimizer.bin) in it"
-    for file in files:
+    for file in files + engine_files:
         if file.name.endswith(".safetensors"):
             problem = _safetensors_problem(file)
         elif file.name.endswith(_TORCH_FILES):

@@ -177,9 +177,7 @@ class Updater:
 
 def _distinct_updates(modules: list[TrainedModule]) -> list[TrainedModule]:
     """The first module of each optimizer: a shared optimizer (and its scheduler) steps once per update."""
-    seen, out = set(), []
+    first: dict[int, TrainedModule] = {}
     for trained in modules:
-        if id(trained.optimizer) not in seen:
-            seen.add(id(trained.optimizer))
-            out.append(trained)
-    return out
+        first.setdefault(id(trained.optimizer), trained)
+    return list(first.values())

@@ -105,6 +105,11 @@ def test_fsdp2_dpo_live_reference_matches_one_process(tiny_model_dir, tmp_path):
     out = tmp_path / "fsdp2"
     result = fsdp_dpo(tiny_model_dir, data, out, *evaluation)
     _check_run(result, out, single)
+    # The frozen reference is sharded like the policy (prepare_frozen -> shard_frozen_fsdp2), not copied whole to
+    # every process: the same 6 units as the policy.
+    assert "FSDP2: the reference is sharded in 6 units over 2 processes" in result.stderr, result.stderr[
+        -3000:
+    ]
     assert_final_matches_one_process(out, single, tiny_model_dir)
     evaluated = [m for m in metrics(out) if "eval/loss" in m]
     expected = [m for m in metrics(single) if "eval/loss" in m]
@@ -149,11 +154,23 @@ def test_fsdp2_lora_adapter_reference_saves_gathered_adapter(tiny_model_dir, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_fsdp2_online_xpo_generation_matches_one_process(tiny_model_dir, gold_task_dir, tmp_path, lora):
+@pytest.mark.parametrize(
+    "lora, reward_model", [(False, False), (True, False), (False, True)], ids=["full", "lora", "reward-model"]
+)
+def test_fsdp2_online_xpo_generation_matches_one_process(
+    tiny_model_dir, gold_task_dir, tmp_path, lora, reward_model
+):
     """XPO under FSDP2: HF generate on the policy and on the reference (the adapter-disabled policy with LoRA)
     runs on the inner model, outside the FSDP root (item 5). Per-prompt seeds make the samples independent of the
-    process count, so the rewards of the samples and the losses equal a one-process run's."""
+    process count, so the rewards of the samples and the losses equal a one-process run's. ``reward-model``: the
+    samples are scored by a sequence-classification reward model, which FSDP2 shards like the frozen reference
+    (a generating frozen model, and a scoring one)."""
+    scorer = ()
+    if reward_model:
+        from prefopt.models.tiny import build_tiny_reward_model
+
+        rm = build_tiny_reward_model(tmp_path / "rm", tiny_model_dir, init_from=str(tiny_model_dir))
+        scorer = ("reward.kind=model", f"reward.name_or_path={rm}", "reward.function=null")
     common = (
         f"model.name_or_path={tiny_model_dir}",
         f"data.train={gold_task_dir / 'prompts_train.jsonl'}",
@@ -163,6 +180,7 @@ def test_fsdp2_online_xpo_generation_matches_one_process(tiny_model_dir, gold_ta
         "generation.max_new_tokens=16",
         "train.mixed_precision=no",
         *(LORA if lora else ()),
+        *scorer,
     )
     single = tmp_path / "single"
     run(
@@ -177,6 +195,10 @@ def test_fsdp2_online_xpo_generation_matches_one_process(tiny_model_dir, gold_ta
         "recipes/tiny/xpo.yaml", *common, f"output_dir={out}", "train.per_device_batch_size=4"
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    if not lora:
+        assert "FSDP2: the reference is sharded in 6 units" in result.stderr
+    if reward_model:
+        assert "FSDP2: a reward model is sharded in" in result.stderr
     keys = ("loss", "online/model_scores", "online/policy_win_rate", "logps/chosen", "logps/rejected")
     ours, theirs = metrics(out), metrics(single)
     assert len(ours) == len(theirs) == 2

@@ -23,10 +23,11 @@ then the distributed type and FSDP plugin accelerate would have set on a GPU. Ev
 ``fsdp2_prepare_model`` (``fully_shard`` per decoder layer, then the root), its gradient clipping, sharded
 checkpoints and the gathered ``get_state_dict`` -- is the code a GPU user runs; only the process group differs.
 
-Frozen models (the reference, a reward model, RTO's DPO scorer) are wrapped by a DeepSpeed engine in eval mode
-under ZeRO-3: accelerate registers the DeepSpeed config with transformers, so every ``from_pretrained`` runs
-under ``zero.Init`` and leaves empty parameter partitions that only an engine's hooks gather (the same idea as
-TRL's ``prepare_deepspeed`` in ``trl/models/utils.py``).
+Frozen models (the reference, a reward model, RTO's DPO scorer) are sharded like the policy under FSDP2
+(:func:`shard_frozen_fsdp2`) and wrapped by a DeepSpeed engine in eval mode under ZeRO-3: accelerate registers
+the DeepSpeed config with transformers, so every ``from_pretrained`` runs under ``zero.Init`` and leaves empty
+parameter partitions that only an engine's hooks gather (the same idea as TRL's ``prepare_deepspeed`` in
+``trl/models/utils.py``).
 """
 
 from __future__ import annotations
@@ -169,16 +170,19 @@ def zero_stage(accelerator) -> int:
     return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0) or 0)
 
 
-def prepare_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+def prepare_frozen(accelerator, model: torch.nn.Module, what: str = "a frozen model") -> torch.nn.Module:
     """Put a frozen model (no optimizer, eval mode) where the run can call it.
 
     Under ZeRO-3 the model is wrapped by its own DeepSpeed engine, so its forward gathers the partitions that
-    ``zero.Init`` left empty; every rank must then call it the same number of times. Elsewhere it is moved to the
-    device. Stage 1/2 shard nothing of a model without an optimizer, so a plain copy per rank is what DeepSpeed
-    would hold anyway.
+    ``zero.Init`` left empty; under FSDP2 it is sharded like the policy (:func:`shard_frozen_fsdp2`). In both
+    cases every rank must call it the same number of times. Elsewhere it is moved to the device. ZeRO stage 1/2
+    shard nothing of a model without an optimizer, so a plain copy per rank is what DeepSpeed would hold anyway.
+    ``what`` names the model in the log line ("the reference").
     """
     model.eval()
     model.requires_grad_(False)
+    if getattr(accelerator, "is_fsdp2", False):
+        return shard_frozen_fsdp2(accelerator, model, what)
     if zero_stage(accelerator) != 3:
         return model.to(accelerator.device)
     import deepspeed
@@ -197,6 +201,35 @@ def prepare_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine
+
+
+def shard_frozen_fsdp2(accelerator, model: torch.nn.Module, what: str = "a frozen model") -> torch.nn.Module:
+    """Shard a frozen model over the FSDP2 processes exactly as accelerate shards the policy.
+
+    Without it every process holds a full copy of the reference (and of a reward model): for a 70B reference in
+    bf16, 140 GB per GPU. accelerate's ``Accelerator.prepare`` refuses a model without an optimizer under FSDP2
+    (``accelerate/accelerator.py``, ``_prepare_fsdp2``: "if we have a model, we also have an optimizer"), so this
+    calls the function ``prepare`` calls, ``fsdp2_prepare_model`` (``accelerate/utils/fsdp_utils.py``): one
+    ``fully_shard`` unit per decoder layer, the embedding, the tail (final norm + lm-head) and the root, with the
+    run's mixed-precision policy and, with ``fsdp_cpu_ram_efficient_loading``, rank 0's weights broadcast. (TRL
+    shards its reference the same way, with its own ``fully_shard`` calls: ``trl/models/utils.py``,
+    ``prepare_fsdp``.) Its trainable-parameter fp32 upcast does not apply: nothing here requires grad, so the model
+    keeps the dtype it was loaded in.
+
+    Callers run inner modules (the decoder, then the lm-head in chunks; or ``generate``), not the root's forward,
+    so the root is declared FSDP's root now (``prefopt/generation/fsdp.py``, ``initialise_root``): each unit's own
+    hooks then gather its parameters for its forward and free them after, and generation gathers the whole model
+    once per call (``gathered_parameters``)."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    from torch.distributed.fsdp import FSDPModule
+
+    from prefopt.generation.fsdp import initialise_root
+
+    model = fsdp2_prepare_model(accelerator, model)
+    initialise_root(model)
+    units = sum(isinstance(m, FSDPModule) for m in model.modules())
+    logger.info("FSDP2: %s is sharded in %d units over %d processes", what, units, accelerator.num_processes)
+    return model
 
 
 def frozen_module(model: torch.nn.Module) -> torch.nn.Module:

@@ -286,7 +286,7 @@ class Trainer:
                 self.config.reward,
                 device=self.accelerator.device,
                 policy_tokenizer=self.tokenizer,
-                prepare=lambda model: prepare_frozen(self.accelerator, model),
+                prepare=lambda model: prepare_frozen(self.accelerator, model, "a reward model"),
             )
 
     def epoch_loader(self, epoch: int) -> DataLoader:

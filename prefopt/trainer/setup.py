@@ -195,7 +195,7 @@ def build_reference(config: Config, policy_getter, accelerator=None, root_getter
     if accelerator is not None:
         from prefopt.trainer.distributed import prepare_frozen
 
-        model = prepare_frozen(accelerator, model)
+        model = prepare_frozen(accelerator, model, "the reference")
     if config.reference.sync_steps is not None:  # TR-DPO: the reference follows the policy
         from prefopt.models.reference_sync import SyncedModelReference
 

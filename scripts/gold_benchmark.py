@@ -94,6 +94,12 @@ MODIFIERS = {
     "tr_dpo": ("dpo.yaml", ["reference.sync_steps=16", "reference.sync_mix=0.6"], "pairs", None),
 }
 METHODS.update(MODIFIERS)
+# Pure SimPO (issue 16), opt-in: the SimPO recipe without its SFT term, at the pure setting of the README's "SimPO
+# without its SFT term" sweep that keeps EOS best among those reaching DPO's eval accuracy (the paper's large beta,
+# no margin, 3x the recipe's learning rate: accuracy 0.72, EOS 0.95 on seed 0). `simpo` against `simpo_pure` is
+# SimPO with and without the SFT term.
+SIMPO_PURE = ["loss.sft_weight=0", "loss.beta=10", "loss.gamma_beta_ratio=0", "train.learning_rate=1.5e-4"]
+METHODS["simpo_pure"] = ("simpo.yaml", SIMPO_PURE, "pairs", None)
 # KTO trains on unpaired rows: the task's pairs, each split into a desirable and an undesirable completion by
 # `python -m data_tools convert ... --unpaired` (files written next to the task's, once per seed).
 METHODS["kto"] = ("kto.yaml", [], "unpaired", None)

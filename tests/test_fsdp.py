@@ -286,23 +286,3 @@ def test_fsdp2_vllm_push_gathers_shards_in_the_training_dtype(request, gold_task
             assert torch.equal(tensor, masters[name].to(torch.bfloat16)), name
         moved = sum(not torch.equal(t, initial[n].to(torch.bfloat16)) for n, t in pushed.items())
         assert moved >= len(pushed) // 2
-
-
-@pytest.mark.slow
-def test_rto_under_fsdp2_is_a_config_error(tiny_model_dir, gold_task_dir, tmp_path):
-    """RTO's PPO stage trains a policy and a critic; accelerate's FSDP2 prepares one model (accelerator.py, prepare:
-    "Only one model is supported when using FSDP2"). prefopt stops first with exit 2 and what to change."""
-    out = tmp_path / "rto"
-    result = accelerate_fsdp2(
-        "recipes/tiny/rto.yaml",
-        f"model.name_or_path={tiny_model_dir}",
-        f"ppo.dpo_policy={tiny_model_dir}",
-        f"data.train={gold_task_dir / 'prompts_train.jsonl'}",
-        f"output_dir={out}",
-    )
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors and "does not run under FSDP2" in errors[0]
-    assert not any(line.startswith("[rank") and "Traceback" in line for line in result.stderr.splitlines())
-    assert "exitcode  : 2" in result.stderr
-    assert not (out / "metrics.jsonl").exists() and not (out / "final").exists()

@@ -369,6 +369,26 @@ def test_checkpoint_problem_names_the_file(tmp_path):
     assert ckpt.checkpoint_problem(path).startswith("model.safetensors is truncated")
 
 
+def test_checkpoint_problem_reads_a_deepspeed_engine_directory(tmp_path):
+    """accelerate's save_state under DeepSpeed writes the engine's files into ``pytorch_model/`` (one model and one
+    optimizer file per rank): such a checkpoint is complete, and a cut-off rank file is named."""
+    import torch
+
+    path = tmp_path / "checkpoint-2"
+    engine = path / "pytorch_model"
+    engine.mkdir(parents=True)
+    (path / ckpt.STATE_FILE).write_text(json.dumps({"global_step": 2}))
+    (path / "latest").write_text("pytorch_model")
+    for rank in (0, 1):
+        torch.save({"module": {}}, engine / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
+    assert ckpt.checkpoint_problem(path) == "no optimizer state (optimizer.bin) in it"
+    for rank in (0, 1):
+        torch.save({"optimizer_state_dict": {}}, engine / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    assert ckpt.checkpoint_problem(path) is None
+    (engine / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"PK\x03\x04 cut")
+    assert ckpt.checkpoint_problem(path).startswith("zero_pp_rank_1_mp_rank_00_optim_states.pt is truncated")
+
+
 # ------------------------------------------------------------------------------------------- the stop message
 
 

@@ -9,6 +9,7 @@ the backbone is the policy's (its lm head dropped) and the head starts at zero. 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -26,6 +27,17 @@ def _hidden_size(config) -> int:
     return int(text_config.hidden_size)
 
 
+def _gathered(parameters: list):
+    """Full tensors for the block: a reward model loaded under ZeRO-3's ``zero.Init`` holds empty partitions
+    (``ds_id`` marks them; ``deepspeed.zero.GatheredParameters`` gathers them), anything else is used as it is."""
+    partitioned = [p for p in parameters if p is not None and hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
 class ValueModel(nn.Module):
     """``forward(input_ids, attention_mask) -> values [B, T]`` (float32). The head runs in fp32 on the backbone's
     last hidden states, whatever the backbone's dtype."""
@@ -40,7 +52,7 @@ class ValueModel(nn.Module):
         if head is not None:
             if head.out_features != 1:
                 raise ValueError(f"value head must have one output, got {head.out_features}")
-            with torch.no_grad():
+            with torch.no_grad(), _gathered([head.weight, head.bias]):
                 self.value_head.weight.copy_(head.weight.float())
                 if head.bias is not None:
                     self.value_head.bias.copy_(head.bias.float())

@@ -125,11 +125,24 @@ def checkpoint_problem(path: Path) -> Optional[str]:
     except (ValueError, TypeError) as error:
         return f"{STATE_FILE} is unreadable ({error})"
     files = [p for p in sorted(path.iterdir()) if p.is_file()]
-    if not any(p.name.startswith(("model", "pytorch_model")) for p in files):
+    # A DeepSpeed engine saves into a directory of its own (accelerate's save_state: engine.save_checkpoint(path,
+    # "pytorch_model"), one *model_states.pt and *optim_states.pt per rank), not beside the other files.
+    engine_files = [
+        f
+        for d in sorted(path.iterdir())
+        if d.is_dir() and d.name.startswith("pytorch_model")
+        for f in sorted(d.iterdir())
+        if f.is_file()
+    ]
+    if not any(p.name.startswith(("model", "pytorch_model")) for p in files) and not any(
+        f.name.endswith("model_states.pt") for f in engine_files
+    ):
         return "no model weights (model.safetensors) in it"
-    if not any(p.name.startswith("optimizer") for p in files):
+    if not any(p.name.startswith("optimizer") for p in files) and not any(
+        f.name.endswith("optim_states.pt") for f in engine_files
+    ):
         return "no optimizer state (optimizer.bin) in it"
-    for file in files:
+    for file in files + engine_files:
         if file.name.endswith(".safetensors"):
             problem = _safetensors_problem(file)
         elif file.name.endswith(_TORCH_FILES):
@@ -322,23 +335,35 @@ def in_training_dtype(model, state_dict: dict) -> dict:
     }
 
 
+def _saved_model(unwrapped: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """The model ``final/`` holds and its prefix in the prepared module's state dict: the causal LM inside the
+    ``CompletionLogpModel`` wrapper (``model.``) or inside the policy of a ``PolicyAndCritic`` (``policy.model.``,
+    the critic left out); a reward model as it is."""
+    from prefopt.trainer.joint import PolicyAndCritic
+
+    if isinstance(unwrapped, PolicyAndCritic):
+        return unwrapped.policy.model, "policy.model."
+    if hasattr(unwrapped, "chunk_size") and hasattr(unwrapped, "model"):
+        return unwrapped.model, "model."
+    return unwrapped, ""
+
+
 def save_final_model(accelerator, prepared_policy, tokenizer, output_dir: Path) -> Path:
     """``final/`` with ``save_pretrained`` (safetensors; the adapter alone for LoRA), written then renamed.
 
     ``get_state_dict`` gathers ZeRO-3 / FSDP shards; the causal LM sits inside the ``CompletionLogpModel`` wrapper
-    (``model.`` prefix), a reward model is saved as it is.
+    (``model.`` prefix; ``policy.model.`` in a ``PolicyAndCritic``), a reward model is saved as it is.
     """
     final, partial = output_dir / "final", output_dir / "final.partial"
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(prepared_policy)
-    wrapped_lm = hasattr(unwrapped, "chunk_size") and hasattr(unwrapped, "model")
-    model = unwrapped.model if wrapped_lm else unwrapped
+    model, prefix = _saved_model(unwrapped)
     # Every rank takes part: under ZeRO-3 / FSDP the full weights exist only after this gather. A LoRA policy is
     # gathered too: its own (sharded) parameters would write an empty or partial adapter; PeftModel.save_pretrained
     # keeps only the adapter entries of the state dict it is given.
     state_dict = accelerator.get_state_dict(prepared_policy)
-    if state_dict is not None and wrapped_lm:
-        state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+    if state_dict is not None and prefix:
+        state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
     if state_dict is not None:
         state_dict = in_training_dtype(model, state_dict)
     if accelerator.is_main_process:

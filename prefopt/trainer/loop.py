@@ -192,7 +192,7 @@ class Trainer:
             self.reference,
             self.tokenizer,
             config,
-            modules={m.name: m.module for m in self.modules[1:]},
+            modules={m.name: m.call or m.module for m in self.modules[1:]},
             extras=self._extras,
             global_step=lambda: self.state.global_step,
         )
@@ -229,6 +229,13 @@ class Trainer:
         self._extras: dict = {}
         extra = step_cls.trainables(config, self.tokenizer, policy, acc, self.loss, self._extras)
         updates = self.total_steps * step_cls.updates_per_step(config)
+        if extra and (acc.distributed_type == DistributedType.DEEPSPEED or acc.is_fsdp2):
+            from prefopt.trainer.joint import prepare_policy_and_critic
+
+            # one model per Accelerator on these backends: the policy and the critic as one module
+            trained = prepare_policy_and_critic(acc, config, policy, extra, updates, sparse)
+            self._after_prepare(trained[0].module)
+            return trained
         modules, optimizers, schedulers = [policy], [], []
         optimizer, scheduler = build_optimizer(config, policy, updates)
         optimizers.append(optimizer)
@@ -244,17 +251,7 @@ class Trainer:
         count = len(modules)
         prepared = acc.prepare(*modules, *optimizers, *schedulers)
         prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
-        if acc.is_fsdp2:
-            from torch.distributed.fsdp import FSDPModule
-
-            from prefopt.trainer.distributed import autocast_forward
-
-            autocast_forward(acc, prepared[0])  # as accelerate does for DDP: the reference runs under it too
-
-            units = sum(isinstance(m, FSDPModule) for m in prepared[0].modules())
-            logger.info(
-                "FSDP2: the policy is sharded in %d units over %d processes", units, acc.num_processes
-            )
+        self._after_prepare(prepared[0])
         names = ["policy", *(t.name for t in extra)]
         return [
             TrainedModule(
@@ -262,6 +259,20 @@ class Trainer:
             )
             for i in range(count)
         ]
+
+    def _after_prepare(self, root: torch.nn.Module) -> None:
+        """FSDP2: the prepared root's forward under autocast, and how finely it is sharded."""
+        acc = self.accelerator
+        if not acc.is_fsdp2:
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        from prefopt.trainer.distributed import autocast_forward
+
+        autocast_forward(acc, root)  # as accelerate does for DDP: the reference runs under it too
+        units = sum(isinstance(m, FSDPModule) for m in root.modules())
+        what = "the policy and the critic are" if hasattr(root, "critic") else "the policy is"
+        logger.info("FSDP2: %s sharded in %d units over %d processes", what, units, acc.num_processes)
 
     def _setup_online(self) -> None:
         """A generator when the loss samples online; the reward layer when it needs scores or a judge."""
@@ -383,7 +394,7 @@ class Trainer:
             "train/skipped_steps": self.state.skipped_steps,
         }
         for trained in self.modules[1:]:  # extra trainables (PPO's critic) have their own learning rate
-            record[f"{trained.name}/learning_rate"] = trained.scheduler.get_last_lr()[0]
+            record[f"{trained.name}/learning_rate"] = trained.learning_rate()
         self.log.log(record)
 
     @torch.no_grad()

@@ -131,24 +131,35 @@ def dpo_scorer(config: Config, policy_module, accelerator) -> Callable:
             )
             live.set_adapter("dpo")
             try:
-                return completion_token_logps(
-                    live, input_ids, attention_mask, completion_mask, chunk_size=chunk
-                ).token_logps
+                with accelerator.autocast():  # as the reference runs: the token reward compares the two
+                    return completion_token_logps(
+                        live, input_ids, attention_mask, completion_mask, chunk_size=chunk
+                    ).token_logps
             finally:
                 live.set_adapter("default")  # also restores requires_grad on the trained adapter
 
         return adapter_logps
     if config.ppo.dpo_policy:
-        model = load_frozen_causal_lm(config.ppo.dpo_policy, config.model, key="ppo.dpo_policy").to(
-            accelerator.device
+        from prefopt.trainer.distributed import frozen_module, prepare_frozen
+
+        # ZeRO-3: loaded under zero.Init (empty partitions), so it gets its own engine, like the reference (FSDP2:
+        # sharded like it); the engine stays referenced here for its hooks, the calls go to its module. Under the
+        # policy's autocast, as the reference runs: the token reward compares the two.
+        engine = prepare_frozen(
+            accelerator,
+            load_frozen_causal_lm(config.ppo.dpo_policy, config.model, key="ppo.dpo_policy"),
+            "the DPO policy",
         )
+        model = frozen_module(engine)
 
         @torch.no_grad()
         def model_logps(input_ids, attention_mask, completion_mask):
-            return completion_token_logps(
-                model, input_ids, attention_mask, completion_mask, chunk_size=chunk
-            ).token_logps
+            with accelerator.autocast():
+                return completion_token_logps(
+                    model, input_ids, attention_mask, completion_mask, chunk_size=chunk
+                ).token_logps
 
+        model_logps.engine = engine
         return model_logps
     raise ConfigError(
         "ppo.dpo_policy: the loss needs the stage-1 DPO model; set ppo.dpo_policy (or ppo.dpo_adapter)"

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 def make_accelerator(config: Config):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     precision = config.train.mixed_precision
     if precision == "auto":
@@ -93,19 +93,6 @@ def make_accelerator(config: Config):
             f"{accelerator.num_processes} ({accelerator.distributed_type}); refusing to train N copies "
             "side by side; launch with torchrun or accelerate launch without --cpu"
         )
-    sharded = accelerator.distributed_type == DistributedType.DEEPSPEED or accelerator.is_fsdp2
-    if sharded and _trains_several_models(config):
-        from prefopt.errors import ConfigError
-
-        # accelerate 1.15 accelerator.py, prepare(): "You can't use same `Accelerator()` instance with multiple
-        # models when using DeepSpeed", and "Only one model is supported when using FSDP2"; the PPO stage trains a
-        # policy and a critic as two models.
-        backend = "DeepSpeed" if accelerator.distributed_type == DistributedType.DEEPSPEED else "FSDP2"
-        raise ConfigError(
-            f"loss.name={config.loss.name}: the PPO stage (policy + critic) does not run under {backend} "
-            "yet; launch it with DDP (torchrun / accelerate launch without a DeepSpeed or FSDP config, "
-            "train.deepspeed unset)"
-        )
     if plugin is not None and accelerator.state.deepspeed_plugin is None:
         logger.warning(
             "train.deepspeed is set but accelerate runs %s without DeepSpeed (e.g. ACCELERATE_USE_CPU=1): "
@@ -115,13 +102,6 @@ def make_accelerator(config: Config):
     _fill_deepspeed_autos(accelerator, config)
     set_seed(config.seed, device_specific=False)
     return accelerator, trackers
-
-
-def _trains_several_models(config: Config) -> bool:
-    """Whether the loss's step kind trains extra modules beside the policy (PPO's critic)."""
-    from prefopt.trainer.kinds import step_kind_for
-
-    return step_kind_for(loss_from_config(config)).trains_several_models
 
 
 def _fill_deepspeed_autos(accelerator, config: Config) -> None:
@@ -246,8 +226,13 @@ def precompute_reference(
 
 
 def build_optimizer(config: Config, model: torch.nn.Module, total_steps: int):
-    from transformers import get_scheduler
+    """AdamW for ``model``'s trainable parameters and its learning-rate schedule."""
+    optimizer = build_adamw(config, model)
+    return optimizer, build_scheduler(config, optimizer, total_steps)
 
+
+def build_adamw(config: Config, model: torch.nn.Module) -> torch.optim.AdamW:
+    """AdamW with two groups: decayed weights, and biases / normalisation weights without weight decay."""
     from prefopt.trainer.distributed import ensure_fp32_master_weights
 
     ensure_fp32_master_weights(model)
@@ -260,20 +245,25 @@ def build_optimizer(config: Config, model: torch.nn.Module, total_steps: int):
         {"params": decay, "weight_decay": config.train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [g for g in groups if g["params"]],
         lr=config.train.learning_rate,
         betas=(config.train.adam_beta1, config.train.adam_beta2),
         eps=config.train.adam_epsilon,
         fused=config.train.fused_optimizer and all(_fusable(p) for p in params) or None,
     )
+
+
+def build_scheduler(config: Config, optimizer, total_steps: int):
+    """``train.lr_scheduler`` with its warmup over ``total_steps`` optimizer updates (every group follows it)."""
+    from transformers import get_scheduler
+
     warmup = config.train.warmup_steps
     if warmup is None:
         warmup = math.ceil(config.train.warmup_ratio * total_steps)
-    scheduler = get_scheduler(
+    return get_scheduler(
         config.train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
     )
-    return optimizer, scheduler
 
 
 def no_weight_decay_names(model: torch.nn.Module) -> set[str]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -30,13 +30,41 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainedModule:
-    """A prepared module with its optimizer and scheduler (``sparse_params``: see ``sparse_embedding``)."""
+    """A prepared module with its optimizer and scheduler (``sparse_params``: see ``sparse_embedding``).
+
+    Under DeepSpeed / FSDP2 the policy and PPO's critic are parts of one prepared module with one optimizer
+    (``prefopt/trainer/joint.py``): then ``module`` is that root for both, ``parameters`` the part's own (what its
+    clipping covers), ``learning_rate_group`` the optimizer group whose learning rate is the part's, ``clipped``
+    False for a part whose gradient the DeepSpeed engine clips together with the policy's, and ``call`` how a step
+    calls the part (through the root's forward)."""
 
     name: str
     module: torch.nn.Module
     optimizer: Any
     scheduler: Any
     sparse_params: Any = ()
+    parameters: Optional[list] = None  # None: every trainable parameter of ``module``
+    learning_rate_group: int = 0
+    clipped: bool = True
+    call: Optional[Callable] = None  # how a step calls this part (None: the module itself)
+
+    def trainable_parameters(self) -> list:
+        if self.parameters is not None:
+            return self.parameters
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def learning_rate(self) -> float:
+        return self.scheduler.get_last_lr()[self.learning_rate_group]
+
+
+def _distinct(items) -> list:
+    """``items`` without repeats (by identity), in order: a shared root, optimizer or scheduler counts once."""
+    seen, out = set(), []
+    for item in items:
+        if id(item) not in seen:
+            seen.add(id(item))
+            out.append(item)
+    return out
 
 
 class Updater:
@@ -58,7 +86,7 @@ class Updater:
     @contextlib.contextmanager
     def accumulate(self) -> Iterator[None]:
         """accelerate's gradient accumulation over loader batches (DDP no_sync / DeepSpeed boundaries)."""
-        with self.accelerator.accumulate(*[m.module for m in self.modules]):
+        with self.accelerator.accumulate(*_distinct(m.module for m in self.modules)):
             yield
 
     @property
@@ -74,8 +102,8 @@ class Updater:
         try:
             with contextlib.ExitStack() as stack:
                 if not last and acc.num_processes > 1:
-                    for module in self.modules:
-                        stack.enter_context(acc.no_sync(module.module))
+                    for module in _distinct(m.module for m in self.modules):
+                        stack.enter_context(acc.no_sync(module))
                 yield
         finally:
             acc.sync_gradients = True
@@ -103,14 +131,16 @@ class Updater:
         max_norm = config.train.max_grad_norm or float("inf")
         norms = {}
         for trained in self.modules:
-            params = [p for p in trained.module.parameters() if p.requires_grad]
+            if not trained.clipped:
+                continue
+            params = trained.trainable_parameters()
             if trained.sparse_params:  # exact clipping and AdamW step without a dense embedding gradient
                 norms[trained.name] = sparse_embedding.clip_grad_norm(params, max_norm)
             else:
                 norms[trained.name] = self.accelerator.clip_grad_norm_(params, max_norm)
         finite = all(norm is None or math.isfinite(float(norm)) for norm in norms.values())
         if finite:
-            for trained in self.modules:
+            for trained in _distinct_updates(self.modules):
                 sparse_embedding.optimizer_step(trained.optimizer, trained.sparse_params)
                 trained.scheduler.step()
             state.consecutive_skipped = 0
@@ -137,9 +167,17 @@ class Updater:
                     f"(train.max_skipped_steps={config.train.max_skipped_steps}); stopping. "
                     f"{ckpt.last_good_checkpoint_note(self.output_dir)}; lower train.learning_rate or check the data."
                 )
-        for trained in self.modules:
-            trained.optimizer.zero_grad(set_to_none=True)
+        for optimizer in _distinct(m.optimizer for m in self.modules):
+            optimizer.zero_grad(set_to_none=True)
         return finite
 
     def learning_rate(self) -> float:
-        return self.modules[0].scheduler.get_last_lr()[0]
+        return self.modules[0].learning_rate()
+
+
+def _distinct_updates(modules: list[TrainedModule]) -> list[TrainedModule]:
+    """The first module of each optimizer: a shared optimizer (and its scheduler) steps once per update."""
+    first: dict[int, TrainedModule] = {}
+    for trained in modules:
+        first.setdefault(id(trained.optimizer), trained)
+    return list(first.values())

@@ -318,3 +318,31 @@ def test_sharded_rto_resume_continues_exactly(
     assert last["step"] == STEPS
     for key in (*PER_STEP, "ppo/kl_coef", "critic/learning_rate"):
         assert last[key] == pytest.approx(expected[key], abs=1e-6), key
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_zero3_rto_critic_from_a_reward_model(tiny_model_dir, dpo_model_dir, gold_task_dir, tmp_path):
+    """RTO's own setup: the critic starts from the reward model (backbone and head). Under ZeRO-3 the reward model
+    is loaded under zero.Init, so its head is gathered to become the value head; scoring uses the same reward
+    model in its own engine. At step 0 the values equal the one-process run's (the head was copied, not left at
+    zero), and the losses match."""
+    pytest.importorskip("deepspeed")
+    from prefopt.models.tiny import build_tiny_reward_model
+
+    reward_model = build_tiny_reward_model(tmp_path / "rm", tiny_model_dir, seed=3)
+    settings = (
+        "reward.kind=model",
+        f"reward.name_or_path={reward_model}",
+        "train.max_grad_norm=null",
+        f"train.max_steps={STEPS}",
+    )
+    single = run_one_process(tiny_model_dir, dpo_model_dir, gold_task_dir, tmp_path / "single", *settings)
+    out = tmp_path / "zero3"
+    deepspeed = f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero3_cpu.json'}"
+    result = launch(torchrun(), tiny_model_dir, dpo_model_dir, gold_task_dir, out, *settings, deepspeed)
+    assert result.returncode == 0, result.stderr[-4000:]
+    first, expected = _steps(out)[0], _steps(single)[0]
+    assert expected["ppo/values"] != 0.0  # the reward head, not a zero head
+    assert first["ppo/values"] == pytest.approx(expected["ppo/values"], abs=1e-5)
+    assert_same_losses(out, single)

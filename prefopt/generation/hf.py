@@ -46,12 +46,7 @@ def gathered_parameters(model, accelerator=None) -> Iterator[None]:
     Elsewhere a no-op.
 
     DeepSpeed's own ZeRO-3 forward hooks stay installed; with the parameters already gathered they have nothing
-    to fetch. That holds only if *every* parameter of the engine is gathered, not just the generating model's:
-    once a forward has been traced, the hooks prefetch the parameters of the modules that ran next in that trace
-    (``deepspeed/runtime/zero/partitioned_param_coordinator.py``, ``fetch_sub_module``). When the engine holds
-    more than the policy (PPO's critic in ``PolicyAndCritic``, ``prefopt/trainer/joint.py``), those prefetches are
-    all-gathers that a rank decoding more steps issues alone: seen as a hang on 2 CPU processes, one rank in the
-    prefetch all-gather, the other in the engine's next forward."""
+    to fetch."""
     if not _zero3_enabled(accelerator):
         from prefopt.generation.fsdp import fsdp_full_parameters
 
@@ -60,17 +55,8 @@ def gathered_parameters(model, accelerator=None) -> Iterator[None]:
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(_engine_parameters(model, accelerator), modifier_rank=None):
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
         yield
-
-
-def _engine_parameters(model, accelerator) -> list:
-    """Every parameter of the prepared DeepSpeed engine whose module holds ``model`` (else ``model``'s own)."""
-    for prepared in getattr(accelerator, "_models", []):
-        module = getattr(prepared, "module", prepared)
-        if isinstance(module, torch.nn.Module) and any(m is model for m in module.modules()):
-            return list(module.parameters())
-    return list(model.parameters())
 
 
 def _zero3_enabled(accelerator) -> bool:

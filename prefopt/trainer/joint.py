@@ -1,15 +1,18 @@
-"""The policy and PPO's critic as one prepared module, for DeepSpeed and FSDP2.
+"""The policy and PPO's critic as one prepared module, for DeepSpeed ZeRO-2 and FSDP2.
 
 accelerate prepares one model per ``Accelerator`` under DeepSpeed (``accelerate/accelerator.py`` 1483-1491,
 ``prepare``: "You can't use same `Accelerator()` instance with multiple models when using DeepSpeed") and under
 FSDP2 (1506-1523: "Only one model is supported when using FSDP2"), and saves an FSDP optimizer with the model of
 the same index (3720, ``save_state``: ``self._models[i]``), so a second optimizer for the one model would fail to
-checkpoint. The PPO stage trains two models, so on those backends :class:`PolicyAndCritic` holds both (the idea of
-TRL's ``PolicyAndValueWrapper`` in ``trl/trainer/ppo_trainer.py`` of the TRL releases that had PPO; the TRL 1.16
-installed here has none) and one optimizer holds both parameter sets: the policy's groups, then the critic's, each with the
-learning rate and weight decay it has on its own (``ppo.critic_learning_rate``), under one schedule (the two
-schedules are the same function of the step, so one ``LambdaLR`` gives every group the learning rate it would
-have had).
+checkpoint. The PPO stage trains two models, so on those backends :class:`PolicyAndCritic` holds both (the idea
+of TRL's ``PolicyAndValueWrapper`` in ``trl/trainer/ppo_trainer.py`` of the TRL releases that had PPO; the TRL
+1.16 installed here has none) and one optimizer holds both parameter sets: the policy's groups, then the
+critic's, each with the learning rate and weight decay it has on its own (``ppo.critic_learning_rate``), under
+one schedule (the two schedules are the same function of the step, so one ``LambdaLR`` gives every group the
+learning rate it would have had).
+
+ZeRO-3 is refused (``prefopt/trainer/setup.py``, exit 2): with policy and critic in one ZeRO-3 engine, ranks that
+decode different numbers of tokens hang in the engine's parameter prefetch (seen on 2 CPU processes).
 
 Every call goes through the prepared root's forward -- ``root(..., route="critic")`` for the critic -- so
 DeepSpeed ZeRO-3's and FSDP2's hooks gather the parameters of whichever part runs.

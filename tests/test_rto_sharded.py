@@ -341,11 +341,12 @@ def test_sharded_rto_ranks_decoding_different_lengths(tiny_model_dir, gold_task_
     ]
     train(load_config(REPO / "recipes/tiny/sft.yaml", sft_overrides))
     out = tmp_path / backend
-    settings = ("train.max_steps=2", "generation.max_new_tokens=32", *options)
+    # One prompt per generate call: a rank decodes the sum of its answers' lengths, so an answer that ends early
+    # on one rank makes the ranks' decode-step counts differ.
+    settings = ("train.max_steps=2", "generation.max_new_tokens=32", "generation.batch_size=1", *options)
     result = launch(launcher(), sft / "final", sft / "final", gold_task_dir, out, *settings)
     assert result.returncode == 0, result.stderr[-4000:]
-    lengths = [m["online/response_length"] for m in _steps(out)]
-    assert all(0 < length < 32 for length in lengths)  # answers end before the limit
+    assert any(m["online/eos_rate"] > 0 for m in _steps(out))  # some answers ended before the limit
 
 
 @pytest.mark.slow

@@ -78,10 +78,6 @@ LOSS_OVERRIDES: dict[str, tuple[str, ...]] = {
 }
 # Offline losses exempt from the learning check, with the reason.
 NO_LEARNING_CHECK = {
-    # d loss / d rho at rho = 0 is +0.784 for tau = 0.05 (the paper's and TRL's default): from policy ==
-    # reference the loss first pushes margins negative, into the local minimum the DiscoPOP paper describes.
-    # 12 steps from the reference cannot show learning; the loss itself is checked against TRL to 1e-6.
-    "discopop",
     # Reference-free on summed logps from a random tiny model: its NLL term dominates the first steps, and even
     # with cpo_alpha=0 and beta=1 the accuracy was 0.625 after 12 steps (measured). The loss is checked against
     # TRL's CPOTrainer to 1e-6 in test_losses_catalogue.py.

@@ -1,4 +1,4 @@
-"""RTO's PPO stage (policy + critic) under DeepSpeed ZeRO-2 / ZeRO-3 and FSDP2 with two CPU processes.
+"""RTO's PPO stage (policy + critic) under DeepSpeed ZeRO-2 and FSDP2 with two CPU processes (ZeRO-3: exit 2).
 
 accelerate prepares one model per ``Accelerator`` on those backends, so there the policy and the critic train as
 one ``PolicyAndCritic`` module with one optimizer (``prefopt/trainer/joint.py``); one process and DDP keep two
@@ -215,17 +215,15 @@ def test_one_process_rto_is_unchanged(tiny_model_dir, dpo_model_dir, gold_task_d
 
 @pytest.mark.slow
 @pytest.mark.multiproc
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_rto_matches_one_process(tiny_model_dir, dpo_model_dir, gold_task_dir, tmp_path, stage):
-    """One DeepSpeed engine holds policy and critic (ZeRO-3: both loaded under zero.Init, the DPO model in its own
-    engine). The engine clips the joint gradient norm (deepspeed/runtime/zero/stage_1_and_2.py, step), where one
-    process clips each part separately; so both runs train unclipped here, and the engine's norm must be the joint
-    norm of the one-process run's two."""
+def test_zero2_rto_matches_one_process(tiny_model_dir, dpo_model_dir, gold_task_dir, tmp_path):
+    """One DeepSpeed engine holds policy and critic. The engine clips the joint gradient norm
+    (deepspeed/runtime/zero/stage_1_and_2.py, step), where one process clips each part separately; so both runs
+    train unclipped here, and the engine's norm must be the joint norm of the one-process run's two."""
     pytest.importorskip("deepspeed")
     no_clip = ("train.max_grad_norm=null", f"train.max_steps={STEPS}")
     single = run_one_process(tiny_model_dir, dpo_model_dir, gold_task_dir, tmp_path / "single", *no_clip)
-    out = tmp_path / f"zero{stage}"
-    deepspeed = f"train.deepspeed={REPO / f'recipes/accelerate/ds_zero{stage}_cpu.json'}"
+    out = tmp_path / "zero2"
+    deepspeed = f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero2_cpu.json'}"
     result = launch(torchrun(), tiny_model_dir, dpo_model_dir, gold_task_dir, out, *no_clip, deepspeed)
     assert result.returncode == 0, result.stderr[-4000:]
     info = json.loads((out / "run_info.json").read_text())
@@ -278,7 +276,7 @@ def test_fsdp2_rto_matches_one_process(tiny_model_dir, dpo_model_dir, gold_task_
 
 
 BACKENDS = {
-    "zero3": (torchrun, (f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero3_cpu.json'}",)),
+    "zero2": (torchrun, (f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero2_cpu.json'}",)),
     "fsdp2": (accelerate_fsdp2, ("train.mixed_precision=no",)),
 }
 
@@ -291,7 +289,7 @@ def test_sharded_rto_resume_continues_exactly(
 ):
     """A checkpoint of the one engine / FSDP root holds policy, critic, their optimizer state and the adaptive KL
     coefficient: resuming from step 2 reproduces the uninterrupted run's step 3."""
-    if backend == "zero3":
+    if backend == "zero2":
         pytest.importorskip("deepspeed")
     launcher, options = BACKENDS[backend]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
@@ -318,3 +316,53 @@ def test_sharded_rto_resume_continues_exactly(
     assert last["step"] == STEPS
     for key in (*PER_STEP, "ppo/kl_coef", "critic/learning_rate"):
         assert last[key] == pytest.approx(expected[key], abs=1e-6), key
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_sharded_rto_ranks_decoding_different_lengths(tiny_model_dir, gold_task_dir, tmp_path, backend):
+    """A policy that ends its answers (a few SFT steps) makes the two ranks decode different numbers of tokens;
+    nothing in generation may be a collective (this is what hangs under ZeRO-3, which is refused)."""
+    from prefopt.config import load_config
+    from prefopt.trainer import train
+
+    if backend == "zero2":
+        pytest.importorskip("deepspeed")
+    launcher, options = BACKENDS[backend]
+    sft = tmp_path / "sft"
+    sft_overrides = [
+        f"model.name_or_path={tiny_model_dir}",
+        f"data.train={gold_task_dir / 'sft.jsonl'}",
+        f"output_dir={sft}",
+        "logging.progress=false",
+        "train.max_steps=20",
+        "train.per_device_batch_size=16",
+    ]
+    train(load_config(REPO / "recipes/tiny/sft.yaml", sft_overrides))
+    out = tmp_path / backend
+    # One prompt per generate call: a rank decodes the sum of its answers' lengths, so an answer that ends early
+    # on one rank makes the ranks' decode-step counts differ.
+    settings = ("train.max_steps=2", "generation.max_new_tokens=32", "generation.batch_size=1", *options)
+    result = launch(launcher(), sft / "final", sft / "final", gold_task_dir, out, *settings)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert any(m["online/eos_rate"] > 0 for m in _steps(out))  # some answers ended before the limit
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_rto_under_zero3_is_a_config_error(tiny_model_dir, dpo_model_dir, gold_task_dir, tmp_path):
+    """With policy and critic in one ZeRO-3 engine, ranks decoding different lengths hang in ZeRO-3's parameter
+    prefetch (seen with the tiny RTO recipe); prefopt stops first: exit 2, what to use instead, nothing written."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "zero3"
+    deepspeed = f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero3_cpu.json'}"
+    result = launch(
+        torchrun(), tiny_model_dir, dpo_model_dir, gold_task_dir, out, "train.max_steps=1", deepspeed
+    )
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors and "does not run under DeepSpeed ZeRO-3" in errors[0] and "ds_zero2_cpu.json" in errors[0]
+    assert not any(line.startswith("[rank") and "Traceback" in line for line in result.stderr.splitlines())
+    assert "exitcode  : 2" in result.stderr
+    assert not (out / "metrics.jsonl").exists() and not (out / "final").exists()

@@ -1,15 +1,19 @@
-"""The gold benchmark's pure-SimPO entry (issue 16).
+"""The gold benchmark's pure-SimPO entry and the tuned DiscoPOP recipe (issue 16).
 
-The numbers behind its settings (eval accuracy, EOS, gold, KL on the gold task) are in the README's "SimPO without
-its SFT term"; this test pins that the entry is the SimPO recipe without its SFT term and nothing else.
+The numbers behind the settings (eval accuracy, EOS, gold, KL on the gold task) are in the README's "SimPO without
+its SFT term" and "Tuned recipes" paragraphs; these tests pin what the settings must do whatever the task: the
+pure-SimPO entry is the SimPO recipe without its SFT term, and the DiscoPOP recipe's first step from the reference
+goes the right way.
 """
 
 from __future__ import annotations
 
 import importlib.util
 
+import torch
+
 from prefopt.config import load_config
-from prefopt.losses import get_loss
+from prefopt.losses import LossInputs, get_loss
 from tests.trainer_helpers import REPO
 
 TINY = REPO / "recipes" / "tiny"
@@ -46,3 +50,30 @@ def test_simpo_pure_is_the_simpo_recipe_without_its_sft_term(tmp_path):
     # its implicit reward is SimPO's: beta * logp / |y|, no reference
     reward = pure.implicit_reward()
     assert reward.length_normalized and not reward.uses_reference and reward.scale == pure.beta
+
+
+def _at_reference(batch: int = 4) -> LossInputs:
+    """Policy == reference (every training run's first step), sequence logps and lengths of tiny-task size."""
+    chosen = torch.linspace(-30.0, -18.0, batch, dtype=torch.float64)
+    rejected = torch.linspace(-26.0, -20.0, batch, dtype=torch.float64)
+    return LossInputs(
+        policy_chosen_logps=chosen.clone().requires_grad_(),
+        policy_rejected_logps=rejected.clone().requires_grad_(),
+        reference_chosen_logps=chosen,
+        reference_rejected_logps=rejected,
+        chosen_lengths=torch.tensor([18, 16, 15, 12]),
+        rejected_lengths=torch.tensor([14, 17, 16, 13]),
+    )
+
+
+def test_discopop_recipe_moves_the_margin_up_from_the_reference():
+    # At tau = 0.05 (the paper's and TRL's default) d loss / d margin is +0.784 at margin 0: from policy ==
+    # reference gradient descent first lowers the chosen log-ratio. The recipe's tau must start the right way.
+    loss, _ = _recipe_loss("discopop")
+    inputs = _at_reference()
+    loss(inputs).loss.backward()
+    assert (inputs.policy_chosen_logps.grad < 0).all()  # descent raises the chosen logp ...
+    assert (inputs.policy_rejected_logps.grad > 0).all()  # ... and lowers the rejected one
+    default = _at_reference()
+    get_loss("discopop", beta=loss.beta, tau=0.05)(default).loss.backward()
+    assert (default.policy_chosen_logps.grad > 0).all()  # the default's wrong first step, for contrast

@@ -1,23 +1,27 @@
-"""The policy and PPO's critic as one prepared module, for DeepSpeed and FSDP2.
+"""The policy and PPO's critic as one prepared module, for DeepSpeed ZeRO-2 and FSDP2.
 
 accelerate prepares one model per ``Accelerator`` under DeepSpeed (``accelerate/accelerator.py`` 1483-1491,
 ``prepare``: "You can't use same `Accelerator()` instance with multiple models when using DeepSpeed") and under
 FSDP2 (1506-1523: "Only one model is supported when using FSDP2"), and saves an FSDP optimizer with the model of
 the same index (3720, ``save_state``: ``self._models[i]``), so a second optimizer for the one model would fail to
-checkpoint. The PPO stage trains two models, so on those backends :class:`PolicyAndCritic` holds both (the idea of
-TRL's ``PolicyAndValueWrapper``, ``trl/trainer/ppo_trainer.py`` in TRL 0.9-0.2x; TRL 1.16, installed here, no longer
-has PPO) and one optimizer holds both parameter sets: the policy's groups, then the critic's, each with the
-learning rate and weight decay it has on its own (``ppo.critic_learning_rate``), under one schedule (the two
-schedules are the same function of the step, so one ``LambdaLR`` gives every group the learning rate it would
-have had).
+checkpoint. The PPO stage trains two models, so on those backends :class:`PolicyAndCritic` holds both (the idea
+of TRL's ``PolicyAndValueWrapper`` in ``trl/trainer/ppo_trainer.py`` of the TRL releases that had PPO; the TRL
+1.16 installed here has none) and one optimizer holds both parameter sets: the policy's groups, then the
+critic's, each with the learning rate and weight decay it has on its own (``ppo.critic_learning_rate``), under
+one schedule (the two schedules are the same function of the step, so one ``LambdaLR`` gives every group the
+learning rate it would have had).
+
+ZeRO-3 is refused (``prefopt/trainer/setup.py``, exit 2): with policy and critic in one ZeRO-3 engine, ranks that
+decode different numbers of tokens hang in the engine's parameter prefetch (seen on 2 CPU processes).
 
 Every call goes through the prepared root's forward -- ``root(..., route="critic")`` for the critic -- so
 DeepSpeed ZeRO-3's and FSDP2's hooks gather the parameters of whichever part runs.
 
 Gradient clipping: under FSDP2 the policy and the critic are clipped separately, as with DDP and on one process
 (``Accelerator.clip_grad_norm_`` over each part's ``DTensor`` parameters). A DeepSpeed engine clips the global
-norm of all its parameters inside ``engine.step`` (``deepspeed/runtime/zero/stage_1_and_2.py``, ``step``:
-``unscale_and_clip_grads`` with ``scaled_global_norm()``), so under DeepSpeed the two are clipped jointly: one
+norm of all its parameters inside ``engine.step`` (DeepSpeed 0.19.8 ``runtime/zero/stage_1_and_2.py`` 3013-3084,
+``step``: every group's ``unscale_and_clip_grads`` with ``scaled_global_norm()``; ``stage3.py`` 2873-2918 the same
+with the combined norm of all groups), so under DeepSpeed the two are clipped jointly: one
 ``grad_norm`` over both, and ``train.max_grad_norm`` bounds that joint norm (the run logs a warning).
 
 Single-process and DDP runs keep two prepared models, two optimizers and their checkpoint layout
@@ -118,8 +122,8 @@ def parameters_of(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def warn_joint_clipping(config: Any) -> None:
-    if config.train.max_grad_norm:
+def warn_joint_clipping(accelerator, config: Any) -> None:
+    if config.train.max_grad_norm and accelerator.is_main_process:
         logger.warning(
             "DeepSpeed: the policy and the critic train in one engine, which clips their joint gradient norm to "
             "train.max_grad_norm=%s (one process, DDP and FSDP2 clip each separately); grad_norm is the joint "
@@ -155,7 +159,7 @@ def prepare_policy_and_critic(
     parts = accelerator.unwrap_model(root)
     engine_clips = accelerator.distributed_type == DistributedType.DEEPSPEED
     if engine_clips:
-        warn_joint_clipping(config)
+        warn_joint_clipping(accelerator, config)
     return [
         TrainedModule(
             "policy",

@@ -1,4 +1,4 @@
-"""RTO's PPO stage (policy + critic) under DeepSpeed ZeRO-2 and FSDP2 with two CPU processes (ZeRO-3: exit 2).
+"""RTO's PPO stage (policy + critic) under DeepSpeed ZeRO-2, ZeRO-3 and FSDP2 with two CPU processes.
 
 accelerate prepares one model per ``Accelerator`` on those backends, so there the policy and the critic train as
 one ``PolicyAndCritic`` module with one optimizer (``prefopt/trainer/joint.py``); one process and DDP keep two
@@ -215,15 +215,17 @@ def test_one_process_rto_is_unchanged(tiny_model_dir, dpo_model_dir, gold_task_d
 
 @pytest.mark.slow
 @pytest.mark.multiproc
-def test_zero2_rto_matches_one_process(tiny_model_dir, dpo_model_dir, gold_task_dir, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_rto_matches_one_process(tiny_model_dir, dpo_model_dir, gold_task_dir, tmp_path, stage):
     """One DeepSpeed engine holds policy and critic. The engine clips the joint gradient norm
-    (deepspeed/runtime/zero/stage_1_and_2.py, step), where one process clips each part separately; so both runs
-    train unclipped here, and the engine's norm must be the joint norm of the one-process run's two."""
+    (deepspeed/runtime/zero/stage_1_and_2.py, step; stage3.py likewise), where one process clips each part
+    separately; so both runs train unclipped here, and the engine's norm must be the joint norm of the one-process
+    run's two. ZeRO-3: generation takes the engine's hooks off while it runs (generation/hf.py)."""
     pytest.importorskip("deepspeed")
     no_clip = ("train.max_grad_norm=null", f"train.max_steps={STEPS}")
     single = run_one_process(tiny_model_dir, dpo_model_dir, gold_task_dir, tmp_path / "single", *no_clip)
-    out = tmp_path / "zero2"
-    deepspeed = f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero2_cpu.json'}"
+    out = tmp_path / f"zero{stage}"
+    deepspeed = f"train.deepspeed={REPO / f'recipes/accelerate/ds_zero{stage}_cpu.json'}"
     result = launch(torchrun(), tiny_model_dir, dpo_model_dir, gold_task_dir, out, *no_clip, deepspeed)
     assert result.returncode == 0, result.stderr[-4000:]
     info = json.loads((out / "run_info.json").read_text())
@@ -277,6 +279,7 @@ def test_fsdp2_rto_matches_one_process(tiny_model_dir, dpo_model_dir, gold_task_
 
 BACKENDS = {
     "zero2": (torchrun, (f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero2_cpu.json'}",)),
+    "zero3": (torchrun, (f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero3_cpu.json'}",)),
     "fsdp2": (accelerate_fsdp2, ("train.mixed_precision=no",)),
 }
 
@@ -289,7 +292,7 @@ def test_sharded_rto_resume_continues_exactly(
 ):
     """A checkpoint of the one engine / FSDP root holds policy, critic, their optimizer state and the adaptive KL
     coefficient: resuming from step 2 reproduces the uninterrupted run's step 3."""
-    if backend == "zero2":
+    if backend.startswith("zero"):
         pytest.importorskip("deepspeed")
     launcher, options = BACKENDS[backend]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
@@ -323,11 +326,12 @@ def test_sharded_rto_resume_continues_exactly(
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_sharded_rto_ranks_decoding_different_lengths(tiny_model_dir, gold_task_dir, tmp_path, backend):
     """A policy that ends its answers (a few SFT steps) makes the two ranks decode different numbers of tokens;
-    nothing in generation may be a collective (this is what hangs under ZeRO-3, which is refused)."""
+        nothing in generation may be a collective (under ZeRO-3 the engine's prefetching hooks issued all-gathers inside
+    the decode loop and the ranks hung, until generation took the hooks off: generation/hf.py)."""
     from prefopt.config import load_config
     from prefopt.trainer import train
 
-    if backend == "zero2":
+    if backend.startswith("zero"):
         pytest.importorskip("deepspeed")
     launcher, options = BACKENDS[backend]
     sft = tmp_path / "sft"
@@ -347,22 +351,3 @@ def test_sharded_rto_ranks_decoding_different_lengths(tiny_model_dir, gold_task_
     result = launch(launcher(), sft / "final", sft / "final", gold_task_dir, out, *settings)
     assert result.returncode == 0, result.stderr[-4000:]
     assert any(m["online/eos_rate"] > 0 for m in _steps(out))  # some answers ended before the limit
-
-
-@pytest.mark.slow
-@pytest.mark.multiproc
-def test_rto_under_zero3_is_a_config_error(tiny_model_dir, dpo_model_dir, gold_task_dir, tmp_path):
-    """With policy and critic in one ZeRO-3 engine, ranks decoding different lengths hang in ZeRO-3's parameter
-    prefetch (seen with the tiny RTO recipe); prefopt stops first: exit 2, what to use instead, nothing written."""
-    pytest.importorskip("deepspeed")
-    out = tmp_path / "zero3"
-    deepspeed = f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero3_cpu.json'}"
-    result = launch(
-        torchrun(), tiny_model_dir, dpo_model_dir, gold_task_dir, out, "train.max_steps=1", deepspeed
-    )
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors and "does not run under DeepSpeed ZeRO-3" in errors[0] and "ds_zero2_cpu.json" in errors[0]
-    assert not any(line.startswith("[rank") and "Traceback" in line for line in result.stderr.splitlines())
-    assert "exitcode  : 2" in result.stderr
-    assert not (out / "metrics.jsonl").exists() and not (out / "final").exists()

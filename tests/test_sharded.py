@@ -209,6 +209,64 @@ def test_zero3_online_xpo_with_frozen_implicit_reward_models(tiny_model_dir, gol
     assert steps[0]["dpo/loss"] == pytest.approx(0.693147, abs=1e-5)  # policy == reference at step 0
 
 
+@pytest.mark.slow
+def test_zero3_xpo_ranks_decoding_different_lengths(tiny_model_dir, gold_task_dir, tmp_path):
+    """A policy that ends its answers (20 SFT steps) and one prompt per generate call: the two ranks decode
+    different numbers of tokens, from the policy and from the reference (a frozen engine). Before generation took
+    the engines' ZeRO-3 hooks off (generation/hf.py, zero3_hooks_removed), their prefetch all-gathers paired
+    mismatched collectives: gloo "Received data size doesn't match expected size" within 3 steps."""
+    from prefopt.config import load_config
+    from prefopt.trainer import train
+
+    sft = tmp_path / "sft"
+    train(
+        load_config(
+            REPO / "recipes/tiny/sft.yaml",
+            [
+                f"model.name_or_path={tiny_model_dir}",
+                f"data.train={gold_task_dir / 'sft.jsonl'}",
+                f"output_dir={sft}",
+                "logging.progress=false",
+                "train.max_steps=20",
+                "train.per_device_batch_size=16",
+            ],
+        )
+    )
+    out = tmp_path / "xpo"
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        _torchrun_args(
+            "-m",
+            "prefopt",
+            "train",
+            str(REPO / "recipes/tiny/xpo.yaml"),
+            f"model.name_or_path={sft / 'final'}",
+            f"data.train={gold_task_dir / 'prompts_train.jsonl'}",
+            "data.eval=null",
+            f"output_dir={out}",
+            "overwrite_output_dir=true",
+            "logging.progress=false",
+            "logging.logging_steps=1",
+            "train.max_steps=3",
+            "train.per_device_batch_size=4",
+            "generation.max_new_tokens=32",
+            "generation.batch_size=1",
+            f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero3_cpu.json'}",
+        ),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    steps = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    assert len(steps) == 3 and all(torch.isfinite(torch.tensor(m["loss"])) for m in steps)
+    assert steps[0]["dpo/loss"] == pytest.approx(0.693147, abs=1e-5)
+    assert any(0 < m["online/eos_rate"] < 1 for m in steps)  # answers of different lengths
+
+
 def _torchrun_args(*program: str) -> list[str]:
     return [
         sys.executable,

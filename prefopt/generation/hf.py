@@ -45,8 +45,10 @@ def gathered_parameters(model, accelerator=None) -> Iterator[None]:
     (``prefopt/generation/fsdp.py``, which also makes sure the prepared root, not an inner layer, is FSDP's root).
     Elsewhere a no-op.
 
-    DeepSpeed's own ZeRO-3 forward hooks stay installed; with the parameters already gathered they have nothing
-    to fetch."""
+    Under ZeRO-3 the engine's module hooks are also taken off for the call (:func:`zero3_hooks_removed`): with the
+    parameters gathered they would have nothing to fetch, but their prefetcher still issues all-gathers, and two
+    ranks that decode a different number of tokens then pair mismatched collectives (seen on 2 CPU processes:
+    gloo's "Received data size doesn't match expected size" within the first steps of XPO)."""
     if not _zero3_enabled(accelerator):
         from prefopt.generation.fsdp import fsdp_full_parameters
 
@@ -55,7 +57,11 @@ def gathered_parameters(model, accelerator=None) -> Iterator[None]:
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+    from prefopt.trainer.distributed import zero3_engine_holding, zero3_hooks_removed
+
+    engine = zero3_engine_holding(model, accelerator)
+    gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    with gathered, zero3_hooks_removed(engine):
         yield
 
 

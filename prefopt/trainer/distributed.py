@@ -32,8 +32,11 @@ parameter partitions that only an engine's hooks gather (the same idea as TRL's 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -200,7 +203,54 @@ def prepare_frozen(accelerator, model: torch.nn.Module, what: str = "a frozen mo
         config["bf16"] = {"enabled": False}
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
+    _FROZEN_ZERO3_ENGINES.append(weakref.ref(engine))
     return engine
+
+
+# Frozen models' ZeRO-3 engines (the reference, reward models), so generation can find the engine of a model it is
+# handed (XPO samples from the reference): ``zero3_engine_holding``.
+_FROZEN_ZERO3_ENGINES: list = []
+
+
+def zero3_engine_holding(model: torch.nn.Module, accelerator=None):
+    """The ZeRO-3 DeepSpeed engine whose module contains ``model`` (the policy's, or a frozen model's), or None."""
+    candidates = []
+    wrapper = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    if wrapper is not None:
+        candidates.append(wrapper.engine)
+    candidates.extend(ref() for ref in _FROZEN_ZERO3_ENGINES)
+    for engine in candidates:
+        module = getattr(engine, "module", None)
+        if module is not None and any(m is model for m in module.modules()):
+            return engine
+    return None
+
+
+@contextlib.contextmanager
+def zero3_hooks_removed(engine) -> Iterator[None]:
+    """Take a ZeRO-3 engine's module hooks off for the block and put them back after (call with the parameters
+    gathered, e.g. inside ``deepspeed.zero.GatheredParameters``).
+
+    The hooks belong to the engine's ``DeepSpeedZeRoOffload`` (``deepspeed/runtime/zero/parameter_offload.py``:
+    ``forward_hooks`` / ``backward_hooks``, registered by ``_register_deepspeed_module``); a stage-3 optimizer holds
+    it as ``parameter_offload``, an engine built without an optimizer (a frozen model) has it as its ``optimizer``.
+    Re-registering on the root invalidates the prefetch trace, so the next training forward records a fresh one
+    (DeepSpeed 0.19.8, ``_register_deepspeed_module``). TRL does the same around ``generate``
+    (``trl/models/utils.py``, ``remove_hooks`` / ``add_hooks``)."""
+    optimizer = getattr(engine, "optimizer", None)
+    offload = getattr(optimizer, "parameter_offload", optimizer)
+    if offload is None or not hasattr(offload, "forward_hooks"):
+        yield
+        return
+    for param in offload.module.parameters(recurse=True):
+        param.ds_active_sub_modules.clear()
+    for hook in [*offload.forward_hooks, *offload.backward_hooks]:
+        hook.remove()
+    offload.forward_hooks, offload.backward_hooks = [], []
+    try:
+        yield
+    finally:
+        offload._register_deepspeed_module(offload.module)
 
 
 def shard_frozen_fsdp2(accelerator, model: torch.nn.Module, what: str = "a frozen model") -> torch.nn.Module:

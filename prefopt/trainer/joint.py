@@ -1,4 +1,4 @@
-"""The policy and PPO's critic as one prepared module, for DeepSpeed ZeRO-2 and FSDP2.
+"""The policy and PPO's critic as one prepared module, for DeepSpeed ZeRO-2/3 and FSDP2.
 
 accelerate prepares one model per ``Accelerator`` under DeepSpeed (``accelerate/accelerator.py`` 1483-1491,
 ``prepare``: "You can't use same `Accelerator()` instance with multiple models when using DeepSpeed") and under
@@ -11,8 +11,9 @@ critic's, each with the learning rate and weight decay it has on its own (``ppo.
 one schedule (the two schedules are the same function of the step, so one ``LambdaLR`` gives every group the
 learning rate it would have had).
 
-ZeRO-3 is refused (``prefopt/trainer/setup.py``, exit 2): with policy and critic in one ZeRO-3 engine, ranks that
-decode different numbers of tokens hang in the engine's parameter prefetch (seen on 2 CPU processes).
+Under ZeRO-3, generation takes the engine's module hooks off while it decodes (``zero3_hooks_removed`` in
+``prefopt/trainer/distributed.py``): with them on, ranks that decode different numbers of tokens hung in the
+engine's parameter prefetch (seen on 2 CPU processes).
 
 Every call goes through the prepared root's forward -- ``root(..., route="critic")`` for the critic -- so
 DeepSpeed ZeRO-3's and FSDP2's hooks gather the parameters of whichever part runs.

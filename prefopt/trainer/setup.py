@@ -93,22 +93,6 @@ def make_accelerator(config: Config):
             f"{accelerator.num_processes} ({accelerator.distributed_type}); refusing to train N copies "
             "side by side; launch with torchrun or accelerate launch without --cpu"
         )
-    if plugin is not None and _trains_several_models(config):
-        from prefopt.trainer.distributed import zero_stage
-
-        if zero_stage(accelerator) == 3:
-            from prefopt.errors import ConfigError
-
-            # Seen on 2 CPU processes (tiny RTO recipe): once the engine holding policy and critic has traced a
-            # forward, its ZeRO-3 hooks issue parameter all-gathers inside the policy's decode loop, and ranks that
-            # decode different numbers of tokens wait on each other forever (one in the prefetch all-gather of
-            # deepspeed/runtime/zero/partitioned_param_coordinator.py, fetch_sub_module; the other in the next
-            # forward), even with every parameter of the engine gathered for generation.
-            raise ConfigError(
-                f"loss.name={config.loss.name}: the PPO stage (policy + critic) does not run under DeepSpeed "
-                "ZeRO-3 yet (ranks hang in ZeRO-3's parameter prefetch while generating); use ZeRO-2 "
-                "(recipes/accelerate/ds_zero2_cpu.json) or FSDP2 (recipes/accelerate/fsdp2.yaml)"
-            )
     if plugin is not None and accelerator.state.deepspeed_plugin is None:
         logger.warning(
             "train.deepspeed is set but accelerate runs %s without DeepSpeed (e.g. ACCELERATE_USE_CPU=1): "
@@ -118,13 +102,6 @@ def make_accelerator(config: Config):
     _fill_deepspeed_autos(accelerator, config)
     set_seed(config.seed, device_specific=False)
     return accelerator, trackers
-
-
-def _trains_several_models(config: Config) -> bool:
-    """Whether the loss's step kind trains extra modules beside the policy (PPO's critic)."""
-    from prefopt.trainer.kinds import step_kind_for
-
-    return step_kind_for(loss_from_config(config)).trains_several_models
 
 
 def _fill_deepspeed_autos(accelerator, config: Config) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.trainer_helpers import REPO, assert_final_matches_one_process, metrics
+from tests.trainer_helpers import REPO, assert_final_matches_one_process, metrics, sft_that_ends_answers
 
 pytestmark = [pytest.mark.filterwarnings("ignore")]
 
@@ -326,28 +326,16 @@ def test_sharded_rto_resume_continues_exactly(
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_sharded_rto_ranks_decoding_different_lengths(tiny_model_dir, gold_task_dir, tmp_path, backend):
     """A policy that ends its answers (a few SFT steps) makes the two ranks decode different numbers of tokens;
-        nothing in generation may be a collective (under ZeRO-3 the engine's prefetching hooks issued all-gathers inside
-    the decode loop and the ranks hung, until generation took the hooks off: generation/hf.py)."""
-    from prefopt.config import load_config
-    from prefopt.trainer import train
-
+    nothing in generation may be a collective (under ZeRO-3 the engine's prefetching hooks issued all-gathers
+    inside the decode loop and the ranks hung, until generation took the hooks off: generation/hf.py)."""
     if backend.startswith("zero"):
         pytest.importorskip("deepspeed")
     launcher, options = BACKENDS[backend]
-    sft = tmp_path / "sft"
-    sft_overrides = [
-        f"model.name_or_path={tiny_model_dir}",
-        f"data.train={gold_task_dir / 'sft.jsonl'}",
-        f"output_dir={sft}",
-        "logging.progress=false",
-        "train.max_steps=20",
-        "train.per_device_batch_size=16",
-    ]
-    train(load_config(REPO / "recipes/tiny/sft.yaml", sft_overrides))
+    sft_final = sft_that_ends_answers(tiny_model_dir, gold_task_dir, tmp_path / "sft")
     out = tmp_path / backend
     # One prompt per generate call: a rank decodes the sum of its answers' lengths, so an answer that ends early
     # on one rank makes the ranks' decode-step counts differ.
     settings = ("train.max_steps=2", "generation.max_new_tokens=32", "generation.batch_size=1", *options)
-    result = launch(launcher(), sft / "final", sft / "final", gold_task_dir, out, *settings)
+    result = launch(launcher(), sft_final, sft_final, gold_task_dir, out, *settings)
     assert result.returncode == 0, result.stderr[-4000:]
     assert any(m["online/eos_rate"] > 0 for m in _steps(out))  # some answers ended before the limit

@@ -14,7 +14,15 @@ import sys
 import pytest
 import torch
 
-from tests.trainer_helpers import REPO, assert_final_matches_one_process, losses, metrics, run, write_pairs
+from tests.trainer_helpers import (
+    REPO,
+    assert_final_matches_one_process,
+    losses,
+    metrics,
+    run,
+    sft_that_ends_answers,
+    write_pairs,
+)
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.filterwarnings("ignore")]
 deepspeed = pytest.importorskip("deepspeed")
@@ -215,23 +223,7 @@ def test_zero3_xpo_ranks_decoding_different_lengths(tiny_model_dir, gold_task_di
     different numbers of tokens, from the policy and from the reference (a frozen engine). Before generation took
     the engines' ZeRO-3 hooks off (generation/hf.py, zero3_hooks_removed), their prefetch all-gathers paired
     mismatched collectives: gloo "Received data size doesn't match expected size" within 3 steps."""
-    from prefopt.config import load_config
-    from prefopt.trainer import train
-
-    sft = tmp_path / "sft"
-    train(
-        load_config(
-            REPO / "recipes/tiny/sft.yaml",
-            [
-                f"model.name_or_path={tiny_model_dir}",
-                f"data.train={gold_task_dir / 'sft.jsonl'}",
-                f"output_dir={sft}",
-                "logging.progress=false",
-                "train.max_steps=20",
-                "train.per_device_batch_size=16",
-            ],
-        )
-    )
+    sft_final = sft_that_ends_answers(tiny_model_dir, gold_task_dir, tmp_path / "sft")
     out = tmp_path / "xpo"
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -241,7 +233,7 @@ def test_zero3_xpo_ranks_decoding_different_lengths(tiny_model_dir, gold_task_di
             "prefopt",
             "train",
             str(REPO / "recipes/tiny/xpo.yaml"),
-            f"model.name_or_path={sft / 'final'}",
+            f"model.name_or_path={sft_final}",
             f"data.train={gold_task_dir / 'prompts_train.jsonl'}",
             "data.eval=null",
             f"output_dir={out}",

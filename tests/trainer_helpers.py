@@ -66,6 +66,21 @@ def run(model_dir: Path, data: Path, out: Path, *overrides: str, recipe: str = "
     return train(config)
 
 
+def sft_that_ends_answers(model_dir: Path, gold_task_dir: Path, out: Path) -> Path:
+    """20 SFT steps of the tiny model on the gold task: enough for it to end some answers with EOS, so ranks that
+    sample one prompt per ``generate`` call decode different numbers of tokens. Returns its ``final/``."""
+    overrides = [
+        f"model.name_or_path={model_dir}",
+        f"data.train={gold_task_dir / 'sft.jsonl'}",
+        f"output_dir={out}",
+        "logging.progress=false",
+        "train.max_steps=20",
+        "train.per_device_batch_size=16",
+    ]
+    train(load_config(REPO / "recipes/tiny/sft.yaml", overrides))
+    return out / "final"
+
+
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 

@@ -258,7 +258,7 @@ def test_kto_two_processes_match_one(tiny_model_dir, tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29541",
+        "29511",  # a port of its own: test_sharded.py counts up from 29541
     ]
     result = _launch(
         launcher,

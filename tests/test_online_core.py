@@ -486,7 +486,7 @@ def test_two_processes_sample_and_train_like_one(method, tiny_model_dir, dpo_pol
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29541",
+        "29513",  # a port of its own: test_sharded.py counts up from 29541
     ]
     done = subprocess.run(
         [

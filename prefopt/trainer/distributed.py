@@ -203,6 +203,7 @@ def prepare_frozen(accelerator, model: torch.nn.Module, what: str = "a frozen mo
         config["bf16"] = {"enabled": False}
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
+    _FROZEN_ZERO3_ENGINES[:] = [ref for ref in _FROZEN_ZERO3_ENGINES if ref() is not None]  # drop freed ones
     _FROZEN_ZERO3_ENGINES.append(weakref.ref(engine))
     return engine
 

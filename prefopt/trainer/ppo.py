@@ -69,7 +69,6 @@ class PPOStep(StepKind):
     data_kind = "prompts"
     batch_size_key = "ppo.rollout_batch_size"
     minibatch_keys = _MINIBATCH_KEYS  # rollout fields a minibatch carries (subclasses add theirs)
-    trains_several_models = True
 
     # ------------------------------------------------------------------------------------------ class hooks
 

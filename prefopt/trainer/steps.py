@@ -115,7 +115,6 @@ class StepKind:
     data_kind: ClassVar[str] = "pairs"
     model_kind: ClassVar[str] = "causal_lm"
     batch_size_key: ClassVar[str] = "train.per_device_batch_size"  # the config key of loader_batch_size
-    trains_several_models: ClassVar[bool] = False  # True when ``trainables`` adds modules (PPO's critic)
 
     def __init__(self, ctx: StepContext):
         self.ctx = ctx

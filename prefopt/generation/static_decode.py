@@ -84,15 +84,19 @@ def _stacked(module: torch.nn.Module, names: tuple[str, ...]):
     return weight, bias, [layer.out_features for layer in layers]
 
 
+def _plain_rms_norm(norm: torch.nn.Module) -> bool:
+    """A Llama-style RMS norm (``weight * x * rsqrt(mean(x^2) + eps)``) without hooks."""
+    return (
+        type(norm).__name__.endswith("RMSNorm")
+        and hasattr(norm, "variance_epsilon")
+        and not (norm._forward_hooks or norm._forward_pre_hooks)
+    )
+
+
 def _rms_norm(norm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """``LlamaRMSNorm.forward`` (``weight * x * rsqrt(mean(x^2) + eps)``, in fp32) as one ``F.rms_norm`` kernel
     for fp32 inputs instead of five; other dtypes and other norm classes call the module."""
-    if (
-        hidden.dtype == torch.float32
-        and type(norm).__name__.endswith("RMSNorm")
-        and hasattr(norm, "variance_epsilon")
-        and not (norm._forward_hooks or norm._forward_pre_hooks)
-    ):
+    if hidden.dtype == torch.float32 and _plain_rms_norm(norm):
         return F.rms_norm(hidden, (hidden.shape[-1],), norm.weight, norm.variance_epsilon)
     return norm(hidden)
 
@@ -128,6 +132,7 @@ class StaticDecoder:
                 probe = parameter.new_zeros(1, length, 1)
                 cos, sin = decoder.rotary_emb(probe, torch.arange(length, device=parameter.device)[None])
             self.rope_table = (cos[0], sin[0])
+        self.lean = self._lean_layers(decoder)
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
@@ -135,6 +140,8 @@ class StaticDecoder:
         """Hidden states after the final norm for ``input_ids [B, Q]`` placed after the ``filled`` cached positions.
 
         ``mask``: boolean ``[B, 1, Q, filled + Q]``, True where a query may attend (causal and padding both)."""
+        if self.lean is not None:
+            return self._lean_forward(input_ids, position_ids, mask)
         decoder = self.decoder
         start, queries = self.filled, input_ids.shape[1]
         end = start + queries
@@ -181,3 +188,120 @@ class StaticDecoder:
                 hidden = hidden + layer.mlp(normed)
         self.filled = end
         return _rms_norm(decoder.norm, hidden)
+
+    def _lean_layers(self, decoder: torch.nn.Module):
+        """Per-layer weight tuples for :meth:`_lean_forward`, or None when a part is not the plain module it reads
+        the weights of (LoRA / hooked / quantised projections, other norm or embedding classes, no rotary table,
+        non-fp32 weights): those keep the module calls of :meth:`forward`."""
+        embed = decoder.embed_tokens
+        if self.rope_table is None or type(embed) is not torch.nn.Embedding or embed.max_norm is not None:
+            return None
+        if embed._forward_hooks or embed._forward_pre_hooks or embed.weight.dtype != torch.float32:
+            return None
+        norms = [decoder.norm] + [
+            getattr(layer, name) for layer in decoder.layers for name in _LAYER_PARTS[:2]
+        ]
+        if not all(_plain_rms_norm(norm) for norm in norms):
+            return None
+        if any(entry is None for entry in self.qkv + self.gate_up):
+            return None
+        layers = []
+        for index, layer in enumerate(decoder.layers):
+            attention, mlp = layer.self_attn, layer.mlp
+            outs = (attention.o_proj, mlp.down_proj)
+            if not all(type(out) is torch.nn.Linear for out in outs):
+                return None
+            if any(out._forward_hooks or out._forward_pre_hooks for out in outs):
+                return None
+            act = mlp.act_fn
+            if act._forward_hooks or act._forward_pre_hooks:
+                return None
+            if type(act) is torch.nn.SiLU:
+                act = F.silu
+            qkv_weight, qkv_bias, _ = self.qkv[index]
+            gate_up_weight, gate_up_bias, (gate_size, _) = self.gate_up[index]
+            layers.append(
+                (
+                    layer.input_layernorm.weight,
+                    layer.input_layernorm.variance_epsilon,
+                    qkv_weight,
+                    qkv_bias,
+                    attention.o_proj.weight,
+                    attention.o_proj.bias,
+                    attention.scaling,
+                    layer.post_attention_layernorm.weight,
+                    layer.post_attention_layernorm.variance_epsilon,
+                    gate_up_weight,
+                    gate_up_bias,
+                    gate_size,
+                    act,
+                    mlp.down_proj.weight,
+                    mlp.down_proj.bias,
+                    self.keys[index],
+                    self.values[index],
+                )
+            )
+        # One table of [cos, sign-flipped sin] rows, so a step gathers both with one index. rotate_half(x) * sin
+        # (HF: cat(-x2, x1) * sin) is cat(x2, x1) * cat(-sin_1, sin_2): negation is exact, so the same bits.
+        cos, sin = self.rope_table
+        half = self.head_dim // 2
+        signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
+        self.rope_rows = torch.stack([cos, signed_sin], -2)  # [length, 2, D]
+        return layers
+
+    def _lean_forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`forward` for plain layers, by their weights: the same kernels on the same operands (so the same
+        bits, tested), less Python per token. q and k are rotated together on the stacked projection output."""
+        decoder = self.decoder
+        rows, queries = input_ids.shape
+        start = self.filled
+        end = start + queries
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        rotated_heads = heads + kv_heads
+        hidden = F.embedding(input_ids, decoder.embed_tokens.weight)
+        rope = self.rope_rows[position_ids]  # [B, Q, 2, D]
+        cos, sin = rope[:, :, :1], rope[:, :, 1:]  # broadcast over heads: [B, Q, 1, D]
+        width = (hidden.shape[-1],)
+        for (
+            norm_weight,
+            norm_eps,
+            qkv_weight,
+            qkv_bias,
+            o_weight,
+            o_bias,
+            scaling,
+            post_weight,
+            post_eps,
+            gate_up_weight,
+            gate_up_bias,
+            gate_size,
+            act,
+            down_weight,
+            down_bias,
+            keys,
+            values,
+        ) in self.lean:
+            normed = F.rms_norm(hidden, width, norm_weight, norm_eps)
+            qkv = F.linear(normed, qkv_weight, qkv_bias).view(rows, queries, -1, head_dim)
+            query_key = qkv[:, :, :rotated_heads]
+            swapped = query_key.unflatten(-1, (2, head_dim // 2)).flip(-2).view(query_key.shape)
+            query_key = query_key * cos + swapped * sin  # apply_rotary_pos_emb on q and k at once
+            keys[:, :, start:end] = query_key[:, :, heads:].transpose(1, 2)
+            values[:, :, start:end] = qkv[:, :, rotated_heads:].transpose(1, 2)
+            out = F.scaled_dot_product_attention(
+                query_key[:, :, :heads].transpose(1, 2),
+                keys[:, :, :end],
+                values[:, :, :end],
+                attn_mask=mask,
+                scale=scaling,
+                enable_gqa=self.gqa,
+            )
+            hidden = hidden + F.linear(out.transpose(1, 2).reshape(rows, queries, -1), o_weight, o_bias)
+            normed = F.rms_norm(hidden, width, post_weight, post_eps)
+            gate_up = F.linear(normed, gate_up_weight, gate_up_bias)
+            hidden = hidden + F.linear(act(gate_up[..., :gate_size]) * gate_up[..., gate_size:], down_weight, down_bias)
+        self.filled = end
+        norm = decoder.norm
+        return F.rms_norm(hidden, width, norm.weight, norm.variance_epsilon)

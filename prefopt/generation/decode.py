@@ -122,8 +122,10 @@ def sample_loop(
 ) -> torch.Tensor:
     """``[B, T]`` new tokens for left-padded prompts (``T <= max_new_tokens``; pad after a row's EOS).
 
-    ``temperature == 0`` is greedy decoding. ``draw`` replaces the sampler: fp32 ``[B, vocab]`` logits in, ``[B]``
-    token ids out (e.g. per-row seeded Gumbel-max sampling, which then also owns the filters). ``static``: run
+    ``temperature == 0`` is greedy decoding. ``draw`` replaces the sampler: ``draw(logits, live)`` with fp32
+    ``[B, vocab]`` logits and boolean ``[B]`` ``live`` (False for rows that have emitted EOS: their tokens become
+    padding, whatever is drawn) in, ``[B]`` token ids out (e.g. per-row seeded Gumbel-max sampling, which then also
+    owns the filters). ``static``: run
     Llama-family bodies through :class:`~prefopt.generation.static_decode.StaticDecoder` (pre-allocated cache, no
     HF layer plumbing per token; the same logits to float round-off) instead of the HF decoder with a
     ``DynamicCache``.
@@ -171,7 +173,7 @@ def sample_loop(
     for step in range(max_new_tokens):
         logits = head(hidden).float()
         if draw is not None:
-            next_tokens = draw(logits)
+            next_tokens = draw(logits, unfinished)
         elif temperature == 0:
             next_tokens = logits.argmax(dim=-1)
         else:

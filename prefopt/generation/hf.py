@@ -126,22 +126,39 @@ class SeededSampler:
         self.used = 0  # steps of the block handed out
         self.drawn = 0  # steps drawn so far (never more than max_new_tokens)
 
-    def gumbel(self, vocab: int, device) -> torch.Tensor:
-        """The next step's ``[B, V]`` Gumbel noise, ``-log(-log(U))`` with ``U`` uniform in float64."""
+    def gumbel(self, vocab: int, device, live: torch.Tensor | None = None) -> torch.Tensor:
+        """The next step's ``[B, V]`` Gumbel noise, ``-log(-log(U))`` with ``U`` uniform in float64.
+
+        ``live``: optional boolean ``[B]``, False for rows that have finished (emitted EOS). A block drawn then
+        skips those rows (their noise is 0): a finished row's tokens are padding whatever is drawn, and its
+        generator is never read again, so every live row gets the same draws as without ``live``."""
         if self.noise is None or self.used == self.noise.shape[1]:
-            budget = self.BLOCK_BYTES // (8 * vocab * max(len(self.generators), 1))
+            rows = len(self.generators)
+            budget = self.BLOCK_BYTES // (8 * vocab * max(rows, 1))
             left = max(self.sampling.max_new_tokens - self.drawn, 1)
             steps = max(1, min(self.BLOCK_STEPS, budget, left))
-            uniform = torch.stack(
-                [torch.rand(steps, vocab, generator=g, dtype=torch.float64) for g in self.generators]
-            )
-            self.noise = -torch.log(-torch.log(uniform.clamp(min=1e-300))).to(device, torch.float32)
+            drawing = range(rows) if live is None else live.nonzero().flatten().tolist()
+            # One float64 buffer, filled by each row's generator in place and transformed in place: the same
+            # values and float64 operations as -log(-log(clamp(U))), without a stacked copy and four temporaries.
+            uniform = torch.empty(len(drawing), steps, vocab, dtype=torch.float64)
+            for slot, row in enumerate(drawing):
+                torch.rand(steps, vocab, generator=self.generators[row], dtype=torch.float64, out=uniform[slot])
+            noise = uniform.clamp_(min=1e-300).log_().neg_().log_().neg_().to(device, torch.float32)
+            if len(drawing) < rows:
+                block = torch.zeros(rows, steps, vocab, dtype=torch.float32, device=device)
+                block[torch.tensor(drawing, dtype=torch.long, device=device)] = noise
+                noise = block
+            self.noise = noise
             self.used, self.drawn = 0, self.drawn + steps
         noise = self.noise[:, self.used]
         self.used += 1
         return noise
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, input_ids: torch.Tensor, scores: torch.Tensor, live: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Gumbel-perturbed ``log_softmax`` of the filtered, tempered ``scores``; its argmax is the draw.
+        ``live``: see :meth:`gumbel` (the lean loop passes it; ``model.generate`` does not)."""
         from transformers import TopKLogitsWarper, TopPLogitsWarper
 
         scores = scores.float()
@@ -151,7 +168,7 @@ class SeededSampler:
             scores = TopKLogitsWarper(self.sampling.top_k)(input_ids, scores)
         if self.sampling.top_p < 1.0:
             scores = TopPLogitsWarper(self.sampling.top_p)(input_ids, scores)
-        return torch.log_softmax(scores, dim=-1) + self.gumbel(scores.shape[-1], scores.device)
+        return torch.log_softmax(scores, dim=-1).add_(self.gumbel(scores.shape[-1], scores.device, live))
 
 
 class HFGenerator:
@@ -286,7 +303,7 @@ class HFGenerator:
                             max_new_tokens=sampling.max_new_tokens,
                             eos_ids=eos_ids,
                             pad_id=pad_id,
-                            draw=lambda logits, sampler=sampler: sampler(None, logits).argmax(dim=-1),
+                            draw=lambda logits, live, sampler=sampler: sampler(None, logits, live).argmax(-1),
                         ).tolist()
                     )
                     continue

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from prefopt.generation.static_decode import StaticDecoder, supports_static_decode
 from prefopt.models.logps import _model_attention_mask, _param_dtype, _softcap, _split_model
@@ -165,6 +166,12 @@ def sample_loop(
                 **{cache_kwarg: cache},
             ).last_hidden_state[:, -1]
 
+    if type(head) is torch.nn.Linear and not (head._forward_hooks or head._forward_pre_hooks):
+        head_weight, head_bias = head.weight, head.bias  # the module's own F.linear, without its call plumbing
+
+        def head(hidden):
+            return F.linear(hidden, head_weight, head_bias)
+
     hidden = forward(input_ids, prefill_mask, positions)
     position = positions[:, -1:] + 1
     eos = torch.tensor(eos_ids, device=device)
@@ -179,9 +186,9 @@ def sample_loop(
         else:
             probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
             next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
-        next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_id))
+        next_tokens = next_tokens.masked_fill(~unfinished, pad_id)
         tokens.append(next_tokens)
-        unfinished &= ~torch.isin(next_tokens, eos)
+        unfinished &= next_tokens != eos if len(eos_ids) == 1 else ~torch.isin(next_tokens, eos)
         if step + 1 == max_new_tokens or not bool(unfinished.any()):
             break
         hidden = forward(next_tokens[:, None], step_mask[..., : width + step + 1], position)

@@ -125,7 +125,7 @@ def test_static_decoder_with_lora_adapters_matches_the_hf_forward():
     new_tokens = torch.randint(3, 97, (3, 4), generator=torch.Generator().manual_seed(3))
     decoder = peft_model.get_base_model().get_decoder()
     static = StaticDecoder(decoder, 3, 11)
-    assert static.qkv == [None, None] and static.gate_up == [None, None]
+    assert static.qkv == [None, None] and static.gate_up == [None, None] and static.lean is None
     with torch.no_grad():
         got = _static_hidden(peft_model.get_base_model(), ids, mask, new_tokens)
         full_ids = torch.cat([ids, new_tokens], 1)
@@ -218,3 +218,115 @@ def test_seeded_sampler_block_noise_is_the_per_step_noise(monkeypatch, block_ste
         expected.append(-torch.log(-torch.log(uniform.clamp(min=1e-300))).to(torch.float32))
     assert torch.equal(got, torch.stack(expected, 1))
     assert sampler.drawn == steps
+
+
+def _without_lean(monkeypatch):
+    """StaticDecoder with every layer through the module calls of its general path (the code before the lean
+    forward existed)."""
+    monkeypatch.setattr(StaticDecoder, "_lean_layers", lambda self, decoder: None)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("rows,width", [(3, 7), (5, 4)])
+def test_lean_forward_is_the_module_forward_bit_for_bit(monkeypatch, family, rows, width):
+    """The lean forward (weights read once, q and k rotated together, sign-folded sin) gives the same bits as
+    the module-by-module path for the prefill and every decode step: grouped-query attention, q/k/v biases,
+    left padding."""
+    model = _model(family)
+    ids, mask = _left_padded()
+    if rows != 3:
+        ids = torch.randint(3, 97, (rows, width), generator=torch.Generator().manual_seed(4))
+        mask = torch.ones(rows, width, dtype=torch.long)
+        mask[0, :2] = 0
+    new_tokens = torch.randint(3, 97, (rows, 6), generator=torch.Generator().manual_seed(2))
+    assert StaticDecoder(model.get_decoder(), rows, ids.shape[1] + 6).lean is not None
+    with torch.no_grad():
+        lean = _static_hidden(model, ids, mask, new_tokens)
+        _without_lean(monkeypatch)
+        assert StaticDecoder(model.get_decoder(), rows, ids.shape[1] + 6).lean is None
+        general = _static_hidden(model, ids, mask, new_tokens)
+    assert torch.equal(lean, general)
+
+
+def test_lean_forward_is_not_used_for_hooked_or_dynamic_rope_layers():
+    """A hooked projection or norm, or a RoPE without a table, keeps the module calls (and still matches)."""
+    model = _model("llama")
+    decoder = model.get_decoder()
+    assert StaticDecoder(decoder, 3, 12).lean is not None
+    handle = decoder.layers[1].self_attn.o_proj.register_forward_hook(
+        lambda module, inputs, output: output * 2
+    )
+    assert StaticDecoder(decoder, 3, 12).lean is None
+    handle.remove()
+    handle = decoder.norm.register_forward_pre_hook(lambda module, inputs: None)
+    assert StaticDecoder(decoder, 3, 12).lean is None
+    handle.remove()
+    assert StaticDecoder(_model("llama-dynamic-rope").get_decoder(), 3, 12).lean is None
+
+
+def test_hooked_o_proj_is_applied_in_the_static_loop():
+    """The o_proj hook doubles the attention output: the static loop (module path) and the HF loop agree."""
+    model = _model("llama")
+    model.get_decoder().layers[0].self_attn.o_proj.register_forward_hook(lambda m, i, output: output * 2)
+    ids, mask = _left_padded()
+    kwargs = dict(max_new_tokens=10, eos_ids=[2], pad_id=0, temperature=0)
+    assert torch.equal(
+        sample_loop(model, ids, mask, static=True, **kwargs),
+        sample_loop(model, ids, mask, static=False, **kwargs),
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_lean_and_module_loops_sample_the_same_tokens(monkeypatch, seed):
+    """Same seed, same sampled tokens through the lean forward and the module path (40 steps, 6 rows)."""
+    model = _model("qwen2" if seed % 2 else "llama")
+    ids = torch.randint(3, 97, (6, 5), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    kwargs = dict(max_new_tokens=40, eos_ids=[2], pad_id=0, temperature=1.0)
+    torch.manual_seed(seed)
+    lean = sample_loop(model, ids, mask, **kwargs)
+    _without_lean(monkeypatch)
+    torch.manual_seed(seed)
+    assert torch.equal(lean, sample_loop(model, ids, mask, **kwargs))
+
+
+def test_several_eos_ids_end_rows_like_model_generate():
+    """Two EOS ids (the isin branch) and one (the compare branch) end rows where model.generate ends them."""
+    model = _model("llama")
+    ids, mask = _left_padded()
+    free = sample_loop(model, ids, mask, max_new_tokens=12, eos_ids=[], pad_id=0, temperature=0)
+    for eos_ids in ([int(free[0, 3]), int(free[1, 5])], [int(free[2, 4])]):
+        got = sample_loop(model, ids, mask, max_new_tokens=12, eos_ids=eos_ids, pad_id=0, temperature=0)
+        expected = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=12,
+            eos_token_id=eos_ids,
+            pad_token_id=0,
+        )[:, ids.shape[1] :]
+        assert torch.equal(got, expected[:, : got.shape[1]])
+        assert bool(torch.isin(got, torch.tensor(eos_ids)).any())
+
+
+def test_seeded_sampler_skips_finished_rows_and_keeps_the_live_rows_draws(monkeypatch):
+    """With ``live`` a block draws only the live rows (finished rows get 0 noise); every live row's noise is the
+    noise it gets without ``live``, also in later blocks after some rows finished."""
+    from prefopt.generation.base import SamplingParams
+    from prefopt.generation.hf import SeededSampler
+
+    monkeypatch.setattr(SeededSampler, "BLOCK_STEPS", 3)
+    seeds, vocab = [3, 4, 5, 6], 97
+    all_rows = SeededSampler(seeds, SamplingParams(max_new_tokens=9))
+    skipping = SeededSampler(seeds, SamplingParams(max_new_tokens=9))
+    live = torch.ones(4, dtype=torch.bool)
+    for step in range(9):
+        live[1] &= step < 2  # finishes inside the first block
+        live[3] &= step < 6  # finishes on a block boundary
+        if step % 3 == 0:
+            drawn = live.clone()  # the rows live when the block was drawn
+        full, got = all_rows.gumbel(vocab, "cpu"), skipping.gumbel(vocab, "cpu", live)
+        assert torch.equal(got[drawn], full[drawn])
+        assert not got[~drawn].any()
+    assert drawn.tolist() == [True, False, True, False]

@@ -359,3 +359,23 @@ def test_lean_loop_gives_the_seeded_samples_of_model_generate(model, tokenizer, 
     lean = HFGenerator(model, tokenizer, loop="lean").generate(prompt_ids, sampling)
     plain = HFGenerator(model, tokenizer, loop="generate").generate(prompt_ids, sampling)
     assert torch.equal(lean.completion_ids, plain.completion_ids) and lean.texts == plain.texts
+
+
+@pytest.mark.parametrize("block_steps", [1, 3])
+def test_lean_loop_skipping_finished_rows_keeps_the_seeded_samples(
+    model, tokenizer, prompt_ids, monkeypatch, block_steps
+):
+    """The lean loop draws noise blocks only for rows still live (SeededSampler ``live``); model.generate draws
+    for every row. Small blocks, so rows finish before later blocks: the same tokens either way."""
+    from prefopt.generation.hf import SeededSampler
+
+    monkeypatch.setattr(SeededSampler, "BLOCK_STEPS", block_steps)
+    _boost_eos(model, tokenizer.eos_token_id, bias=3.0)
+    sampling = SamplingParams(n=3, temperature=1.0, max_new_tokens=14, prompt_seeds=[11, 12, 13, 14])
+    lean = HFGenerator(model, tokenizer, loop="lean").generate(prompt_ids, sampling)
+    plain = HFGenerator(model, tokenizer, loop="generate").generate(prompt_ids, sampling)
+    lengths = lean.completion_mask.sum(1)
+    assert int(lengths.min()) < 10 and 0 < int(lean.finished.sum()) < len(
+        lean
+    )  # rows finished at different steps
+    assert torch.equal(lean.completion_ids, plain.completion_ids) and lean.texts == plain.texts

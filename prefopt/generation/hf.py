@@ -142,7 +142,9 @@ class SeededSampler:
             # values and float64 operations as -log(-log(clamp(U))), without a stacked copy and four temporaries.
             uniform = torch.empty(len(drawing), steps, vocab, dtype=torch.float64)
             for slot, row in enumerate(drawing):
-                torch.rand(steps, vocab, generator=self.generators[row], dtype=torch.float64, out=uniform[slot])
+                torch.rand(
+                    steps, vocab, generator=self.generators[row], dtype=torch.float64, out=uniform[slot]
+                )
             noise = uniform.clamp_(min=1e-300).log_().neg_().log_().neg_().to(device, torch.float32)
             if len(drawing) < rows:
                 block = torch.zeros(rows, steps, vocab, dtype=torch.float32, device=device)
@@ -154,11 +156,15 @@ class SeededSampler:
         self.used += 1
         return noise
 
-    def __call__(
-        self, input_ids: torch.Tensor, scores: torch.Tensor, live: torch.Tensor | None = None
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """The logits-processor call of ``model.generate`` (which checks that it takes exactly these two)."""
+        return self.perturbed(input_ids, scores)
+
+    def perturbed(
+        self, input_ids: torch.Tensor | None, scores: torch.Tensor, live: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Gumbel-perturbed ``log_softmax`` of the filtered, tempered ``scores``; its argmax is the draw.
-        ``live``: see :meth:`gumbel` (the lean loop passes it; ``model.generate`` does not)."""
+        ``live``: see :meth:`gumbel` (the lean loop passes it; ``model.generate`` cannot)."""
         from transformers import TopKLogitsWarper, TopPLogitsWarper
 
         scores = scores.float()
@@ -303,7 +309,9 @@ class HFGenerator:
                             max_new_tokens=sampling.max_new_tokens,
                             eos_ids=eos_ids,
                             pad_id=pad_id,
-                            draw=lambda logits, live, sampler=sampler: sampler(None, logits, live).argmax(-1),
+                            draw=lambda logits, live, sampler=sampler: sampler.perturbed(
+                                None, logits, live
+                            ).argmax(-1),
                         ).tolist()
                     )
                     continue

@@ -17,6 +17,12 @@ they are those submodules), with two differences in plumbing only:
 - attention is ``torch.nn.functional.scaled_dot_product_attention`` with the boolean mask the caller gives (grouped
   query attention through ``enable_gqa``, the same as repeating the key/value heads).
 
+When every part is the plain module it looks like (``nn.Linear`` projections and ``nn.Embedding`` without hooks, a
+Llama-style RMS norm, a precomputed rotary table: no LoRA), :meth:`StaticDecoder._lean_forward` runs those kernels
+on the modules' weights directly: no module calls or attribute lookups per token, q and k rotated in one go on the
+stacked projection output, one gather for cos and sin. It issues the same kernels on the same operands as the
+module path, so its hidden states are bit-identical to it (tested), and sampling gives the same tokens.
+
 It is the same function of the weights as the HF forward, not the same float operations in the same order for every
 kernel, so its logits agree with the HF forward's to float round-off (tested to 1e-5 on Llama, Mistral and Qwen2
 configurations, prefill and every decode step, PEFT adapters on, sdpa and eager models) rather than bit for bit.
@@ -301,7 +307,9 @@ class StaticDecoder:
             hidden = hidden + F.linear(out.transpose(1, 2).reshape(rows, queries, -1), o_weight, o_bias)
             normed = F.rms_norm(hidden, width, post_weight, post_eps)
             gate_up = F.linear(normed, gate_up_weight, gate_up_bias)
-            hidden = hidden + F.linear(act(gate_up[..., :gate_size]) * gate_up[..., gate_size:], down_weight, down_bias)
+            hidden = hidden + F.linear(
+                act(gate_up[..., :gate_size]) * gate_up[..., gate_size:], down_weight, down_bias
+            )
         self.filled = end
         norm = decoder.norm
         return F.rms_norm(hidden, width, norm.weight, norm.variance_epsilon)

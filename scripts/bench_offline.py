@@ -600,7 +600,9 @@ def flop_options(trainer: str, variant: str) -> dict:
     packing = "data.packing=true" in overrides
     return {
         "head": "all" if "train.logps_chunk_size=null" in overrides else "completion",
-        "share_prompt": "train.share_prompt=false" not in overrides and not packing,
+        "share_prompt": False
+        if "train.share_prompt=false" in overrides or packing
+        else (True if "train.share_prompt=true" in overrides else "auto"),
         "packing": packing,
         "keep_mb": float(env.get("PREFOPT_LOGPS_KEEP_MB", 256)),
         "checkpoint": env.get("PREFOPT_LOGPS_HEAD") == "checkpoint",

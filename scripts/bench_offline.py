@@ -134,6 +134,7 @@ VARIANTS = {
         ["train.share_prompt=false"],
         {},
     ),  # every prompt twice per pair (before the third round)
+    "share-prompt": (["train.share_prompt=true"], {}),  # each prompt once wherever it applies (before "auto")
     "recompute": (
         [],
         {"PREFOPT_LOGPS_KEEP_MB": "0"},

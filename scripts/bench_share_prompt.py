@@ -15,11 +15,16 @@ milliseconds of each path, their ratio and what ``auto`` decides.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
+# Idle OpenMP threads sleep instead of spinning (as in the other benchmarks' children): on a shared machine a
+# spinning thread that lost its core slows every parallel region by an order of magnitude. Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

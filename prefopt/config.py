@@ -185,7 +185,9 @@ class TrainConfig(_Section):
     logps_head: Literal["fused", "checkpoint"] = "fused"  # chunked lm-head implementation (models/logps.py)
     # Pair batches: run each prompt through the decoder once for both completions (models/prefix_sharing.py);
     # exact to the unshared forward, falls back to it where it does not apply (packing, flash attention...).
-    share_prompt: bool = True
+    # "auto": per batch, only where the saved decoder work outweighs a second decoder call (short prompts on tiny
+    # models do not pay); true: wherever it applies.
+    share_prompt: Literal["auto"] | bool = "auto"
     fused_optimizer: bool = True  # torch's fused AdamW (fewer temporaries: lower peak memory, faster)
     # Sparse input-embedding gradients with an exactly equal AdamW step (trainer/sparse_embedding.py): no dense
     # [vocab, hidden] gradient during the backward. "auto" = on for single-process runs with an untied embedding.

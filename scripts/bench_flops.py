@@ -62,8 +62,22 @@ class ModelShape:
         return 2 * self.hidden * self.vocab
 
 
+def shares_prompt(shape: ModelShape, pairs: list[tuple[int, int, int]]) -> bool:
+    """``train.share_prompt=auto``'s decision for this batch (``prefix_sharing.sharing_pays_off``): the prompt
+    tokens times one layer's linear weights (norms left out: 2 x hidden, under 0.1% here) against the bar."""
+    from prefopt.models.prefix_sharing import SHARE_PROMPT_MIN_SAVED_MACS_PER_LAYER
+
+    per_layer = shape.body_per_position // (2 * shape.layers)
+    return sum(p for p, _, _ in pairs) * per_layer >= SHARE_PROMPT_MIN_SAVED_MACS_PER_LAYER
+
+
 def forward_flops(
-    shape: ModelShape, pairs: list[tuple[int, int, int]], *, head: str, share_prompt: bool, packing: bool
+    shape: ModelShape,
+    pairs: list[tuple[int, int, int]],
+    *,
+    head: str,
+    share_prompt: bool | str,
+    packing: bool,
 ) -> tuple[float, float, float]:
     """(body, attention, head) forward FLOPs of one pass over a pair batch. ``pairs``: (prompt, chosen, rejected)
     lengths; ``head``: ``"completion"`` (head rows = completion tokens) or ``"all"`` (every padded position)."""
@@ -73,7 +87,7 @@ def forward_flops(
     if packing:
         total = sum(p + c for p, c in rows)
         positions, attention_pairs = total, total * total
-    elif share_prompt:
+    elif share_prompt is True or (share_prompt == "auto" and shares_prompt(shape, pairs)):
         prompt_width, completion_width = max(p for p, _, _ in pairs), max(c for _, c in rows)
         positions = len(pairs) * prompt_width + len(rows) * completion_width
         attention_pairs = len(pairs) * prompt_width**2 + len(rows) * completion_width * (
@@ -96,7 +110,7 @@ def step_flops(
     reference: str,
     head: str = "completion",
     recompute_head: bool = False,
-    share_prompt: bool = False,
+    share_prompt: bool | str = False,
     packing: bool = False,
 ) -> dict:
     """Executed matmul FLOPs of one offline DPO step, by part, and the total."""

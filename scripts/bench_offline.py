@@ -134,6 +134,7 @@ VARIANTS = {
         ["train.share_prompt=false"],
         {},
     ),  # every prompt twice per pair (before the third round)
+    "share-prompt": (["train.share_prompt=true"], {}),  # each prompt once wherever it applies (before "auto")
     "recompute": (
         [],
         {"PREFOPT_LOGPS_KEEP_MB": "0"},
@@ -600,7 +601,9 @@ def flop_options(trainer: str, variant: str) -> dict:
     packing = "data.packing=true" in overrides
     return {
         "head": "all" if "train.logps_chunk_size=null" in overrides else "completion",
-        "share_prompt": "train.share_prompt=false" not in overrides and not packing,
+        "share_prompt": False
+        if "train.share_prompt=false" in overrides or packing
+        else (True if "train.share_prompt=true" in overrides else "auto"),
         "packing": packing,
         "keep_mb": float(env.get("PREFOPT_LOGPS_KEEP_MB", 256)),
         "checkpoint": env.get("PREFOPT_LOGPS_HEAD") == "checkpoint",

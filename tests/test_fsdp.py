@@ -99,7 +99,8 @@ def test_fsdp2_dpo_live_reference_matches_one_process(tiny_model_dir, tmp_path):
     data = write_pairs(tmp_path / "pairs.jsonl", rows=64)
     eval_rows = tmp_path / "eval.jsonl"
     eval_rows.write_text("".join(data.read_text().splitlines(keepends=True)[:33]))
-    evaluation = (f"data.eval={eval_rows}", "train.eval_batch_size=16")
+    # With the shared-prompt forward (two decoder calls), which every rank must agree to take.
+    evaluation = (f"data.eval={eval_rows}", "train.eval_batch_size=16", "train.share_prompt=true")
     single = tmp_path / "single"
     run(tiny_model_dir, data, single, *COMMON, *evaluation)
     out = tmp_path / "fsdp2"

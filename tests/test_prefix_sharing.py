@@ -185,3 +185,91 @@ def test_training_with_and_without_sharing_gives_the_same_losses(tmp_path, monke
     assert len(shared) == len(plain) == 4
     assert max(abs(a - b) for a, b in zip(shared, plain)) < 1e-5
     assert abs(plain[-1] - plain[0]) > 1e-4  # the steps did move the policy
+
+
+def _layer_parameters(model) -> int:
+    """One decoder layer's parameters of ``tiny_llama``: q/k/v/o 4 x 32 x 32, gate/up/down 3 x 32 x 64, two norms."""
+    return 4 * 32 * 32 + 3 * 32 * 64 + 2 * 32
+
+
+def test_auto_shares_only_where_the_saved_work_pays(monkeypatch):
+    """``share_prompt="auto"``: the bar is duplicated prompt tokens x one layer's parameters >= 32 Mi multiply-adds.
+    The tiny pair batch (18 prompt tokens x 10,304 parameters = 0.19M) stays below it and takes the plain forward
+    (no layout check either); with the bar lowered below 0.19M it shares; both give the plain forward's numbers."""
+    import prefopt.models.prefix_sharing as sharing
+
+    batch = pair_batch()
+    model = tiny_llama()
+    assert _layer_parameters(model) == 10304
+    assert sum(p.numel() for p in model.model.layers[0].parameters()) == 10304
+    calls = {"layout": 0, "shared": 0}
+    layout, shared = sharing.pair_layout, sharing.shared_prompt_token_logps
+    monkeypatch.setattr(
+        sharing, "pair_layout", lambda *a: calls.__setitem__("layout", calls["layout"] + 1) or layout(*a)
+    )
+    monkeypatch.setattr(
+        sharing,
+        "shared_prompt_token_logps",
+        lambda *a, **k: calls.__setitem__("shared", calls["shared"] + 1) or shared(*a, **k),
+    )
+    args = (model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    with torch.no_grad():
+        plain = completion_token_logps(*args)
+        auto = completion_token_logps(*args, share_prompt="auto")
+        assert calls == {"layout": 0, "shared": 0}  # 3 pairs x width 20 x 10,304 = 0.62M: below the bar
+        assert torch.equal(auto.token_logps, plain.token_logps)
+        assert not sharing.sharing_pays_off(model, 18)
+        monkeypatch.setattr(sharing, "SHARE_PROMPT_MIN_SAVED_MACS_PER_LAYER", 18 * 10304)
+        assert sharing.sharing_pays_off(model, 18) and not sharing.sharing_pays_off(model, 17)
+        auto = completion_token_logps(*args, share_prompt="auto")
+        assert calls == {"layout": 1, "shared": 1}
+        torch.testing.assert_close(auto.token_logps, plain.token_logps, atol=1e-5, rtol=0)
+        monkeypatch.setattr(sharing, "SHARE_PROMPT_MIN_SAVED_MACS_PER_LAYER", 18 * 10304 + 1)
+        completion_token_logps(*args, share_prompt="auto")  # the bound passes, the real 18 tokens do not
+        assert calls == {"layout": 2, "shared": 1}
+        completion_token_logps(*args, share_prompt=True)  # true: wherever it applies
+        assert calls == {"layout": 3, "shared": 2}
+
+
+def test_the_default_is_auto_and_the_config_takes_all_three():
+    from prefopt.config import TrainConfig
+
+    assert TrainConfig().share_prompt == "auto"
+    assert TrainConfig(share_prompt=True).share_prompt is True
+    assert TrainConfig(share_prompt=False).share_prompt is False
+    with pytest.raises(Exception, match="share_prompt"):
+        TrainConfig(share_prompt="sometimes")
+
+
+def _agree_worker(rank: int, world: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    from prefopt.models.prefix_sharing import agreed_across_ranks
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = torch.nn.Linear(2, 2)
+        plain = agreed_across_ranks(model, rank == 0, torch.device("cpu"))  # not sharded: each keeps its own
+        model.weight.ds_id = 0  # what a ZeRO-3 partitioned parameter carries
+        sharded = [
+            agreed_across_ranks(model, rank == 0, torch.device("cpu")),
+            agreed_across_ranks(model, True, torch.device("cpu")),
+        ]
+        results[rank] = (plain, *sharded)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_processes_agree_on_sharing():
+    """Under ZeRO-3/FSDP2 every decoder call gathers parameters, so one process sharing (two decoder calls) while
+    another does not would pair mismatched collectives: sharded runs share only where every process can."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_agree_worker, args=(2, port, results), nprocs=2, join=True)
+    assert dict(results) == {0: (True, False, True), 1: (False, False, True)}

@@ -83,10 +83,12 @@ def test_zero3_dpo_live_reference_matches_one_process(tiny_model_dir, tmp_path):
     DeepSpeed engine; losses equal the one-process run; final/ gathered."""
     data = write_pairs(tmp_path / "pairs.jsonl", rows=64)
     single = tmp_path / "single"
-    run(tiny_model_dir, data, single, *COMMON)
+    # The shared-prompt forward (two decoder calls) under ZeRO-3: every rank must agree to take it.
+    share = "train.share_prompt=true"
+    run(tiny_model_dir, data, single, *COMMON, share)
     out = tmp_path / "zero3"
     result = torchrun(
-        tiny_model_dir, data, out, f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero3_cpu.json'}"
+        tiny_model_dir, data, out, f"train.deepspeed={REPO / 'recipes/accelerate/ds_zero3_cpu.json'}", share
     )
     _check_run(result, out, single, 3)
     assert_final_matches_one_process(out, single, tiny_model_dir)

@@ -32,7 +32,9 @@ from prefopt.generation.decode import sample_tokens, supports_lean_loop
 def unwrap_model(model, accelerator=None):
     """The plain model under accelerate/DDP/DeepSpeed wrappers (a PEFT model stays a PEFT model)."""
     if accelerator is not None:
-        return accelerator.unwrap_model(model)
+        from prefopt.trainer.distributed import unwrapped
+
+        return unwrapped(accelerator, model)
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
     return model

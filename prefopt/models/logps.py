@@ -336,7 +336,7 @@ def completion_token_logps(
     position_ids: Optional[torch.Tensor] = None,
     attention_bias: Optional[torch.Tensor] = None,
     head_impl: Optional[str] = None,
-    share_prompt: bool = False,
+    share_prompt: bool | str = False,
     square_probs: bool = False,
 ) -> TokenLogps:
     """Log-probs of the completion tokens of each row. ``completion_mask`` is unshifted (marks completion tokens).
@@ -347,6 +347,7 @@ def completion_token_logps(
     ``share_prompt``: the batch is a pair batch (rows ``i`` and ``i + B`` share a prompt): run each prompt through
     the decoder once (``prefopt/models/prefix_sharing.py``); falls back to the plain forward where that does not
     apply (packed rows, flash attention, gradient checkpointing, an empty prompt, rows that differ in the prompt).
+    ``"auto"``: only where the saved work outweighs the second decoder call (``sharing_pays_off``).
     ``square_probs``: also return ``log sum_v p(v)^2`` per completion position (WPO's weight alignment), from one
     extra no-grad pass of the lm head over the completion rows (the plain forward then; no prompt sharing).
     """
@@ -357,9 +358,23 @@ def completion_token_logps(
         and attention_bias is None
         and position_ids is None
     ):
-        from prefopt.models.prefix_sharing import can_share_prompt, pair_layout, shared_prompt_token_logps
+        from prefopt.models.prefix_sharing import (
+            agreed_across_ranks,
+            can_share_prompt,
+            pair_layout,
+            shared_prompt_token_logps,
+            sharing_pays_off,
+        )
 
-        layout = pair_layout(input_ids, attention_mask, completion_mask) if can_share_prompt(model) else None
+        auto = share_prompt == "auto"
+        # "auto": half the rows times the width bounds the saved prompt tokens; below the bar, skip the layout check.
+        layout = None
+        if can_share_prompt(model) and not (auto and not sharing_pays_off(model, input_ids.numel() // 2)):
+            layout = pair_layout(input_ids, attention_mask, completion_mask)
+        if layout is not None and auto and not sharing_pays_off(model, int(layout.prompt_lengths.sum())):
+            layout = None
+        if not agreed_across_ranks(model, layout is not None, input_ids.device):
+            layout = None
         if layout is not None:
             return shared_prompt_token_logps(
                 model,
@@ -489,7 +504,7 @@ class CompletionLogpModel(torch.nn.Module):
         model: torch.nn.Module,
         chunk_size: Optional[int] = 1024,
         head_impl: Optional[str] = None,
-        share_prompt: bool = False,
+        share_prompt: bool | str = False,
     ):
         super().__init__()
         self.model = model
@@ -539,7 +554,7 @@ class CompletionLogpModel(torch.nn.Module):
         completion_mask,
         position_ids=None,
         attention_bias=None,
-        share_prompt: Optional[bool] = None,
+        share_prompt: Optional[bool | str] = None,
         square_probs: bool = False,
     ) -> TokenLogps:
         return completion_token_logps(

@@ -27,7 +27,9 @@ cache off then). Otherwise :func:`pair_layout` returns None and the caller takes
 
 from __future__ import annotations
 
+import functools
 import inspect
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -115,8 +117,71 @@ def can_share_prompt(model: torch.nn.Module) -> bool:
     return "cache" in _forward_parameters(decoder) or "past_key_values" in _forward_parameters(decoder)
 
 
-def _forward_parameters(decoder: torch.nn.Module) -> set[str]:
-    return set(inspect.signature(decoder.forward).parameters)
+# ``train.share_prompt=auto`` shares a batch's prompts when the decoder work it saves, per layer, is at least this
+# many multiply-adds: the duplicated prompt tokens times one layer's parameters. The shared path costs a second
+# decoder call plus the cache plumbing, a fixed cost per layer that outweighs the saving on short prompts and tiny
+# models. Calibrated on CPU (docs/performance.md, "Fifth round": forward + backward, shared against unshared, four
+# model widths): 12.6M saved per layer ran 0.86x, 50M 1.00-1.15x, 134M and up 1.2-1.5x. On a GPU any realistic
+# model and batch is far above it (a 0.5B model's layer holds 15M parameters: two prompt tokens suffice).
+SHARE_PROMPT_MIN_SAVED_MACS_PER_LAYER = 32 * 2**20
+
+
+def _numel(parameter: torch.nn.Parameter) -> int:
+    return int(getattr(parameter, "ds_numel", 0) or parameter.numel())  # ZeRO-3 partitions hold ds_numel
+
+
+def sharing_pays_off(model: torch.nn.Module, saved_tokens: int) -> bool:
+    """Whether running ``saved_tokens`` duplicated prompt tokens once instead of twice is worth the shared forward's
+    fixed cost (``train.share_prompt=auto``): ``saved_tokens`` x one layer's parameters against the bar above."""
+    decoder = _split_model(model)[0]
+    layers = getattr(decoder, "layers", None)
+    if not layers:
+        return True
+    per_layer = _LAYER_PARAMETERS.get(layers)
+    if per_layer is None:  # counted once per model (a forward-time walk over every parameter adds up)
+        per_layer = sum(_numel(p) for p in layers.parameters()) // len(layers)
+        _LAYER_PARAMETERS[layers] = per_layer
+    return saved_tokens * per_layer >= SHARE_PROMPT_MIN_SAVED_MACS_PER_LAYER
+
+
+_LAYER_PARAMETERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def agreed_across_ranks(model: torch.nn.Module, share: bool, device: torch.device) -> bool:
+    """``share`` where every process of a sharded run (FSDP2, ZeRO-3) decided the same, else False everywhere.
+
+    Under sharding each decoder call all-gathers every layer's parameters, so one process taking the two-call shared
+    path while another takes the one-call plain path would pair mismatched collectives (a hang or wrong weights).
+    The decision depends on each process's own batch, so sharded runs agree on it with one tiny all-reduce. DDP
+    and single processes need no agreement: both paths use the same parameters and give the same gradients."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return share
+    parameter = next(model.parameters(), None)
+    if parameter is None or not (hasattr(parameter, "ds_id") or _is_dtensor(parameter)):
+        return share
+    flag = torch.tensor([1 if share else 0], device=device)  # the batch's device: NCCL needs a GPU tensor
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def _forward_parameters(decoder: torch.nn.Module) -> frozenset[str]:
+    return _class_forward_parameters(type(decoder))
+
+
+@functools.cache
+def _class_forward_parameters(decoder_class: type) -> frozenset[str]:
+    # Read once per class: ``inspect.signature`` costs ~0.3 ms, and this is asked at every forward.
+    return frozenset(inspect.signature(decoder_class.forward).parameters)
 
 
 def _completion_mask_4d(layout: PairLayout, prompt_width: int) -> torch.Tensor:

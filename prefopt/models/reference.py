@@ -110,7 +110,7 @@ class ModelReference(Reference):
         model: torch.nn.Module,
         chunk_size: Optional[int],
         autocast: Callable = contextlib.nullcontext,
-        share_prompt: bool = False,
+        share_prompt: bool | str = False,
     ):
         # ``autocast``: the policy's mixed-precision context (``accelerator.autocast``); the policy runs under it
         # (accelerate wraps the prepared forward), so the reference must too, or DPO does not start at ln 2.
@@ -144,7 +144,7 @@ class AdapterReference(Reference):
         get_peft_model: Callable[[], torch.nn.Module],
         chunk_size: Optional[int],
         autocast: Callable = contextlib.nullcontext,
-        share_prompt: bool = False,
+        share_prompt: bool | str = False,
         get_sharded_root: Optional[Callable[[], Optional[torch.nn.Module]]] = None,
     ):
         # FSDP2: the prepared policy (the FSDP root). Its forward is the logps forward of the same model; the PEFT

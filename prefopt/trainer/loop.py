@@ -32,6 +32,7 @@ from prefopt.data.collate import (
 from prefopt.errors import ConfigError
 from prefopt.trainer import checkpoint as ckpt
 from prefopt.trainer import sparse_embedding
+from prefopt.trainer.distributed import unwrapped
 from prefopt.trainer.host_memory import return_freed_memory_to_os
 from prefopt.trainer.kinds import step_kind_for
 from prefopt.trainer.metrics import MetricAverager, RunLogger
@@ -157,7 +158,7 @@ class Trainer:
         policy = build_policy(config, step_cls.model_kind, self.tokenizer)
         reference = build_reference(
             config,
-            lambda: self.accelerator.unwrap_model(self.policy).model,
+            lambda: unwrapped(self.accelerator, self.policy).model,
             acc,
             root_getter=lambda: self.policy if acc.is_fsdp2 else None,
         )
@@ -280,7 +281,7 @@ class Trainer:
         if "online" in needs:
             from prefopt.generation import build_generator
 
-            inner = self.accelerator.unwrap_model(self.policy).model
+            inner = unwrapped(self.accelerator, self.policy).model
             self.ctx.generator = build_generator(
                 self.config.generation,
                 inner,
@@ -339,7 +340,7 @@ class Trainer:
                     self.reference.after_optimizer_step(state.global_step, self._policy_model())
                     self.log.advance(state.global_step)
                     if self.ctx.generator is not None:
-                        self.ctx.generator.load_weights(acc.unwrap_model(self.policy).model)
+                        self.ctx.generator.load_weights(unwrapped(acc, self.policy).model)
                     if (
                         state.global_step % config.logging.logging_steps == 0
                         or state.global_step == self.total_steps
@@ -380,7 +381,7 @@ class Trainer:
 
     def _policy_model(self) -> torch.nn.Module:
         """The policy's transformers model, unwrapped (what the reference hooks compare and read)."""
-        return _hf_model(self.accelerator.unwrap_model(self.policy))
+        return _hf_model(unwrapped(self.accelerator, self.policy))
 
     def _log_train(self) -> None:
         updater = self.updater

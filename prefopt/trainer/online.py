@@ -16,6 +16,7 @@ from prefopt.errors import ConfigError
 from prefopt.generation import SamplingParams
 from prefopt.losses import LossInputs
 from prefopt.models.logps import sequence_totals
+from prefopt.trainer.distributed import unwrapped
 from prefopt.trainer.steps import PairStep, StepContext, StepKind, StepResult, _move, register_step
 
 
@@ -316,7 +317,7 @@ def build_reference_generator(ctx: StepContext):
     hf_config = ctx.config.generation.model_copy(update={"backend": "hf"})
     reference = ctx.reference
     if getattr(reference, "mode", None) == "adapter":
-        peft_getter = lambda: ctx.accelerator.unwrap_model(ctx.policy).model  # noqa: E731
+        peft_getter = lambda: unwrapped(ctx.accelerator, ctx.policy).model  # noqa: E731
         return _AdapterDisabledGenerator(
             build_generator(hf_config, peft_getter(), ctx.tokenizer, ctx.accelerator), peft_getter
         )

@@ -9,11 +9,14 @@ share of a token's time. :func:`sample_tokens` keeps only the work a sampler nee
 - the prefill runs the decoder body once over the left-padded prompts and the lm head on the last position only;
 - the attention mask of every step is a view into one boolean ``[B, 1, 1, P + T]`` tensor built up front (a 4D
   mask is passed to the attention as is), and position ids are one add;
-- the key/value cache is a ``DynamicCache`` (transformers' own), appended to by the model;
+- Llama-family bodies run through :class:`~prefopt.generation.static_decode.StaticDecoder` (a pre-allocated
+  key/value cache, the layers' kernels without HF's per-token plumbing, by the weights directly where the layers
+  are plain modules); other bodies run the HF decoder with a ``DynamicCache``;
 - sampling is ``softmax`` + ``multinomial`` after the temperature / top-k / top-p filters, in the same order and
   with the same operations as transformers' ``TemperatureLogitsWarper``, ``TopKLogitsWarper`` and
   ``TopPLogitsWarper`` (``generation/logits_process.py``), so with the same RNG state the draws are the same;
-- finished rows get the pad token, and the loop ends as soon as every row has emitted an EOS.
+- finished rows get the pad token, and the loop ends as soon as every row has emitted an EOS; a ``draw`` callback
+  (per-row seeded sampling) is told which rows are still live, so it can skip drawing noise for the others.
 
 Tested against ``model.generate`` token for token (greedy and sampled with a fixed seed, left-padded batches,
 ``tests/test_generation.py``); the tokens/s comparison is ``scripts/bench_generation.py``.

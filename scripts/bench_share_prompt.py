@@ -5,7 +5,8 @@
 reach ``SHARE_PROMPT_MIN_SAVED_MACS_PER_LAYER`` (``prefopt/models/prefix_sharing.py``). This script is the
 measurement behind that bar: randomly initialised Llama models of four widths, pair batches with prompts of
 different lengths, and ``completion_token_logps`` with ``share_prompt=True`` and ``False`` taking turns round by
-round in one process (the same batch, summed logps backpropagated). It prints the saved multiply-adds per layer, the
+round in one process (the same batch: a no-grad forward, as a live reference runs, then a forward whose summed logps
+are backpropagated). It prints the saved multiply-adds per layer, the
 milliseconds of each path, their ratio and what ``auto`` decides.
 
     python scripts/bench_share_prompt.py            # all cases (about 3 minutes on 2 cores)
@@ -86,7 +87,10 @@ def pair_batch(pairs: int, prompt: int, completion: int, generator: torch.Genera
 
 
 def forward_backward(model, batch, share: bool) -> float:
+    """What a DPO step with a live reference runs: a no-grad forward (the reference), then forward + backward."""
     start = time.perf_counter()
+    with torch.no_grad():
+        completion_token_logps(model, *batch, share_prompt=share)
     completion_token_logps(model, *batch, share_prompt=share).token_logps.sum().backward()
     return time.perf_counter() - start
 

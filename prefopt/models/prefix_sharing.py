@@ -120,9 +120,11 @@ def can_share_prompt(model: torch.nn.Module) -> bool:
 # ``train.share_prompt=auto`` shares a batch's prompts when the decoder work it saves, per layer, is at least this
 # many multiply-adds: the duplicated prompt tokens times one layer's parameters. The shared path costs a second
 # decoder call plus the cache plumbing, a fixed cost per layer that outweighs the saving on short prompts and tiny
-# models. Calibrated on CPU (docs/performance.md, "Fifth round": forward + backward, shared against unshared, four
-# model widths): 12.6M saved per layer ran 0.86x, 50M 1.00-1.15x, 134M and up 1.2-1.5x. On a GPU any realistic
-# model and batch is far above it (a 0.5B model's layer holds 15M parameters: two prompt tokens suffice).
+# models. Calibrated on CPU with ``scripts/bench_share_prompt.py`` (a no-grad reference forward plus a forward and
+# backward, shared against plain, four model widths; docs/performance.md, fifth round): 11.6M saved per layer ran
+# 0.84x shared, 46-49M 0.94-1.12x, 132M and more 1.04-1.43x; end to end, the online benchmark's steps (12M) spent
+# 30% less outside generation unshared. On a GPU any realistic model and batch is far above the bar (a 0.5B
+# model's layer holds 15M parameters: three prompt tokens suffice).
 SHARE_PROMPT_MIN_SAVED_MACS_PER_LAYER = 32 * 2**20
 
 

@@ -170,10 +170,8 @@ def sample_loop(
             ).last_hidden_state[:, -1]
 
     if type(head) is torch.nn.Linear and not (head._forward_hooks or head._forward_pre_hooks):
-        head_weight, head_bias = (
-            head.weight,
-            head.bias,
-        )  # the module's own F.linear, without its call plumbing
+        # A plain head by its weights: the module's own F.linear, without its call plumbing.
+        head_weight, head_bias = head.weight, head.bias
 
         def head(hidden):
             return F.linear(hidden, head_weight, head_bias)

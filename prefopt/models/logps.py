@@ -102,13 +102,17 @@ def _default_head_impl() -> str:
     return impl
 
 
+def is_sharded_parameter(parameter: torch.Tensor) -> bool:
+    """A DeepSpeed ZeRO-3 partition or an FSDP2 ``DTensor`` shard."""
+    return hasattr(parameter, "ds_id") or type(parameter).__name__ == "DTensor"
+
+
 def _plain_linear_weight(head: torch.nn.Module) -> bool:
     """True when ``head`` is an ``nn.Linear`` whose weight we may use directly (not LoRA-wrapped, not sharded)."""
     if type(head) is not torch.nn.Linear:
         return False
     weight = head.weight
-    sharded = hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor"  # ZeRO-3 / FSDP2 parameters
-    return not sharded and weight.dim() == 2 and weight.numel() > 0
+    return not is_sharded_parameter(weight) and weight.dim() == 2 and weight.numel() > 0
 
 
 def _zero3_frozen(head: torch.nn.Module) -> bool:
@@ -358,23 +362,9 @@ def completion_token_logps(
         and attention_bias is None
         and position_ids is None
     ):
-        from prefopt.models.prefix_sharing import (
-            agreed_across_ranks,
-            can_share_prompt,
-            pair_layout,
-            shared_prompt_token_logps,
-            sharing_pays_off,
-        )
+        from prefopt.models.prefix_sharing import shared_layout, shared_prompt_token_logps
 
-        auto = share_prompt == "auto"
-        # "auto": half the rows times the width bounds the saved prompt tokens; below the bar, skip the layout check.
-        layout = None
-        if can_share_prompt(model) and not (auto and not sharing_pays_off(model, input_ids.numel() // 2)):
-            layout = pair_layout(input_ids, attention_mask, completion_mask)
-        if layout is not None and auto and not sharing_pays_off(model, int(layout.prompt_lengths.sum())):
-            layout = None
-        if not agreed_across_ranks(model, layout is not None, input_ids.device):
-            layout = None
+        layout = shared_layout(model, input_ids, attention_mask, completion_mask, share_prompt)
         if layout is not None:
             return shared_prompt_token_logps(
                 model,

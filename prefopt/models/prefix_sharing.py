@@ -41,6 +41,7 @@ from prefopt.models.logps import (
     _softcap,
     _split_model,
     head_token_logps,
+    is_sharded_parameter,
 )
 
 
@@ -161,19 +162,31 @@ def agreed_across_ranks(model: torch.nn.Module, share: bool, device: torch.devic
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return share
     parameter = next(model.parameters(), None)
-    if parameter is None or not (hasattr(parameter, "ds_id") or _is_dtensor(parameter)):
+    if parameter is None or not is_sharded_parameter(parameter):
         return share
     flag = torch.tensor([1 if share else 0], device=device)  # the batch's device: NCCL needs a GPU tensor
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
 
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without DTensor
-        return False
-    return isinstance(tensor, DTensor)
+def shared_layout(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    share_prompt: bool | str,
+) -> PairLayout | None:
+    """The layout to run the shared-prompt forward on, or None for the plain forward (``train.share_prompt``:
+    true shares wherever the layout applies, ``"auto"`` only where :func:`sharing_pays_off`; sharded processes
+    agree first)."""
+    auto = share_prompt == "auto"
+    layout = None
+    # Half the rows times the width bounds the saved prompt tokens: below the bar, skip the layout check too.
+    if can_share_prompt(model) and (not auto or sharing_pays_off(model, input_ids.numel() // 2)):
+        layout = pair_layout(input_ids, attention_mask, completion_mask)
+    if layout is not None and auto and not sharing_pays_off(model, int(layout.prompt_lengths.sum())):
+        layout = None
+    return layout if agreed_across_ranks(model, layout is not None, input_ids.device) else None
 
 
 def _forward_parameters(decoder: torch.nn.Module) -> frozenset[str]:

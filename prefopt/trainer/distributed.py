@@ -353,11 +353,7 @@ _UNWRAPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def unwrapped(accelerator, model: torch.nn.Module) -> torch.nn.Module:
     """``accelerator.unwrap_model(model)``, computed once per prepared wrapper."""
-    try:
-        return _UNWRAPPED[model]
-    except KeyError:
-        inner = accelerator.unwrap_model(model)
-        _UNWRAPPED[model] = inner
-        return inner
-    except TypeError:  # not weak-referenceable
-        return accelerator.unwrap_model(model)
+    inner = _UNWRAPPED.get(model)
+    if inner is None:
+        inner = _UNWRAPPED[model] = accelerator.unwrap_model(model)
+    return inner
